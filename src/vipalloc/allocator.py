@@ -1,0 +1,457 @@
+"""The :class:`Allocator` facade: the one object trainers, integrations, benchmarks and the CLI use.
+
+Per training step::
+
+    plan = allocator.plan(prompt_ids, prompts=texts, budget=B, step=t)   # how many rollouts each prompt gets
+    ... generate plan.counts[i] rollouts for prompt i (skip prompts with count 0), score them ...
+    allocator.observe(prompt_ids, rewards, step=t)                       # one reward array per prompt
+
+Data flows one way: rewards -> :class:`~vipalloc.history.RolloutHistory` -> predictor -> p -> variance model ->
+strategy -> counts. ``save``/``load`` keep the whole state (configuration, predictor, history, embedding cache,
+outstanding plans) in one checksummed JSON file written atomically, and a loaded allocator plans bit-identically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vipalloc._io import StateFileError, atomic_write_json, read_json_checked
+from vipalloc.history import RolloutHistory, validate_rewards
+from vipalloc.variance import gradient_variance
+
+__all__ = ["Allocator", "Plan"]
+
+FORMAT = "vipalloc.allocator"
+VERSION = 1
+# Plans kept for validating observe(); older ones are forgotten (a trainer observes the step it planned).
+_MAX_PENDING_STEPS = 16
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Rollout counts for one batch, with the predictions they came from.
+
+    Arrays have shape ``(M,)`` aligned with ``prompt_ids``. Variances are the estimator's model
+    (:func:`vipalloc.variance.gradient_variance`) evaluated at ``p_mean``, summed over the batch.
+    """
+
+    prompt_ids: list[str]
+    counts: np.ndarray  # int64, rollouts per prompt; 0 = dropped (do not generate)
+    p_mean: np.ndarray  # float64 in [0, 1], predicted success probability
+    p_std: np.ndarray  # float64 >= 0, predictive uncertainty of p
+    budget: int
+    step: int
+    strategy: str
+    estimator: str
+    expected_variance: float  # sum_i Var_i(p_mean_i, counts_i) of this plan
+    uniform_variance: float  # the same for the uniform plan at the same budget
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: embed, predict, solve
+
+    @property
+    def dropped(self) -> np.ndarray:
+        """Boolean mask of prompts that get no rollouts (``counts == 0``)."""
+        return self.counts == 0
+
+    @property
+    def kept_ids(self) -> list[str]:
+        """Prompt ids with at least one rollout, in batch order."""
+        return [pid for pid, c in zip(self.prompt_ids, self.counts) if c > 0]
+
+    @property
+    def variance_ratio(self) -> float:
+        """``expected_variance / uniform_variance`` (1.0 when both are 0): below 1 means better than uniform."""
+        if self.uniform_variance <= 0.0:
+            return 1.0 if self.expected_variance <= 0.0 else float("inf")
+        return self.expected_variance / self.uniform_variance
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per prompt: ``prompt_id``, ``n``, ``p_mean``, ``p_std``."""
+        return [
+            {"prompt_id": pid, "n": int(c), "p_mean": float(m), "p_std": float(s)}
+            for pid, c, m, s in zip(self.prompt_ids, self.counts, self.p_mean, self.p_std)
+        ]
+
+
+def _as_ids(prompt_ids: Sequence[Any], what: str = "prompt_ids") -> list[str]:
+    if isinstance(prompt_ids, (str, bytes)):
+        raise ValueError(f"{what} must be a sequence of ids, not a single string")
+    ids = [str(p) for p in prompt_ids]
+    if not ids:
+        raise ValueError(f"empty batch: {what} has no prompts; pass at least one prompt")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dups = sorted({p for p in ids if p in seen or seen.add(p)})  # type: ignore[func-returns-value]
+        raise ValueError(
+            f"duplicate prompt ids in one batch: {dups[:5]}; give each prompt one entry and let the plan's "
+            "count decide how many rollouts it gets"
+        )
+    return ids
+
+
+def _check_int(name: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            value = int(value)
+        else:
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class Allocator:
+    """Decide how many rollouts each prompt of a batch gets, and learn from the outcomes.
+
+    Parameters
+    ----------
+    strategy:
+        ``uniform``, ``vip`` (default: the authors' settings), ``vip_pure``, ``inverse_acc``, ``inverse_var``,
+        ``knapsack`` or ``gvm`` (see :mod:`vipalloc.strategies`).
+    predictor:
+        ``gp`` (default), ``beta``, ``empirical``, ``ridge`` or ``oracle`` (see :mod:`vipalloc.predictors`).
+    estimator:
+        The policy-gradient estimator whose variance is minimised: ``drgrpo`` or ``rloo``. (Train with GRPO
+        if you like; its variance is not a usable allocation target, so allocate with ``drgrpo``.)
+    n_min, n_max:
+        Bounds on the rollouts of a kept prompt (``2 <= n_min <= n_max``).
+    seed:
+        Seeds the tie-breaking permutation of each step (the plan is a deterministic function of seed, step,
+        inputs and state).
+    embedder:
+        Prompt features for predictors that use them: ``auto`` (packaged all-MiniLM-L6-v2 if installed, else a
+        hashing embedder), ``minilm`` or ``hashing``.
+    success_threshold:
+        A rollout succeeds when its reward is ``>= success_threshold``.
+    history_window:
+        Steps of history kept for :meth:`history_aggregates` (``None``: all). The history itself keeps every row.
+    """
+
+    def __init__(
+        self,
+        strategy: str = "vip",
+        predictor: str = "gp",
+        estimator: str = "drgrpo",
+        n_min: int = 4,
+        n_max: int = 32,
+        seed: int = 0,
+        *,
+        embedder: str = "auto",
+        success_threshold: float = 0.5,
+        predictor_kwargs: dict[str, Any] | None = None,
+        strategy_kwargs: dict[str, Any] | None = None,
+        history_window: int | None = None,
+    ) -> None:
+        from vipalloc.predictors import make_predictor
+        from vipalloc.strategies import get_strategy
+
+        if estimator not in ("drgrpo", "rloo"):
+            raise ValueError(
+                f"estimator must be 'drgrpo' or 'rloo', got {estimator!r} (for GRPO training allocate with 'drgrpo': "
+                "the std-normalised GRPO variance is not monotone in n and is no allocation target)"
+            )
+        self.n_min = _check_int("n_min", n_min, 2)
+        self.n_max = _check_int("n_max", n_max, 2)
+        if self.n_min > self.n_max:
+            raise ValueError(f"n_min ({n_min}) must be <= n_max ({n_max})")
+        self.seed = _check_int("seed", seed, 0)
+        self.estimator = estimator
+        self.strategy_name = strategy
+        self.predictor_name = predictor
+        self.embedder_name = embedder
+        self.predictor_kwargs = dict(predictor_kwargs or {})
+        self.strategy_kwargs = dict(strategy_kwargs or {})
+        self.history_window = history_window
+        self.strategy = get_strategy(strategy, estimator=estimator, **self.strategy_kwargs)
+        self._uniform = get_strategy("uniform", estimator=estimator)
+        self.predictor = make_predictor(predictor, **self.predictor_kwargs)
+        self.history = RolloutHistory(success_threshold=success_threshold)
+        self._embedder: Any = None  # built lazily: loading MiniLM costs seconds
+        self._cache: Any = None
+        self._pending: dict[int, dict[str, int]] = {}  # step -> {prompt_id: planned count}
+        self._last_step = -1
+
+    # ------------------------------------------------------------------ features
+    @property
+    def success_threshold(self) -> float:
+        return self.history.success_threshold
+
+    def _embedding_cache(self) -> Any:
+        if self._cache is None:
+            from vipalloc.embeddings import EmbeddingCache, get_embedder
+
+            self._embedder = get_embedder(self.embedder_name)
+            self._cache = EmbeddingCache(self._embedder)
+        return self._cache
+
+    def _register_features(self, ids: list[str], prompts: Sequence[str] | None) -> None:
+        if not getattr(self.predictor, "needs_features", False):
+            return
+        cache = self._embedding_cache()
+        if prompts is None:
+            missing = [pid for pid in ids if not cache.has(pid) and self.history.prompt_text(pid) is None]
+            if missing:
+                raise ValueError(
+                    f"the {self.predictor_name!r} predictor needs prompt texts to embed {len(missing)} new prompt(s) "
+                    f"(e.g. {missing[:3]}); pass prompts=[...] aligned with prompt_ids"
+                )
+            texts = [self.history.prompt_text(pid) or "" for pid in ids]
+        else:
+            if len(prompts) != len(ids):
+                raise ValueError(f"got {len(ids)} prompt ids but {len(prompts)} prompts; they must align")
+            texts = [str(t) for t in prompts]
+        feats = cache.get(ids, texts)
+        self.predictor.set_features(ids, feats)
+
+    # ------------------------------------------------------------------ plan / observe
+    def plan(
+        self,
+        prompt_ids: Sequence[Any],
+        prompts: Sequence[str] | None = None,
+        budget: int | None = None,
+        step: int | None = None,
+    ) -> Plan:
+        """Allocate ``budget`` rollouts over the batch ``prompt_ids`` at training ``step``.
+
+        ``prompts`` are the prompt texts (needed the first time a prompt is seen by feature-based predictors).
+        ``step`` defaults to one past the last step planned or observed. Returns a :class:`Plan` whose counts sum
+        to ``budget`` exactly. Raises ``ValueError`` for an empty batch, duplicate ids, or an infeasible budget
+        (the message names the feasible range).
+        """
+        ids = _as_ids(prompt_ids)
+        if budget is None:
+            raise ValueError(
+                f"budget is required: total rollouts for this batch, e.g. {len(ids)} prompts x 8 = {8 * len(ids)}"
+            )
+        budget = _check_int("budget", budget, 0)
+        step = self._last_step + 1 if step is None else _check_int("step", step, 0)
+        m = len(ids)
+        if budget > m * self.n_max:
+            raise ValueError(
+                f"budget {budget} is infeasible for {m} prompts with n_max={self.n_max}: at most {m * self.n_max}; "
+                "raise n_max or lower the budget"
+            )
+        t0 = time.perf_counter()
+        self._register_features(ids, prompts)
+        t1 = time.perf_counter()
+        p_mean, p_std = self.predictor.predict(ids, step)
+        p_mean = np.asarray(p_mean, np.float64)
+        p_std = np.asarray(p_std, np.float64)
+        t2 = time.perf_counter()
+        # A seeded permutation per step makes tie-breaks (e.g. who gets the uniform remainder) fair across prompts
+        # while keeping the plan a deterministic function of (seed, step, inputs, state).
+        perm = np.random.default_rng([self.seed, step]).permutation(m)
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(m)
+        counts = np.asarray(self.strategy.allocate(p_mean[perm], budget, self.n_min, self.n_max), np.int64)[inv]
+        uniform = np.asarray(self._uniform.allocate(p_mean[perm], budget, self.n_min, self.n_max), np.int64)[inv]
+        t3 = time.perf_counter()
+        if counts.shape != (m,) or int(counts.sum()) != budget:
+            raise RuntimeError(
+                f"strategy {self.strategy_name!r} returned an invalid plan (sum {counts.sum()} != {budget})"
+            )
+        exp_var = float(_plan_variance(p_mean, counts, self.estimator))
+        uni_var = float(_plan_variance(p_mean, uniform, self.estimator))
+        self._pending[step] = dict(zip(ids, counts.tolist()))
+        while len(self._pending) > _MAX_PENDING_STEPS:
+            self._pending.pop(min(self._pending))
+        self._last_step = max(self._last_step, step)
+        return Plan(
+            prompt_ids=ids,
+            counts=counts,
+            p_mean=p_mean,
+            p_std=p_std,
+            budget=budget,
+            step=step,
+            strategy=self.strategy_name,
+            estimator=self.estimator,
+            expected_variance=exp_var,
+            uniform_variance=uni_var,
+            timings={"embed": t1 - t0, "predict": t2 - t1, "solve": t3 - t2},
+        )
+
+    def observe(self, prompt_ids: Sequence[Any], rewards: Sequence[Any], step: int) -> None:
+        """Record the rewards of the rollouts generated for a plan made at ``step``.
+
+        ``rewards`` holds one 1-D array per prompt with as many entries as rollouts came back, each finite and in
+        ``[0, 1]``. Rules for degraded input: fewer rewards than planned is accepted (failed generations are simply
+        not counted); more than planned, rewards for a prompt that was never planned at ``step`` or that the plan
+        dropped, NaN/inf or out-of-range values raise ``ValueError`` and record nothing. Prompts with no rewards
+        (empty arrays) are skipped.
+        """
+        ids = _as_ids(prompt_ids)
+        step = _check_int("step", step, 0)
+        if len(rewards) != len(ids):
+            raise ValueError(f"got {len(ids)} prompt ids but {len(rewards)} reward arrays; pass one array per prompt")
+        planned = self._pending.get(step)
+        if planned is None:
+            known = sorted(self._pending)
+            raise ValueError(
+                f"no plan was made at step {step} (outstanding plans: steps {known[-5:]}); call plan(..., step={step}) "
+                "before observe, with the same step"
+            )
+        unknown = [pid for pid in ids if pid not in planned]
+        if unknown:
+            raise ValueError(
+                f"rewards reported for {len(unknown)} prompt id(s) not planned at step {step}: {unknown[:5]}; "
+                "report only prompts of that step's plan"
+            )
+        arrs = [validate_rewards(pid, r) for pid, r in zip(ids, rewards)]
+        for pid, a in zip(ids, arrs):
+            if a.size > planned[pid]:
+                raise ValueError(
+                    f"prompt {pid!r} got {a.size} rewards but its plan at step {step} had {planned[pid]} rollouts; "
+                    "report exactly the rollouts the plan asked for"
+                )
+        keep = [i for i, a in enumerate(arrs) if a.size > 0]
+        if not keep:
+            return
+        kept_ids = [ids[i] for i in keep]
+        kept = [arrs[i] for i in keep]
+        thr = self.success_threshold
+        successes = np.array([int(np.count_nonzero(a >= thr)) for a in kept], np.int64)
+        trials = np.array([a.size for a in kept], np.int64)
+        # The predictor validates and may raise; do it before touching the history so a failure records nothing.
+        self.predictor.observe(kept_ids, successes, trials, step)
+        self.history.extend(step, kept_ids, kept)
+        for pid in kept_ids:  # each planned prompt is observed once
+            del planned[pid]
+        self._last_step = max(self._last_step, step)
+
+    # ------------------------------------------------------------------ helpers
+    def expected_variance(self, p: Any, counts: Any) -> float:
+        """Summed estimator variance of ``counts`` under success probabilities ``p`` (e.g. the true p)."""
+        return float(_plan_variance(np.asarray(p, np.float64), np.asarray(counts, np.int64), self.estimator))
+
+    def ingest_history(self, history: RolloutHistory) -> None:
+        """Replay a recorded history (e.g. from ``vipalloc allocate --history``) into this allocator, step by step."""
+        for step, ids, succ, trials in history.iter_steps():
+            texts = [history.prompt_text(pid) for pid in ids]
+            if getattr(self.predictor, "needs_features", False):
+                missing = [pid for pid, t in zip(ids, texts) if t is None and not self._embedding_cache().has(pid)]
+                if missing:
+                    raise ValueError(
+                        f"history has no prompt text for {len(missing)} prompt(s) (e.g. {missing[:3]}) and the "
+                        f"{self.predictor_name!r} predictor needs features: add a 'prompt' field to their first row, "
+                        "or use --predictor beta/empirical"
+                    )
+                uniq = list(dict.fromkeys(ids))
+                self._register_features(uniq, [history.prompt_text(p) or "" for p in uniq])
+            agg_ids, agg_s, agg_t = _aggregate_duplicates(ids, succ, trials)
+            self.predictor.observe(agg_ids, agg_s, agg_t, step)
+            self._last_step = max(self._last_step, step)
+        if len(self.history) == 0:
+            self.history = RolloutHistory.from_state_dict(history.state_dict())
+        else:
+            rows = history.rows()
+            ids_all = history.prompt_ids
+            for step, _, _, _ in history.iter_steps():
+                sel = rows["step"] == step
+                self.history.extend_counts(
+                    step,
+                    [ids_all[i] for i in rows["prompt_index"][sel]],
+                    rows["successes"][sel],
+                    rows["trials"][sel],
+                    rows["reward_sum"][sel],
+                )
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, enough to rebuild an empty allocator of the same kind."""
+        return {
+            "strategy": self.strategy_name,
+            "predictor": self.predictor_name,
+            "estimator": self.estimator,
+            "n_min": self.n_min,
+            "n_max": self.n_max,
+            "seed": self.seed,
+            "embedder": self.embedder_name,
+            "success_threshold": self.success_threshold,
+            "predictor_kwargs": self.predictor_kwargs,
+            "strategy_kwargs": self.strategy_kwargs,
+            "history_window": self.history_window,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this allocator is."""
+        pending_steps = sorted(self._pending)
+        return {
+            "config": self.config(),
+            "predictor": self.predictor.state_dict(),
+            "history": self.history.state_dict(),
+            "embeddings": None if self._cache is None else self._cache.state_dict(),
+            "embedder_name": None if self._embedder is None else getattr(self._embedder, "name", None),
+            "pending_steps": pending_steps,
+            "pending": [
+                {"ids": list(self._pending[s]), "counts": np.array(list(self._pending[s].values()), np.int64)}
+                for s in pending_steps
+            ],
+            "last_step": self._last_step,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the whole allocator state to one file, atomically (a crash leaves the previous file intact)."""
+        atomic_write_json(path, FORMAT, VERSION, self.state_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Allocator:
+        """Restore an allocator saved with :meth:`save`; it plans exactly as the saved one would.
+
+        Raises :class:`~vipalloc._io.StateFileError` (a ``ValueError``) for missing, corrupt, truncated,
+        foreign or newer-version files; nothing is modified.
+        """
+        _, state = read_json_checked(path, FORMAT, VERSION)
+        try:
+            cfg = dict(state["config"])
+            history_window = cfg.pop("history_window", None)
+            alloc = cls(**cfg, history_window=history_window)
+            alloc.predictor.load_state_dict(state["predictor"])
+            alloc.history = RolloutHistory.from_state_dict(state["history"])
+            if state.get("embeddings") is not None:
+                cache = alloc._embedding_cache()
+                cache.load_state_dict(state["embeddings"])
+            alloc._pending = {
+                int(s): dict(zip(rec["ids"], np.asarray(rec["counts"]).tolist()))
+                for s, rec in zip(state["pending_steps"], state["pending"])
+            }
+            alloc._last_step = int(state["last_step"])
+        except StateFileError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateFileError(f"{path}: allocator state is malformed ({exc.__class__.__name__}: {exc})") from None
+        return alloc
+
+    def __repr__(self) -> str:
+        return (
+            f"Allocator(strategy={self.strategy_name!r}, predictor={self.predictor_name!r}, "
+            f"estimator={self.estimator!r}, n_min={self.n_min}, n_max={self.n_max}, seed={self.seed})"
+        )
+
+
+def _plan_variance(p: np.ndarray, counts: np.ndarray, estimator: str) -> float:
+    """Sum of per-prompt variances; dropped prompts (count 0) contribute nothing."""
+    kept = counts > 0
+    if not kept.any():
+        return 0.0
+    return float(np.sum(gradient_variance(p[kept], counts[kept], estimator)))
+
+
+def _aggregate_duplicates(
+    ids: list[str], succ: np.ndarray, trials: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Merge rows of the same prompt within one step (a hand-written history may repeat a prompt)."""
+    uniq = list(dict.fromkeys(ids))
+    if len(uniq) == len(ids):
+        return ids, succ, trials
+    index = {p: i for i, p in enumerate(uniq)}
+    pos = np.array([index[p] for p in ids])
+    return (
+        uniq,
+        np.bincount(pos, weights=succ, minlength=len(uniq)).astype(np.int64),
+        np.bincount(pos, weights=trials, minlength=len(uniq)).astype(np.int64),
+    )

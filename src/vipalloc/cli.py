@@ -1,0 +1,177 @@
+"""The ``vipalloc`` command.
+
+``vipalloc allocate`` turns a rollout history and a batch of prompts into a plan (rollouts per prompt).
+Training (``demo``, ``train``) and benchmark (``bench ...``) commands are registered by their sub-packages when
+those are importable; their heavy imports (torch, transformers) happen only inside the commands.
+Every error is one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from vipalloc import __version__
+
+app = typer.Typer(
+    name="vipalloc",
+    help="Variance-informed per-prompt rollout allocation (VIP) for online RL with verifiable rewards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error and exit non-zero (never a traceback for bad input)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vipalloc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """vipalloc: decide how many rollouts each prompt gets."""
+
+
+def read_batch(path: Path) -> tuple[list[str], list[str | None]]:
+    """Read a batch file: JSON Lines with ``prompt_id`` (or ``id``) and optional ``prompt`` text per line."""
+    if not path.exists():
+        raise ValueError(f"{path}: no such batch file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; a batch file is JSON Lines") from None
+    ids: list[str] = []
+    texts: list[str | None] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f'{path}: line {lineno}: expected an object like {{"prompt_id": ..., "prompt": ...}}')
+        pid = row.get("prompt_id", row.get("id"))
+        if pid is None or isinstance(pid, (bool, dict, list, float)):
+            raise ValueError(f"{path}: line {lineno}: needs a string 'prompt_id'")
+        text = row.get("prompt")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{path}: line {lineno}: 'prompt' must be a string")
+        ids.append(str(pid))
+        texts.append(text)
+    if not ids:
+        raise ValueError(f"{path}: the batch is empty; add one JSON line per prompt")
+    return ids, texts
+
+
+@app.command()
+def allocate(
+    batch: Path = typer.Option(..., "--batch", help="JSONL: one {prompt_id, prompt} per line."),
+    budget: int = typer.Option(..., "--budget", help="Total rollouts for the batch (sum of counts)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the plan (JSONL: prompt_id, n, p_mean, p_std)."),
+    history: Path | None = typer.Option(
+        None, "--history", help="Rollout history (JSONL written by RolloutHistory.save, or rows with rewards)."
+    ),
+    state: Path | None = typer.Option(None, "--state", help="Allocator state file (Allocator.save) to start from."),
+    strategy: str = typer.Option("vip", help="uniform | vip | vip_pure | inverse_acc | inverse_var | knapsack | gvm"),
+    predictor: str = typer.Option("gp", help="gp | beta | empirical | ridge | oracle"),
+    estimator: str = typer.Option("drgrpo", help="drgrpo | rloo"),
+    n_min: int = typer.Option(4, "--n-min", help="Fewest rollouts for a kept prompt (>= 2)."),
+    n_max: int = typer.Option(32, "--n-max", help="Most rollouts for a prompt."),
+    seed: int = typer.Option(0, help="Seed for tie-breaking."),
+    embedder: str = typer.Option("auto", help="auto | minilm | hashing (prompt features for gp/ridge)."),
+    step: int | None = typer.Option(None, help="Training step of this batch (default: one past the history)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the summary table."),
+) -> None:
+    """Plan how many rollouts each prompt of a batch gets."""
+    from vipalloc.allocator import Allocator
+    from vipalloc.history import RolloutHistory
+
+    try:
+        ids, texts = read_batch(batch)
+        if state is not None:
+            alloc = Allocator.load(state)
+        else:
+            alloc = Allocator(
+                strategy=strategy,
+                predictor=predictor,
+                estimator=estimator,
+                n_min=n_min,
+                n_max=n_max,
+                seed=seed,
+                embedder=embedder,
+            )
+        if history is not None:
+            alloc.ingest_history(RolloutHistory.load(history))
+        prompts: list[str] | None
+        if any(t is None for t in texts):
+            if all(t is None for t in texts):
+                prompts = None
+            else:
+                prompts = [t if t is not None else (alloc.history.prompt_text(i) or "") for i, t in zip(ids, texts)]
+        else:
+            prompts = [t for t in texts if t is not None]
+        plan = alloc.plan(ids, prompts=prompts, budget=budget, step=step)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+        return
+    from vipalloc._io import atomic_write_text
+
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in plan.to_records()))
+    if not quiet:
+        _print_plan_summary(plan, out)
+
+
+def _print_plan_summary(plan: Any, out: Path) -> None:
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    counts = plan.counts
+    kept = counts > 0
+    table = Table(title=f"plan for step {plan.step} ({plan.strategy}, {plan.estimator})")
+    for col in ("prompts", "kept", "dropped", "budget", "mean n (kept)", "min n", "max n", "var ratio vs uniform"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(len(counts)),
+        str(int(kept.sum())),
+        str(int((~kept).sum())),
+        str(plan.budget),
+        f"{counts[kept].mean():.2f}" if kept.any() else "-",
+        str(int(counts[kept].min())) if kept.any() else "-",
+        str(int(np.max(counts))),
+        f"{plan.variance_ratio:.3f}",
+    )
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+def _register_subcommands() -> None:
+    """Attach the training and benchmark commands when their modules exist (a broken module still fails loudly)."""
+    import importlib
+    import importlib.util
+
+    for module in ("vipalloc.training.cli", "vipalloc.bench.cli"):
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).register(app)
+
+
+_register_subcommands()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
