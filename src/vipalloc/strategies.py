@@ -6,7 +6,7 @@ Every strategy returns int64 counts of shape ``(M,)`` that sum to ``budget`` exa
 | name | rule | source |
 |---|---|---|
 | ``uniform`` | ``budget // M`` each, remainder +1 to the first prompts | GRPO/RLOO/Dr.GRPO default |
-| ``vip`` | exact min of variance + ``gamma log(p) n``, drops allowed, kept n >= 4 | VIP, arXiv 2602.01601 |
+| ``vip`` | min variance + ``gamma log(p) n`` (exact, 2 stages), drops, kept n >= 4 | VIP, arXiv 2602.01601 |
 | ``vip_pure`` | exact min of the estimator's variance only, no drop | VIP's variance objective alone |
 | ``inverse_acc`` | min ``sum n log p`` (hardest prompts first) | VIP ablation |
 | ``inverse_var`` | min ``sum n log(p(1-p))`` (lowest-variance prompts first) | VIP ablation |
@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from vipalloc.allocation import _check_budget, _check_p, _reachable, domain, minimize_separable, solve
+from vipalloc.allocation import _check_budget, _check_p, domain, minimize_separable, solve
 
 __all__ = ["STRATEGY_NAMES", "Strategy", "get_strategy", "uniform_counts"]
 
@@ -74,9 +74,16 @@ class Uniform:
 
 @dataclass
 class VIP:
-    """VIP (arXiv 2602.01601): exactly minimise the estimator's expected gradient variance plus the authors'
-    hardness bonus ``gamma * log(p) * n`` (7e-4 RLOO, 4e-4 Dr.GRPO), prompts may be dropped, kept prompts get at
-    least ``min_keep`` (4) rollouts. Uniform when all predictions are equal (no information yet)."""
+    """VIP (arXiv 2602.01601) with the authors' final settings: minimise the estimator's expected gradient variance
+    plus their hardness bonus ``gamma * log(p) * n`` (7e-4 RLOO, 4e-4 Dr.GRPO); prompts may be dropped and kept
+    prompts get at least ``min_keep`` (4) rollouts. Uniform when all predictions are equal (no information yet).
+
+    Dropping follows the authors' two-stage structure, each stage solved exactly: (1) the exact optimum with every
+    prompt kept (``n in [2, n_max]``); (2) prompts whose optimum is below ``min_keep`` are dropped and the budget is
+    re-solved exactly over the kept prompts on ``[min_keep, n_max]``. The one-shot program with ``0`` in every
+    prompt's domain (``solve(..., allow_drop=True)``) is degenerate here: a dropped prompt costs 0 while a kept one
+    costs its (positive) variance, so it would drop exactly the informative mid-p prompts (see docs/allocation.md).
+    """
 
     estimator: str = "drgrpo"
     hardness_bonus: float | None = None
@@ -86,16 +93,27 @@ class VIP:
 
     def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
         p, budget = _check(p_hat, budget, n_min, n_max)
+        m = len(p)
         if float(np.std(p)) < 1e-6:
-            return uniform_counts(len(p), budget)
+            return uniform_counts(m, budget)
         bonus = HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus)
-        lo = max(n_min, self.min_keep) if self.allow_drop else n_min
-        lo = min(lo, n_max)
-        if not _reachable(budget, len(p), lo, n_max, self.allow_drop):
-            lo = n_min  # e.g. a budget below min_keep: fall back to the caller's bound rather than fail
-        return solve(
-            p, budget, n_min=lo, n_max=n_max, estimator=self.estimator, hardness_bonus=bonus, allow_drop=self.allow_drop
-        )
+        kw = {"estimator": self.estimator, "hardness_bonus": bonus}
+        if not self.allow_drop:
+            return solve(p, budget, n_min=n_min, n_max=n_max, **kw)
+        lo = min(max(n_min, self.min_keep), n_max)
+        stage1 = solve(p, budget, n_min=2, n_max=n_max, **kw)
+        # Keep prompts at or above min_keep, most-served first; add back dropped ones (largest stage-1 n first)
+        # until the kept prompts can absorb the budget within [lo, n_max].
+        order = np.lexsort((np.arange(m), -stage1))
+        n_keep = int((stage1 >= lo).sum())
+        n_keep = max(n_keep, -(-budget // n_max))
+        n_keep = min(n_keep, budget // lo, m)
+        if n_keep == 0:
+            return uniform_counts(m, budget) if budget >= m * n_min else solve(p, budget, n_min=n_min, n_max=n_max)
+        keep = np.sort(order[:n_keep])
+        counts = np.zeros(m, np.int64)
+        counts[keep] = solve(p[keep], budget, n_min=lo, n_max=n_max, **kw)
+        return counts
 
 
 @dataclass
