@@ -106,10 +106,11 @@ class VIP:
         # until the kept prompts can absorb the budget within [lo, n_max].
         order = np.lexsort((np.arange(m), -stage1))
         n_keep = int((stage1 >= lo).sum())
-        n_keep = max(n_keep, -(-budget // n_max))
-        n_keep = min(n_keep, budget // lo, m)
-        if n_keep == 0:
-            return uniform_counts(m, budget) if budget >= m * n_min else solve(p, budget, n_min=n_min, n_max=n_max)
+        need = -(-budget // n_max)  # fewest kept prompts that can absorb the budget
+        n_keep = min(max(n_keep, need), budget // lo, m)
+        if n_keep == 0 or n_keep < need:
+            # The budget cannot be packed into kept prompts of [lo, n_max] (e.g. lo == n_max): keep everyone.
+            return solve(p, budget, n_min=n_min, n_max=n_max, **kw)
         keep = np.sort(order[:n_keep])
         counts = np.zeros(m, np.int64)
         counts[keep] = solve(p[keep], budget, n_min=lo, n_max=n_max, **kw)
@@ -212,6 +213,8 @@ def _proportional_round(weight: np.ndarray, budget: int, n_min: int, n_max: int)
     free = np.ones(m, dtype=bool)
     target = np.zeros(m)
     for _ in range(m + 1):  # each pass pins at least one prompt to a bound, or stops
+        if not free.any():
+            break
         rest = budget - fixed[~free].sum()
         w = weight[free]
         target[free] = rest * w / w.sum() if w.sum() > 0 else rest / free.sum()
