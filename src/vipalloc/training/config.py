@@ -1,0 +1,122 @@
+"""Validated training configuration (pydantic), loadable from YAML or TOML."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+STRATEGIES = ("uniform", "vip", "vip_pure", "inverse_acc", "inverse_var", "knapsack", "gvm", "dapo")
+
+
+class ModelConfig(BaseModel):
+    """Tiny GPT-2 policy size."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_layer: int = Field(4, ge=1, le=12)
+    n_embd: int = Field(128, ge=16, le=1024)
+    n_head: int = Field(4, ge=1, le=16)
+
+
+class WarmupConfig(BaseModel):
+    """Supervised warm-up that turns the random policy into a base model with mixed success rates."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(1500, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 12345
+
+
+class TrainConfig(BaseModel):
+    """One RL run. Budget per step = ``prompts_per_step * n_mean`` rollouts for every strategy."""
+
+    model_config = ConfigDict(extra="forbid")
+    run_dir: str = "runs/train"
+    strategy: Literal["uniform", "vip", "vip_pure", "inverse_acc", "inverse_var", "knapsack", "gvm", "dapo"] = "vip"
+    predictor: Literal["gp", "beta", "empirical", "ridge", "oracle"] = "gp"
+    predictor_kwargs: dict = Field(default_factory=dict)
+    embedder: Literal["auto", "minilm", "hashing"] = "hashing"
+    loss: Literal["drgrpo", "rloo", "grpo"] = "drgrpo"
+    seed: int = 0
+    steps: int = Field(150, ge=1)
+    prompts_per_step: int = Field(32, ge=1)
+    n_mean: int = Field(8, ge=2, description="uniform group size; the budget is prompts_per_step * n_mean")
+    n_min: int = Field(2, ge=2)
+    n_max: int = Field(32, ge=2)
+    dapo_max_batches: int = Field(3, ge=1, description="DAPO: generation batches per step at most")
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(6, ge=1)
+    pool_size: int = Field(1024, ge=1)
+    pool_seed: int = 1
+    eval_size: int = Field(256, ge=1)
+    eval_samples: int = Field(8, ge=1)
+    eval_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(10, ge=1)
+    threads: int = Field(2, ge=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    warmup_cache: str = "runs/warmup"
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TrainConfig:
+        if self.n_min > self.n_max:
+            raise ValueError(f"n_min ({self.n_min}) must be <= n_max ({self.n_max})")
+        if not (self.n_min <= self.n_mean <= self.n_max):
+            raise ValueError(f"n_mean ({self.n_mean}) must lie in [n_min, n_max] = [{self.n_min}, {self.n_max}]")
+        if self.prompts_per_step > self.pool_size:
+            raise ValueError("prompts_per_step cannot exceed pool_size")
+        if self.model.n_embd % self.model.n_head:
+            raise ValueError("model.n_embd must be divisible by model.n_head")
+        if self.loss == "rloo" and self.n_min < 2:
+            raise ValueError("RLOO needs n_min >= 2")
+        return self
+
+    @property
+    def budget(self) -> int:
+        """Rollouts per step (identical for every strategy)."""
+        return self.prompts_per_step * self.n_mean
+
+    def warmup_key(self) -> str:
+        """Hash of everything the warm-up model depends on (its cache key)."""
+        blob = json.dumps(
+            {"model": self.model.model_dump(), "warmup": self.warmup.model_dump(), "v": 1}, sort_keys=True
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path, **overrides: object) -> TrainConfig:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a validated :class:`TrainConfig`."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: no such config file")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{p}: invalid YAML ({exc})") from None
+    elif p.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{p}: invalid TOML ({exc})") from None
+    else:
+        raise ValueError(f"{p}: config must be .yaml, .yml or .toml")
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: the config must be a mapping of options")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.model_validate(data)

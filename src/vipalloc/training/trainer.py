@@ -1,0 +1,424 @@
+"""A small, readable online RL trainer (CleanRL style) for verifiable-reward arithmetic on CPU.
+
+Per step::
+
+    prompts = sample M from the training pool
+    plan    = allocator.plan(ids, prompts, budget = M * n_mean, step)       # how many rollouts each prompt gets
+    rollouts: counts[i] samples of prompt i (temperature 1); reward = exact match (0/1)
+    allocator.observe(ids, rewards, step)
+    advantages per prompt group (any size; grouped by prompt id) -> one policy-gradient update
+
+Loss normalisation: each rollout's summed completion log-probability is weighted by its advantage and by
+``1 / (n_i * M_kept)``, i.e. the mean over a prompt's rollouts, then the mean over kept prompts, divided by the
+constant ``max_new_tokens`` (Dr.GRPO's length-unbiased constant normaliser). A prompt's gradient is thus the
+estimator's per-prompt average whatever its group size, which is the quantity whose variance VIP models.
+
+DAPO dynamic sampling (``strategy="dapo"``): generate uniform groups for the step's prompts and further fresh
+batches (at most ``dapo_max_batches``), keep only mixed groups (0 < successes < n) up to M of them; EVERY generated
+rollout counts toward the cumulative budget, so DAPO is compared at equal cumulative rollouts.
+
+Determinism and resume: all randomness comes from seeded generators whose states are checkpointed with the model,
+optimizer, allocator and metrics; a resumed run reproduces the uninterrupted run's metrics exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vipalloc import Allocator
+from vipalloc._io import atomic_write_text
+from vipalloc.training.config import TrainConfig
+from vipalloc.training.losses import group_advantages
+from vipalloc.training.model import BOS, EOS, PAD, CharTokenizer, build_policy
+from vipalloc.training.tasks import Problem, make_problems, reward
+
+CKPT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------- generation
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    tok: CharTokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+    greedy: bool = False,
+) -> list[list[int]]:
+    """Sample one completion per prompt (token ids, EOS included if produced). KV-cached, left-padded batch."""
+    if not prompts:
+        return []
+    ids, mask = tok.left_pad(prompts)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    cur_pos = pos[:, -1]
+    gen: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits.double() / temperature, -1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+        gen.append(nxt)
+        done |= nxt == EOS
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+        cur_pos = cur_pos + 1
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=cur_pos[:, None],
+            past_key_values=past,
+            use_cache=True,
+        )
+        past, logits = out.past_key_values, out.logits[:, -1]
+    seqs = torch.stack(gen, 1).tolist()
+    result = []
+    for s in seqs:
+        cut = s.index(EOS) + 1 if EOS in s else len(s)
+        result.append([t for t in s[:cut] if t != PAD])
+    return result
+
+
+def sequence_logprobs(model: torch.nn.Module, tok: CharTokenizer, prompts: list[str], completions: list[list[int]]):
+    """Summed log-probability of each completion given its prompt: float (R,), differentiable."""
+    seqs = [[BOS, *tok.encode(p)] + c for p, c in zip(prompts, completions)]
+    starts = [len(tok.encode(p)) + 1 for p in prompts]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    target_mask = torch.zeros((len(seqs), width), dtype=torch.float32)
+    for r, (s, st) in enumerate(zip(seqs, starts)):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+        target_mask[r, st : len(s)] = 1.0
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (logp * target_mask[:, 1:]).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------- warm-up
+def warmup_policy(cfg: TrainConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Supervised warm-up on fresh problems of the task generator (cached by config hash under warmup_cache)."""
+    cache = Path(cfg.warmup_cache) / f"warmup-{cfg.warmup_key()}.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    torch.manual_seed(cfg.warmup.seed)
+    model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
+    tok = CharTokenizer()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(cfg.warmup.steps, 1))
+    chunk = max(cfg.warmup.batch_size * 50, 1)
+    problems: list[Problem] = []
+    for step in range(cfg.warmup.steps):
+        lo = (step * cfg.warmup.batch_size) % chunk
+        if lo == 0:
+            problems = make_problems(chunk, seed=cfg.warmup.seed + step, tag="w")
+            random.Random(step).shuffle(problems)
+        batch = problems[lo : lo + cfg.warmup.batch_size]
+        comps = [[*tok.encode(p.answer), EOS] for p in batch]
+        loss = -sequence_logprobs(model, tok, [p.prompt for p in batch], comps).sum() / sum(len(c) for c in comps)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step + 1, cfg.warmup.steps)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(state, tmp)
+    os.replace(tmp, cache)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- RL loop
+@dataclass
+class RunResult:
+    """Paths and summary of a finished run."""
+
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    plans: list[dict[str, Any]]
+
+
+def evaluate(model, tok, problems: list[Problem], samples: int, cfg: TrainConfig, seed: int) -> float:
+    """Mean success over ``samples`` temperature-1 samples per held-out prompt (the RL objective)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [p.prompt for p in problems for _ in range(samples)]
+    answers = [p.answer for p in problems for _ in range(samples)]
+    comps = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, gen)
+    return float(np.mean([reward(tok.decode(c), a) for c, a in zip(comps, answers)]))
+
+
+class Trainer:
+    """Holds the policy, optimizer, allocator, data and RNGs of one run; :meth:`run` trains to ``cfg.steps``."""
+
+    def __init__(self, cfg: TrainConfig, warm_state: dict[str, torch.Tensor] | None = None) -> None:
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.tok = CharTokenizer()
+        self.model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
+        self.model.load_state_dict(warm_state if warm_state is not None else warmup_policy(cfg))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.pool = make_problems(cfg.pool_size, seed=cfg.pool_seed, tag="t")
+        self.eval_set = make_problems(cfg.eval_size, seed=cfg.pool_seed + 7919, tag="e")
+        by_id = {p.prompt_id: p for p in self.pool}
+        assert len(by_id) == len(self.pool)
+        alloc_strategy = "uniform" if cfg.strategy == "dapo" else cfg.strategy
+        self.alloc = Allocator(
+            strategy=alloc_strategy,
+            predictor=cfg.predictor,
+            estimator="rloo" if cfg.loss == "rloo" else "drgrpo",
+            n_min=cfg.n_min,
+            n_max=cfg.n_max,
+            seed=cfg.seed,
+            embedder=cfg.embedder,
+            predictor_kwargs=cfg.predictor_kwargs,
+        )
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.cum_rollouts = 0
+        self.metrics: list[dict[str, Any]] = []
+        self.plans: list[dict[str, Any]] = []
+        self.run_dir = Path(cfg.run_dir)
+
+    # -------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        """Everything needed to continue identically, in one file written atomically."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.run_dir) as tmpdir:
+            apath = Path(tmpdir) / "allocator.json"
+            self.alloc.save(apath)
+            payload = {
+                "step": self.step,
+                "cum_rollouts": self.cum_rollouts,
+                "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(),
+                "allocator": apath.read_text(),
+                "np_rng": json.dumps(self.rng.bit_generator.state),
+                "torch_gen": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "metrics": json.dumps(self.metrics),
+                "plans": json.dumps(self.plans),
+                "config": self.cfg.model_dump_json(),
+            }
+            tmp = Path(tmpdir) / CKPT_NAME
+            torch.save(payload, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.run_dir / CKPT_NAME)
+
+    def load_checkpoint(self) -> bool:
+        """Restore the last checkpoint of ``run_dir`` if there is one; returns whether it did."""
+        path = self.run_dir / CKPT_NAME
+        if not path.exists():
+            return False
+        payload = torch.load(path, weights_only=False)
+        saved_cfg = TrainConfig.model_validate_json(payload["config"])
+        if saved_cfg.model_dump(exclude={"steps"}) != self.cfg.model_dump(exclude={"steps"}):
+            raise ValueError(f"{path} was written by a different configuration; use another run_dir or the same config")
+        self.step = int(payload["step"])
+        self.cum_rollouts = int(payload["cum_rollouts"])
+        self.model.load_state_dict(payload["model"])
+        self.opt.load_state_dict(payload["opt"])
+        with tempfile.TemporaryDirectory() as tmpdir:
+            apath = Path(tmpdir) / "allocator.json"
+            apath.write_text(payload["allocator"])
+            self.alloc = Allocator.load(apath)
+        self.rng.bit_generator.state = json.loads(payload["np_rng"])
+        self.gen.set_state(payload["torch_gen"])
+        torch.set_rng_state(payload["torch_rng"])
+        self.metrics = json.loads(payload["metrics"])
+        self.plans = json.loads(payload["plans"])
+        return True
+
+    def _write_metrics(self) -> None:
+        # Rewritten from the checkpointed list: after a resume the file holds exactly the uninterrupted run's lines.
+        atomic_write_text(self.run_dir / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in self.metrics))
+
+    # -------------------------------------------------------------- one step
+    def _rollouts(self, problems: list[Problem], counts: np.ndarray) -> tuple[list[int], list[list[int]], list[float]]:
+        owners = [i for i, c in enumerate(counts) for _ in range(int(c))]
+        comps = sample(
+            self.model,
+            self.tok,
+            [problems[i].prompt for i in owners],
+            self.cfg.max_new_tokens,
+            self.cfg.temperature,
+            self.gen,
+        )
+        rewards = [reward(self.tok.decode(c), problems[i].answer) for c, i in zip(comps, owners)]
+        return owners, comps, rewards
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        m = cfg.prompts_per_step
+        idx = self.rng.choice(len(self.pool), size=m, replace=False)
+        problems = [self.pool[i] for i in idx]
+        ids = [p.prompt_id for p in problems]
+        ta = time.perf_counter()
+        plan = self.alloc.plan(ids, prompts=[p.prompt for p in problems], budget=cfg.budget, step=self.step)
+        t_alloc = time.perf_counter() - ta
+        counts = plan.counts.copy()
+        owners, comps, rewards = self._rollouts(problems, counts)
+        used = len(owners)
+        per_prompt = [[r for o, r in zip(owners, rewards) if o == i] for i in range(m)]
+        ta = time.perf_counter()
+        self.alloc.observe(ids, per_prompt, step=self.step)
+        t_alloc += time.perf_counter() - ta
+        train_probs, train_owners, train_comps, train_rewards = problems, owners, comps, rewards
+        if cfg.strategy == "dapo":
+            train_probs, train_owners, train_comps, train_rewards, used = self._dapo_fill(
+                problems, per_prompt, comps, owners
+            )
+        # groups by prompt (index into train_probs); advantages for any group size
+        owners_t = torch.tensor(train_owners, dtype=torch.long)
+        rewards_t = torch.tensor(train_rewards, dtype=torch.float64)
+        adv = group_advantages(rewards_t, owners_t, cfg.loss) if len(train_owners) else torch.zeros(0)
+        n_per = torch.zeros(len(train_probs), dtype=torch.float64).index_add_(0, owners_t, torch.ones_like(rewards_t))
+        kept = int((n_per > 0).sum())
+        loss_val = 0.0
+        if len(train_owners) and float(adv.abs().sum()) > 0:
+            weight = adv / (n_per[owners_t] * kept * cfg.max_new_tokens)
+            logp = sequence_logprobs(self.model, self.tok, [train_probs[i].prompt for i in train_owners], train_comps)
+            loss = -(weight.float() * logp).sum()
+            self.opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            loss_val = float(loss.detach())
+        self.cum_rollouts += used
+        succ = np.array([sum(g) for g in per_prompt])
+        n_arr = np.array([len(g) for g in per_prompt])
+        gen_mask = n_arr > 0
+        rate = np.where(gen_mask, succ / np.maximum(n_arr, 1), np.nan)
+        rec: dict[str, Any] = {
+            "step": self.step,
+            "train_reward": float(np.mean(rewards)) if rewards else 0.0,
+            "rollouts_used": int(used),
+            "cum_rollouts": int(self.cum_rollouts),
+            "frac_all_correct": float(np.mean(succ[gen_mask] == n_arr[gen_mask])),
+            "frac_all_wrong": float(np.mean(succ[gen_mask] == 0)),
+            "frac_mixed": float(np.mean((succ[gen_mask] > 0) & (succ[gen_mask] < n_arr[gen_mask]))),
+            "mean_n": float(n_arr[gen_mask].mean()),
+            "max_n": int(n_arr.max()),
+            "dropped": int((~gen_mask).sum()),
+            "pred_abs_err": float(np.nanmean(np.abs(plan.p_mean - rate))),
+            "expected_var_ratio": float(plan.variance_ratio),
+            "loss": loss_val,
+            "alloc_seconds": t_alloc,
+            "step_seconds": time.perf_counter() - t0,
+        }
+        if not np.isfinite(rec["loss"]):
+            raise FloatingPointError(f"non-finite loss at step {self.step}")
+        self.plans.append(
+            {
+                "step": self.step,
+                "counts": counts.tolist(),
+                "p_mean": plan.p_mean.round(5).tolist(),
+                "rate": rate.tolist(),
+            }
+        )
+        return rec
+
+    def _dapo_fill(self, problems, per_prompt, comps, owners):
+        """Keep mixed groups; draw fresh uniform batches until M mixed groups or the batch cap (all counted)."""
+        cfg = self.cfg
+        kept_probs, kept_owners, kept_comps, kept_rewards = [], [], [], []
+        used = len(owners)
+
+        def take(probs, groups, comps_, owners_):
+            for i, g in enumerate(groups):
+                if len(kept_probs) >= cfg.prompts_per_step:
+                    return
+                if 0 < sum(g) < len(g):
+                    j = len(kept_probs)
+                    kept_probs.append(probs[i])
+                    rows = [k for k, o in enumerate(owners_) if o == i]
+                    kept_owners.extend([j] * len(rows))
+                    kept_comps.extend(comps_[k] for k in rows)
+                    kept_rewards.extend(g)
+
+        take(problems, per_prompt, comps, owners)
+        for _ in range(cfg.dapo_max_batches - 1):
+            if len(kept_probs) >= cfg.prompts_per_step:
+                break
+            idx = self.rng.choice(len(self.pool), size=cfg.prompts_per_step, replace=False)
+            extra = [self.pool[i] for i in idx]
+            counts = np.full(len(extra), cfg.n_mean)
+            o2, c2, r2 = self._rollouts(extra, counts)
+            used += len(o2)
+            groups = [[r for o, r in zip(o2, r2) if o == i] for i in range(len(extra))]
+            take(extra, groups, c2, o2)
+        return kept_probs, kept_owners, kept_comps, kept_rewards, used
+
+    # -------------------------------------------------------------- loop
+    def run(
+        self, progress: Callable[[int, int, dict[str, Any]], None] | None = None, stop_after: int | None = None
+    ) -> RunResult:
+        """Train until ``cfg.steps`` (resuming from ``run_dir`` if a checkpoint exists). ``stop_after`` ends early
+        after that many steps of this call (used by tests to simulate a kill)."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.load_checkpoint()
+        writer = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step)
+        done_here = 0
+        if self.step == 0 and not self.metrics:
+            acc = evaluate(self.model, self.tok, self.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000)
+            self.metrics.append({"step": -1, "cum_rollouts": 0, "eval_acc": acc})
+        while self.step < cfg.steps:
+            rec = self.train_step()
+            self.step += 1
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                rec["eval_acc"] = evaluate(
+                    self.model, self.tok, self.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000 + self.step
+                )
+            self.metrics.append(rec)
+            if writer is not None:
+                for k, v in rec.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        writer.add_scalar(k, v, rec["step"])
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+                self._write_metrics()
+            if progress is not None:
+                progress(self.step, cfg.steps, rec)
+            done_here += 1
+            if stop_after is not None and done_here >= stop_after:
+                break
+        if writer is not None:
+            writer.close()
+        self._write_metrics()
+        return RunResult(self.run_dir, self.metrics, self.plans)
+
+
+def train(cfg: TrainConfig, progress=None, warm_state=None, stop_after: int | None = None) -> RunResult:
+    """Build a :class:`Trainer` for ``cfg`` and run it (resumes from ``cfg.run_dir`` when a checkpoint exists)."""
+    return Trainer(cfg, warm_state=warm_state).run(progress=progress, stop_after=stop_after)
