@@ -1,0 +1,87 @@
+"""``vipalloc demo`` and ``vipalloc train`` (registered on the main CLI; heavy imports only inside commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the training commands to the ``vipalloc`` app."""
+
+    @app.command()
+    def demo(
+        quick: bool = typer.Option(False, "--quick", help="~1-minute smoke run of the same pipeline."),
+        seeds: int = typer.Option(1, help="Number of seeds (0..N-1) per strategy."),
+        strategies: str = typer.Option("uniform,vip", help="Comma-separated strategies (any of train's, or dapo)."),
+        steps: int | None = typer.Option(None, help="RL steps per run (default: 120, quick: 12)."),
+        out: Path = typer.Option(Path("runs/demo"), help="Output folder (report.md, plots, runs)."),
+        predictor: str | None = typer.Option(None, help="Predictor for allocating strategies (default gp)."),
+    ) -> None:
+        """Warm-up (cached), then train uniform vs VIP at the same rollout budget and write a report."""
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from vipalloc.training.demo import run_demo
+
+        names = [s.strip() for s in strategies.split(",") if s.strip()]
+        console = Console()
+        try:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=console,
+            ) as bar:
+                task = bar.add_task("warm-up", total=1, info="")
+
+                def on_event(kind: str, info: dict) -> None:
+                    if kind == "warmup":
+                        bar.update(task, total=info["total"], completed=info["step"])
+                    elif kind == "run":
+                        bar.reset(
+                            task, total=info["steps"], description=f"{info['strategy']} seed {info['seed']}", info=""
+                        )
+                    elif kind == "step":
+                        acc = f" eval {info['eval_acc']:.3f}" if "eval_acc" in info else ""
+                        bar.update(task, completed=info["step"], info=f"reward {info['train_reward']:.3f}{acc}")
+
+                report = run_demo(
+                    out=out,
+                    quick=quick,
+                    seeds=range(seeds),
+                    strategies=names,
+                    steps=steps,
+                    on_event=on_event,
+                    predictor=predictor,
+                )
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        console.print(report.read_text())
+        console.print(f"[bold]report:[/bold] {report}")
+
+    @app.command()
+    def train(
+        config: Path = typer.Option(..., "--config", help="YAML or TOML file with TrainConfig options."),
+        steps: int | None = typer.Option(None, help="Override the number of steps."),
+        run_dir: str | None = typer.Option(None, "--run-dir", help="Override the run folder."),
+    ) -> None:
+        """Train with a config file; resumes from the run folder's last checkpoint after a kill."""
+        from rich.progress import Progress
+
+        from vipalloc.training.config import load_config
+        from vipalloc.training.trainer import train as run_train
+
+        try:
+            cfg = load_config(config, steps=steps, run_dir=run_dir)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        with Progress() as bar:
+            task = bar.add_task(f"train {cfg.strategy}", total=cfg.steps)
+            res = run_train(cfg, progress=lambda s, n, rec: bar.update(task, completed=s))
+        final = [m for m in res.metrics if "eval_acc" in m][-1]
+        typer.echo(f"done: {res.run_dir} (final eval accuracy {final['eval_acc']:.3f})")
