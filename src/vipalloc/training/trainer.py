@@ -181,6 +181,8 @@ class Trainer:
         self.model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
         self.model.load_state_dict(warm_state if warm_state is not None else warmup_policy(cfg))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        ramp = max(cfg.lr_warmup_steps, 1)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / ramp))
         self.pool = make_problems(cfg.pool_size, seed=cfg.pool_seed, tag="t")
         self.eval_set = make_problems(cfg.eval_size, seed=cfg.pool_seed + 7919, tag="e")
         by_id = {p.prompt_id: p for p in self.pool}
@@ -216,6 +218,7 @@ class Trainer:
                 "cum_rollouts": self.cum_rollouts,
                 "model": self.model.state_dict(),
                 "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(),
                 "allocator": apath.read_text(),
                 "np_rng": json.dumps(self.rng.bit_generator.state),
                 "torch_gen": self.gen.get_state(),
@@ -243,6 +246,7 @@ class Trainer:
         self.cum_rollouts = int(payload["cum_rollouts"])
         self.model.load_state_dict(payload["model"])
         self.opt.load_state_dict(payload["opt"])
+        self.sched.load_state_dict(payload["sched"])
         with tempfile.TemporaryDirectory() as tmpdir:
             apath = Path(tmpdir) / "allocator.json"
             apath.write_text(payload["allocator"])
@@ -310,6 +314,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.opt.step()
             loss_val = float(loss.detach())
+        self.sched.step()  # every step, update or not: the ramp follows training steps
         self.cum_rollouts += used
         succ = np.array([sum(g) for g in per_prompt])
         n_arr = np.array([len(g) for g in per_prompt])
