@@ -1,8 +1,12 @@
-"""Real VIPGRPOTrainer steps on a tiny offline model: counts follow the plan, padded rows are inert."""
+"""Real VIPGRPOTrainer steps on a tiny offline model: counts follow the plan, unused rows are inert and removed."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +17,17 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from vipalloc.integrations.trl import VIPGRPOConfig, VIPGRPOTrainer  # noqa: E402
+from vipalloc import Allocator  # noqa: E402
+from vipalloc.integrations.trl import ALLOCATOR_FILE, VIPGRPOConfig, VIPGRPOTrainer  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
 
 CHARS = "0123456789+-=*? "
+N_PROMPTS = 40
+WIDTH, PROMPTS_PER_BATCH, BUDGET, STEPS = 4, 4, 12, 4  # 16 rectangular rows per generation batch, 12 generated
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -46,131 +57,246 @@ def tiny_model(vocab: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def exact_match(completions, answer, **kwargs):
-    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
-
-
-class Recording(VIPGRPOTrainer):
-    """Keeps what each generation step produced so the test can inspect it."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.records = []
-        self.generated_rows = []
-
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        real = self._vip_real
-        self.generated_rows.append(sum(real) if real is not None else len(prompt_ids))
-        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
-
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        self.records.append(
-            {
-                "out": {k: v for k, v in out.items() if isinstance(v, torch.Tensor)},
-                "real": list(self._vip_real_used),
-                "last": dict(self.vip_last),
-            }
-        )
-        return out
-
-
-def test_vip_grpo_trainer_steps(tmp_path) -> None:
-    tok = tiny_tokenizer()
+def sums() -> Dataset:
     rng = np.random.default_rng(0)
-    a, b = rng.integers(0, 5, 40), rng.integers(0, 5, 40)
-    ds = Dataset.from_dict(
+    a, b = rng.integers(0, 5, N_PROMPTS), rng.integers(0, 5, N_PROMPTS)
+    return Dataset.from_dict(
         {
             "prompt": [f"{x}+{y}=" for x, y in zip(a, b)],
             "answer": [str(x + y) for x, y in zip(a, b)],
-            "prompt_id": [f"q{i}" for i in range(40)],
+            "prompt_id": [f"q{i}" for i in range(N_PROMPTS)],
         }
     )
-    args = VIPGRPOConfig(
-        output_dir=str(tmp_path),
+
+
+class DigitReward:
+    """Verifiable reward in [0, 1] (share of digits in the completion); records every call."""
+
+    __name__ = "digit_share"
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[str, str, float]]] = []
+
+    def __call__(self, completions, prompt_id, **kwargs):
+        out = [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+        self.calls.append(list(zip(prompt_id, completions, out)))
+        return out
+
+
+def vip_args(out: Path, **kw) -> VIPGRPOConfig:
+    base = dict(
+        output_dir=str(out),
         use_cpu=True,
-        per_device_train_batch_size=16,  # 4 prompts x group width 4 per generation batch
-        num_generations=4,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,  # 2 micro-batches per generation batch of 4 prompts x width 4
+        n_max=WIDTH,
         max_completion_length=3,
-        max_steps=4,
+        max_steps=STEPS,
         learning_rate=1e-3,
         logging_steps=1,
         report_to=[],
-        save_strategy="no",
-        loss_type="dapo",
-        beta=0.0,
-        mean_generations=3,  # budget 12 real completions over 4 prompts
+        save_strategy="steps",
+        save_steps=STEPS,
+        loss_type="grpo",  # per-sequence mean: exact only because unused rows are removed, not masked
+        beta=0.04,  # exercises the reference-model log-prob pass
+        rollout_budget=BUDGET,
         n_min=2,
         allocation_strategy="vip_pure",
         predictor="oracle",
         seed=0,
+        dataloader_num_workers=0,
     )
-    trainer = Recording(
-        model=tiny_model(len(tok)), reward_funcs=exact_match, args=args, train_dataset=ds, processing_class=tok
-    )
-    trainer.allocator.predictor = _SkewedOracle()
-    trainer.train()
-    assert len(trainer.records) == 4
-    for rec, gen_rows in zip(trainer.records, trainer.generated_rows):
-        counts = rec["last"]["counts"]
-        assert int(counts.sum()) == 12 == gen_rows  # only the planned completions were generated
-        real = torch.tensor(rec["real"])
-        per_group = real.view(-1, 4).sum(1).numpy()
-        np.testing.assert_array_equal(per_group, counts)  # real rows per prompt == plan
-        out = rec["out"]
-        assert torch.all(out["advantages"][~real] == 0)
-        assert torch.all(out["completion_mask"][~real] == 0)
-        assert int(out["num_items_in_batch"]) == int(out["completion_mask"].sum())
-        assert [len(s) for s in rec["last"]["success"]] == counts.tolist()
-    # the allocator received exactly the real (binarised) rewards
-    hist = trainer.allocator.history
-    assert len(hist) == sum(int((r["last"]["counts"] > 0).sum()) for r in trainer.records)
-    total = sum(int(s.sum()) for r in trainer.records for s in r["last"]["success"])
-    assert int(hist.aggregates().successes.sum()) == total
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses and all(math.isfinite(v) for v in losses)
-    logged = [h for h in trainer.state.log_history if "vip/mean_n" in h]
-    assert logged and all(0 < h["vip/mean_n"] <= 4 for h in logged)
-    assert any(h["vip/expected_var_ratio_vs_uniform"] < 1.0 for h in logged)
+    base.update(kw)
+    return VIPGRPOConfig(**base)
 
 
-class _SkewedOracle:
-    """Oracle-like predictor: prompts differ so the plan is not uniform (p from the prompt id)."""
-
-    name = "oracle"
-    needs_features = False
-
-    def set_features(self, ids, x):
-        pass
-
-    def observe(self, ids, s, t, step):
-        pass
-
-    def predict(self, ids, step):
-        p = np.array([0.05 + 0.9 * ((int(i[1:]) * 7) % 10) / 10 for i in ids])
-        return p, np.zeros(len(ids))
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-def test_rejects_unsupported_settings(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Four real training steps; records what the base TRL code generated, scored and trained on."""
+    out = tmp_path_factory.mktemp("vip")
     tok = tiny_tokenizer()
-    ds = Dataset.from_dict({"prompt": ["1+1="] * 8, "answer": ["2"] * 8})
-    args = VIPGRPOConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_steps=1,
-        report_to=[],
-        loss_type="grpo",
-        beta=0.0,
-    )
-    with pytest.raises(ValueError, match="loss_type 'grpo'"):
-        VIPGRPOTrainer(
-            model=tiny_model(len(tok)), reward_funcs=exact_match, args=args, train_dataset=ds, processing_class=tok
+    # Saved to disk so that TRL can build the reference model (beta > 0) from the same path.
+    model_dir = tmp_path_factory.mktemp("tiny")
+    tiny_model(len(tok)).save_pretrained(model_dir)
+    reward = DigitReward()
+    raw, gen_rows, loss_inputs, records = [], [], [], []
+    base_score = GRPOTrainer._generate_and_score_completions
+    base_gen = GRPOTrainer._generate_single_turn
+    base_loss = GRPOTrainer.compute_loss
+
+    class Recording(VIPGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            records.append((self.vip_last, {k: v for k, v in output.items() if isinstance(v, torch.Tensor)}))
+            return output
+
+    def score(self, inputs):
+        output = base_score(self, inputs)
+        raw.append({k: v.clone() for k, v in output.items() if isinstance(v, torch.Tensor)})
+        return output
+
+    def gen(self, prompt_ids, *a, **kw):
+        gen_rows.append(len(prompt_ids))
+        return base_gen(self, prompt_ids, *a, **kw)
+
+    def loss(self, model, inputs, *a, **kw):
+        value = base_loss(self, model, inputs, *a, **kw)
+        loss_inputs.append((inputs["completion_ids"].size(0), float(value.detach())))
+        return value
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(GRPOTrainer, "_generate_and_score_completions", score)
+    mp.setattr(GRPOTrainer, "_generate_single_turn", gen)
+    mp.setattr(GRPOTrainer, "compute_loss", loss)
+    try:
+        trainer = Recording(
+            model=str(model_dir),
+            reward_funcs=reward,
+            args=vip_args(out),
+            train_dataset=sums(),
+            processing_class=tok,
         )
+        # Skewed true success rates make the plan non-uniform.
+        ids = [f"q{i}" for i in range(N_PROMPTS)]
+        trainer.allocator.predictor.set_true_p(ids, [0.05 + 0.9 * ((i * 7) % 10) / 10 for i in range(N_PROMPTS)])
+        trainer.train()
+    finally:
+        mp.undo()
+    return dict(
+        model_dir=model_dir,
+        trainer=trainer,
+        reward=reward,
+        raw=raw,
+        gen_rows=gen_rows,
+        loss_inputs=loss_inputs,
+        records=records,
+        out=out,
+    )
+
+
+def test_generated_completions_follow_the_plan(run) -> None:
+    records = run["records"]
+    assert len(records) == STEPS
+    assert run["gen_rows"] == [BUDGET] * STEPS  # the model generated exactly the budget, never the unused rows
+    assert [len(call) for call in run["reward"].calls] == [BUDGET] * STEPS  # only real ones scored
+    assert any(len(set(rec.counts.tolist())) > 1 for rec, _ in records)  # the plan really varies per prompt
+    for (rec, _), call in zip(records, run["reward"].calls):
+        assert rec.counts.sum() == BUDGET
+        np.testing.assert_array_equal(rec.real_rows.reshape(-1, WIDTH).sum(1), rec.counts)
+        scored = [pid for pid, _, _ in call]
+        assert scored == [pid for pid, c in zip(rec.prompt_ids, rec.counts) for _ in range(int(c))]
+
+
+def test_unused_rows_have_zero_advantage_and_never_reach_the_loss(run) -> None:
+    for (rec, out), raw in zip(run["records"], run["raw"]):
+        real = torch.as_tensor(rec.real_rows)
+        assert raw["advantages"].shape[0] == PROMPTS_PER_BATCH * WIDTH
+        assert torch.all(raw["advantages"][~real] == 0)  # TRL's NaN-aware statistics gave them advantage 0
+        assert out["advantages"].shape[0] == BUDGET  # ... and they are gone from the training batch
+        torch.testing.assert_close(out["advantages"], raw["advantages"][real])
+        width = out["completion_ids"].shape[1]
+        torch.testing.assert_close(out["completion_ids"], raw["completion_ids"][real][:, :width])
+        assert int(out["num_items_in_batch"]) == int(out["completion_mask"].sum())
+        assert int(raw["num_items_in_batch"]) == int(raw["completion_mask"].sum())  # TRL counted placeholders
+        assert int(out["num_items_in_batch"]) == int(raw["completion_mask"][real].sum())
+        # Reference log-probs of the real rows are what the base pass gave for them.
+        torch.testing.assert_close(out["ref_per_token_logps"], raw["ref_per_token_logps"][real][:, :width])
+    # Every loss call saw one micro-batch of real rows only: budget / steps_per_generation rows.
+    assert [n for n, _ in run["loss_inputs"]] == [BUDGET // 2] * (2 * STEPS)
+    assert all(math.isfinite(v) for _, v in run["loss_inputs"])
+    losses = [h["loss"] for h in run["trainer"].state.log_history if "loss" in h]
+    assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
+
+
+def test_allocator_received_exactly_the_real_rewards(run) -> None:
+    trainer = run["trainer"]
+    steps = list(trainer.allocator.history.iter_steps())
+    assert len(steps) == STEPS
+    for (step, ids, succ, trials), (rec, _), call in zip(steps, run["records"], run["reward"].calls):
+        assert step == rec.step
+        by_prompt: dict[str, list[float]] = {}
+        for pid, _, r in call:
+            by_prompt.setdefault(pid, []).append(r)
+        assert ids == list(by_prompt)
+        np.testing.assert_array_equal(trials, [len(v) for v in by_prompt.values()])
+        np.testing.assert_array_equal(succ, [sum(x >= 0.5 for x in v) for v in by_prompt.values()])
+        for pid, r in zip(rec.prompt_ids, rec.rewards):
+            np.testing.assert_allclose(r, by_prompt.get(pid, []), rtol=1e-6)
+    assert 0 < sum(int(s.sum()) for _, _, s, _ in steps) < STEPS * BUDGET  # mixed outcomes: a meaningful check
+
+
+def test_vip_metrics_are_logged(run) -> None:
+    logged = [h for h in run["trainer"].state.log_history if "vip/mean_n" in h]
+    assert len(logged) == STEPS
+    for h, (rec, _) in zip(logged, run["records"]):
+        kept = rec.counts > 0
+        assert h["vip/mean_n"] == pytest.approx(rec.counts[kept].mean())
+        assert h["vip/max_n"] == rec.counts.max()
+        assert 0.0 <= h["vip/frac_zero_std"] <= 1.0 and 0.0 <= h["vip/pred_abs_err"] <= 1.0
+        assert h["vip/expected_var_ratio_vs_uniform"] == pytest.approx(rec.plan.variance_ratio)
+    assert any(h["vip/expected_var_ratio_vs_uniform"] < 1.0 for h in logged)
+    # TRL's own length metrics are over the real completions, not the 1-token placeholders.
+    assert all(h["completions/min_length"] >= 1 for h in logged)
+
+
+def test_allocator_is_checkpointed_and_restored(run, tmp_path) -> None:
+    trainer, out = run["trainer"], run["out"]
+    ckpt = out / f"checkpoint-{STEPS}"
+    saved = Allocator.load(ckpt / ALLOCATOR_FILE)
+    assert len(saved.history) == len(trainer.allocator.history)
+    tok = tiny_tokenizer()
+    resumed = VIPGRPOTrainer(
+        model=str(run["model_dir"]),
+        reward_funcs=DigitReward(),
+        args=vip_args(out, max_steps=STEPS + 1, save_strategy="no"),
+        train_dataset=sums(),
+        processing_class=tok,
+    )
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.vip_last is not None and resumed.vip_last.step == STEPS  # the step counter continued
+    assert len(resumed.allocator.history) == len(saved.history) + int((resumed.vip_last.counts > 0).sum())
+
+
+def test_config_validation(tmp_path) -> None:
+    common = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=16, report_to=[])
+    cfg = VIPGRPOConfig(n_max=4, mean_generations=2.5, **common)
+    assert cfg.num_generations == 4 and cfg.prompts_per_generation == 4 and cfg.budget_per_generation == 10
+    with pytest.raises(ValueError, match="exceeds"):
+        VIPGRPOConfig(n_max=4, rollout_budget=17, **common)
+    with pytest.raises(ValueError, match="divisible by steps_per_generation"):
+        VIPGRPOConfig(n_max=4, rollout_budget=9, steps_per_generation=2, **common)
+    with pytest.raises(ValueError, match="n_min"):
+        VIPGRPOConfig(n_max=4, n_min=5, **common)
+    with pytest.raises(ValueError, match="disagree"):
+        VIPGRPOConfig(n_max=4, num_generations=16, **common)
+    with pytest.raises(ValueError, match="variance_estimator"):
+        VIPGRPOConfig(n_max=4, variance_estimator="grpo", **common)
+
+
+def test_trainer_rejects_unsupported_setups(tmp_path) -> None:
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    plain = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8, num_generations=4)
+    with pytest.raises(ValueError, match="VIPGRPOConfig"):
+        VIPGRPOTrainer(model=model, reward_funcs=DigitReward(), args=plain, train_dataset=sums())
+    args = vip_args(tmp_path, use_vllm=True)
+    with pytest.raises(NotImplementedError, match="use_vllm=False"):
+        VIPGRPOTrainer(model=model, reward_funcs=DigitReward(), args=args, train_dataset=sums())
+    with pytest.raises(NotImplementedError, match="tools"):
+        VIPGRPOTrainer(model, DigitReward(), vip_args(tmp_path), sums(), tools=[len])
+
+
+def test_import_is_cheap_and_explains_missing_trl() -> None:
+    code = (
+        "import sys\n"
+        "import vipalloc\n"
+        "assert 'trl' not in sys.modules and 'torch' not in sys.modules, 'import vipalloc pulled in trl/torch'\n"
+        "sys.modules['trl'] = None\n"
+        "try:\n"
+        "    import vipalloc.integrations.trl\n"
+        "except ImportError as e:\n"
+        "    assert 'pip install \"vipalloc[trl]\"' in str(e), str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError without trl')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

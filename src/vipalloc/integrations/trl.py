@@ -1,22 +1,27 @@
-"""TRL plug-in: adaptive per-prompt rollout counts in TRL's ``GRPOTrainer`` (TRL >= 1.16, < 2).
+"""TRL plug-in: VIP's per-prompt rollout counts inside TRL's ``GRPOTrainer`` (supported TRL: ``>=1.16,<2``).
 
-Route (see ``docs/trl.md``): TRL's sampler hands each generation batch as rectangular groups of
-``num_generations = n_max`` consecutive rows per prompt. Before generation, :class:`VIPGRPOTrainer` asks
-``Allocator.plan`` for per-prompt counts ``n_i`` (summing to the budget); only the first ``n_i`` rows of each group are
-generated. The other rows get a one-token EOS "completion" (no sampling), their rewards are set to NaN so TRL's
-NaN-aware group statistics exclude them and their advantage is 0, their completion mask is zeroed and their token is
-removed from ``num_items_in_batch``. After scoring, ``Allocator.observe`` receives each prompt's real rewards,
-binarised by ``success_threshold``.
+Route (justified in ``docs/trl.md``): TRL's sampler hands every generation batch over as rectangular groups of
+``num_generations`` (= ``n_max``) consecutive rows per prompt. :class:`VIPGRPOTrainer` asks ``Allocator.plan`` for
+per-prompt counts ``n_i`` (summing to the budget) and marks the first ``n_i`` rows of group ``i`` real. Only real rows
+are generated and scored; the unused rows carry a one-token placeholder and a NaN reward, which TRL's NaN-aware group
+statistics ignore. After TRL has computed the advantages, the unused rows are removed from the batch, so they never
+reach the loss, its normalisers or the backward pass. Each prompt's real rewards, binarised by
+``success_threshold``, are then reported to ``Allocator.observe``.
 
-Scope: a single process, TRL's transformers generation path (not vLLM, whose server de-duplicates prompts by
-``num_generations``), text prompts, and token-normalised losses (``dapo``, ``bnpo``, ``cispo``, ``vespo``) or
-``dr_grpo`` (a constant normaliser: padded rows only rescale it). Anything else raises a clear error at construction.
+Scope: one process, TRL's transformers generation path (plain ``generate`` or continuous batching), text prompts,
+no tools, environments or ``rollout_func``. Every loss type of TRL 1.16 is exact because unused rows are removed
+rather than masked. Unsupported settings raise at construction with the reason.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
+import os
+import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,56 +31,165 @@ try:
     import torch
     import trl
     from trl import GRPOConfig, GRPOTrainer
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError('vipalloc.integrations.trl needs TRL: pip install "vipalloc[trl]"') from exc
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        f'vipalloc.integrations.trl needs TRL and PyTorch ({exc}); install them with: pip install "vipalloc[trl]"'
+    ) from exc
 
 from packaging.version import Version
 
-from vipalloc import Allocator
+from vipalloc.allocator import Allocator, Plan
 
-__all__ = ["VIPGRPOConfig", "VIPGRPOTrainer"]
+__all__ = ["ALLOCATOR_FILE", "SUPPORTED_TRL", "VIPBatchRecord", "VIPGRPOConfig", "VIPGRPOTrainer"]
 
-SUPPORTED_TRL = (Version("1.16"), Version("2.0"))
-_SUPPORTED_LOSSES = ("dapo", "bnpo", "cispo", "vespo", "dr_grpo")
+SUPPORTED_TRL = ">=1.16,<2"
+_TRL_RANGE = (Version("1.16"), Version("2"))
+ALLOCATOR_FILE = "vip_allocator.json"  # saved inside each TRL checkpoint folder
 
-if not (SUPPORTED_TRL[0] <= Version(trl.__version__) < SUPPORTED_TRL[1]):  # pragma: no cover
-    import warnings
 
+def _trl_version_supported(found: str) -> bool:
+    return _TRL_RANGE[0] <= Version(found) < _TRL_RANGE[1]
+
+
+if not _trl_version_supported(trl.__version__):  # pragma: no cover - depends on the installed TRL
     warnings.warn(
-        f"vipalloc's TRL plug-in is tested with trl>=1.16,<2; found {trl.__version__}", RuntimeWarning, stacklevel=2
+        f"vipalloc's TRL plug-in supports trl{SUPPORTED_TRL} (it overrides TRL internals); found trl "
+        f"{trl.__version__}. Install a supported version or expect breakage.",
+        RuntimeWarning,
+        stacklevel=2,
     )
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 @dataclass
 class VIPGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus VIP allocation. ``num_generations`` is the group width (= the largest count ``n_max``).
+    """``GRPOConfig`` plus VIP allocation settings.
 
-    Budget per generation batch: ``rollout_budget`` if set, else ``mean_generations`` x prompts in the batch.
+    The group width ``num_generations`` is the largest count a prompt can get (``n_max``; setting ``n_max`` sets it).
+    ``per_device_train_batch_size`` counts rectangular rows, so a generation batch holds
+    ``generation_batch_size // n_max`` prompts. Of its rows, only ``budget_per_generation`` are generated:
+    ``rollout_budget`` if given, else ``round(mean_generations * prompts)`` (the budget of uniform GRPO with
+    ``mean_generations`` rollouts per prompt). ``n_min`` is the fewest rollouts of a prompt that is not dropped.
     """
 
-    rollout_budget: int | None = field(default=None, metadata={"help": "Rollouts per generation batch."})
-    mean_generations: float = field(default=4.0, metadata={"help": "Average rollouts per prompt (budget)."})
-    n_min: int = field(default=2, metadata={"help": "Fewest rollouts for a kept prompt (>= 2)."})
-    allocation_strategy: str = field(default="vip", metadata={"help": "vipalloc strategy name."})
+    rollout_budget: int | None = field(
+        default=None, metadata={"help": "Rollouts generated per generation batch (overrides mean_generations)."}
+    )
+    mean_generations: float = field(
+        default=4.0, metadata={"help": "Average rollouts per prompt; budget = mean_generations x prompts per batch."}
+    )
+    n_min: int = field(default=2, metadata={"help": "Fewest rollouts of a kept prompt (>= 2)."})
+    n_max: int | None = field(
+        default=None, metadata={"help": "Most rollouts of a prompt; sets num_generations (the TRL group width)."}
+    )
+    allocation_strategy: str = field(
+        default="vip", metadata={"help": "uniform | vip | vip_pure | inverse_acc | inverse_var | knapsack | gvm"}
+    )
     predictor: str = field(default="gp", metadata={"help": "gp | beta | empirical | ridge | oracle"})
-    variance_estimator: str = field(default="drgrpo", metadata={"help": "drgrpo | rloo"})
-    embedder: str = field(default="auto", metadata={"help": "auto | minilm | hashing (prompt features)."})
-    success_threshold: float = field(default=0.5, metadata={"help": "A rollout succeeds when reward >= this."})
+    variance_estimator: str = field(
+        default="drgrpo", metadata={"help": "Variance model the allocation minimises: drgrpo | rloo."}
+    )
+    embedder: str = field(default="auto", metadata={"help": "Prompt features: auto | minilm | hashing."})
+    success_threshold: float = field(
+        default=0.5, metadata={"help": "A rollout succeeds when its weighted reward is >= this."}
+    )
     allocator_seed: int = field(default=0, metadata={"help": "Seed of the allocator's tie-breaking."})
-    prompt_id_column: str = field(default="prompt_id", metadata={"help": "Dataset column with a stable prompt id."})
+    prompt_id_column: str = field(
+        default="prompt_id", metadata={"help": "Dataset column with a stable prompt id (else a hash of the prompt)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.n_max is not None:
+            self.n_max = _positive_int("n_max", self.n_max, 2)
+            default_g = type(self).__dataclass_fields__["num_generations"].default
+            if self.num_generations not in (None, default_g, self.n_max):
+                raise ValueError(
+                    f"n_max ({self.n_max}) and num_generations ({self.num_generations}) disagree; they are the same "
+                    "quantity (the group width): set only n_max"
+                )
+            self.num_generations = self.n_max
+        super().__post_init__()
+        self.n_max = int(self.num_generations)
+        self.n_min = _positive_int("n_min", self.n_min, 2)
+        if self.n_min > self.n_max:
+            raise ValueError(f"n_min ({self.n_min}) must be <= n_max = num_generations ({self.n_max})")
+        if self.variance_estimator not in ("drgrpo", "rloo"):
+            raise ValueError(
+                f"variance_estimator must be 'drgrpo' or 'rloo', got {self.variance_estimator!r} "
+                "(use 'drgrpo' when training with TRL's grpo/dapo losses)"
+            )
+        if not (isinstance(self.success_threshold, (int, float)) and math.isfinite(self.success_threshold)):
+            raise ValueError(f"success_threshold must be a finite number, got {self.success_threshold!r}")
+        m = self.prompts_per_generation
+        if self.rollout_budget is not None:
+            self.rollout_budget = _positive_int("rollout_budget", self.rollout_budget)
+        elif not (
+            isinstance(self.mean_generations, (int, float))
+            and math.isfinite(self.mean_generations)
+            and self.mean_generations > 0
+        ):
+            raise ValueError(f"mean_generations must be a positive number, got {self.mean_generations!r}")
+        budget = self.budget_per_generation
+        if budget > m * self.n_max:
+            raise ValueError(
+                f"budget of {budget} rollouts exceeds the {m} prompts x n_max {self.n_max} = {m * self.n_max} rows of "
+                "a generation batch; lower rollout_budget/mean_generations or raise n_max"
+            )
+        if budget % self.steps_per_generation:
+            raise ValueError(
+                f"budget of {budget} rollouts per generation batch must be divisible by steps_per_generation "
+                f"({self.steps_per_generation}), because TRL splits the generated rows into that many equal "
+                "micro-batches; adjust rollout_budget/mean_generations or steps_per_generation"
+            )
+
+    @property
+    def prompts_per_generation(self) -> int:
+        """Distinct prompts in one (global) generation batch: ``generation_batch_size // num_generations``."""
+        return int(self.generation_batch_size) // int(self.num_generations)
+
+    @property
+    def budget_per_generation(self) -> int:
+        """Rollouts generated per generation batch (``rollout_budget`` or ``mean_generations`` x prompts)."""
+        if self.rollout_budget is not None:
+            return int(self.rollout_budget)
+        return int(round(self.mean_generations * self.prompts_per_generation))
+
+
+@dataclass
+class VIPBatchRecord:
+    """What one VIP generation step did (``trainer.vip_last``). Arrays are aligned with ``prompt_ids``.
+
+    ``rewards[i]`` are the weighted rewards (TRL's sum over reward functions) of prompt ``i``'s scorable
+    completions, ``successes[i]`` their binarised values as sent to ``Allocator.observe``.
+    """
+
+    step: int
+    prompt_ids: list[str]
+    counts: np.ndarray  # int64 (M,): completions generated per prompt
+    rewards: list[np.ndarray]
+    successes: list[np.ndarray]
+    plan: Plan
+    real_rows: np.ndarray  # bool (M * n_max,): rows of the rectangular batch that were generated
 
 
 def _prompt_key(row: dict[str, Any], column: str) -> str:
-    if column in row and row[column] is not None:
-        return str(row[column])
+    value = row.get(column)
+    if value is not None:
+        return str(value)
     blob = json.dumps(row["prompt"], sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+    return "h" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def _prompt_text(prompt: Any) -> str:
+    """Text the allocator embeds: the prompt string, or the last user turn of a conversational prompt."""
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list):  # conversational: use the last user turn's text
+    if isinstance(prompt, list):
         for msg in reversed(prompt):
             content = msg.get("content") if isinstance(msg, dict) else None
             if isinstance(content, str):
@@ -84,50 +198,74 @@ def _prompt_text(prompt: Any) -> str:
 
 
 class VIPGRPOTrainer(GRPOTrainer):
-    """``GRPOTrainer`` that generates ``n_i`` completions per prompt as planned by a :class:`vipalloc.Allocator`."""
+    """``GRPOTrainer`` that generates ``n_i`` completions for prompt ``i`` as planned by a :class:`Allocator`.
+
+    Takes every ``GRPOTrainer`` argument plus ``allocator`` (optional: built from the config when omitted). Needs a
+    :class:`VIPGRPOConfig`. The allocator is saved into each checkpoint (``vip_allocator.json``) and restored on
+    ``train(resume_from_checkpoint=...)``. ``vip_last`` holds a :class:`VIPBatchRecord` of the latest step.
+    """
 
     def __init__(self, *args: Any, allocator: Allocator | None = None, **kwargs: Any) -> None:
+        bound = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
+        cfg = bound.get("args")
+        if not isinstance(cfg, VIPGRPOConfig):
+            raise ValueError(
+                f"VIPGRPOTrainer needs args=VIPGRPOConfig(...) (it carries the allocation settings), got {type(cfg)}"
+            )
+        # Checked before GRPOTrainer.__init__ so that nothing heavy (vLLM, process groups) starts for nothing.
+        if cfg.use_vllm:
+            raise NotImplementedError(
+                "VIPGRPOTrainer needs TRL's transformers generation path (use_vllm=False): TRL's vLLM server path "
+                "samples prompts[::num_generations] with n=num_generations and cannot vary the count per prompt"
+            )
+        if cfg.world_size > 1:
+            raise NotImplementedError(
+                f"VIPGRPOTrainer runs in a single process (found {cfg.world_size}): TRL spreads one prompt's group "
+                "over processes, so the plan and the row removal would have to be coordinated across ranks. Launch "
+                "one process (or use vipalloc.integrations.verl to scale out)."
+            )
+        for name in ("tools", "rollout_func", "environment_factory"):
+            if bound.get(name) is not None:
+                raise NotImplementedError(
+                    f"VIPGRPOTrainer does not support {name}: it generates single-turn completions for a "
+                    "planned subset of rows"
+                )
         super().__init__(*args, **kwargs)
-        args_: VIPGRPOConfig = self.args  # type: ignore[assignment]
-        if not isinstance(args_, VIPGRPOConfig):
-            raise ValueError("VIPGRPOTrainer needs a VIPGRPOConfig (it carries the allocation settings)")
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError(
-                "VIPGRPOTrainer supports a single process: TRL spreads one prompt's group over processes, and the "
-                "padded rows would have to be planned jointly across ranks. Use one process (or the verl plug-in)."
+        if self.accelerator.num_processes > 1:  # pragma: no cover - caught above unless launched oddly
+            raise NotImplementedError("VIPGRPOTrainer runs in a single process")
+        if allocator is None:
+            allocator = Allocator(
+                strategy=cfg.allocation_strategy,
+                predictor=cfg.predictor,
+                estimator=cfg.variance_estimator,
+                n_min=cfg.n_min,
+                n_max=cfg.n_max,
+                seed=cfg.allocator_seed,
+                embedder=cfg.embedder,
+                # The trainer binarises rewards with cfg.success_threshold itself and reports 0/1 values.
+                success_threshold=0.5,
             )
-        if self.use_vllm:
-            raise NotImplementedError(
-                "VIPGRPOTrainer needs TRL's transformers generation path: TRL's vLLM path samples "
-                "prompts[::num_generations] with n=num_generations and cannot vary the count per prompt"
-            )
-        if self.loss_type not in _SUPPORTED_LOSSES:
+        elif not isinstance(allocator, Allocator):
+            raise ValueError(f"allocator must be a vipalloc.Allocator, got {type(allocator)}")
+        if allocator.n_max > self.num_generations:
             raise ValueError(
-                f"loss_type {self.loss_type!r} averages per sequence, so padded rows would dilute it; "
-                f"use one of {', '.join(_SUPPORTED_LOSSES)}"
+                f"the allocator's n_max ({allocator.n_max}) exceeds num_generations ({self.num_generations}), the "
+                "TRL group width; set VIPGRPOConfig(n_max=...) to at least the allocator's n_max"
             )
-        if self.rollout_func is not None or self.environment_factories is not None:
-            raise NotImplementedError("VIPGRPOTrainer does not support rollout_func or environments")
-        if args_.n_min > self.num_generations:
+        if not 0.0 < allocator.success_threshold <= 1.0:
             raise ValueError(
-                f"n_min ({args_.n_min}) must be <= num_generations ({self.num_generations}), the largest count"
+                f"the allocator's success_threshold ({allocator.success_threshold}) must lie in (0, 1]: the trainer "
+                "reports binarised 0/1 rewards (set VIPGRPOConfig.success_threshold for the raw-reward threshold)"
             )
-        self.allocator = allocator or Allocator(
-            strategy=args_.allocation_strategy,
-            predictor=args_.predictor,
-            estimator=args_.variance_estimator,
-            n_min=args_.n_min,
-            n_max=self.num_generations,
-            seed=args_.allocator_seed,
-            embedder=args_.embedder,
-            success_threshold=args_.success_threshold,
-        )
-        self._vip_real: list[bool] | None = None
+        self.allocator = allocator
+        self.vip_last: VIPBatchRecord | None = None
+        # Set only while a planned generation batch is being generated and scored (None otherwise, e.g. in eval).
+        self._vip_real: np.ndarray | None = None
         self._vip_rewards: torch.Tensor | None = None
-        self._vip_step = 0
 
     # ------------------------------------------------------------------ planning
-    def _vip_plan(self, inputs: list[dict[str, Any]]) -> tuple[list[str], np.ndarray, Any]:
+    def _vip_groups(self, inputs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+        """Prompt ids and texts of the rectangular generation batch (one per group of ``num_generations`` rows)."""
         g = self.num_generations
         if len(inputs) % g:
             raise RuntimeError(f"generation batch of {len(inputs)} rows is not made of full groups of {g}")
@@ -135,98 +273,226 @@ class VIPGRPOTrainer(GRPOTrainer):
         ids, texts = [], []
         for start in range(0, len(inputs), g):
             key = _prompt_key(inputs[start], col)
-            if any(_prompt_key(inputs[start + k], col) != key for k in range(g)):
-                raise RuntimeError("rows of a group differ: VIPGRPOTrainer relies on TRL's RepeatSampler layout")
+            if any(_prompt_key(inputs[start + k], col) != key for k in range(1, g)):
+                raise RuntimeError(
+                    "rows of one group belong to different prompts: VIPGRPOTrainer relies on TRL's RepeatSampler "
+                    "layout (num_generations consecutive copies of each prompt); do not override the sampler"
+                )
             ids.append(key)
             texts.append(_prompt_text(inputs[start]["prompt"]))
-        m = len(ids)
-        budget = self.args.rollout_budget or int(round(self.args.mean_generations * m))
-        plan = self.allocator.plan(ids, prompts=texts, budget=budget, step=self._vip_step)
-        return ids, plan.counts, plan
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(
+                f"prompt id(s) {dup[:3]} occur twice in one generation batch; give every distinct prompt its own "
+                f"value in the {col!r} column (or deduplicate the dataset's prompts)"
+            )
+        return ids, texts
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        if not self.model.training:  # evaluation: plain rectangular groups
-            self._vip_real = None
+        if not self.model.training:  # evaluation keeps TRL's plain rectangular groups
             return super()._generate_and_score_completions(inputs)
         g = self.num_generations
-        ids, counts, plan = self._vip_plan(inputs)
-        real = [k < counts[i // g] for i, k in ((i, i % g) for i in range(len(inputs)))]
-        self._vip_real = real
+        ids, texts = self._vip_groups(inputs)
+        if self.args.rollout_budget is not None and len(ids) != self.args.prompts_per_generation:
+            raise RuntimeError(f"expected {self.args.prompts_per_generation} prompts per batch, got {len(ids)}")
+        budget = self.args.rollout_budget or int(round(self.args.mean_generations * len(ids)))
+        plan = self.allocator.plan(ids, prompts=texts, budget=budget)
+        real = (np.arange(g)[None, :] < plan.counts[:, None]).reshape(-1)
+        self._vip_real, self._vip_rewards = real, None
         try:
             output = super()._generate_and_score_completions(inputs)
+            rewards_per_func = self._vip_rewards
         finally:
-            self._vip_real_used = self._vip_real
-            self._vip_real = None
-        real_t = torch.tensor(real, device=output["completion_mask"].device)
-        pad_tokens = output["completion_mask"][~real_t].sum()
-        output["completion_mask"] = output["completion_mask"] * real_t.unsqueeze(1).to(output["completion_mask"].dtype)
-        output["num_items_in_batch"] = output["num_items_in_batch"] - pad_tokens
-        output["advantages"] = torch.where(real_t, output["advantages"], torch.zeros_like(output["advantages"]))
-        self._vip_observe(ids, counts, plan)
-        self._vip_step += 1
+            self._vip_real, self._vip_rewards = None, None
+        if rewards_per_func is None:  # pragma: no cover - TRL always scores through _calculate_rewards
+            raise RuntimeError("TRL did not call _calculate_rewards; this TRL version is not supported")
+        output = self._vip_keep_rows(output, real)
+        self._vip_trim_logs(real)
+        self._vip_observe(plan, real, rewards_per_func)
         return output
 
+    def _vip_keep_rows(self, output: dict[str, Any], real: np.ndarray) -> dict[str, Any]:
+        """Remove unused rows from TRL's scored batch: afterwards they cost no forward, backward or normaliser."""
+        n = len(real)
+        keep = np.flatnonzero(real)
+        idx = torch.as_tensor(keep, device=output["completion_mask"].device)
+        out: dict[str, Any] = {}
+        for key, value in output.items():
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.size(0) == n:
+                out[key] = value.index_select(0, idx)
+            elif isinstance(value, list) and len(value) == n:
+                out[key] = [value[i] for i in keep]
+            else:
+                out[key] = value
+        if self.pad_to_multiple_of is None:  # drop left-padding columns that only the removed rows needed
+            first = int(out["prompt_mask"].any(dim=0).float().argmax())
+            out["prompt_ids"], out["prompt_mask"] = out["prompt_ids"][:, first:], out["prompt_mask"][:, first:]
+        loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+        out["num_items_in_batch"] = loss_mask.sum().to(output["num_items_in_batch"].dtype)
+        return out
+
+    # ------------------------------------------------------------------ generation and scoring of real rows only
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         real = self._vip_real
-        if real is None or all(real):
+        if real is None or len(prompt_ids) != len(real):
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
-        if images is not None and any(im is not None for im in images):
-            raise NotImplementedError("VIPGRPOTrainer does not support image prompts")
-        keep = [i for i, r in enumerate(real) if r]
-        comp, logps = super()._generate_single_turn(
-            [prompt_ids[i] for i in keep], None, multimodal_fields, num_generations, has_tool_images
+        if (images is not None and any(im is not None for im in images)) or multimodal_fields:
+            raise NotImplementedError("VIPGRPOTrainer supports text prompts only")
+        keep = np.flatnonzero(real)
+        # The rows handed over are no longer groups of num_generations copies: ask for one completion per row.
+        completions, logps = super()._generate_single_turn(
+            [prompt_ids[i] for i in keep], None, multimodal_fields, 1, has_tool_images
         )
-        eos = self.eos_token_ids[0] if self.eos_token_ids else self.processing_class.eos_token_id
-        full: list[list[int]] = [[eos] for _ in prompt_ids]  # not sampled: a 1-token placeholder, masked out later
-        full_lp: list[list[float]] | None = None if logps is None else [[float("nan")] for _ in prompt_ids]
+        placeholder = [self.eos_token_ids[0] if self.eos_token_ids else self._tokenizer.eos_token_id]
+        full: list[Any] = [placeholder] * len(prompt_ids)  # never sampled; removed after the advantages
+        full_logps: list[Any] | None = None if logps is None else [[float("nan")]] * len(prompt_ids)
         for j, i in enumerate(keep):
-            full[i] = comp[j]
-            if full_lp is not None:
-                full_lp[i] = logps[j]
-        return full, full_lp
+            full[i] = completions[j]
+            if full_logps is not None:
+                full_logps[i] = logps[j]
+        return full, full_logps
+
+    def _generate(self, prompts: list):
+        result = super()._generate(prompts)
+        if self._vip_real is not None:
+            self._vip_fix_generation_metrics(result[0], result[1], self._vip_real)
+        return result
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        # TRL's no-grad passes for old/reference log-probs run inside generation: compute them for real rows only.
+        real = self._vip_real
+        extra = [v for k, v in kwargs.items() if k not in ("batch_size", "compute_entropy", "compute_aux_loss")]
+        if real is None or input_ids.size(0) != len(real) or real.all() or args or any(v is not None for v in extra):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        idx = torch.as_tensor(np.flatnonzero(real), device=input_ids.device)
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+            model, input_ids.index_select(0, idx), attention_mask.index_select(0, idx), logits_to_keep, **kwargs
+        )
+
+        def scatter(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            full = t.new_zeros((input_ids.size(0), *t.shape[1:]))
+            full[idx] = t
+            return full
+
+        return scatter(logps), scatter(entropies), aux
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         real = self._vip_real
         if real is None:
             return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        keep = [i for i, r in enumerate(real) if r]
-        # Reward functions see only real completions; placeholders become NaN (unscorable: excluded from TRL's
-        # nan-aware group mean/std, advantage forced to 0).
-        sub = super()._calculate_rewards(
+        keep = np.flatnonzero(real)
+        # Reward functions see real completions only; unused rows get NaN, which TRL treats as unscorable: excluded
+        # from the NaN-aware group mean/std and given advantage 0 (they are removed right after).
+        scored = super()._calculate_rewards(
             [inputs[i] for i in keep],
             [prompts[i] for i in keep],
             [completions[i] for i in keep],
             [completion_ids_list[i] for i in keep],
         )
-        full = torch.full((len(prompts), sub.shape[1]), float("nan"), device=sub.device, dtype=sub.dtype)
-        full[torch.tensor(keep, device=sub.device)] = sub
-        self._vip_rewards = full.detach().cpu()
+        full = scored.new_full((len(prompts), scored.shape[1]), float("nan"))
+        full[torch.as_tensor(keep, device=scored.device)] = scored
+        self._vip_rewards = full.detach().float().cpu()
         return full
 
-    # ------------------------------------------------------------------ feedback
-    def _vip_observe(self, ids: list[str], counts: np.ndarray, plan: Any) -> None:
+    # ------------------------------------------------------------------ feedback, metrics, logs
+    def _vip_observe(self, plan: Plan, real: np.ndarray, rewards_per_func: torch.Tensor) -> None:
         g = self.num_generations
-        rpf = self._vip_rewards
-        if rpf is None:
-            return
-        weights = self.reward_weights.detach().cpu().unsqueeze(0)
-        rewards = (rpf * weights).nansum(dim=1).numpy()
-        success = (rewards >= self.args.success_threshold).astype(np.float64)
-        per_prompt = [success[i * g : i * g + int(c)] for i, c in enumerate(counts)]
-        self.allocator.observe(ids, per_prompt, step=self._vip_step)
-        kept = counts > 0
-        rates = np.array([p.mean() if len(p) else np.nan for p in per_prompt])
-        zero_std = np.array([len(p) > 0 and (p.min() == p.max()) for p in per_prompt])
-        mode = "train"
-        self._metrics[mode]["vip/mean_n"].append(float(counts[kept].mean()) if kept.any() else 0.0)
-        self._metrics[mode]["vip/max_n"].append(float(counts.max()))
-        self._metrics[mode]["vip/frac_dropped"].append(float((~kept).mean()))
-        self._metrics[mode]["vip/frac_zero_std"].append(float(zero_std[kept].mean()) if kept.any() else 0.0)
-        self._metrics[mode]["vip/pred_abs_err"].append(
-            float(np.nanmean(np.abs(plan.p_mean - rates))) if kept.any() else 0.0
+        weights = self.reward_weights.detach().float().cpu().unsqueeze(0)
+        scorable = ~torch.isnan(rewards_per_func).all(dim=1).numpy()
+        total = (rewards_per_func * weights).nansum(dim=1).double().numpy()  # TRL's weighted reward per row
+        thr = float(self.args.success_threshold)
+        rewards, successes = [], []
+        for i, c in enumerate(plan.counts):
+            rows = np.arange(i * g, i * g + int(c))
+            r = total[rows[scorable[rows]]]  # rows every reward function declined (None) are not observations
+            rewards.append(r)
+            successes.append((r >= thr).astype(np.float64))
+        kept = plan.counts > 0
+        observed = [i for i in range(len(plan.prompt_ids)) if kept[i]]
+        self.allocator.observe([plan.prompt_ids[i] for i in observed], [successes[i] for i in observed], plan.step)
+        self.vip_last = VIPBatchRecord(
+            step=plan.step,
+            prompt_ids=list(plan.prompt_ids),
+            counts=plan.counts.copy(),
+            rewards=rewards,
+            successes=successes,
+            plan=plan,
+            real_rows=real.copy(),
         )
-        self._metrics[mode]["vip/expected_var_ratio_vs_uniform"].append(float(plan.variance_ratio))
-        self._vip_rewards = None
-        self.vip_last = {"ids": ids, "counts": counts.copy(), "success": per_prompt, "rewards": rewards.copy()}
+        metrics = self._metrics["train"]
+        rates = np.array([s.mean() if s.size else np.nan for s in successes])
+        seen = kept & ~np.isnan(rates)
+        zero_std = np.array([s.size > 0 and s.min() == s.max() for s in successes])
+        metrics["vip/mean_n"].append(float(plan.counts[kept].mean()) if kept.any() else 0.0)
+        metrics["vip/max_n"].append(float(plan.counts.max()))
+        metrics["vip/frac_dropped"].append(float((~kept).mean()))
+        metrics["vip/frac_zero_std"].append(float(zero_std[seen].mean()) if seen.any() else 0.0)
+        metrics["vip/pred_abs_err"].append(float(np.abs(plan.p_mean[seen] - rates[seen]).mean()) if seen.any() else 0.0)
+        ratio = plan.variance_ratio
+        metrics["vip/expected_var_ratio_vs_uniform"].append(float(ratio) if math.isfinite(ratio) else float("nan"))
+        metrics["vip/plan_seconds"].append(float(sum(plan.timings.values())))
+        # TRL's frac_reward_zero_std counted unused rows; recompute it over generated rows (group-wise std).
+        n_real = int(real.sum())
+        if self.scale_rewards != "batch" and self.multi_objective_aggregation == "sum_then_normalize" and n_real:
+            flat_rows = sum(r.size for r in rewards if r.size > 1 and np.allclose(r, r[0]))
+            if metrics["frac_reward_zero_std"]:
+                metrics["frac_reward_zero_std"][-1] = flat_rows / n_real
+
+    def _vip_fix_generation_metrics(self, prompt_ids: list, completion_ids: list, real: np.ndarray) -> None:
+        """TRL's length metrics and token counter included the placeholders: recompute them over real rows."""
+        pad = np.flatnonzero(~real)
+        keep = np.flatnonzero(real)
+        self.state.num_input_tokens_seen -= sum(len(prompt_ids[i]) + len(completion_ids[i]) for i in pad)
+        metrics = self._metrics["train"]
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        if keep.size == 0:  # pragma: no cover - budgets are >= 1
+            return
+        lengths = np.array([len(completion_ids[i]) for i in keep], np.float64)
+        stop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        truncated = np.array([len(completion_ids[i]) > 0 and completion_ids[i][-1] not in stop for i in keep])
+        term = lengths[~truncated] if (~truncated).any() else np.zeros(1)
+        fixes = {
+            "completions/mean_length": lengths.mean(),
+            "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": truncated.mean(),
+            "completions/mean_terminated_length": term.mean(),
+            "completions/min_terminated_length": term.min(),
+            "completions/max_terminated_length": term.max(),
+        }
+        for key, value in fixes.items():
+            if metrics.get(key):
+                metrics[key][-1] = float(value)
+
+    def _vip_trim_logs(self, real: np.ndarray) -> None:
+        """Drop the unused rows TRL just appended to its completions table (prompt, completion, rewards, advantages)."""
+        n, keep = len(real), np.flatnonzero(real)
+
+        def trim(buf: deque) -> None:
+            if len(buf) < n:
+                return
+            last = [buf.pop() for _ in range(n)][::-1]
+            buf.extend(last[i] for i in keep)
+
+        for key in ("prompt", "completion", "advantages"):
+            trim(self._logs[key])
+        for buf in self._logs["rewards"].values():
+            trim(buf)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            self.allocator.save(os.path.join(folder, ALLOCATOR_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, ALLOCATOR_FILE)):
+            self.allocator = Allocator.load(os.path.join(checkpoint, ALLOCATOR_FILE))
