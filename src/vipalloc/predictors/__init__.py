@@ -1,7 +1,8 @@
 """Success-probability predictors: ``gp`` (default), ``beta``, ``empirical``, ``ridge``, ``oracle``.
 
-All follow :class:`~vipalloc.predictors.base.Predictor`: ``observe(prompt_ids, successes, trials, step)``,
-``predict(prompt_ids, step) -> (p_mean, p_std)``, ``state_dict()`` / ``load_state_dict()``.
+All follow :class:`~vipalloc.predictors.base.Predictor`: ``set_features(ids, X)``,
+``observe(prompt_ids, successes, trials, step)``, ``predict(prompt_ids, step) -> (p_mean, p_std)``,
+``state_dict()`` / ``load_state_dict()``. See ``docs/predictors.md``.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from vipalloc.predictors.base import Predictor
+from vipalloc.predictors.beta import BetaPredictor
+from vipalloc.predictors.empirical import EmpiricalPredictor
 from vipalloc.predictors.gp import GPPredictor
+from vipalloc.predictors.oracle import OraclePredictor
 from vipalloc.predictors.ridge import RidgePredictor
-from vipalloc.predictors.simple import BetaPredictor, EmpiricalPredictor, OraclePredictor
 
 __all__ = [
     "PREDICTOR_NAMES",
@@ -31,11 +34,14 @@ _CLASSES: dict[str, type] = {
     "ridge": RidgePredictor,
     "oracle": OraclePredictor,
 }
-PREDICTOR_NAMES = tuple(_CLASSES)
+PREDICTOR_NAMES: tuple[str, ...] = ("gp", "beta", "empirical", "ridge", "oracle")
 
 
 def make_predictor(name: str, **kwargs: Any) -> Predictor:
-    """Build a predictor by name; ``kwargs`` go to its constructor (e.g. ``preset="paper"`` for ``gp``)."""
+    """Build a predictor by name; ``kwargs`` go to its constructor (e.g. ``preset="paper"`` for ``gp``).
+
+    Raises ``ValueError`` for an unknown name (listing the valid ones) or unknown/invalid options.
+    """
     if name not in _CLASSES:
         raise ValueError(f"unknown predictor {name!r}; choose one of: {', '.join(PREDICTOR_NAMES)}")
     try:
