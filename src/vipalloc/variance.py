@@ -39,7 +39,11 @@ def _validate(p: ArrayLike, n: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("n must hold whole numbers of rollouts")
     if np.any(n_arr < 0):
         raise ValueError("n must be >= 0 (0 = prompt not generated)")
-    return np.broadcast_arrays(p_arr, n_arr.astype(np.int64))
+    try:
+        np.broadcast_shapes(p_arr.shape, n_arr.shape)
+    except ValueError:
+        raise ValueError(f"p (shape {p_arr.shape}) and n (shape {n_arr.shape}) do not broadcast together") from None
+    return p_arr, n_arr.astype(np.int64)
 
 
 def gradient_variance(
@@ -66,22 +70,29 @@ def gradient_variance(
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     p_arr, n_arr = _validate(p, n)
-    a = p_arr * (1.0 - p_arr)
-    nf = n_arr.astype(np.float64)
-    out = np.zeros(p_arr.shape, dtype=np.float64)
-    if estimator == "drgrpo":
-        pos = n_arr >= 1
-        out[pos] = a[pos] * (nf[pos] - 1.0) / nf[pos] ** 2
-        return out
-    if estimator == "rloo":
-        if np.any(n_arr == 1):
-            raise ValueError("RLOO needs n >= 2 rollouts per generated prompt (n = 1 has no leave-one-out baseline)")
-        pos = n_arr >= 2
-        out[pos] = a[pos] / (nf[pos] - 1.0)
-        return out
+    if estimator == "rloo" and np.any(n_arr == 1):
+        raise ValueError("RLOO needs n >= 2 rollouts per generated prompt (n = 1 has no leave-one-out baseline)")
+    if estimator != "grpo":
+        return _closed_form(p_arr, n_arr, estimator)
     if grpo_eps < 0 or not np.isfinite(grpo_eps):
         raise ValueError(f"grpo_eps must be a finite number >= 0, got {grpo_eps}")
-    return _grpo_variance(p_arr, n_arr, float(grpo_eps))
+    p_b, n_b = np.broadcast_arrays(p_arr, n_arr)
+    return _grpo_variance(p_b, n_b, float(grpo_eps))
+
+
+def _closed_form(p: np.ndarray, n: np.ndarray, estimator: str) -> np.ndarray:
+    """Dr.GRPO / RLOO closed forms on validated, broadcast inputs (n = 1 already rejected for RLOO).
+
+    Written with ``np.divide(..., where=)`` rather than boolean indexing: the solver calls this on (M, K) tables.
+    """
+    a = p * (1.0 - p)
+    nf = n.astype(np.float64)
+    out = np.zeros(np.broadcast_shapes(p.shape, n.shape), dtype=np.float64)
+    if estimator == "drgrpo":  # a (n-1)/n^2, and 0 at n = 0 (not generated); n = 1 gives 0 by the formula
+        np.divide(a * (nf - 1.0), nf * nf, out=out, where=nf >= 1)
+    else:  # rloo: a/(n-1), and 0 at n = 0
+        np.divide(a, nf - 1.0, out=out, where=nf >= 2)
+    return out
 
 
 def _grpo_variance(p: np.ndarray, n: np.ndarray, eps: float) -> np.ndarray:
