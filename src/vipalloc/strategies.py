@@ -1,20 +1,23 @@
 """Named allocation strategies behind one interface: ``allocate(p_hat, budget, n_min, n_max) -> counts``.
 
 Every strategy returns int64 counts of shape ``(M,)`` that sum to ``budget`` exactly and respect
-``n_min <= n <= n_max`` (only ``vip`` may also return 0 = dropped). Sources:
+``n_min <= n <= n_max``; only ``vip`` (with its default ``allow_drop=True``) may also return 0 = dropped, and then
+every kept prompt gets at least ``max(n_min, min_keep)``. Feasible budgets are ``[M * n_min, M * n_max]``.
 
 | name | rule | source |
 |---|---|---|
-| ``uniform`` | ``budget // M`` each, remainder +1 to the first prompts | GRPO/RLOO/Dr.GRPO default |
-| ``vip`` | min variance + ``gamma log(p) n`` (exact, 2 stages), drops, kept n >= 4 | VIP, arXiv 2602.01601 |
-| ``vip_pure`` | exact min of the estimator's variance only, no drop | VIP's variance objective alone |
-| ``inverse_acc`` | min ``sum n log p`` (hardest prompts first) | VIP ablation |
-| ``inverse_var`` | min ``sum n log(p(1-p))`` (lowest-variance prompts first) | VIP ablation |
-| ``knapsack`` | max ``sum (1-p^n-(1-p)^n) p (1-p)^2``, exact | Knapsack-RL, arXiv 2509.25849 |
-| ``gvm`` | ``n ~ 1/sqrt(p + a/p^(b-1))``, a=1e-3, b=2, sum-preserving rounding | GVM-RAFT, arXiv 2505.02391 |
+| ``uniform`` | ``budget // M`` each, remainder +1 to the first prompts | GRPO (arXiv 2402.03300) / RLOO / Dr.GRPO |
+| ``vip`` | exact min of variance + ``gamma log(p) n``, authors' two-stage drop, kept n >= 4 | VIP, arXiv 2602.01601 |
+| ``vip_pure`` | exact min of the estimator's variance only, no bonus, no drop | VIP's variance objective |
+| ``inverse_acc`` | min ``sum n log p`` (linear: hardest prompts to n_max) | VIP ablation |
+| ``inverse_var`` | min ``sum n log(p(1-p))`` (lowest-variance prompts to n_max) | VIP ablation |
+| ``knapsack`` | max ``sum (1-p^n-(1-p)^n) p (1-p)^2``, exact; leftovers to p = 0 | Knapsack-RL, arXiv 2509.25849 |
+| ``gvm`` | ``n ~ 1/sqrt(p + a/p^(b-1))``, a=1e-3, b=2, clipped, exact-sum rounding | GVM-RAFT, arXiv 2505.02391 |
 
-``vip`` and ``vip_pure`` return the uniform plan when predictions carry no information (``std(p_hat) < 1e-6``,
-as on the first step), like the authors' code.
+``vip`` and ``vip_pure`` return the uniform plan when the predictions carry no information (``std(p_hat) < 1e-6``,
+as on the first step), like the authors' code. Ties are broken toward earlier prompts; the ``Allocator`` shuffles
+prompts with a seeded per-step permutation, so no prompt is favoured systematically. Details and a worked example:
+``docs/strategies.md``.
 """
 
 from __future__ import annotations
@@ -24,16 +27,25 @@ from typing import Protocol
 
 import numpy as np
 
-from vipalloc.allocation import _check_budget, _check_p, domain, minimize_separable, solve
+from vipalloc.allocation import (
+    N_MAX_LIMIT,
+    _check_bonus,
+    _check_budget,
+    _check_p,
+    domain,
+    minimize_separable,
+    solve,
+)
 
-__all__ = ["STRATEGY_NAMES", "Strategy", "get_strategy", "uniform_counts"]
+__all__ = ["HARDNESS_BONUS", "STRATEGY_NAMES", "Strategy", "get_strategy", "uniform_counts"]
 
-P_CLIP = 1e-6
-HARDNESS_BONUS = {"rloo": 7e-4, "drgrpo": 4e-4}  # the authors' final settings
+P_CLIP = 1e-6  # as the authors clip p inside log(p)
+HARDNESS_BONUS = {"rloo": 7e-4, "drgrpo": 4e-4}  # the authors' final gamma per estimator
+NO_INFO_STD = 1e-6  # std(p_hat) below this = every prompt looks the same (the authors' first-step rule)
 
 
 class Strategy(Protocol):
-    """An allocation rule: predicted success probabilities -> rollout counts."""
+    """An allocation rule: predicted success probabilities ``(M,)`` -> int64 rollout counts ``(M,)``."""
 
     name: str
 
@@ -41,29 +53,40 @@ class Strategy(Protocol):
 
 
 def _check(p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> tuple[np.ndarray, int]:
+    """Validate a strategy call; returns ``(p, budget)``. Raises ``ValueError`` naming the problem and the fix."""
     p = _check_p(p_hat)
     budget = _check_budget(budget)
+    for name, v in (("n_min", n_min), ("n_max", n_max)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
     if n_min < 2 or n_min > n_max:
-        raise ValueError(f"need 2 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
+        raise ValueError(f"need 2 <= n_min <= n_max (a group needs 2 rollouts for a baseline), got {n_min}, {n_max}")
+    if n_max > N_MAX_LIMIT:
+        raise ValueError(f"n_max ({n_max}) is above the supported {N_MAX_LIMIT} rollouts per prompt; lower it")
     m = len(p)
     if not (m * n_min <= budget <= m * n_max):
         raise ValueError(
             f"budget {budget} is infeasible for {m} prompts with n in [{n_min}, {n_max}]: "
-            f"feasible budgets lie in [{m * n_min}, {m * n_max}]"
+            f"feasible budgets lie in [{m * n_min}, {m * n_max}]; change the budget or the bounds"
         )
     return p, budget
 
 
 def uniform_counts(m: int, budget: int) -> np.ndarray:
-    """``budget // m`` each; the remainder goes +1 to the first prompts (the Allocator permutes prompts per step)."""
+    """``budget // m`` each; the remainder goes +1 to the first prompts. int64 ``(m,)``."""
     counts = np.full(m, budget // m, dtype=np.int64)
     counts[: budget % m] += 1
     return counts
 
 
+def _no_information(p: np.ndarray) -> bool:
+    return float(np.std(p)) < NO_INFO_STD
+
+
 @dataclass
 class Uniform:
-    """Same number of rollouts for every prompt (the GRPO default)."""
+    """The same number of rollouts for every prompt: the group size of GRPO (Shao et al., arXiv 2402.03300),
+    RLOO and Dr.GRPO. Rule: ``budget // M`` each, the remainder +1 to the first ``budget % M`` prompts."""
 
     name: str = "uniform"
 
@@ -74,15 +97,20 @@ class Uniform:
 
 @dataclass
 class VIP:
-    """VIP (arXiv 2602.01601) with the authors' final settings: minimise the estimator's expected gradient variance
-    plus their hardness bonus ``gamma * log(p) * n`` (7e-4 RLOO, 4e-4 Dr.GRPO); prompts may be dropped and kept
-    prompts get at least ``min_keep`` (4) rollouts. Uniform when all predictions are equal (no information yet).
+    """VIP (Variance-Informed Predictive allocation, arXiv 2602.01601) with the authors' final settings.
 
-    Dropping follows the authors' two-stage structure, each stage solved exactly: (1) the exact optimum with every
-    prompt kept (``n in [2, n_max]``); (2) prompts whose optimum is below ``min_keep`` are dropped and the budget is
-    re-solved exactly over the kept prompts on ``[min_keep, n_max]``. The one-shot program with ``0`` in every
-    prompt's domain (``solve(..., allow_drop=True)``) is degenerate here: a dropped prompt costs 0 while a kept one
-    costs its (positive) variance, so it would drop exactly the informative mid-p prompts (see docs/allocation.md).
+    Rule: minimise ``sum_i Var(p_i, n_i) + gamma * log(clip(p_i, 1e-6, 1-1e-6)) * n_i`` (``Var`` of the chosen
+    estimator; ``gamma`` = 7e-4 for RLOO, 4e-4 for Dr.GRPO, their hardness bonus) exactly in integers, with
+    ``sum n = budget``. With ``allow_drop`` (default) prompts may be dropped and kept ones get at least
+    ``max(n_min, min_keep)`` (``min_keep`` = 4). Uniform when all predictions are equal (``std < 1e-6``).
+
+    Dropping follows the authors' two-stage structure (their SLSQP solution, then "any n < 4 -> 0" and the budget
+    handed back), each stage solved exactly: (1) the optimum with every prompt kept on ``[2, n_max]``; (2) prompts
+    whose stage-1 count is below ``max(n_min, min_keep)`` are dropped (fewer if the rest could not absorb the
+    budget) and the budget is re-solved exactly over the kept prompts on ``[max(n_min, min_keep), n_max]``. The
+    one-shot program with 0 in every prompt's domain (``solve(..., allow_drop=True)``) is degenerate here: a dropped
+    prompt costs 0 while a kept one costs its positive variance, so it drops the informative mid-p prompts (on a
+    Beta(0.6, 0.6) batch it drops 75% of them, every prompt with p >= 0.2; docs/strategies.md).
     """
 
     estimator: str = "drgrpo"
@@ -91,27 +119,32 @@ class VIP:
     min_keep: int = 4
     name: str = "vip"
 
+    def __post_init__(self) -> None:
+        if self.hardness_bonus is not None:
+            self.hardness_bonus = _check_bonus(self.hardness_bonus)
+        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, (int, np.integer)) or self.min_keep < 2:
+            raise ValueError(f"min_keep must be an integer >= 2, got {self.min_keep!r}")
+        if not isinstance(self.allow_drop, (bool, np.bool_)):
+            raise ValueError(f"allow_drop must be True or False, got {self.allow_drop!r}")
+
     def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
         p, budget = _check(p_hat, budget, n_min, n_max)
         m = len(p)
-        if float(np.std(p)) < 1e-6:
+        if _no_information(p):
             return uniform_counts(m, budget)
         bonus = HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus)
         kw = {"estimator": self.estimator, "hardness_bonus": bonus}
         if not self.allow_drop:
             return solve(p, budget, n_min=n_min, n_max=n_max, **kw)
-        lo = min(max(n_min, self.min_keep), n_max)
+        lo = min(max(n_min, int(self.min_keep)), n_max)
         stage1 = solve(p, budget, n_min=2, n_max=n_max, **kw)
-        # Keep prompts at or above min_keep, most-served first; add back dropped ones (largest stage-1 n first)
-        # until the kept prompts can absorb the budget within [lo, n_max].
-        order = np.lexsort((np.arange(m), -stage1))
-        n_keep = int((stage1 >= lo).sum())
-        need = -(-budget // n_max)  # fewest kept prompts that can absorb the budget
-        n_keep = min(max(n_keep, need), budget // lo, m)
-        if n_keep == 0 or n_keep < need:
-            # The budget cannot be packed into kept prompts of [lo, n_max] (e.g. lo == n_max): keep everyone.
+        # Keep j prompts, the most-served first (earlier prompts on ties); j must let the kept prompts absorb the
+        # budget within [lo, n_max]: ceil(budget / n_max) <= j <= budget // lo.
+        j_min, j_max = -(-budget // n_max), min(m, budget // lo)
+        if j_min > j_max:  # no kept set fits [lo, n_max] (lo close to n_max): keep everyone on [n_min, n_max]
             return solve(p, budget, n_min=n_min, n_max=n_max, **kw)
-        keep = np.sort(order[:n_keep])
+        j = min(max(int((stage1 >= lo).sum()), j_min), j_max)
+        keep = np.sort(np.lexsort((np.arange(m), -stage1))[:j])
         counts = np.zeros(m, np.int64)
         counts[keep] = solve(p[keep], budget, n_min=lo, n_max=n_max, **kw)
         return counts
@@ -119,36 +152,39 @@ class VIP:
 
 @dataclass
 class VIPPure:
-    """VIP's variance objective alone: no hardness bonus, no dropping (exact minimiser)."""
+    """VIP's variance objective alone (arXiv 2602.01601, Sec. 3): the exact integer minimiser of
+    ``sum_i Var(p_i, n_i)`` for the chosen estimator, no hardness bonus, no dropping; uniform when all predictions
+    are equal (``std < 1e-6``)."""
 
     estimator: str = "drgrpo"
     name: str = "vip_pure"
 
     def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
         p, budget = _check(p_hat, budget, n_min, n_max)
-        if float(np.std(p)) < 1e-6:
+        if _no_information(p):
             return uniform_counts(len(p), budget)
         return solve(p, budget, n_min=n_min, n_max=n_max, estimator=self.estimator)
 
 
 def _linear_allocate(score: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
-    """Exact minimiser of ``sum score_i n_i``: everyone gets n_min, then prompts in increasing score order are
-    filled to n_max (stable order: earlier prompts first among equal scores); one prompt takes the remainder."""
+    """Exact minimiser of the linear ``sum_i score_i n_i``: everyone gets ``n_min``, then prompts in increasing
+    score order (earlier prompts first among equal scores) are filled to ``n_max``; one prompt takes the rest."""
     m = len(score)
     counts = np.full(m, n_min, dtype=np.int64)
     left = budget - m * n_min
-    for i in np.argsort(score, kind="stable"):
-        if left <= 0:
-            break
-        add = min(n_max - n_min, left)
-        counts[i] += add
-        left -= add
+    order = np.argsort(score, kind="stable")
+    full = left // (n_max - n_min) if n_max > n_min else 0
+    counts[order[:full]] = n_max
+    if full < m:
+        counts[order[full]] += left - full * (n_max - n_min)
     return counts
 
 
 @dataclass
 class InverseAcc:
-    """VIP ablation: minimise ``sum n_i log p_i`` (linear): the hardest prompts get n_max, the rest n_min."""
+    """The VIP authors' "inverse_acc" ablation (arXiv 2602.01601): minimise ``sum_i n_i log(clip(p_i))``, a linear
+    program whose exact integer solution sends the hardest prompts to ``n_max``, the rest to ``n_min``, and one
+    prompt in between."""
 
     name: str = "inverse_acc"
 
@@ -159,7 +195,9 @@ class InverseAcc:
 
 @dataclass
 class InverseVar:
-    """VIP ablation: minimise ``sum n_i log(p_i(1-p_i))``: the lowest-variance (p near 0 or 1) prompts get n_max."""
+    """The VIP authors' "inverse_var" ablation (arXiv 2602.01601): minimise ``sum_i n_i log(p_i (1 - p_i))``
+    (p clipped to [1e-6, 1-1e-6]), deliberately the opposite of VIP: the lowest-variance prompts (p near 0 or 1)
+    get ``n_max``, the rest ``n_min``, one prompt in between."""
 
     name: str = "inverse_var"
 
@@ -169,13 +207,21 @@ class InverseVar:
         return _linear_allocate(np.log(pc * (1 - pc)), budget, n_min, n_max)
 
 
+def knapsack_value(p: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Knapsack-RL's value of ``n`` rollouts on a prompt: ``(1 - p^n - (1-p)^n) * p * (1-p)^2`` (broadcasts)."""
+    return (1.0 - p**n - (1.0 - p) ** n) * p * (1.0 - p) ** 2
+
+
 @dataclass
 class Knapsack:
-    """Knapsack-RL (arXiv 2509.25849): maximise ``sum_i (1 - p^n - (1-p)^n) * p (1-p)^2`` exactly.
+    """Knapsack-RL (Li et al., arXiv 2509.25849): maximise ``sum_i (1 - p^n - (1-p)^n) * p (1-p)^2`` (the chance of
+    a non-zero gradient times the information gain) subject to ``sum n = budget`` and the bounds, EXACTLY (the
+    shared solver of :mod:`vipalloc.allocation`; the paper uses a dynamic program).
 
-    A prompt with p in {0, 1} has value 0 at every n: after the valuable prompts are served, leftover budget is
-    sent to p = 0 prompts (the paper's fallback: hard prompts are where extra samples may find a first success),
-    implemented as a tiny preference ``-1e-12 * n`` for p = 0 prompts.
+    Prompts whose value is 0 at every count (p in {0, 1}) get ``n_min`` while any valuable prompt can still take a
+    rollout (every valuable prompt's value strictly grows with n). Rollouts left once the valuable prompts are
+    at ``n_max`` go, as in the paper's fallback, to the p = 0 prompts (spread evenly, earlier prompts first), then
+    to the p = 1 prompts. This choice is among the exact optima, so it does not change the objective.
     """
 
     name: str = "knapsack"
@@ -183,17 +229,31 @@ class Knapsack:
     def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
         p, budget = _check(p_hat, budget, n_min, n_max)
         vals = domain(n_min, n_max)
-        n = vals[None, :].astype(np.float64)
-        pc = p[:, None]
-        value = (1.0 - pc**n - (1.0 - pc) ** n) * pc * (1.0 - pc) ** 2
-        value = value + np.where(pc <= P_CLIP, 1e-12 * n, 0.0)
-        return vals[minimize_separable(-value, vals, budget)]
+        value = knapsack_value(p[:, None], vals[None, :].astype(np.float64))
+        counts = vals[minimize_separable(-value, vals, budget)]
+        # Zero-value prompts: any split of their rollouts is optimal, so place them by the paper's fallback rule.
+        zero = np.flatnonzero(~np.any(value != 0.0, axis=1))
+        if zero.size:
+            pool = int(counts[zero].sum()) - zero.size * n_min
+            counts[zero] = n_min
+            for group in (zero[p[zero] < 0.5], zero[p[zero] >= 0.5]):  # unsolved first, then solved
+                if pool == 0 or group.size == 0:
+                    continue
+                take = min(pool, group.size * (n_max - n_min))
+                counts[group] += uniform_counts(group.size, take)
+                pool -= take
+        return counts
 
 
 @dataclass
 class GVM:
-    """GVM-RAFT (arXiv 2505.02391): ``n_i ~ 1 / sqrt(p_i + a / p_i^(b-1))`` (a=1e-3, b=2; gradient norms taken
-    equal), clipped to [n_min, n_max] with an exact-sum largest-remainder rounding."""
+    """GVM-RAFT (Yao et al., arXiv 2505.02391): ``n_i`` proportional to ``G_i / sqrt(p_i + a / p_i^(b-1))`` with
+    a = 1e-3, b = 2 and equal gradient norms ``G_i`` (we do not observe them), p clipped to >= 1e-6.
+
+    The proportional targets are clipped to ``[n_min, n_max]`` by water-filling (the scale is chosen so the clipped
+    targets sum to the budget exactly), then rounded with largest remainders (earlier prompts first on ties).
+    GVM gives p = 0 prompts no samples; here they get ``n_min``, since this interface does not drop.
+    """
 
     a: float = 1e-3
     b: float = 2.0
@@ -203,46 +263,37 @@ class GVM:
         p, budget = _check(p_hat, budget, n_min, n_max)
         pc = np.clip(p, P_CLIP, 1.0)
         weight = 1.0 / np.sqrt(pc + self.a / pc ** (self.b - 1.0))
-        return _proportional_round(weight, budget, n_min, n_max)
+        return proportional_counts(weight, budget, n_min, n_max)
 
 
-def _proportional_round(weight: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
-    """Counts proportional to ``weight`` within bounds, summing to ``budget`` (water-filling + largest remainder)."""
+def proportional_counts(weight: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
+    """Integer counts in ``[n_min, n_max]`` summing to ``budget``, proportional to ``weight > 0`` where the bounds
+    allow (water-filling), rounded by largest remainder. ``weight``: float ``(M,)``; returns int64 ``(M,)``."""
     m = len(weight)
-    fixed = np.zeros(m, dtype=np.float64)
-    free = np.ones(m, dtype=bool)
-    target = np.zeros(m)
-    for _ in range(m + 1):  # each pass pins at least one prompt to a bound, or stops
-        if not free.any():
+    if budget == m * n_min or n_min == n_max:
+        return np.full(m, n_min, np.int64) if budget == m * n_min else np.full(m, n_max, np.int64)
+    # sum_i clip(s * w_i, n_min, n_max) is continuous and nondecreasing in s: bisect to the exact budget.
+    lo, hi = 0.0, n_max / float(weight.min())
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
             break
-        rest = budget - fixed[~free].sum()
-        w = weight[free]
-        target[free] = rest * w / w.sum() if w.sum() > 0 else rest / free.sum()
-        over = free & (target > n_max)
-        under = free & (target < n_min)
-        if not over.any() and not under.any():
-            break
-        pin = over if over.any() else under
-        fixed[pin] = np.where(target[pin] > n_max, n_max, n_min)
-        target[pin] = fixed[pin]
-        free &= ~pin
-    target = np.clip(target, n_min, n_max)
+        if np.clip(mid * weight, n_min, n_max).sum() < budget:
+            lo = mid
+        else:
+            hi = mid
+    target = np.clip(hi * weight, n_min, n_max)
     counts = np.floor(target).astype(np.int64)
     left = budget - int(counts.sum())
-    order = np.argsort(-(target - counts), kind="stable")
-    for i in order:
-        if left == 0:
-            break
-        if counts[i] < n_max:
-            counts[i] += 1
-            left -= 1
-    i = 0
-    while left < 0:  # only possible through clipping round-off
-        j = order[::-1][i % m]
-        if counts[j] > n_min:
-            counts[j] -= 1
-            left += 1
-        i += 1
+    frac = target - counts
+    # largest remainders first (stable: earlier prompts win ties); only prompts below n_max can take a unit
+    order = np.argsort(-frac, kind="stable")
+    order = order[counts[order] < n_max]
+    counts[order[:left]] += 1
+    if left < 0:  # floating round-off pushed the floors over budget: take back from the smallest remainders
+        order = np.argsort(frac, kind="stable")
+        order = order[counts[order] > n_min]
+        counts[order[:-left]] -= 1
     return counts
 
 
@@ -259,11 +310,16 @@ STRATEGY_NAMES = tuple(_FACTORIES)
 
 
 def get_strategy(name: str, *, estimator: str = "drgrpo", **kwargs: object) -> Strategy:
-    """Build a strategy by name (``STRATEGY_NAMES``); ``kwargs`` go to its constructor."""
+    """Build a strategy by name (one of ``STRATEGY_NAMES``); ``kwargs`` go to its constructor.
+
+    ``estimator`` (``"drgrpo"`` or ``"rloo"``) selects the variance model of ``vip`` / ``vip_pure``. When training
+    with GRPO, allocate with ``"drgrpo"``: the std-normalised GRPO variance is no allocation target.
+    """
     if name not in _FACTORIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_NAMES)}")
     if estimator not in HARDNESS_BONUS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose 'drgrpo' or 'rloo'")
+        hint = " (for GRPO training allocate with 'drgrpo')" if estimator == "grpo" else ""
+        raise ValueError(f"unknown allocation estimator {estimator!r}; choose 'drgrpo' or 'rloo'{hint}")
     try:
         return _FACTORIES[name](estimator, **kwargs)
     except TypeError as exc:
