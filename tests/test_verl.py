@@ -284,12 +284,45 @@ def test_feedback_metrics_and_allocator_file_round_trip(tmp_path) -> None:
     with pytest.raises(ValueError, match="non-finite"):
         hook.successes(np.array([np.nan]), None)
 
+    # a second submission in the same training step (v1 refill / async prefetch) gets its own plan step
+    a, b = make_batch(4, seed=10), make_batch(4, seed=11)
+    pa, pb = (hook.plan(hook.prompt_ids(x.non_tensor_batch, 4), None, x.non_tensor_batch["uid"], 16, 5) for x in (a, b))
+    assert (pa.step, pb.step) == (5, 6)
+    ea, eb = expand_by_counts(a, pa.counts), expand_by_counts(b, pb.counts)
+    hook.observe(eb.non_tensor_batch["uid"], np.ones(len(eb)))  # feedback in any order, each against its own plan
+    hook.observe(ea.non_tensor_batch["uid"], np.zeros(len(ea)))
+    assert int(hook.allocator.history.aggregates().trials.sum()) == len(out) + 32
+
     hook.save(str(tmp_path))
     other = VIPHook(cfg, "drgrpo")
     assert other.load(str(tmp_path))
     nxt = make_batch(m, seed=3)
-    np.testing.assert_array_equal(plan_batch(other, nxt, 32, step=2), plan_batch(hook, nxt, 32, step=2))
+    np.testing.assert_array_equal(plan_batch(other, nxt, 32, step=7), plan_batch(hook, nxt, 32, step=7))
+    assert other.plan(["x0", "x1"], None, ["u0", "u1"], 8, step=2).step == 8  # steps stay increasing after resume
     assert not VIPHook(cfg, "drgrpo").load(str(tmp_path / "missing"))
+
+
+def test_launch_script_overrides_compose_and_pass_verl_validation() -> None:
+    """The example's 51 overrides are valid verl 0.9 keys and give the paper's budget (512 x 8, whole mini-batches)."""
+    import subprocess
+
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from vipalloc.integrations.verl_trainer import check_config
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "verl", "run_vip_qwen2.5_math_1.5b_dapo.sh")
+    # run the script with python3 replaced by a printer of its arguments
+    shim = "python3() { shift 2; printf '%s\\n' \"$@\"; }; export -f python3; "
+    out = subprocess.run(["bash", "-c", shim + f"source {script}"], capture_output=True, text=True, check=True)
+    overrides = [line for line in out.stdout.splitlines() if line]
+    assert len(overrides) > 40 and "vip.strategy=vip" in overrides
+    cfg = compose(overrides)
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    vip = check_config(cfg)
+    assert (vip.n_min, vip.n_max, cfg.algorithm.norm_adv_by_std_in_grpo) == (4, 32, False)
+    rows = cfg.actor_rollout_ref.actor.ppo_mini_batch_size * cfg.actor_rollout_ref.rollout.n
+    assert divisible_budget(512 * 8, required_multiple(8, rows), 512, 4, 32) == 4096
 
 
 # ------------------------------------------------------------------------------------------- local Ray cluster

@@ -246,6 +246,7 @@ class VIPHook:
         )
         self._uids: dict[str, tuple[str, int]] = {}  # uid -> (prompt id, plan step)
         self._plans: dict[int, Plan] = {}
+        self._last_plan_step = -1
         self._warned: set[str] = set()
 
     # -- prompt identity
@@ -292,18 +293,25 @@ class VIPHook:
 
     # -- plan
     def plan(self, ids: list[str], texts: list[str] | None, uids: Sequence[Any], budget: int, step: int) -> Plan:
-        """Plan ``budget`` rollouts over the prompts ``ids`` (aligned with ``uids``) at training ``step``."""
+        """Plan ``budget`` rollouts over the prompts ``ids`` (aligned with ``uids``) at training ``step``.
+
+        Plan steps are unique and increasing: a second submission in the same training step (v1 DAPO refills, async
+        prefetch) is planned at the next free step, so each plan keeps its own pending record in the allocator. With
+        one plan per training step (the usual case) the plan step is the training step.
+        """
         if len(uids) != len(ids):
             raise ValueError(f"got {len(ids)} prompt ids but {len(uids)} uids")
+        step = max(int(step), self._last_plan_step + 1)
         t0 = time.perf_counter()
         plan = self.allocator.plan(ids, prompts=texts, budget=budget, step=step)
+        self._last_plan_step = step
         if np.any(plan.counts == 1):  # the strategies keep counts in {0} U [n_min, n_max]; guard verl's gotcha anyway
             raise RuntimeError(f"strategy {self.cfg.strategy!r} planned a group of size 1; report this as a bug")
         plan.timings["total"] = time.perf_counter() - t0
         for u, pid in zip(uids, ids):
             self._uids[str(u)] = (pid, step)
         self._plans[step] = plan
-        for old in sorted(self._plans)[:-_MAX_PLANS]:
+        for old in sorted(self._plans)[:-_MAX_PLANS]:  # the allocator keeps the same newest plans pending
             self._forget(old)
         return plan
 
@@ -384,6 +392,8 @@ class VIPHook:
         self.allocator = Allocator.load(path)
         self._uids.clear()
         self._plans.clear()
+        # keep plan steps increasing across the resume (the allocator records the last step it planned or observed)
+        self._last_plan_step = int(getattr(self.allocator, "_last_step", -1))
         return True
 
     def _warn_once(self, key: str, msg: str) -> None:
@@ -626,8 +636,12 @@ def vip_v1_trainer_class(base: type) -> type:
                 return {}
             keys = [batch.keys[i] for i in rows]
             key = hook.cfg.success_key
-            fields_ = ["rm_scores", "extra_fields"] if key else ["rm_scores"]
-            data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=fields_)
+            try:
+                fields_ = ["rm_scores", "extra_fields"] if key else ["rm_scores"]
+                data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=fields_)
+            except (KeyError, ValueError):  # no extra_fields stored (custom agent loop): use the scores
+                key = None
+                data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["rm_scores"])
             scores = np.array([float(t.sum()) for t in data["rm_scores"].unbind()], dtype=np.float64)
             extra = _v1_success_column(data, key, len(keys)) if key else None
             uids = [k.rsplit("_", 2)[0] for k in keys]
