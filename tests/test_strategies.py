@@ -1,4 +1,4 @@
-"""Every named strategy: valid plans, its defining behaviour, exact knapsack, errors."""
+"""Every named strategy: valid plans, its defining rule, exact knapsack, fallbacks, errors."""
 
 from __future__ import annotations
 
@@ -9,13 +9,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vipalloc.strategies import STRATEGY_NAMES, get_strategy
+from vipalloc.allocation import objective, solve
+from vipalloc.strategies import HARDNESS_BONUS, STRATEGY_NAMES, get_strategy, knapsack_value, proportional_counts
 
 
-@settings(max_examples=150, deadline=None)
+def all_counts(m: int, n_min: int, n_max: int, budget: int) -> np.ndarray:
+    grid = np.array(list(itertools.product(range(n_min, n_max + 1), repeat=m)))
+    return grid[grid.sum(axis=1) == budget]
+
+
+def test_names_and_interface() -> None:
+    assert STRATEGY_NAMES == ("uniform", "vip", "vip_pure", "inverse_acc", "inverse_var", "knapsack", "gvm")
+    for name in STRATEGY_NAMES:
+        strategy = get_strategy(name, estimator="rloo")
+        assert strategy.name == name and callable(strategy.allocate)
+        assert strategy.__doc__ and ("arXiv" in strategy.__doc__ or name == "uniform")
+
+
+@settings(max_examples=200, deadline=None)
 @given(
     name=st.sampled_from(STRATEGY_NAMES),
-    p=st.lists(st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0])), min_size=1, max_size=40),
+    p=st.lists(st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, 0.5])), min_size=1, max_size=40),
     n_min=st.integers(2, 6),
     span=st.integers(0, 20),
     frac=st.floats(0, 1),
@@ -31,16 +45,19 @@ def test_valid_plan(name, p, n_min, span, frac, estimator) -> None:
     assert int(counts.sum()) == budget
     kept = counts[counts > 0]
     assert np.all(kept <= n_max)
-    if name == "vip":
-        assert np.all(kept >= min(max(n_min, 4), n_max)) or np.all(kept >= n_min)
+    if name == "vip" and np.any(counts == 0):  # drops only with kept prompts at >= max(n_min, min_keep)
+        assert np.all(kept >= min(max(n_min, 4), n_max))
     else:
         assert np.all(counts >= n_min)
 
 
-def test_uniform_and_vip_fallback() -> None:
+def test_uniform_rule_and_vip_fallback() -> None:
     p = np.full(5, 0.3)
-    for name in ("uniform", "vip", "vip_pure"):
+    for name in ("uniform", "vip", "vip_pure"):  # equal predictions (the first step): uniform
         assert get_strategy(name).allocate(p, 42, 2, 16).tolist() == [9, 9, 8, 8, 8]
+    p[0] += 1e-7  # still no information (std < 1e-6)
+    assert get_strategy("vip").allocate(p, 42, 2, 16).tolist() == [9, 9, 8, 8, 8]
+    assert get_strategy("uniform").allocate(np.array([0.1, 0.9]), 7, 2, 8).tolist() == [4, 3]
 
 
 def test_vip_behaviour() -> None:
@@ -53,35 +70,79 @@ def test_vip_behaviour() -> None:
     assert pure[3] == pure.max() and pure[0] == 2 and pure[6] == 2
 
 
+@pytest.mark.parametrize("estimator", ["drgrpo", "rloo"])
+def test_vip_two_stages_are_each_exact(estimator) -> None:
+    rng = np.random.default_rng(0)
+    p = rng.beta(0.6, 0.6, 200)
+    gamma = HARDNESS_BONUS[estimator]
+    counts = get_strategy("vip", estimator=estimator).allocate(p, 1600, 4, 32)
+    stage1 = solve(p, 1600, n_min=2, n_max=32, estimator=estimator, hardness_bonus=gamma)
+    kept = counts > 0
+    assert np.array_equal(kept, stage1 >= 4)  # dropped exactly the prompts stage 1 gave fewer than 4
+    stage2 = solve(p[kept], 1600, n_min=4, n_max=32, estimator=estimator, hardness_bonus=gamma)
+    np.testing.assert_array_equal(counts[kept], stage2)
+    # no drop: one exact solve with the bonus on [n_min, n_max]
+    nodrop = get_strategy("vip", estimator=estimator, allow_drop=False).allocate(p, 1600, 4, 32)
+    np.testing.assert_array_equal(nodrop, solve(p, 1600, estimator=estimator, hardness_bonus=gamma))
+
+
+def test_vip_options() -> None:
+    p = np.array([0.05, 0.5, 0.5, 0.97, 0.999, 0.3])
+    c = get_strategy("vip", min_keep=6, hardness_bonus=0.0).allocate(p, 48, 2, 16)
+    assert c.sum() == 48 and np.all((c == 0) | (c >= 6))
+    with pytest.raises(ValueError, match="min_keep"):
+        get_strategy("vip", min_keep=1)
+    with pytest.raises(ValueError, match="hardness_bonus"):
+        get_strategy("vip", hardness_bonus=float("nan"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    p=st.lists(st.floats(0, 1), min_size=1, max_size=4),
+    n_min=st.integers(2, 4),
+    span=st.integers(0, 4),
+    frac=st.floats(0, 1),
+)
+def test_linear_rules_are_exact(p, n_min, span, frac) -> None:
+    p = np.array(p)
+    n_max = n_min + span
+    budget = int(len(p) * n_min + round(frac * len(p) * span))
+    pc = np.clip(p, 1e-6, 1 - 1e-6)
+    grid = all_counts(len(p), n_min, n_max, budget)
+    for name, score in (("inverse_acc", np.log(pc)), ("inverse_var", np.log(pc * (1 - pc)))):
+        got = get_strategy(name).allocate(p, budget, n_min, n_max)
+        assert float(score @ got) <= float((grid @ score).min()) + 1e-9
+
+
 def test_inverse_rules() -> None:
     p = np.array([0.1, 0.5, 0.9, 0.99])
-    acc = get_strategy("inverse_acc").allocate(p, 20, 2, 10)
-    assert acc.tolist() == [10, 6, 2, 2]
-    var = get_strategy("inverse_var").allocate(p, 20, 2, 10)
-    assert var.tolist() == [2, 2, 6, 10]
+    assert get_strategy("inverse_acc").allocate(p, 20, 2, 10).tolist() == [10, 6, 2, 2]
+    assert get_strategy("inverse_var").allocate(p, 20, 2, 10).tolist() == [2, 2, 6, 10]
 
 
 def test_knapsack_exact_vs_brute_force() -> None:
     rng = np.random.default_rng(5)
-    for _ in range(60):
+    for _ in range(80):
         m = int(rng.integers(1, 5))
         p = rng.random(m)
-        p[rng.random(m) < 0.2] = 0.0
-        n_min, n_max = 2, int(rng.integers(2, 9))
+        p[rng.random(m) < 0.25] = rng.choice([0.0, 1.0])
+        n_min, n_max = int(rng.integers(2, 4)), int(rng.integers(4, 9))
         budget = int(rng.integers(m * n_min, m * n_max + 1))
         got = get_strategy("knapsack").allocate(p, budget, n_min, n_max)
-
-        def value(n, p=p):
-            return float(np.sum((1 - p**n - (1 - p) ** n) * p * (1 - p) ** 2))
-
-        best = max(value(np.array(c)) for c in itertools.product(range(n_min, n_max + 1), repeat=m) if sum(c) == budget)
-        assert value(got) >= best - 1e-12
+        assert got.sum() == budget and np.all((got >= n_min) & (got <= n_max))
+        grid = all_counts(m, n_min, n_max, budget)
+        best = knapsack_value(p[None, :], grid).sum(axis=1).max()
+        assert knapsack_value(p, got).sum() >= best - 1e-12
 
 
-def test_knapsack_sends_leftovers_to_unsolved_prompts() -> None:
-    p = np.array([0.0, 1.0, 0.3])
-    counts = get_strategy("knapsack").allocate(p, 40, 2, 32)
-    assert counts[1] == 2 and counts[0] > 2
+def test_knapsack_zero_value_prompts() -> None:
+    p = np.array([0.0, 1.0, 0.3, 0.0])
+    low = get_strategy("knapsack").allocate(p, 20, 2, 32)  # the valuable prompt absorbs everything it can
+    assert low.tolist() == [2, 2, 14, 2]
+    high = get_strategy("knapsack").allocate(p, 41, 2, 16)  # p = 0.3 saturates: leftovers to p = 0, evenly
+    assert high.tolist() == [12, 2, 16, 11]
+    full = get_strategy("knapsack").allocate(p, 60, 2, 16)  # p = 0 prompts full: then the solved prompt
+    assert full.tolist() == [16, 12, 16, 16]
 
 
 def test_gvm_proportional() -> None:
@@ -89,15 +150,54 @@ def test_gvm_proportional() -> None:
     counts = get_strategy("gvm").allocate(p, 30, 2, 20)
     assert counts[0] > counts[1] > counts[2]
     w = 1 / np.sqrt(p + 1e-3 / p)
-    assert np.all(np.abs(counts - 30 * w / w.sum()) <= 1 + 1e-9) or counts.max() == 20
+    assert np.all(np.abs(counts - 30 * w / w.sum()) < 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    w=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=30),
+    n_min=st.integers(2, 5),
+    span=st.integers(0, 30),
+    frac=st.floats(0, 1),
+)
+def test_proportional_counts_water_filling(w, n_min, span, frac) -> None:
+    w = np.array(w)
+    n_max = n_min + span
+    budget = int(len(w) * n_min + round(frac * len(w) * span))
+    counts = proportional_counts(w, budget, n_min, n_max)
+    assert counts.sum() == budget and np.all((counts >= n_min) & (counts <= n_max))
+    # the clipped proportional target, found independently by a fine scan of the scale
+    scales = np.geomspace(1e-6, 1e9, 20001)
+    sums = np.clip(scales[:, None] * w[None, :], n_min, n_max).sum(axis=1)
+    s = scales[min(np.searchsorted(sums, budget), len(scales) - 1)]
+    target = np.clip(s * w, n_min, n_max)
+    assert np.all(np.abs(counts - target) < 1 + 1e-3 * (1 + target))
+    order = np.argsort(w, kind="stable")
+    assert np.all(np.diff(counts[order]) >= -1)  # more weight never means fewer rollouts (up to rounding)
+
+
+def test_vip_beats_uniform_on_its_objective() -> None:
+    rng = np.random.default_rng(1)
+    p = rng.beta(0.6, 0.6, 256)
+    pure = get_strategy("vip_pure", estimator="rloo").allocate(p, 2048, 4, 32)
+    uniform = get_strategy("uniform").allocate(p, 2048, 4, 32)
+    assert objective(p, pure, estimator="rloo") < 0.95 * objective(p, uniform, estimator="rloo")
 
 
 def test_errors() -> None:
-    with pytest.raises(ValueError, match="unknown strategy 'x'.*uniform"):
+    with pytest.raises(ValueError, match="unknown strategy 'x'.*uniform, vip, vip_pure"):
         get_strategy("x")
     with pytest.raises(ValueError, match="bad options"):
         get_strategy("uniform", foo=1)
-    with pytest.raises(ValueError, match="infeasible"):
+    with pytest.raises(ValueError, match="for GRPO training allocate with 'drgrpo'"):
+        get_strategy("vip", estimator="grpo")
+    with pytest.raises(ValueError, match=r"infeasible.*\[4, 16\]"):
         get_strategy("uniform").allocate(np.array([0.5, 0.5]), 3, 2, 8)
     with pytest.raises(ValueError, match="empty batch"):
         get_strategy("vip").allocate(np.array([]), 0, 2, 8)
+    with pytest.raises(ValueError, match="n_min must be an integer"):
+        get_strategy("gvm").allocate(np.array([0.5]), 4, 2.0, 8)
+    with pytest.raises(ValueError, match="2 <= n_min <= n_max"):
+        get_strategy("knapsack").allocate(np.array([0.5]), 4, 1, 8)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        get_strategy("inverse_acc").allocate(np.array([1.5]), 4, 2, 8)

@@ -34,6 +34,40 @@ def test_matches_monte_carlo(estimator, p, n) -> None:
     assert abs(got - x.mean()) < 5 * se + 1e-12, (got, x.mean(), se)
 
 
+@pytest.mark.parametrize(("p", "n"), [(0.3, 3), (0.1, 6), (0.5, 9)])
+def test_grpo_with_large_eps_matches_monte_carlo(p, n) -> None:
+    # eps = 0.5 makes the eps term matter: checks the exact binomial sum, not just its eps -> 0 limit
+    rng = np.random.default_rng(n)
+    x = mc_sum_a2(p, n, "grpo", 200_000, rng, eps=0.5)
+    se = x.std() / np.sqrt(len(x))
+    got = float(gradient_variance(p, n, "grpo", grpo_eps=0.5))
+    assert abs(got - x.mean()) < 5 * se, (got, x.mean(), se)
+    assert got < float(gradient_variance(p, n, "grpo", grpo_eps=0.0))
+
+
+def test_broadcasting_matches_scalar_calls() -> None:
+    p = np.array([0.0, 0.2, 0.5, 0.9])[:, None]
+    n = np.array([0, 2, 5, 32])[None, :]
+    for est in ("drgrpo", "rloo", "grpo"):
+        table = gradient_variance(p, n, est)
+        assert table.shape == (4, 4) and table.dtype == np.float64
+        for i in range(4):
+            for j in range(4):
+                assert table[i, j] == float(gradient_variance(float(p[i, 0]), int(n[0, j]), est))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        gradient_variance([0.1, 0.2], [2, 3, 4])
+
+
+def test_grpo_eps_limit() -> None:
+    p, n = 0.37, np.arange(2, 20)
+    limit = (n - 1) / n**2 * (1 - p**n - (1 - p) ** n)
+    np.testing.assert_allclose(gradient_variance(p, n, "grpo", grpo_eps=1e-9), limit, rtol=1e-7)
+    with pytest.raises(ValueError, match="grpo_eps"):
+        gradient_variance(p, n, "grpo", grpo_eps=-1.0)
+    with pytest.raises(ValueError, match="grpo_eps"):
+        gradient_variance(p, n, "grpo", grpo_eps=float("nan"))
+
+
 def test_closed_forms() -> None:
     p = np.array([0.1, 0.5, 0.8])
     n = np.array([4, 8, 16])
@@ -47,6 +81,7 @@ def test_closed_forms() -> None:
 
 def test_edge_counts_and_probabilities() -> None:
     assert gradient_variance(0.5, 0, "rloo") == 0.0  # dropped prompt
+    np.testing.assert_array_equal(gradient_variance(0.5, [0, 2], "rloo"), [0.0, 0.25])
     assert gradient_variance(0.5, 1, "drgrpo") == 0.0
     assert gradient_variance(0.5, 1, "grpo") == 0.0
     with pytest.raises(ValueError, match="n >= 2"):
