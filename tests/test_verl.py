@@ -686,3 +686,15 @@ def test_import_vipalloc_does_not_import_verl_or_ray() -> None:
     code = "import sys, vipalloc; vipalloc.Allocator; print(any(m in sys.modules for m in ('verl', 'ray')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_import_without_verl_names_the_extra() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['verl'] = None\n"  # makes `import verl` fail as if it were not installed
+        "try:\n    import vipalloc.integrations.verl\nexcept ImportError as e:\n    print(e)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 'pip install "vipalloc[verl]"' in out.stdout
