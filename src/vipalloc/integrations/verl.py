@@ -606,7 +606,8 @@ def vip_v1_trainer_class(base: type) -> type:
         def _vip_plan(self, batch: Any) -> np.ndarray:
             hook = self._vip()
             m = len(batch)
-            cols = {k: batch.get(k) for k in (hook.cfg.prompt_id_key, hook.cfg.prompt_text_key, "uid") if k in batch}
+            wanted = [k for k in (hook.cfg.prompt_id_key, hook.cfg.prompt_text_key, "uid") if k is not None]
+            cols = {k: batch.get(k) for k in wanted if k in batch.keys()}
             ids, texts = hook.prompt_ids(cols, m), hook.prompt_texts(cols, m)
             n = int(self.config.actor_rollout_ref.rollout.n)
             train_bs = int(self.config.data.train_batch_size)
@@ -713,12 +714,12 @@ def install_vip_trainers() -> Iterator[None]:
     try:
         for mode, cls in saved_registry.items():
             registry[mode] = vip_v1_trainer_class(cls)
-        main_ppo_v0.RayPPOTrainer = __getattr__("RayVIPTrainer")
+        main_ppo_v0.RayPPOTrainer = __getattr__("RayVIPTrainer")  # type: ignore[misc]
         yield
     finally:
         registry.clear()
         registry.update(saved_registry)
-        main_ppo_v0.RayPPOTrainer = saved_v0
+        main_ppo_v0.RayPPOTrainer = saved_v0  # type: ignore[misc]
 
 
 def __getattr__(name: str) -> Any:  # the legacy trainer pulls verl's whole trainer stack: build it on first use

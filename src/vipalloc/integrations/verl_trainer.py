@@ -28,7 +28,10 @@ def check_config(config: Any) -> VIPConfig:
     from omegaconf import OmegaConf
 
     raw = config.get("vip", None)
-    cfg = VIPConfig.from_mapping(OmegaConf.to_container(raw, resolve=True) if raw is not None else None)
+    container = OmegaConf.to_container(raw, resolve=True) if raw is not None else None
+    if container is not None and not isinstance(container, dict):
+        raise ValueError(f"the vip config group must be a mapping of keys, got {type(container).__name__}")
+    cfg = VIPConfig.from_mapping({str(k): v for k, v in container.items()} if container is not None else None)
     if not cfg.enable:
         return cfg
     resolve_estimator(cfg, str(config.algorithm.adv_estimator))
@@ -45,11 +48,15 @@ def task_runner_class(use_v1: bool) -> Any:
     """verl's Ray task runner (v1 or legacy) whose ``run`` builds VIP trainers (see ``install_vip_trainers``)."""
     import ray
 
+    remote_base: Any  # a Ray ActorClass; __ray_actor_class__ is the undecorated class
     if use_v1:
-        from verl.trainer.main_ppo import TaskRunnerV1 as remote_base
-    else:
-        from verl.trainer.main_ppo_v0 import TaskRunner as remote_base
+        from verl.trainer.main_ppo import TaskRunnerV1
 
+        remote_base = TaskRunnerV1
+    else:
+        from verl.trainer.main_ppo_v0 import TaskRunner
+
+        remote_base = TaskRunner
     base = remote_base.__ray_actor_class__
 
     class VIPTaskRunner(base):  # type: ignore[misc, valid-type]
