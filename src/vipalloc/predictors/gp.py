@@ -78,6 +78,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "window_steps": 0,  # >0: only rows from the last `window_steps` observed steps enter the window
         "own_history": True,  # condition each predicted prompt on its own rows older than the window
         "calibrate": True,  # p = E[sigmoid(f)] (probit approximation) instead of sigmoid(E[f])
+        "likelihood": "laplace",  # binomial likelihood (Laplace, Newton) or "gaussian" smoothed-logit targets
+        "newton_iters": 1,  # Newton steps per Laplace fit when warm-started from the previous mode
         "fit_every": 0,  # >0: refit hyper-parameters by marginal likelihood every k new steps
         "fit_points": 512,  # rows used by a hyper-parameter fit (most recent)
         "max_history": 200_000,  # rows kept in memory/state (oldest steps dropped beyond this)
@@ -85,6 +87,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "vipalloc"
 _CLIP = 1e-6  # the authors' clip before logit
+_KEY = np.int64(1) << 32  # (prompt row, step) -> one int64 key
+_COLD_NEWTON_ITERS = 20  # cap for a Laplace fit that starts mostly cold (stops at |delta f| < 1e-3)
 _JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # relative to the mean diagonal
 _FLOAT_KEYS = ("length_scale", "signal_var", "prompt_var", "time_scale", "global_var", "global_time_scale")
 _HYPER_BOUNDS = {  # log-space bounds for marginal-likelihood fitting
@@ -279,6 +283,10 @@ class _WindowGP:
         self.last_step = -1
         self.steps_since_fit = 0
         self._cache: dict[str, Any] | None = None
+        # Laplace mode of the latest fit per (prompt, step) key: the next fit's warm start (part of the state so a
+        # reloaded predictor iterates exactly as the original)
+        self._mode_keys = np.zeros(0, np.int64)
+        self._mode_f = np.zeros(0)
 
     # -------------------------------------------------------------- data
     @property
@@ -344,31 +352,80 @@ class _WindowGP:
         p = self.p if p is None else p
         return float(p["signal_var"]) + float(p["prompt_var"]) + float(p["global_var"])
 
-    def _train_kernel(self, rows: np.ndarray, p: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Noise-free kernel over ``rows`` and its parts (reused by the gradient): ``(K, parts)``."""
-        pid, steps = rows[:, 0], rows[:, 1].astype(np.float64)
-        uniq, inv = np.unique(pid, return_inverse=True)
+    def _train_kernel(self, rows: np.ndarray) -> np.ndarray:
+        """Noise-free kernel over ``rows``: built on the distinct prompts and steps, then gathered (cheap)."""
+        p = self.p
+        uniq, inv = np.unique(rows[:, 0], return_inverse=True)
+        su, sinv = np.unique(rows[:, 1], return_inverse=True)
         xu = self.feats.x[uniq]
-        d2u = _sqdist(xu, xu)
-        d2 = d2u[np.ix_(inv, inv)]
-        r = np.exp(-0.5 * d2 / float(p["length_scale"]) ** 2)
-        same = (inv[:, None] == inv[None, :]).astype(np.float64)
-        dt = steps[:, None] - steps[None, :]
-        ep, eg = self._time(dt, p)
-        k = (float(p["signal_var"]) * r + float(p["prompt_var"]) * same) * ep + float(p["global_var"]) * eg
-        return k, {"R": r, "same": same, "Ep": ep, "Eg": eg, "d2": d2, "dt": np.abs(dt)}
+        base_u = float(p["signal_var"]) * self._rbf(xu, xu) + float(p["prompt_var"]) * np.eye(len(uniq))
+        ep_s, eg_s = self._time(su[:, None].astype(np.float64) - su[None, :])
+        # row-then-column `take` is several times faster than np.ix_ fancy indexing at these sizes
+        k = base_u[inv].take(inv, axis=1)
+        k *= ep_s[sinv].take(sinv, axis=1)
+        if float(p["global_var"]) > 0:
+            k += float(p["global_var"]) * eg_s[sinv].take(sinv, axis=1)
+        return k
+
+    def _kernel_parts(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Parameter-free pieces of the kernel over ``rows`` (squared distances, same-prompt mask, step gaps)."""
+        uniq, inv = np.unique(rows[:, 0], return_inverse=True)
+        xu = self.feats.x[uniq]
+        steps = rows[:, 1].astype(np.float64)
+        return {
+            "d2": _sqdist(xu, xu)[np.ix_(inv, inv)],
+            "same": (inv[:, None] == inv[None, :]).astype(np.float64),
+            "dt": np.abs(steps[:, None] - steps[None, :]),
+        }
 
     # -------------------------------------------------------------- fit and predict
     def _fit(self) -> dict[str, Any] | None:
+        """Factorise the window GP (cached until the next observe); ``None`` before any observation."""
         if self._cache is not None:
             return self._cache
         if self.n_rows == 0:
             return None
         win = self._window_mask()
         rows = self.rows[win]
-        y, v = _targets(rows[:, 2], rows[:, 3], float(self.p["noise_floor"]))
-        k, _ = self._train_kernel(rows, self.p)
-        c = _chol(k + np.diag(v), "vipalloc GP")
+        s, n = rows[:, 2].astype(np.float64), rows[:, 3].astype(np.float64)
+        floor = float(self.p["noise_floor"])
+        k = self._train_kernel(rows)
+        diag = np.diag(k).copy()
+        keys = rows[:, 0] * _KEY + rows[:, 1]
+        f = _targets(rows[:, 2], rows[:, 3], 0.0)[0]  # start: smoothed logits (the Gaussian pseudo-observations)
+        iters = 1
+        if self.p["likelihood"] == "laplace":
+            warm = 0
+            if len(self._mode_keys):  # warm start from the previous fit's mode
+                pos = np.minimum(np.searchsorted(self._mode_keys, keys), len(self._mode_keys) - 1)
+                hit = self._mode_keys[pos] == keys
+                f[hit] = self._mode_f[pos[hit]]
+                warm = int(hit.sum())
+            # warm-started, one Newton step per observed step tracks the mode (measured: same accuracy as
+            # iterating to convergence); a mostly cold fit (first fit, replayed history) iterates to convergence
+            iters = int(self.p["newton_iters"]) if 2 * warm >= len(rows) else _COLD_NEWTON_ITERS
+        c = None
+        for it in range(iters):
+            if self.p["likelihood"] == "laplace":
+                # binomial likelihood linearised at f (one Newton step of the Laplace approximation = GP
+                # regression on pseudo-observations y = f + grad / W with noise 1 / W, W = n sigma (1 - sigma))
+                sig = expit(f)
+                w = np.maximum(n * sig * (1.0 - sig), 1e-9)
+                v_lik = 1.0 / w
+                y = f + (s - n * sig) / w
+            else:
+                y, v_lik = _targets(rows[:, 2], rows[:, 3], 0.0)
+            k[np.diag_indices_from(k)] = diag + v_lik + floor
+            c = _chol(k, "vipalloc GP")
+            if c is None:
+                break
+            m = self._mean(c, y)
+            alpha = linalg.cho_solve((c, True), y - m, check_finite=False)
+            f_new = np.clip(y - v_lik * alpha, -20.0, 20.0)  # posterior mode of each row's latent logit
+            done = float(np.max(np.abs(f_new - f))) < 1e-3
+            f = f_new
+            if done or it == iters - 1:
+                break
         if c is None:
             warnings.warn(
                 "vipalloc GP: kernel not factorisable even with jitter; predicting per-prompt smoothed rates",
@@ -378,8 +435,9 @@ class _WindowGP:
             log.warning("vipalloc GP fell back to per-prompt smoothed rates (%d window rows)", len(rows))
             self._cache = {"fallback": True, "win": win}
             return self._cache
-        m = self._mean(c, y)
-        alpha = linalg.cho_solve((c, True), y - m, check_finite=False)
+        if self.p["likelihood"] == "laplace":
+            order = np.argsort(keys)
+            self._mode_keys, self._mode_f = keys[order], f[order]
         uniq, inv = np.unique(rows[:, 0], return_inverse=True)
         self._cache = {
             "fallback": False,
@@ -391,6 +449,8 @@ class _WindowGP:
             "L": c,
             "alpha": alpha,
             "m": m,
+            "y": y,
+            "v": v_lik + floor,
         }
         return self._cache
 
@@ -424,11 +484,12 @@ class _WindowGP:
         return clean_prob(p)[back], clean_std(p * (1.0 - p) * np.sqrt(var))[back]
 
     def _posterior(self, uq: np.ndarray, t: float, fit: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Latent posterior mean and variance at ``(x_q, t)`` for unique prompt rows ``uq``."""
         p = self.p
         s_p, s_id, s_g = float(p["signal_var"]), float(p["prompt_var"]), float(p["global_var"])
         ep_w, eg_w = self._time(t - fit["steps"])
         uniq, inv = fit["uniq"], fit["inv"]
-        arch = self._archive_summary(uq, fit["win"]) if p["own_history"] else None
+        arch = self._archive(uq, fit["win"]) if p["own_history"] else None
         mu = np.empty(len(uq))
         var = np.empty(len(uq))
         chunk = 1024  # bounds memory at ~3 x chunk x max_points floats
@@ -441,52 +502,81 @@ class _WindowGP:
             mu_c = fit["m"] + k_qw @ fit["alpha"]
             va = linalg.solve_triangular(fit["L"], k_qw.T, lower=True, check_finite=False)
             var_c = self._prior_var() - (va * va).sum(0)
-            if arch is not None:
-                sel = np.flatnonzero(arch["has"][lo : lo + chunk])
-                if sel.size:
-                    yb, vb, tb = arch["y"][lo + sel], arch["v"][lo + sel], arch["t"][lo + sel]
-                    ep_b, eg_b = self._time(tb[:, None] - fit["steps"][None, :])
-                    k_bw = base[sel][:, inv] * ep_b + s_g * eg_b
-                    vb_sol = linalg.solve_triangular(fit["L"], k_bw.T, lower=True, check_finite=False)
-                    mu_b = fit["m"] + k_bw @ fit["alpha"]
-                    var_b = self._prior_var() - (vb_sol * vb_sol).sum(0)
-                    ep_ab, eg_ab = self._time(t - tb)
-                    cov_ab = (s_p + s_id) * ep_ab + s_g * eg_ab - (va[:, sel] * vb_sol).sum(0)
-                    gain = cov_ab / np.maximum(var_b + vb, 1e-12)
-                    mu_c[sel] += gain * (yb - mu_b)
-                    var_c[sel] -= gain * cov_ab
+            sel = np.flatnonzero(arch["has"][lo : lo + chunk]) if arch is not None else np.zeros(0, np.int64)
+            if arch is not None and sel.size:
+                # the prompt's own rows older than the window, as one observation at their latest step t_b,
+                # conditioned on exactly (jointly with the window) for this prompt's prediction
+                tb = arch["t"][lo + sel]
+                ep_b, eg_b = self._time(tb[:, None] - fit["steps"][None, :])
+                k_bw = base[sel][:, inv] * ep_b + s_g * eg_b
+                vb_sol = linalg.solve_triangular(fit["L"], k_bw.T, lower=True, check_finite=False)
+                mu_b = fit["m"] + k_bw @ fit["alpha"]
+                var_b = np.maximum(self._prior_var() - (vb_sol * vb_sol).sum(0), 1e-9)
+                yb, vb = self._archive_observation(arch, lo + sel, mu_b, var_b)
+                ep_ab, eg_ab = self._time(t - tb)
+                cov_ab = (s_p + s_id) * ep_ab + s_g * eg_ab - (va[:, sel] * vb_sol).sum(0)
+                gain = cov_ab / (var_b + vb)
+                mu_c[sel] += gain * (yb - mu_b)
+                var_c[sel] -= gain * cov_ab
             mu[lo : lo + chunk] = mu_c
             var[lo : lo + chunk] = var_c
         return mu, var
 
-    def _archive_summary(self, uq: np.ndarray, win: np.ndarray) -> dict[str, np.ndarray] | None:
-        """Per predicted prompt, its rows outside the window pooled into one observation at its latest such step.
-
-        Each old row's noise is inflated by ``Var[f(t_b) - f(t_k)] = 2 (k(0) - k(t_b - t_k))`` of the kernel (the
-        drift since), then rows are precision-weighted. ``None`` when no predicted prompt has such rows.
-        """
+    def _archive(self, uq: np.ndarray, win: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Rows outside the window that belong to predicted prompts: their position in ``uq``, and per prompt
+        ``has`` (any such row) and ``t`` (the latest such step, where the pooled observation is placed)."""
         old = self.rows[~win]
         if not len(old):
             return None
-        pos = np.searchsorted(uq, old[:, 0])
-        pos = np.minimum(pos, len(uq) - 1)
+        pos = np.minimum(np.searchsorted(uq, old[:, 0]), len(uq) - 1)
         hit = uq[pos] == old[:, 0]
         if not hit.any():
             return None
         old, pos = old[hit], pos[hit]
-        y, v = _targets(old[:, 2], old[:, 3], float(self.p["noise_floor"]))
-        tb = np.full(len(uq), -np.inf)
+        tb = np.full(len(uq), -1.0)
         np.maximum.at(tb, pos, old[:, 1].astype(np.float64))
-        gap = tb[pos] - old[:, 1]
-        ep, eg = self._time(gap)
+        return {"has": tb >= 0, "t": np.maximum(tb, 0.0), "pos": pos, "rows": old}
+
+    def _archive_observation(
+        self, arch: dict[str, np.ndarray], sel: np.ndarray, mu_b: np.ndarray, var_b: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pool the archived rows of prompts ``sel`` (positions in ``uq``) into one pseudo-observation ``(y, v)``
+        of the latent logit at ``t_b``, given the window posterior ``N(mu_b, var_b)`` there.
+
+        An old row says less about ``f(t_b)`` by the kernel's drift since, ``d = Var[f(t_b) - f(t_k)]``. Gaussian
+        likelihood: its noise is inflated by ``d`` and rows are precision-weighted. Laplace: its counts are
+        discounted by ``1 / (1 + n sigma(1-sigma) d)`` (the same precision loss), pooled, and the pooled binomial
+        is linearised at the mode of ``N(mu_b, var_b) x Binomial`` (vectorised scalar Newton).
+        """
         p = self.p
+        rank = np.full(int(sel.max()) + 1, -1, np.int64)
+        rank[sel] = np.arange(len(sel))
+        in_sel = arch["pos"] <= sel.max()
+        r_pos = np.where(in_sel, rank[np.minimum(arch["pos"], sel.max())], -1)
+        keep = r_pos >= 0
+        r_pos, rows = r_pos[keep], arch["rows"][keep]
+        gap = arch["t"][sel][r_pos] - rows[:, 1]
+        ep, eg = self._time(gap)
         drift = 2.0 * ((float(p["signal_var"]) + float(p["prompt_var"])) * (1 - ep) + float(p["global_var"]) * (1 - eg))
-        w = 1.0 / (v + drift)
-        wsum = np.bincount(pos, weights=w, minlength=len(uq))
-        has = wsum > 0
-        ysum = np.bincount(pos, weights=w * y, minlength=len(uq))
-        safe = np.where(has, wsum, 1.0)
-        return {"has": has, "y": ysum / safe, "v": 1.0 / safe, "t": np.where(has, tb, 0.0)}
+        floor = float(p["noise_floor"])
+        m = len(sel)
+        if p["likelihood"] == "gaussian":
+            y, v = _targets(rows[:, 2], rows[:, 3], 0.0)
+            w = 1.0 / (v + drift)
+            wsum = np.bincount(r_pos, weights=w, minlength=m)
+            return np.bincount(r_pos, weights=w * y, minlength=m) / wsum, 1.0 / wsum + floor
+        sig_b = expit(mu_b)[r_pos]
+        disc = 1.0 / (1.0 + rows[:, 3] * sig_b * (1.0 - sig_b) * drift)
+        ssum = np.bincount(r_pos, weights=disc * rows[:, 2], minlength=m)
+        nsum = np.bincount(r_pos, weights=disc * rows[:, 3], minlength=m)
+        f = mu_b.copy()
+        for _ in range(8):  # maximise -(f - mu_b)^2 / (2 var_b) + S log sigma(f) + (N - S) log(1 - sigma(f))
+            sig = expit(f)
+            grad = -(f - mu_b) / var_b + ssum - nsum * sig
+            f = np.clip(f + grad / (1.0 / var_b + nsum * sig * (1.0 - sig)), -20.0, 20.0)
+        sig = expit(f)
+        w = np.maximum(nsum * sig * (1.0 - sig), 1e-9)
+        return f + (ssum - nsum * sig) / w, 1.0 / w + floor
 
     def _fallback(self, uq: np.ndarray, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = self.rows
@@ -508,15 +598,16 @@ class _WindowGP:
         if self.p["signal_var"] == 0 and self.p["prompt_var"] == 0:
             names.remove("time_scale")
         current = {k: float(self.p[k]) for k in _FLOAT_KEYS}
-        if self.n_rows == 0:
+        fit = self._fit()
+        if fit is None or fit["fallback"] or not names:
             return current
-        win = self._window_mask()
-        order = np.flatnonzero(win)
-        rows = self.rows[order[np.argsort(self.rows[order, 1], kind="stable")][-max_points:]]
-        if len(rows) < 8 or not names:
+        # the most recent rows of the window, with their pseudo-observations at the current fit (for the Laplace
+        # likelihood: linearised at the posterior mode, i.e. type-II ML of the linearised model)
+        pick = np.argsort(fit["rows"][:, 1], kind="stable")[-max_points:]
+        if len(pick) < 8:
             return current
-        y, v = _targets(rows[:, 2], rows[:, 3], float(self.p["noise_floor"]))
-        _, parts = self._train_kernel(rows, self.p)
+        rows, y, v = fit["rows"][pick], fit["y"][pick], fit["v"][pick]
+        parts = self._kernel_parts(rows)
         fixed_mean = self.p["prior_mean"]
 
         def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -577,7 +668,13 @@ class _WindowGP:
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows.copy(), "last_step": self.last_step, "steps_since_fit": self.steps_since_fit}
+        return {
+            "rows": self.rows.copy(),
+            "last_step": self.last_step,
+            "steps_since_fit": self.steps_since_fit,
+            "mode_keys": self._mode_keys.copy(),
+            "mode_f": self._mode_f.copy(),
+        }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         rows = np.asarray(st["rows"], np.int64).reshape(-1, 4)
@@ -592,6 +689,11 @@ class _WindowGP:
         self._set_rows(rows)
         self.last_step = int(st["last_step"])
         self.steps_since_fit = int(st["steps_since_fit"])
+        keys = np.asarray(st["mode_keys"], np.int64).reshape(-1)
+        mode = np.asarray(st["mode_f"], np.float64).reshape(-1)
+        if keys.shape != mode.shape or not np.all(np.isfinite(mode)) or np.any(np.diff(keys) < 0):
+            raise ValueError("vipalloc GP state: the stored Laplace mode is malformed")
+        self._mode_keys, self._mode_f = keys.copy(), mode.copy()
         self._cache = None
 
 
@@ -603,6 +705,12 @@ def _check_params(preset: str, params: dict[str, Any]) -> None:
                 raise ValueError(f"{key} must be an integer >= 0, got {val!r}")
             if key in ("max_points", "max_history", "fit_points") and val < 1:
                 raise ValueError(f"{key} must be >= 1, got {val!r}")
+        elif key == "likelihood":
+            if val not in ("laplace", "gaussian"):
+                raise ValueError(f"likelihood must be 'laplace' or 'gaussian', got {val!r}")
+        elif key == "newton_iters":
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"newton_iters must be an integer >= 1, got {val!r}")
         elif key in ("own_history", "calibrate"):
             if not isinstance(val, bool):
                 raise ValueError(f"{key} must be True or False, got {val!r}")
