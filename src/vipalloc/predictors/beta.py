@@ -7,7 +7,15 @@ from typing import Any
 
 import numpy as np
 
-from vipalloc.predictors.base import BasePredictor, PromptTable, check_ids, check_observation, check_params, clean_std
+from vipalloc.predictors.base import (
+    BasePredictor,
+    PromptTable,
+    check_ids,
+    check_observation,
+    check_params,
+    check_step,
+    clean_std,
+)
 
 __all__ = ["BetaPredictor"]
 
@@ -59,6 +67,7 @@ class BetaPredictor(BasePredictor):
     def predict(self, prompt_ids: Sequence[str], step: int) -> tuple[np.ndarray, np.ndarray]:
         """Posterior mean and std per prompt; ``step`` is unused (the posterior does not move between updates)."""
         ids = check_ids(prompt_ids)
+        check_step(step)
         cols, _ = self._table.gather(ids, {"alpha": self.alpha0, "beta": self.beta0})
         a, b = cols["alpha"], cols["beta"]
         tot = a + b

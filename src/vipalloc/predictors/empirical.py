@@ -7,7 +7,15 @@ from typing import Any
 
 import numpy as np
 
-from vipalloc.predictors.base import BasePredictor, PromptTable, check_ids, check_observation, check_params, clean_std
+from vipalloc.predictors.base import (
+    BasePredictor,
+    PromptTable,
+    check_ids,
+    check_observation,
+    check_params,
+    check_step,
+    clean_std,
+)
 
 __all__ = ["EmpiricalPredictor"]
 
@@ -47,6 +55,7 @@ class EmpiricalPredictor(BasePredictor):
     def predict(self, prompt_ids: Sequence[str], step: int) -> tuple[np.ndarray, np.ndarray]:
         """Smoothed latest rate and its Beta-posterior std; ``step`` is unused."""
         ids = check_ids(prompt_ids)
+        check_step(step)
         cols, _ = self._table.gather(ids, {"s": 0.0, "n": 0.0})
         tot = cols["n"] + self.a0 + self.b0
         mean = (cols["s"] + self.a0) / tot
