@@ -1,37 +1,50 @@
-"""Re-implementations of the peers' allocation solvers, for side-by-side benchmarks only.
+"""Re-implementations of the peers' allocation solvers, for side-by-side benchmarks only (never used by vipalloc).
 
 Written from the published descriptions (``shared/reference/vip-authors-code.md`` sections 1 and 3, and the
-Knapsack-RL paper), not from their code:
+Knapsack-RL paper), not copied from their code:
 
-* :func:`authors_slsqp_allocate`: the VIP authors' final pipeline: scipy SLSQP on the continuous relaxation
-  (start at uniform, box bounds, equality budget), then their rounding: floor, zero any n < 4, greedy fill by the
-  legacy surrogate ``sum a (n+3)/(n+4)^2``, re-zero any 1..3 and hand the freed units to the largest n.
-* :func:`authors_bisection_allocate`: their earlier research allocator: minimise ``sum a (n+3)/(n+4)^2`` over
-  rollouts *added* to a minimum of 4 by bisection on the KKT multiplier, floor, greedy fill.
-* :func:`knapsack_dp_allocate`: Knapsack-RL's exact dynamic program, O(M * budget * n_max).
+* :func:`authors_slsqp_allocate`: the VIP authors' final pipeline. ``scipy.optimize.minimize(method="SLSQP")`` on the
+  continuous relaxation of ``sum a/(n-1) + gamma log(p) n`` (RLOO) or ``sum a (n-1)/n^2 + gamma log(p) n``
+  (Dr.GRPO), box bounds ``[lower, upper]`` (their trainer passes ``lower=1``), the budget as an equality
+  constraint, started at the uniform point, with scipy's defaults (finite-difference gradient, 100 iterations);
+  the result is used whether or not SLSQP converged. Then their rounding: floor, set every ``n < 4`` to 0 (the
+  prompt is dropped), hand out the missing units one at a time to the largest decrease of the legacy surrogate
+  ``sum a (n+3)/(n+4)^2`` (skipping prompts at ``upper``), and if some count ends in ``1..3``, zero it and give the
+  freed units one by one to the currently largest count below ``upper``.
+* :func:`authors_bisection_allocate`: their earlier research allocator. Minimise ``sum a (n+3)/(n+4)^2`` by
+  bisection on the multiplier of its stationarity condition ``a (n+2)/(n+4)^3 = lambda`` (a cubic per prompt),
+  floor, greedy fill with the same surrogate. Applied to the rollouts above a floor of ``min_n`` per prompt (as
+  their oracle ablation adds 4 to every prompt), so its output lies in ``[min_n, upper]`` like ours.
+* :func:`knapsack_dp_allocate`: Knapsack-RL's exact dynamic program over (prompts x budget), O(M * budget * K).
 
-Our greedy loops recompute each prompt's marginal gain vectorised (O(M) per unit) where the authors' code
-recomputes the whole objective per candidate (O(M^2) per unit), so the timings here flatter the peers.
+Deviations, all in the peers' favour or needed to run: our greedy loops recompute each prompt's marginal gain
+vectorised (O(M) per unit) where the authors' code recomputes the whole objective per candidate (O(M^2) per
+unit); ``lower`` is raised to ``1 + 1e-3`` for RLOO, whose objective is singular at their bound of 1; where the
+floors of a non-converged SLSQP point exceed the budget (their code raises) we take units back from the largest
+counts; ``analytic_jac=True`` offers the gradient they did not pass (faster and more accurate than their setting).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
 
 from vipalloc.allocation import _solve_dp, domain
 
-__all__ = ["authors_bisection_allocate", "authors_slsqp_allocate", "knapsack_dp_allocate"]
+__all__ = ["GAMMA", "authors_bisection_allocate", "authors_slsqp_allocate", "knapsack_dp_allocate"]
 
-GAMMA = {"rloo": 7e-4, "drgrpo": 4e-4}
+GAMMA = {"rloo": 7e-4, "drgrpo": 4e-4}  # the authors' hardness-bonus weights
 
 
 def _legacy_gain(a: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Decrease of a (n+3)/(n+4)^2 when n -> n+1 (the authors' rounding surrogate)."""
+    """Decrease of the authors' rounding surrogate ``a (n+3)/(n+4)^2`` when ``n -> n+1``."""
     return a * ((n + 3) / (n + 4) ** 2 - (n + 4) / (n + 5) ** 2)
 
 
 def _greedy_fill(a: np.ndarray, n: np.ndarray, left: int, upper: int) -> np.ndarray:
+    """Give ``left`` units one at a time to the prompt whose surrogate falls most (prompts at ``upper`` skipped)."""
     n = n.copy()
     for _ in range(left):
         gain = np.where(n < upper, _legacy_gain(a, n), -np.inf)
@@ -40,15 +53,24 @@ def _greedy_fill(a: np.ndarray, n: np.ndarray, left: int, upper: int) -> np.ndar
 
 
 def authors_slsqp_allocate(
-    p: np.ndarray, budget: int, *, estimator: str = "rloo", lower: float = 1.0, upper: int = 32, min_keep: int = 4
-) -> np.ndarray:
-    """The VIP authors' final allocator (SLSQP + rounding); returns int64 counts in {0} U [min_keep, upper]."""
+    p: np.ndarray,
+    budget: int,
+    *,
+    estimator: str = "rloo",
+    lower: float = 1.0,
+    upper: int = 32,
+    min_keep: int = 4,
+    analytic_jac: bool = False,
+    return_result: bool = False,
+) -> np.ndarray | tuple[np.ndarray, Any]:
+    """The VIP authors' final allocator (SLSQP + rounding). Returns int64 counts in ``{0} U [min_keep, upper]``
+    summing to ``budget`` (and scipy's ``OptimizeResult``, or None on the uniform path, with ``return_result``)."""
     p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
     m = len(p)
-    if np.std(p) < 1e-6:
+    if np.std(p) < 1e-6:  # their first-step rule: uniform
         counts = np.full(m, budget // m, np.int64)
         counts[: budget % m] += 1
-        return counts
+        return (counts, None) if return_result else counts
     a = p * (1 - p)
     b = GAMMA[estimator] * np.log(p)
     if estimator == "rloo":
@@ -70,52 +92,46 @@ def authors_slsqp_allocate(
     res = minimize(
         fun,
         np.full(m, budget / m),
-        jac=jac,
+        jac=jac if analytic_jac else None,
         method="SLSQP",
         bounds=[(lower, upper)] * m,
-        constraints=[{"type": "eq", "fun": lambda n: np.sum(n) - budget, "jac": lambda n: np.ones_like(n)}],
+        constraints=[{"type": "eq", "fun": lambda n: np.sum(n) - budget}],
     )
-    n = np.floor(res.x).astype(np.int64)  # used even when SLSQP did not converge, as in their code
-    n = np.clip(n, 0, upper)
+    n = np.clip(np.floor(res.x), 0, upper).astype(np.int64)  # used even when SLSQP did not converge, as theirs
     n[n < min_keep] = 0
     left = budget - int(n.sum())
     if left > 0:
         n = _greedy_fill(a, n, left, upper)
-    elif left < 0:  # floor of an infeasible iterate can overshoot: take back from the largest
-        for _ in range(-left):
-            n[int(np.argmax(n))] -= 1
+    for _ in range(-left):  # only for a non-converged, over-budget SLSQP point (their code raises here)
+        n[int(np.argmax(n))] -= 1
     small = (n > 0) & (n < min_keep)
     freed = int(n[small].sum())
     n[small] = 0
     for _ in range(freed):
-        cand = np.where(n < upper, n, -1)
-        n[int(np.argmax(cand))] += 1
-    return n
+        n[int(np.argmax(np.where(n < upper, n, -1)))] += 1
+    return (n, res) if return_result else n
 
 
 def authors_bisection_allocate(p: np.ndarray, budget: int, *, upper: int = 32, min_n: int = 4) -> np.ndarray:
-    """The authors' research allocator: ``min_n`` each, then the remaining units by the Lagrangian of
-    ``sum a (n+3)/(n+4)^2`` over added rollouts (bisection on lambda, per-item root of a(n+2)/(n+4)^3 = lambda),
-    floor, greedy fill. Returns int64 counts in [min_n, upper]."""
+    """The authors' research allocator on the rollouts above ``min_n`` per prompt: bisection on lambda for
+    ``a (n+2)/(n+4)^3 = lambda`` (per prompt: ``n = upper`` if lambda is below the value at ``upper``, ``0`` if
+    above ``a/32``, else the root), floor, greedy fill. Returns int64 counts in ``[min_n, upper]``."""
     p = np.clip(np.asarray(p, np.float64), 1e-5, 1 - 1e-5)
     m = len(p)
     a = p * (1 - p)
-    extra_cap = upper - min_n
+    cap = upper - min_n
     total = budget - min_n * m
 
     def n_star(lam: float) -> np.ndarray:
-        # a (n+2)/(n+4)^3 is decreasing in n >= 0: solve per item by vectorised bisection
-        lo = np.zeros(m)
-        hi = np.full(m, float(extra_cap))
-        at_cap = a * (extra_cap + 2) / (extra_cap + 4) ** 3 >= lam
-        at_zero = a * 2 / 64 <= lam
+        # a (n+2)/(n+4)^3 decreases in n >= 0: the root by vectorised bisection instead of their cubic roots
+        lo, hi = np.zeros(m), np.full(m, float(cap))
         for _ in range(50):
             mid = 0.5 * (lo + hi)
             big = a * (mid + 2) / (mid + 4) ** 3 > lam
-            lo = np.where(big, mid, lo)
-            hi = np.where(big, hi, mid)
+            lo, hi = np.where(big, mid, lo), np.where(big, hi, mid)
         n = 0.5 * (lo + hi)
-        return np.where(at_cap, extra_cap, np.where(at_zero, 0.0, n))
+        n = np.where(a * 2 / 64 <= lam, 0.0, n)
+        return np.where(a * (cap + 2) / (cap + 4) ** 3 >= lam, float(cap), n)
 
     lo, hi = 0.0, float(a.max())
     for _ in range(60):
@@ -125,13 +141,14 @@ def authors_bisection_allocate(p: np.ndarray, budget: int, *, upper: int = 32, m
         else:
             hi = lam
     n = np.floor(n_star(hi)).astype(np.int64)
-    left = total - int(n.sum())
-    n = _greedy_fill(a, n, max(left, 0), extra_cap)
+    n = _greedy_fill(a, n, max(total - int(n.sum()), 0), cap)
     return n + min_n
 
 
 def knapsack_dp_allocate(p: np.ndarray, budget: int, *, n_min: int = 2, n_max: int = 32) -> np.ndarray:
-    """Knapsack-RL's exact DP over (prompts x budget): maximise sum (1 - p^n - (1-p)^n) p (1-p)^2."""
+    """Knapsack-RL's exact DP over (prompts x budget) maximising ``sum (1 - p^n - (1-p)^n) p (1-p)^2``.
+
+    O(M * budget * K) time and O(M * budget) memory (int16 back-pointers), the peers' approach."""
     p = np.asarray(p, np.float64)
     vals = domain(n_min, n_max)
     n = vals[None, :].astype(np.float64)
