@@ -1,0 +1,247 @@
+"""``vipalloc bench``: simulate | predictors | overhead | train. One command per benchmark; each writes a markdown
+report with PNG plots under ``--out`` (default ``reports/``). Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+__all__ = ["register"]
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _command() -> str:
+    return (
+        "vipalloc " + " ".join(sys.argv[1:]) if sys.argv and "vipalloc" in Path(sys.argv[0]).name else "vipalloc bench"
+    )
+
+
+def _limit_threads() -> None:
+    """One BLAS/torch thread: the benchmarks run many small linear-algebra calls on a shared 2-core machine, where
+    a second thread mostly adds contention (measured 3x faster GP fits with one thread under load)."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+        pass
+
+
+class _Bar:
+    """Adapts the runners' ``progress(kind, info)`` events to a rich progress bar."""
+
+    def __init__(self, progress: Any) -> None:
+        self.p = progress
+        self.task: Any = None
+
+    def __call__(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "phase":
+            if self.task is not None:
+                self.p.update(self.task, completed=self.p.tasks[self.task].total)
+            self.task = self.p.add_task(info.get("name", ""), total=info.get("total"))
+        elif kind == "advance" and self.task is not None:
+            self.p.advance(self.task)
+            if "label" in info:
+                self.p.update(self.task, description=str(info["label"]))
+        elif kind == "run":
+            label = info.get("label")
+            final = info.get("final")
+            if final is not None:
+                self.p.console.log(f"{label} seed {info.get('seed')}: final {final:.3f}")
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the ``bench`` sub-command group to the ``vipalloc`` app."""
+    bench = typer.Typer(
+        help="Benchmarks: learning-dynamics simulator league, predictor calibration, allocator overhead, CPU training.",
+        no_args_is_help=True,
+    )
+    app.add_typer(bench, name="bench")
+
+    @bench.command()
+    def simulate(
+        quick: bool = typer.Option(False, "--quick", help="Smaller run (3 seeds, 60 steps, 2-point sweep)."),
+        seeds: int | None = typer.Option(None, help="Seeds per row (default 5; quick 3)."),
+        steps: int | None = typer.Option(None, help="Training steps (default 120; quick 60)."),
+        sigma: float = typer.Option(10.0, help="Score-noise level of the league table."),
+        sweep: str | None = typer.Option(None, help="Comma-separated sigmas for the sweep (default 0,1,3,10,30)."),
+        rows: str | None = typer.Option(None, help="Comma-separated rows: labels, 'dapo' or strategy:predictor."),
+        target: float = typer.Option(0.7, help="Target mean success for steps/rollouts-to-target."),
+        batch: int = typer.Option(64, help="Prompts a step."),
+        n_mean: int = typer.Option(8, "--n-mean", help="Rollouts a prompt on average (budget = batch x n_mean)."),
+        estimator: str = typer.Option("drgrpo", help="Training advantage: drgrpo | rloo | grpo."),
+        out: Path = typer.Option(Path("reports"), help="Report folder."),
+    ) -> None:
+        """League table of allocation strategies on the policy-gradient simulator, with a sigma sweep."""
+        _limit_threads()
+        from vipalloc.bench.runners import parse_rows, run_simulate
+        from vipalloc.bench.simulator import SimConfig
+
+        try:
+            row_specs = parse_rows(rows)
+            sw = (
+                _floats(sweep, "--sweep")
+                if sweep is not None
+                else ([0.0, 10.0] if quick else [0.0, 1.0, 3.0, 10.0, 30.0])
+            )
+            cfg = SimConfig(estimator=estimator)
+            n_seeds = seeds if seeds is not None else (3 if quick else 5)
+            n_steps = steps if steps is not None else (60 if quick else 120)
+            with _progress() as p:
+                run_simulate(
+                    out,
+                    rows=row_specs,
+                    seeds=n_seeds,
+                    steps=n_steps,
+                    batch=batch,
+                    n_mean=n_mean,
+                    sigma=sigma,
+                    sweep=sw,
+                    target=target,
+                    config=cfg,
+                    command=_command(),
+                    progress=_Bar(p),
+                )
+        except ValueError as exc:
+            _fail(str(exc))
+        typer.echo(f"wrote {out / 'simulate.md'}")
+
+    @bench.command()
+    def predictors(
+        quick: bool = typer.Option(False, "--quick", help="Smaller run (2 seeds, 30 steps, 20-step trainer trace)."),
+        seeds: int | None = typer.Option(None, help="Simulator traces (default 3)."),
+        steps: int | None = typer.Option(None, help="Steps per simulator trace (default 60)."),
+        train_trace: bool = typer.Option(
+            True, "--train-trace/--no-train-trace", help="Also score a CPU-trainer trace."
+        ),
+        train_steps: int | None = typer.Option(None, "--train-steps", help="Trainer trace steps (default 60)."),
+        trace: Path | None = typer.Option(None, help="Use this saved trainer trace (JSONL) instead of training."),
+        out: Path = typer.Option(Path("reports"), help="Report folder."),
+    ) -> None:
+        """Next-step calibration of the predictors (Brier, log loss, MAE, Spearman), seen vs never-seen prompts."""
+        _limit_threads()
+        from vipalloc.bench.runners import run_predictors
+
+        try:
+            with _progress() as p:
+                run_predictors(
+                    out,
+                    seeds=seeds if seeds is not None else (2 if quick else 3),
+                    steps=steps if steps is not None else (30 if quick else 60),
+                    train_trace=train_trace,
+                    train_steps=train_steps if train_steps is not None else (20 if quick else 60),
+                    trace_path=trace,
+                    command=_command(),
+                    progress=_Bar(p),
+                )
+        except ValueError as exc:
+            _fail(str(exc))
+        typer.echo(f"wrote {out / 'predictors.md'}")
+
+    @bench.command()
+    def overhead(
+        quick: bool = typer.Option(False, "--quick", help="Smaller run (M up to 1024, histories up to 50k)."),
+        ms: str | None = typer.Option(None, "--ms", help="Batch sizes (default 256,1024,4096,16384)."),
+        history: str | None = typer.Option(None, help="History rows (default 10000,50000,200000)."),
+        embedder: str = typer.Option("hashing", help="Embedder for the GP: hashing | minilm | auto."),
+        peer_code: Path | None = typer.Option(
+            None,
+            "--peer-code",
+            help="Folder with the peers' public files (bernoulli_allocation.py from HieuNT91/VIP, "
+            "exploration_utils.py from liziniu/KnapsackRL) to time them too; never committed.",
+        ),
+        slsqp_max: int = typer.Option(1024, "--slsqp-max", help="Largest M for the SLSQP solver."),
+        dp_max: int = typer.Option(1024, "--dp-max", help="Largest M for the Knapsack DP."),
+        peer_max: int = typer.Option(256, "--peer-max", help="Largest M for the peers' own code."),
+        out: Path = typer.Option(Path("reports"), help="Report folder."),
+    ) -> None:
+        """plan() time by stage and peak memory vs batch size and history; peers' solvers side by side."""
+        _limit_threads()
+        from vipalloc.bench.runners import run_overhead
+
+        try:
+            m_list = _ints(ms, "--ms") if ms is not None else ([256, 1024] if quick else [256, 1024, 4096, 16384])
+            h_list = (
+                _ints(history, "--history")
+                if history is not None
+                else ([10_000, 50_000] if quick else [10_000, 50_000, 200_000])
+            )
+            with _progress() as p:
+                run_overhead(
+                    out,
+                    ms=m_list,
+                    histories=h_list,
+                    embedder=embedder,
+                    slsqp_max=slsqp_max,
+                    dp_max=dp_max,
+                    peer_code=peer_code,
+                    peer_max=peer_max,
+                    gp_windows=(512, 1024, 2048) if quick else (512, 1024, 2048, 4096, 8192),
+                    window_m=1024 if quick else 4096,
+                    command=_command(),
+                    progress=_Bar(p),
+                )
+        except ValueError as exc:
+            _fail(str(exc))
+        typer.echo(f"wrote {out / 'overhead.md'}")
+
+    @bench.command()
+    def train(
+        quick: bool = typer.Option(False, "--quick", help="A ~minutes smoke run of the same pipeline (1 seed)."),
+        seeds: int | None = typer.Option(None, help="Seeds per strategy (default 3; quick 1)."),
+        steps: int | None = typer.Option(None, help="Training steps (default: the demo's 120)."),
+        strategies: str = typer.Option("uniform,vip,knapsack,dapo", help="Comma-separated strategies."),
+        out: Path = typer.Option(Path("reports"), help="Report folder."),
+    ) -> None:
+        """Real CPU training: strategies x seeds at equal cumulative rollouts, accuracy vs rollouts."""
+        from vipalloc.bench.runners import run_train
+        from vipalloc.training.config import STRATEGIES
+
+        strats = [s.strip() for s in strategies.split(",") if s.strip()]
+        bad = [s for s in strats if s not in STRATEGIES]
+        if bad or not strats:
+            _fail(f"unknown strategies {bad}; choose from {', '.join(STRATEGIES)}")
+        try:
+            with _progress() as p:
+                run_train(
+                    out,
+                    strategies=strats,
+                    seeds=seeds if seeds is not None else (1 if quick else 3),
+                    steps=steps,
+                    quick=quick,
+                    command=_command(),
+                    progress=_Bar(p),
+                )
+        except ValueError as exc:
+            _fail(str(exc))
+        typer.echo(f"wrote {out / 'train.md'}")

@@ -1,0 +1,199 @@
+"""Report helpers: mean +- 95% interval, markdown tables, provenance header, PNG plots (matplotlib Agg).
+
+Intervals are Student-t 95% confidence intervals of the mean over seeds (``t_{0.975, n-1} * sd / sqrt(n)``);
+a single value has no interval (shown as ``+- nan``-free ``x (n=1)``).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "fmt_ci",
+    "git_commit",
+    "md_table",
+    "mean_ci",
+    "plot_bands",
+    "plot_lines",
+    "provenance",
+]
+
+
+def mean_ci(values: Sequence[float] | np.ndarray) -> tuple[float, float, int]:
+    """``(mean, half-width of the 95% t-interval, n)`` over the finite entries; ``(nan, nan, 0)`` when none."""
+    a = np.asarray(values, np.float64).ravel()
+    a = a[np.isfinite(a)]
+    n = int(a.size)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    m = float(a.mean())
+    if n == 1:
+        return m, float("nan"), 1
+    from scipy import stats
+
+    hw = float(stats.t.ppf(0.975, n - 1) * a.std(ddof=1) / math.sqrt(n))
+    return m, hw, n
+
+
+def fmt_ci(values: Sequence[float] | np.ndarray, digits: int = 3, scale: float = 1.0, signed: bool = False) -> str:
+    """``"mean ± hw"`` of ``values * scale`` (``"—"`` when there is no finite value; ``(n=1)`` without interval)."""
+    m, hw, n = mean_ci(np.asarray(values, np.float64) * scale)
+    if n == 0:
+        return "—"
+    sign = "+" if signed else ""
+    if n == 1:
+        return f"{m:{sign}.{digits}f} (n=1)"
+    return f"{m:{sign}.{digits}f} ± {hw:.{digits}f}"
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub markdown table. ``align``: one char per column (``l``/``r``), default: first left, rest right."""
+    if any(len(r) != len(headers) for r in rows):
+        raise ValueError("every row must have one cell per header")
+    al = align or ("l" + "r" * (len(headers) - 1))
+    sep = ["---:" if a == "r" else ":---" for a in al]
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "| " + " | ".join(sep) + " |"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def git_commit(root: str | Path | None = None) -> str:
+    """Short commit hash of the working tree (``+dirty`` if tracked files differ), or ``unknown``."""
+    cwd = str(root) if root is not None else str(Path(__file__).resolve().parents[3])
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=10", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(command: str, extra: Mapping[str, Any] | None = None) -> str:
+    """Markdown lines naming the command, commit, date and machine that produced a report."""
+    import os
+
+    lines = [
+        f"- command: `{command}`",
+        f"- commit: `{git_commit()}`",
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {sys.version.split()[0]}, "
+        f"numpy {np.__version__}",
+    ]
+    for k, v in (extra or {}).items():
+        lines.append(f"- {k}: {v}")
+    return "\n".join(lines) + "\n"
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bands(
+    curves: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    grid: np.ndarray | None = None,
+    hline: float | None = None,
+) -> Path:
+    """One line per label: the mean over its runs of ``y(x)`` (each run linearly interpolated onto ``grid``,
+    default: the union range) with a shaded 95% t-interval band. Writes a PNG and returns its path."""
+    from scipy import stats
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for label, runs in curves.items():
+        if not runs:
+            continue
+        lo = max(float(np.min(x)) for x, _ in runs)
+        hi = min(float(np.max(x)) for x, _ in runs)
+        g = grid if grid is not None else np.linspace(lo, hi, 100)
+        g = g[(g >= lo) & (g <= hi)]
+        if g.size == 0:
+            continue
+        ys = np.array([np.interp(g, np.asarray(x, float), np.asarray(y, float)) for x, y in runs])
+        m = ys.mean(axis=0)
+        (line,) = ax.plot(g, m, label=f"{label} (n={len(runs)})", lw=1.6)
+        if len(runs) > 1:
+            hw = stats.t.ppf(0.975, len(runs) - 1) * ys.std(axis=0, ddof=1) / math.sqrt(len(runs))
+            ax.fill_between(g, m - hw, m + hw, color=line.get_color(), alpha=0.15, lw=0)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls=":", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_lines(
+    series: Mapping[str, tuple[Sequence[float], Sequence[Sequence[float]]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+    logy: bool = False,
+    hline: float | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Path:
+    """One line per label through ``(x_k, mean of values_k)`` with 95% t-interval error bars; ``values_k`` are the
+    per-seed values at ``x_k``. Writes a PNG and returns its path."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for label, (xs, vals) in series.items():
+        stats_ = [mean_ci(transform(np.asarray(v)) if transform else v) for v in vals]
+        m = np.array([s[0] for s in stats_])
+        hw = np.nan_to_num(np.array([s[1] for s in stats_]))
+        ax.errorbar(np.asarray(xs, float), m, yerr=hw, label=label, marker="o", ms=3, capsize=3, lw=1.4)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls=":", lw=1)
+    if logx:
+        ax.set_xscale("symlog" if any(min(x) <= 0 for x, _ in series.values()) else "log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
