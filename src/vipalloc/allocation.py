@@ -309,16 +309,7 @@ def minimize_separable(table: ArrayLike, vals: ArrayLike, budget: int) -> np.nda
     rel = rc - rc[rows, base][:, None]  # cost of moving item i to column k, relative to its base
     delta = v[None, :] - v[base][:, None]
     bound = k_max * span  # |partial sums| of an optimal correction
-    ub: _Correction | None = None
-    dense = np.full((m, 2 * span + 1), np.inf)
-    dense[rows[:, None], delta + span] = rel
-    dense[:, span] = np.inf  # moving by 0 is the base itself
-    for per_delta in sorted({1, 4, 16, k_max}):
-        if per_delta > k_max:
-            continue
-        ub = _correct(_cheapest_per_delta(dense, per_delta, span), residual, bound, np.inf)
-        if ub is not None:
-            break
+    ub = _upper_bound(rel, delta, residual, span, k_max, bound)
     if ub is None:
         raise ValueError(f"budget {budget} is not reachable as a sum of {m} counts from vals")
     slack = (k_max + 2) * tol
@@ -331,6 +322,27 @@ def minimize_separable(table: ArrayLike, vals: ArrayLike, budget: int) -> np.nda
     if best is None or best.cost > ub.cost:  # rounding at the threshold edge: the upper bound stands
         best = ub
     return _apply(base, v, best)
+
+
+def _upper_bound(
+    rel: np.ndarray, delta: np.ndarray, residual: int, span: int, k_max: int, bound: int
+) -> _Correction | None:
+    """A feasible correction (any will do; a cheap one keeps the final candidate set small), or None if the
+    budget is unreachable. First the cheapest single move by exactly ``residual``; else DPs over the ``c``
+    cheapest items per move size for growing ``c``, up to ``k_max``, where failure proves infeasibility."""
+    single = np.where(delta == residual, rel, np.inf)
+    flat = int(np.argmin(single))
+    if np.isfinite(single.flat[flat]):
+        return _Correction(float(single.flat[flat]), {flat // rel.shape[1]: residual})
+    m = rel.shape[0]
+    dense = np.full((m, 2 * span + 1), np.inf)
+    dense[np.arange(m)[:, None], delta + span] = rel
+    dense[:, span] = np.inf  # moving by 0 is the base itself
+    for per_delta in sorted({min(c, k_max) for c in (1, 4, 16, k_max)}):
+        ub = _correct(_cheapest_per_delta(dense, per_delta, span), residual, bound, np.inf)
+        if ub is not None:
+            return ub
+    return None
 
 
 class _Correction(NamedTuple):
@@ -358,11 +370,12 @@ def _lower_hull_segments(c: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.n
     vf = v.astype(np.float64)
     dv = np.diff(vf)
     s = np.diff(c, axis=1) / dv[None, :]
-    # conv_from[i]: the first column j such that the row is convex on columns j..K-1
-    drops = np.zeros((m, k), bool)
-    drops[:, 1 : k - 1] = s[:, 1:] < s[:, :-1]
-    last_drop = k - 1 - np.argmax(drops[:, ::-1], axis=1)
-    conv_from = np.where(drops.any(axis=1), last_drop, 0)
+    # conv_from[i]: the first column j such that the row is convex on columns j..K-1 (0 for convex rows)
+    conv_from = np.zeros(m, np.int64)
+    if k > 2:
+        dec = s[:, 1:] < s[:, :-1]  # dec[:, j]: the slope falls at column j + 1
+        bad = np.flatnonzero(dec.any(axis=1))
+        conv_from[bad] = (k - 2) - np.argmax(dec[bad, ::-1], axis=1)
     cur = np.zeros(m, np.int64)
     seg_len: list[np.ndarray] = []
     seg_slope: list[np.ndarray] = []
@@ -403,18 +416,20 @@ def _critical_slope(c: np.ndarray, v: np.ndarray, units: int) -> float:
 def _weighted_kth(values: np.ndarray, weights: np.ndarray, k: int) -> float:
     """The ``k``-th smallest element (1-based) of the multiset holding ``weights[j]`` copies of ``values[j]``.
 
-    A sorted strided sample brackets the answer, one pass counts what lies below the bracket, and only the
+    A sorted random sample brackets the answer, one pass counts what lies below the bracket, and only the
     values inside it are sorted; if the bracket misses (adversarial order) everything is sorted. Robust to
     heavy duplication, where ``np.partition`` degrades badly (all items tied, e.g. many p = 0 prompts).
     """
     n = len(values)
     if n > 8192:
-        sample = np.sort(values[:: n // 1024])
+        # a fixed-seed random sample: deterministic, and unbiased whatever the layout (a stride could alias
+        # with the table's row length and sample a single column)
+        sample = np.sort(values[np.random.default_rng(0).integers(0, n, 2048)])
         total = int(weights.sum())
         at = int(k / total * (len(sample) - 1))
-        lo_v, hi_v = sample[max(at - 24, 0)], sample[min(at + 24, len(sample) - 1)]
-        below = int(weights[values < lo_v].sum())
-        upto = int(weights[values <= hi_v].sum())
+        lo_v, hi_v = sample[max(at - 48, 0)], sample[min(at + 48, len(sample) - 1)]
+        below = int(np.sum(weights, where=values < lo_v))
+        upto = int(np.sum(weights, where=values <= hi_v))
         if below < k <= upto:
             if lo_v == hi_v:
                 return float(lo_v)
