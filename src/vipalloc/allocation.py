@@ -316,9 +316,13 @@ def minimize_separable(table: ArrayLike, vals: ArrayLike, budget: int) -> np.nda
     if ub.cost <= slack:  # the Lagrangian bound is met: already optimal
         return _apply(base, v, ub)
     thresh = ub.cost + slack
-    it, kc = np.nonzero((rel <= thresh) & (delta != 0))
-    cand = _cap_per_delta(it, delta[it, kc], rel[it, kc], k_max)
-    best = _correct(cand, residual, bound, thresh)
+    active = (rel <= thresh) & (delta != 0)
+    # Movers are also bounded by cost: c movers cost at least the c smallest per-item cheapest moves.
+    cheapest = np.sort(np.maximum(np.where(active, rel, np.inf).min(axis=1), 0.0))
+    k_eff = max(1, min(k_max, int(np.searchsorted(np.cumsum(cheapest), thresh, side="right"))))
+    it, kc = np.nonzero(active)
+    cand = _cap_per_delta(it, delta[it, kc], rel[it, kc], k_eff)
+    best = _correct(cand, residual, k_eff * span, thresh)
     if best is None or best.cost > ub.cost:  # rounding at the threshold edge: the upper bound stands
         best = ub
     return _apply(base, v, best)
@@ -422,10 +426,12 @@ def _weighted_kth(values: np.ndarray, weights: np.ndarray, k: int) -> float:
     """
     n = len(values)
     if n > 8192:
-        # a fixed-seed random sample: deterministic, and unbiased whatever the layout (a stride could alias
-        # with the table's row length and sample a single column)
-        sample = np.sort(values[np.random.default_rng(0).integers(0, n, 2048)])
-        total = int(weights.sum())
+        # a fixed-seed random sample of units (so weight-0 padding and long segments are counted right):
+        # deterministic, and unbiased whatever the layout (a stride could alias with the table's row length)
+        cum = np.cumsum(weights)
+        total = int(cum[-1])
+        units = np.random.default_rng(0).integers(0, total, 2048)
+        sample = np.sort(values[np.searchsorted(cum, units, side="right")])
         at = int(k / total * (len(sample) - 1))
         lo_v, hi_v = sample[max(at - 48, 0)], sample[min(at + 48, len(sample) - 1)]
         below = int(np.sum(weights, where=values < lo_v))
@@ -523,6 +529,9 @@ def _correct(cands: _Cands, residual: int, bound: int, thresh: float) -> _Correc
         return None
     starts = np.r_[0, np.flatnonzero(np.diff(items)) + 1, len(items)]
     groups = [(int(items[s]), devs[s:e], costs[s:e]) for s, e in zip(starts[:-1], starts[1:])]
+    # Small movers first, big jumps last: the window is bounded by what was reachable so far and by what the
+    # remaining items can still reach, so this order keeps it narrow. (Stable: ties keep item order.)
+    groups.sort(key=lambda g: int(np.abs(g[1]).max()))
     dmin = np.array([min(0, int(d.min())) for _, d, _ in groups])
     dmax = np.array([max(0, int(d.max())) for _, d, _ in groups])
     suf_min = np.r_[np.cumsum(dmin[::-1])[::-1], 0]
