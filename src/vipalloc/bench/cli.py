@@ -64,7 +64,7 @@ class _Bar:
                 self.p.update(self.task, completed=self.p.tasks[self.task].total)
             self.task = self.p.add_task(info.get("name", ""), total=info.get("total"))
         elif kind == "advance" and self.task is not None:
-            self.p.advance(self.task)
+            self.p.advance(self.task, info.get("n", 1))
             if "label" in info:
                 self.p.update(self.task, description=str(info["label"]))
         elif kind == "run":

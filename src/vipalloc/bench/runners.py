@@ -50,12 +50,16 @@ class RowSpec:
     dapo: bool = False
 
 
+# Predictors: vip is run with the GP (the library default), the Beta posterior and the true p, so the predictor's
+# share of the result is visible; the other strategies use the Beta posterior (a per-prompt success-rate estimate,
+# what Knapsack-RL and GVM use), so comparing them with "vip (beta)" isolates the allocation rule. Only one GP row:
+# its fit dominates the run time.
 DEFAULT_ROWS: tuple[RowSpec, ...] = (
     RowSpec("uniform", "uniform", "empirical"),
     RowSpec("vip (gp)", "vip", "gp"),
     RowSpec("vip (beta)", "vip", "beta"),
     RowSpec("vip (oracle p)", "vip", "oracle"),
-    RowSpec("vip_pure (gp)", "vip_pure", "gp"),
+    RowSpec("vip_pure (beta)", "vip_pure", "beta"),
     RowSpec("inverse_acc (beta)", "inverse_acc", "beta"),
     RowSpec("inverse_var (beta)", "inverse_var", "beta"),
     RowSpec("knapsack (beta)", "knapsack", "beta"),
@@ -63,7 +67,14 @@ DEFAULT_ROWS: tuple[RowSpec, ...] = (
     RowSpec("dapo dynamic sampling", "uniform", "empirical", dapo=True),
 )
 # The sigma sweep runs the cheap rows (no GP: its cost would dominate the sweep).
-SWEEP_ROWS: tuple[str, ...] = ("uniform", "vip (beta)", "vip (oracle p)", "knapsack (beta)", "dapo dynamic sampling")
+SWEEP_ROWS: tuple[str, ...] = (
+    "uniform",
+    "vip (beta)",
+    "vip (oracle p)",
+    "vip_pure (beta)",
+    "knapsack (beta)",
+    "dapo dynamic sampling",
+)
 
 
 def parse_rows(spec: str | Sequence[str] | None) -> list[RowSpec]:
@@ -122,6 +133,15 @@ class SimRun:
     def final_success(self) -> float:
         """Mean success at the end of the equal-rollout budget."""
         return float(self.success[-1])
+
+    def auc(self) -> float:
+        """Mean success averaged over the cumulative-rollout axis (area under the curve / total rollouts): a
+        learning-speed summary that averages out the random walk of a single end point."""
+        x = np.asarray(self.cum_rollouts, np.float64)
+        if x[-1] <= 0:
+            return float(self.success[-1])
+        y = np.asarray(self.success, np.float64)
+        return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)) / x[-1])
 
     def reach(self, target: float) -> tuple[float, float]:
         """``(steps, cumulative rollouts)`` at which the mean success first reached ``target`` (NaN if never)."""
@@ -214,10 +234,11 @@ def simulate_run(
             alloc.predictor.set_true_p(ids, p_true)
         t0 = time.perf_counter()
         plan = alloc.plan(ids, prompts=texts, budget=budget, step=t)
+        a_s = time.perf_counter() - t0
         rewards = sim.rollouts(idx, plan.counts, rng_r, width=n_max)
-        t1 = time.perf_counter()
+        t0 = time.perf_counter()
         alloc.observe(ids, rewards, step=t)
-        a_s = time.perf_counter() - t1 + (t1 - t0)
+        a_s += time.perf_counter() - t0
         used = budget
         train_idx, train_rewards = idx, rewards
         generated = [r for r in rewards if len(r)]
@@ -231,7 +252,9 @@ def simulate_run(
                 ids2 = [sim.ids[i] for i in idx2]
                 t0 = time.perf_counter()
                 plan2 = alloc.plan(ids2, prompts=[sim.texts[i] for i in idx2], budget=budget, step=t)
+                a_s += time.perf_counter() - t0
                 rw2 = sim.rollouts(idx2, plan2.counts, rng_x, width=n_max)
+                t0 = time.perf_counter()
                 alloc.observe(ids2, rw2, step=t)
                 a_s += time.perf_counter() - t0
                 used += budget
@@ -299,7 +322,9 @@ def _league_rows(
     headers = [
         "row",
         "final success",
-        "Δ vs uniform (paired)",
+        "Δ final vs uniform",
+        "mean success (AUC)",
+        "Δ AUC vs uniform",
         "reached target",
         "steps to target",
         "rollouts to target (k)",
@@ -310,10 +335,13 @@ def _league_rows(
         "alloc ms/step",
     ]
     base = {r.seed: r.final_success() for r in runs.get(baseline, [])}
+    base_auc = {r.seed: r.auc() for r in runs.get(baseline, [])}
     rows = []
     for label, rs in runs.items():
         finals = [r.final_success() for r in rs]
         deltas = [r.final_success() - base[r.seed] for r in rs if r.seed in base]
+        aucs = [r.auc() for r in rs]
+        d_auc = [r.auc() - base_auc[r.seed] for r in rs if r.seed in base_auc]
         reach = [r.reach(target) for r in rs]
         n_hit = sum(1 for s, _ in reach if np.isfinite(s))
         is_dapo = all(not np.isfinite(r.var_plan).any() for r in rs)
@@ -322,6 +350,8 @@ def _league_rows(
                 label,
                 fmt_ci(finals),
                 "—" if label == baseline else fmt_ci(deltas, signed=True),
+                fmt_ci(aucs),
+                "—" if label == baseline else fmt_ci(d_auc, signed=True),
                 f"{n_hit}/{len(rs)}",
                 fmt_ci([s for s, _ in reach], digits=1),
                 fmt_ci([c for _, c in reach], digits=1, scale=1e-3),
@@ -373,6 +403,7 @@ def run_simulate(
         for row in rows:
             t0 = time.perf_counter()
             run = simulate_run(row, base_cfg, seed, **kw, on_step=lambda s: progress("advance", {}))
+            progress("advance", {"n": steps - int(run.steps[-1])})  # DAPO takes fewer steps
             wall[row.label] += time.perf_counter() - t0
             league[row.label].append(run)
             progress("run", {"label": row.label, "seed": seed, "final": run.final_success()})
@@ -390,10 +421,10 @@ def run_simulate(
                 for row in s_rows:
                     if sg == float(sigma) and row.label in league:  # already run in the league
                         sweep_runs[sg][row.label].append(league[row.label][seed])
-                        for _ in range(steps):
-                            progress("advance", {})
+                        progress("advance", {"n": steps})
                         continue
                     run = simulate_run(row, cfg_s, seed, **kw, on_step=lambda s: progress("advance", {}))
+                    progress("advance", {"n": steps - int(run.steps[-1])})
                     sweep_runs[sg][row.label].append(run)
     elapsed = time.perf_counter() - t_start
     result = {
@@ -463,16 +494,16 @@ def _write_simulate_report(
                     continue
                 vals = []
                 for s in sigmas:
-                    base = {r.seed: r.final_success() for r in sweep_runs[s]["uniform"]}
-                    vals.append([r.final_success() - base[r.seed] for r in sweep_runs[s][lbl] if r.seed in base])
+                    base = {r.seed: r.auc() for r in sweep_runs[s]["uniform"]}
+                    vals.append([r.auc() - base[r.seed] for r in sweep_runs[s][lbl] if r.seed in base])
                 series_delta[lbl] = (sigmas, vals)
             plots.append(
                 plot_lines(
                     series_delta,
                     out / "simulate_sweep_delta.png",
                     xlabel="sigma (reward-independent score noise)",
-                    ylabel="final success minus uniform's (same seed)",
-                    title="sigma sweep: paired difference to uniform (± 95% CI)",
+                    ylabel="mean success over the run (AUC) minus uniform's, same seed",
+                    title="sigma sweep: paired AUC difference to uniform (± 95% CI)",
                     logx=True,
                     hline=0.0,
                 )
@@ -493,8 +524,10 @@ def _write_simulate_report(
         ),
         f"## League at sigma = {cfg.sigma:g} (target mean success {target:g})",
         "",
-        "Mean ± 95% t-interval over seeds. *Δ vs uniform*: final success minus uniform's on the same seed (same world,",
-        "prompt order and random numbers). *var / uniform*, *var / oracle*: the plan's expected gradient variance",
+        "Mean ± 95% t-interval over seeds. *Δ ... vs uniform*: minus uniform's on the same seed (same world, prompt",
+        "order and random numbers). *mean success (AUC)*: the success curve averaged over cumulative rollouts",
+        "(area under the curve / budget), which averages out the random walk of a single end point.",
+        "*var / uniform*, *var / oracle*: the plan's expected gradient variance",
         "(the allocator's estimator model, summed over the batch) under the TRUE p, divided by that of the uniform",
         "plan and of the exact minimum-variance plan (vip_pure with oracle p, no drops) of the same batch, averaged",
         "over steps; plans that drop prompts can go below the oracle because a dropped prompt counts 0.",
@@ -505,6 +538,16 @@ def _write_simulate_report(
         "",
         "Wall time per row (all seeds): " + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items()) + ".",
         "",
+    ]
+    for lbl, rs in league.items():
+        b = [r.extra["dapo_batches_mean"] for r in rs if "dapo_batches_mean" in r.extra]
+        if b:
+            lines.append(
+                f"{lbl}: {np.mean(b):.2f} generation batches a step on average, so "
+                f"{np.mean([r.steps[-1] for r in rs]):.0f} steps within the same rollouts."
+            )
+    lines += [
+        "",
         f"![success curves]({Path(plots[0]).name})",
         "",
     ]
@@ -514,23 +557,26 @@ def _write_simulate_report(
         lines += [
             "## Sigma sweep: where allocation matters",
             "",
-            f"Final mean success after {total} rollouts (mean ± 95% CI over {seeds} seeds); in brackets the paired",
-            "difference to uniform.",
+            f"After {total} rollouts (mean ± 95% CI over {seeds} seeds); in brackets the paired difference to",
+            "uniform.",
             "",
         ]
-        sweep_table = []
-        for lbl in labels:
-            cells = [lbl]
-            for s in sigmas:
-                finals = [r.final_success() for r in sweep_runs[s][lbl]]
-                cell = fmt_ci(finals)
-                if lbl != "uniform" and "uniform" in sweep_runs[s]:
-                    base = {r.seed: r.final_success() for r in sweep_runs[s]["uniform"]}
-                    d = [r.final_success() - base[r.seed] for r in sweep_runs[s][lbl] if r.seed in base]
-                    cell += f" [{fmt_ci(d, signed=True)}]"
-                cells.append(cell)
-            sweep_table.append(cells)
-        lines += [md_table(["row"] + [f"sigma={s:g}" for s in sigmas], sweep_table), ""]
+        for title, fn in (
+            ("final mean success", SimRun.final_success),
+            ("mean success over the run (AUC)", SimRun.auc),
+        ):
+            sweep_table = []
+            for lbl in labels:
+                cells = [lbl]
+                for s in sigmas:
+                    cell = fmt_ci([fn(r) for r in sweep_runs[s][lbl]])
+                    if lbl != "uniform" and "uniform" in sweep_runs[s]:
+                        base = {r.seed: fn(r) for r in sweep_runs[s]["uniform"]}
+                        d = [fn(r) - base[r.seed] for r in sweep_runs[s][lbl] if r.seed in base]
+                        cell += f" [{fmt_ci(d, signed=True)}]"
+                    cells.append(cell)
+                sweep_table.append(cells)
+            lines += [f"**{title}**", "", md_table(["row"] + [f"sigma={s:g}" for s in sigmas], sweep_table), ""]
         lines += [f"![sweep]({Path(p).name})" for p in plots[1:]]
         lines.append("")
     path = out / "simulate.md"
