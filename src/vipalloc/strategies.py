@@ -22,6 +22,7 @@ prompts with a seeded per-step permutation, so no prompt is favoured systematica
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -133,20 +134,23 @@ class VIP:
         if _no_information(p):
             return uniform_counts(m, budget)
         bonus = HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus)
-        kw = {"estimator": self.estimator, "hardness_bonus": bonus}
+
+        def exact(q: np.ndarray, lo: int, hi: int) -> np.ndarray:
+            return solve(q, budget, n_min=lo, n_max=hi, estimator=self.estimator, hardness_bonus=bonus)
+
         if not self.allow_drop:
-            return solve(p, budget, n_min=n_min, n_max=n_max, **kw)
+            return exact(p, n_min, n_max)
         lo = min(max(n_min, int(self.min_keep)), n_max)
-        stage1 = solve(p, budget, n_min=2, n_max=n_max, **kw)
+        stage1 = exact(p, 2, n_max)
         # Keep j prompts, the most-served first (earlier prompts on ties); j must let the kept prompts absorb the
         # budget within [lo, n_max]: ceil(budget / n_max) <= j <= budget // lo.
         j_min, j_max = -(-budget // n_max), min(m, budget // lo)
         if j_min > j_max:  # no kept set fits [lo, n_max] (lo close to n_max): keep everyone on [n_min, n_max]
-            return solve(p, budget, n_min=n_min, n_max=n_max, **kw)
+            return exact(p, n_min, n_max)
         j = min(max(int((stage1 >= lo).sum()), j_min), j_max)
         keep = np.sort(np.lexsort((np.arange(m), -stage1))[:j])
         counts = np.zeros(m, np.int64)
-        counts[keep] = solve(p[keep], budget, n_min=lo, n_max=n_max, **kw)
+        counts[keep] = exact(p[keep], lo, n_max)
         return counts
 
 
@@ -297,7 +301,7 @@ def proportional_counts(weight: np.ndarray, budget: int, n_min: int, n_max: int)
     return counts
 
 
-_FACTORIES = {
+_FACTORIES: dict[str, Callable[..., Strategy]] = {
     "uniform": lambda estimator, **kw: Uniform(**kw),
     "vip": lambda estimator, **kw: VIP(estimator=estimator, **kw),
     "vip_pure": lambda estimator, **kw: VIPPure(estimator=estimator, **kw),
