@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vipalloc.training.tasks import LEVELS
+
 STRATEGIES = ("uniform", "vip", "vip_pure", "inverse_acc", "inverse_var", "knapsack", "gvm", "dapo")
 
 
@@ -28,6 +30,7 @@ class WarmupConfig(BaseModel):
     steps: int = Field(1500, ge=0)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(3e-3, gt=0)
+    label_noise: float = Field(0.3, ge=0, lt=0.5, description="fraction of warm-up answers replaced by near misses")
     seed: int = 12345
 
 
@@ -48,19 +51,29 @@ class TrainConfig(BaseModel):
     n_min: int = Field(2, ge=2)
     n_max: int = Field(32, ge=2)
     dapo_max_batches: int = Field(3, ge=1, description="DAPO: generation batches per step at most")
-    lr: float = Field(3e-5, gt=0)
-    lr_warmup_steps: int = Field(20, ge=0, description="linear lr ramp: avoids Adam's large first updates")
+    lr: float = Field(
+        1e-4, gt=0, description="AdamW; 3e-4 collapsed the easy levels within 40 steps (docs/training.md)"
+    )
+    lr_warmup_steps: int = Field(10, ge=0, description="linear lr ramp: avoids Adam's large first updates")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    ppo_epochs: int = Field(1, ge=1, description="passes over each step's rollouts (PPO-style reuse)")
+    minibatches: int = Field(1, ge=1, description="gradient steps per pass; prompt groups are never split")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip; inert with 1 epoch x 1 minibatch (ratio = 1)")
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL penalty towards the warm-up (reference) policy")
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(6, ge=1)
+    levels: list[tuple[int, int]] = Field(
+        default_factory=lambda: [list(x) for x in LEVELS],
+        description="difficulty ladder: (terms, digits) per level of chain_sum, mixed evenly in pool and eval set",
+    )
     pool_size: int = Field(1024, ge=1)
     pool_seed: int = 1
     eval_size: int = Field(256, ge=1)
     eval_samples: int = Field(8, ge=1)
     eval_every: int = Field(10, ge=1)
     ckpt_every: int = Field(10, ge=1)
-    threads: int = Field(2, ge=1)
+    threads: int = Field(1, ge=1, description="torch CPU threads; 1 is fastest when other jobs share the cores")
     model: ModelConfig = Field(default_factory=ModelConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     warmup_cache: str = "runs/warmup"
@@ -76,9 +89,22 @@ class TrainConfig(BaseModel):
             raise ValueError("prompts_per_step cannot exceed pool_size")
         if self.model.n_embd % self.model.n_head:
             raise ValueError("model.n_embd must be divisible by model.n_head")
+        for terms, digits in self.levels:
+            if not (2 <= terms <= 6 and 1 <= digits <= 4):
+                raise ValueError(f"level ({terms}, {digits}) is out of range: use 2..6 terms of 1..4 digits")
+            if terms * (10**digits - 1) >= 10 ** (self.max_new_tokens - 1):
+                raise ValueError(
+                    f"level ({terms}, {digits}) can have answers longer than max_new_tokens={self.max_new_tokens} "
+                    "allows (digits + sign + end-of-sequence); raise max_new_tokens"
+                )
         if self.loss == "rloo" and self.n_min < 2:
             raise ValueError("RLOO needs n_min >= 2")
         return self
+
+    @property
+    def level_tuples(self) -> tuple[tuple[int, int], ...]:
+        """``levels`` as a tuple of ``(terms, digits)`` pairs."""
+        return tuple((int(t), int(d)) for t, d in self.levels)
 
     @property
     def budget(self) -> int:
@@ -88,7 +114,8 @@ class TrainConfig(BaseModel):
     def warmup_key(self) -> str:
         """Hash of everything the warm-up model depends on (its cache key)."""
         blob = json.dumps(
-            {"model": self.model.model_dump(), "warmup": self.warmup.model_dump(), "v": 1}, sort_keys=True
+            {"model": self.model.model_dump(), "warmup": self.warmup.model_dump(), "levels": self.level_tuples, "v": 2},
+            sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

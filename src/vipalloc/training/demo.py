@@ -19,7 +19,7 @@ from vipalloc.training.config import TrainConfig
 
 def demo_config(quick: bool = False, **overrides: Any) -> TrainConfig:
     """The embedded default demo configuration (``quick``: a ~1-minute smoke of the same pipeline)."""
-    base: dict[str, Any] = {"steps": 120, "prompts_per_step": 32, "n_mean": 8, "eval_every": 10}
+    base: dict[str, Any] = {"steps": 150, "prompts_per_step": 32, "n_mean": 8, "eval_every": 10}
     if quick:
         base = {
             "steps": 12,

@@ -8,6 +8,7 @@ Several difficulty levels are mixed so per-prompt success rates spread over (0, 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 # (terms, digits) per difficulty level, easiest first.
@@ -46,6 +47,26 @@ def make_problems(n: int, seed: int, levels: tuple[tuple[int, int], ...] = LEVEL
             expr = item["metadata"]["expression"].replace(" ", "")
             out.append(Problem(f"{tag}{seed}-{len(out)}", expr + "=", str(item["answer"]).strip(), lvl))
     return out
+
+
+def corrupt(answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer near ``answer`` (an integer string): off by 1-10, or one digit replaced.
+
+    Used for the warm-up's label noise: a base model trained on partly wrong answers knows the right answer
+    (its mode) but also samples near misses, like a pretrained LLM that is right only part of the time.
+    """
+    value = int(answer)
+    for _ in range(20):
+        if rng.random() < 0.5:
+            cand = str(value + rng.choice([-1, 1]) * rng.randint(1, 10))
+        else:
+            digits = [i for i, ch in enumerate(answer) if ch.isdigit()]
+            i = rng.choice(digits)
+            cand = answer[:i] + str(rng.randint(0, 9)) + answer[i + 1 :]
+            cand = str(int(cand))  # no leading zeros
+        if cand != answer:
+            return cand
+    return str(value + 1)
 
 
 def reward(completion: str, answer: str) -> float:

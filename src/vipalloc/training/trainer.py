@@ -41,7 +41,7 @@ from vipalloc._io import atomic_write_text
 from vipalloc.training.config import TrainConfig
 from vipalloc.training.losses import group_advantages
 from vipalloc.training.model import BOS, EOS, PAD, CharTokenizer, build_policy
-from vipalloc.training.tasks import Problem, make_problems, reward
+from vipalloc.training.tasks import Problem, corrupt, make_problems, reward
 
 CKPT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -97,21 +97,45 @@ def sample(
     return result
 
 
-def sequence_logprobs(model: torch.nn.Module, tok: CharTokenizer, prompts: list[str], completions: list[list[int]]):
-    """Summed log-probability of each completion given its prompt: float (R,), differentiable."""
+def token_logprobs(
+    model: torch.nn.Module, tok: CharTokenizer, prompts: list[str], completions: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of each completion given its prompt (one right-padded forward pass).
+
+    Returns ``(logp, mask, entropy)``, each float32 ``(R, T)`` with ``T`` the longest completion: ``logp[r, t]`` is
+    the (differentiable) log-probability of completion token ``t`` of row ``r``, ``mask`` is 1 on real tokens and
+    0 on padding, ``entropy`` the policy's entropy (nats, detached) at that position.
+    """
+    plen = [len(tok.encode(p)) + 1 for p in prompts]  # BOS + prompt
     seqs = [[BOS, *tok.encode(p)] + c for p, c in zip(prompts, completions)]
-    starts = [len(tok.encode(p)) + 1 for p in prompts]
     width = max(len(s) for s in seqs)
+    t_max = max(max(len(c) for c in completions), 1)
     ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    target_mask = torch.zeros((len(seqs), width), dtype=torch.float32)
-    for r, (s, st) in enumerate(zip(seqs, starts)):
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
         ids[r, : len(s)] = torch.tensor(s)
-        mask[r, : len(s)] = 1
-        target_mask[r, st : len(s)] = 1.0
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (logp * target_mask[:, 1:]).sum(1)
+        attn[r, : len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    # completion token t of row r sits at position plen[r] + t and is predicted by the logits at plen[r] + t - 1
+    rows = torch.arange(len(seqs))[:, None]
+    cols = torch.tensor(plen)[:, None] - 1 + torch.arange(t_max)[None, :]
+    mask = torch.zeros((len(seqs), t_max), dtype=torch.float32)
+    for r, c in enumerate(completions):
+        mask[r, : len(c)] = 1.0
+    cols = cols.clamp(max=width - 2)  # padded positions are masked out; keep their index in range
+    logprobs = torch.log_softmax(logits[rows, cols], -1)
+    targets = ids[rows, cols + 1]
+    logp = logprobs.gather(-1, targets[..., None]).squeeze(-1) * mask
+    entropy = -(logprobs.detach().exp() * logprobs.detach()).sum(-1) * mask
+    return logp, mask, entropy
+
+
+def sequence_logprobs(
+    model: torch.nn.Module, tok: CharTokenizer, prompts: list[str], completions: list[list[int]]
+) -> torch.Tensor:
+    """Summed log-probability of each completion given its prompt: float (R,), differentiable."""
+    logp, _, _ = token_logprobs(model, tok, prompts, completions)
+    return logp.sum(1)
 
 
 # ----------------------------------------------------------------------------------------------- warm-up
@@ -120,7 +144,9 @@ def warmup_policy(cfg: TrainConfig, progress: Callable[[int, int], None] | None 
     cache = Path(cfg.warmup_cache) / f"warmup-{cfg.warmup_key()}.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.warmup.seed)
+    noise_rng = random.Random(cfg.warmup.seed)
     model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
     tok = CharTokenizer()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.lr, weight_decay=0.01)
@@ -130,10 +156,13 @@ def warmup_policy(cfg: TrainConfig, progress: Callable[[int, int], None] | None 
     for step in range(cfg.warmup.steps):
         lo = (step * cfg.warmup.batch_size) % chunk
         if lo == 0:
-            problems = make_problems(chunk, seed=cfg.warmup.seed + step, tag="w")
+            problems = make_problems(chunk, seed=cfg.warmup.seed + step, levels=cfg.level_tuples, tag="w")
             random.Random(step).shuffle(problems)
         batch = problems[lo : lo + cfg.warmup.batch_size]
-        comps = [[*tok.encode(p.answer), EOS] for p in batch]
+        answers = [
+            corrupt(p.answer, noise_rng) if noise_rng.random() < cfg.warmup.label_noise else p.answer for p in batch
+        ]
+        comps = [[*tok.encode(a), EOS] for a in answers]
         loss = -sequence_logprobs(model, tok, [p.prompt for p in batch], comps).sum() / sum(len(c) for c in comps)
         opt.zero_grad()
         loss.backward()
@@ -179,12 +208,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.tok = CharTokenizer()
         self.model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
-        self.model.load_state_dict(warm_state if warm_state is not None else warmup_policy(cfg))
+        warm = warm_state if warm_state is not None else warmup_policy(cfg)
+        self.model.load_state_dict(warm)
+        self.ref_model: torch.nn.Module | None = None
+        if cfg.kl_coef > 0:  # frozen copy of the warm-up policy, the KL anchor
+            self.ref_model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
+            self.ref_model.load_state_dict(warm)
+            self.ref_model.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ramp = max(cfg.lr_warmup_steps, 1)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / ramp))
-        self.pool = make_problems(cfg.pool_size, seed=cfg.pool_seed, tag="t")
-        self.eval_set = make_problems(cfg.eval_size, seed=cfg.pool_seed + 7919, tag="e")
+        self.pool = make_problems(cfg.pool_size, seed=cfg.pool_seed, levels=cfg.level_tuples, tag="t")
+        self.eval_set = make_problems(cfg.eval_size, seed=cfg.pool_seed + 7919, levels=cfg.level_tuples, tag="e")
         by_id = {p.prompt_id: p for p in self.pool}
         assert len(by_id) == len(self.pool)
         alloc_strategy = "uniform" if cfg.strategy == "dapo" else cfg.strategy
@@ -218,7 +251,6 @@ class Trainer:
                 "cum_rollouts": self.cum_rollouts,
                 "model": self.model.state_dict(),
                 "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(),
                 "allocator": apath.read_text(),
                 "np_rng": json.dumps(self.rng.bit_generator.state),
                 "torch_gen": self.gen.get_state(),
@@ -240,13 +272,13 @@ class Trainer:
             return False
         payload = torch.load(path, weights_only=False)
         saved_cfg = TrainConfig.model_validate_json(payload["config"])
-        if saved_cfg.model_dump(exclude={"steps"}) != self.cfg.model_dump(exclude={"steps"}):
+        free = {"steps", "threads", "tensorboard", "ckpt_every"}  # may change between a kill and the resume
+        if saved_cfg.model_dump(exclude=free) != self.cfg.model_dump(exclude=free):
             raise ValueError(f"{path} was written by a different configuration; use another run_dir or the same config")
         self.step = int(payload["step"])
         self.cum_rollouts = int(payload["cum_rollouts"])
         self.model.load_state_dict(payload["model"])
         self.opt.load_state_dict(payload["opt"])
-        self.sched.load_state_dict(payload["sched"])
         with tempfile.TemporaryDirectory() as tmpdir:
             apath = Path(tmpdir) / "allocator.json"
             apath.write_text(payload["allocator"])
@@ -280,6 +312,9 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         m = cfg.prompts_per_step
+        # linear lr ramp over the first lr_warmup_steps training steps (a function of the step: nothing to checkpoint)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.lr_warmup_steps, 1))
         idx = self.rng.choice(len(self.pool), size=m, replace=False)
         problems = [self.pool[i] for i in idx]
         ids = [p.prompt_id for p in problems]
@@ -302,19 +337,9 @@ class Trainer:
         owners_t = torch.tensor(train_owners, dtype=torch.long)
         rewards_t = torch.tensor(train_rewards, dtype=torch.float64)
         adv = group_advantages(rewards_t, owners_t, cfg.loss) if len(train_owners) else torch.zeros(0)
-        n_per = torch.zeros(len(train_probs), dtype=torch.float64).index_add_(0, owners_t, torch.ones_like(rewards_t))
-        kept = int((n_per > 0).sum())
-        loss_val = 0.0
+        upd = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": None, "grad_norm": 0.0}
         if len(train_owners) and float(adv.abs().sum()) > 0:
-            weight = adv / (n_per[owners_t] * kept * cfg.max_new_tokens)
-            logp = sequence_logprobs(self.model, self.tok, [train_probs[i].prompt for i in train_owners], train_comps)
-            loss = -(weight.float() * logp).sum()
-            self.opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.opt.step()
-            loss_val = float(loss.detach())
-        self.sched.step()  # every step, update or not: the ramp follows training steps
+            upd = self._update([p.prompt for p in train_probs], train_owners, train_comps, adv)
         self.cum_rollouts += used
         succ = np.array([sum(g) for g in per_prompt])
         n_arr = np.array([len(g) for g in per_prompt])
@@ -333,11 +358,13 @@ class Trainer:
             "dropped": int((~gen_mask).sum()),
             "pred_abs_err": float(np.nanmean(np.abs(plan.p_mean - rate))),
             "expected_var_ratio": float(plan.variance_ratio),
-            "loss": loss_val,
+            "expected_variance": float(plan.expected_variance),
+            "uniform_variance": float(plan.uniform_variance),
+            **upd,
             "alloc_seconds": t_alloc,
             "step_seconds": time.perf_counter() - t0,
         }
-        if not np.isfinite(rec["loss"]):
+        if not (np.isfinite(rec["loss"]) and np.isfinite(rec["grad_norm"])):
             raise FloatingPointError(f"non-finite loss at step {self.step}")
         self.plans.append(
             {
@@ -348,6 +375,68 @@ class Trainer:
             }
         )
         return rec
+
+    def _update(
+        self, prompts: list[str], owners: list[int], comps: list[list[int]], adv: torch.Tensor
+    ) -> dict[str, float]:
+        """Policy-gradient update on one step's rollouts; returns loss/KL/clip/entropy/grad-norm diagnostics.
+
+        ``prompts[g]`` is group g's text, ``owners[r]`` the group of rollout r, ``adv`` (R,) its advantage.
+        Per-token clipped surrogate ``-min(rho A, clip(rho, 1-eps, 1+eps) A)`` with ``rho = pi/pi_old`` (plain
+        policy gradient when each batch is used once: rho = 1). Rollout r of group g has weight
+        ``1 / (n_g * G_mb * max_new_tokens)``: mean over a prompt's rollouts, mean over the minibatch's prompts,
+        Dr.GRPO's constant token normaliser (no per-sequence length division, which would bias towards short
+        wrong answers). Groups are split across minibatches whole, never by reshaping to a fixed width.
+        """
+        cfg = self.cfg
+        owners_t = torch.tensor(owners, dtype=torch.long)
+        n_groups = len(prompts)
+        n_per = torch.zeros(n_groups).index_add_(0, owners_t, torch.ones(len(owners)))
+        row_prompts = [prompts[g] for g in owners]
+        need_old = cfg.ppo_epochs * cfg.minibatches > 1
+        with torch.no_grad():
+            old = token_logprobs(self.model, self.tok, row_prompts, comps)[0] if need_old else None
+            ref = token_logprobs(self.ref_model, self.tok, row_prompts, comps)[0] if cfg.kl_coef > 0 else None
+        active = [g for g in range(n_groups) if n_per[g] > 0]
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+        n_updates = 0
+        for _ in range(cfg.ppo_epochs):
+            order = [active[i] for i in self.rng.permutation(len(active))] if cfg.minibatches > 1 else active
+            for chunk in np.array_split(np.array(order, dtype=np.int64), min(cfg.minibatches, len(order))):
+                in_mb = torch.zeros(n_groups, dtype=torch.bool)
+                in_mb[torch.from_numpy(chunk)] = True
+                rows = torch.nonzero(in_mb[owners_t]).squeeze(1)
+                logp, mask, ent = token_logprobs(
+                    self.model, self.tok, [row_prompts[r] for r in rows], [comps[r] for r in rows]
+                )
+                t = logp.shape[1]
+                a = adv[rows].float()[:, None]
+                w = (1.0 / (n_per[owners_t[rows]] * len(chunk) * cfg.max_new_tokens))[:, None] * mask
+                if old is not None:
+                    ratio = torch.exp(logp - old[rows, :t])
+                    surr = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * a)
+                    clipped = ((ratio - 1).abs() > cfg.clip_eps).float()
+                else:
+                    surr = torch.exp(logp - logp.detach()) * a  # value = A, gradient = A * grad log pi
+                    clipped = torch.zeros_like(logp)
+                loss = -(w * surr).sum()
+                kl = torch.zeros(())
+                if ref is not None:
+                    d = ref[rows, :t] - logp
+                    kl = (w * (torch.exp(d) - d - 1)).sum()  # k3 estimator of KL(pi || pi_ref), >= 0
+                    loss = loss + cfg.kl_coef * kl
+                self.opt.zero_grad()
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.opt.step()
+                tokens = float(mask.sum())
+                stats["loss"] += float(loss.detach())
+                stats["kl"] += float(kl.detach())
+                stats["clip_frac"] += float((clipped * mask).sum()) / max(tokens, 1.0)
+                stats["entropy"] += float(ent.sum()) / max(tokens, 1.0)
+                stats["grad_norm"] += float(gn)
+                n_updates += 1
+        return {k: v / max(n_updates, 1) for k, v in stats.items()}
 
     def _dapo_fill(self, problems, per_prompt, comps, owners):
         """Keep mixed groups; draw fresh uniform batches until M mixed groups or the batch cap (all counted)."""
