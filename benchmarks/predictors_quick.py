@@ -18,6 +18,9 @@ prompts, step 0 excluded. Also the mean predict+observe time per step.
     .venv/bin/python benchmarks/predictors_quick.py            # both scenarios, 3 seeds
     .venv/bin/python benchmarks/predictors_quick.py --quick    # smaller, 1 seed
     .venv/bin/python benchmarks/predictors_quick.py --variant "ls04=length_scale=0.4" --only gp
+    .venv/bin/python benchmarks/predictors_quick.py --timing   # observe+predict time, M=4096, 200k rows
+
+On a machine shared by several jobs, set OPENBLAS_NUM_THREADS=1 (oversubscribed BLAS threads can be 10-50x slower).
 """
 
 from __future__ import annotations
@@ -131,6 +134,10 @@ def predictor_factories(variants: dict[str, dict[str, Any]]) -> dict[str, tuple[
         "gp:paper": (lambda: GPPredictor("paper"), False),
         "gp:vipalloc": (lambda: GPPredictor("vipalloc"), False),
         "gp:vipalloc+fit10": (lambda: GPPredictor("vipalloc", fit_every=10), False),
+        "gp:vipalloc+calibrate": (lambda: GPPredictor("vipalloc", calibrate=True), False),
+        "gp:vipalloc+gaussian": (lambda: GPPredictor("vipalloc", likelihood="gaussian"), False),
+        "gp:vipalloc-own_history": (lambda: GPPredictor("vipalloc", own_history=False), False),
+        "gp:vipalloc+max_points2048": (lambda: GPPredictor("vipalloc", max_points=2048), False),
         "beta": (lambda: make_predictor("beta"), False),
         "beta:lam0.8": (lambda: make_predictor("beta", lam=0.8), False),
         "empirical": (lambda: make_predictor("empirical"), False),
@@ -166,6 +173,46 @@ QUICK = {
 }
 
 
+def timing(console: Console, m: int = 4096, sizes: tuple[int, ...] = (1024, 2048), history: int = 200_000) -> None:
+    """Wall-clock of one training step's ``observe`` (M rows) + ``predict`` (M prompts) with ``history`` rows
+    already recorded, 384-d unit-norm features (MiniLM's size), for several ``max_points``; plus the first
+    (cold, Laplace iterated to convergence) fit and the paper preset for reference. "CPU s" is the process CPU
+    time of observe+predict: on a machine shared with other jobs it is the better measure of the work done."""
+    rng = np.random.default_rng(0)
+    n_prompts, dim = 5 * m, 384
+    centers = rng.normal(size=(64, dim))
+    x = centers[rng.integers(64, size=n_prompts)] + 0.08 * np.sqrt(dim / 64) * rng.normal(size=(n_prompts, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = [f"q{i}" for i in range(n_prompts)]
+    z = rng.normal(-0.5, 1.5, size=n_prompts)
+    steps = history // m
+    batches = [rng.choice(n_prompts, m, replace=False) for _ in range(steps + 2)]
+    table = Table(title=f"GP step time: M={m} prompts per step, {steps * m} history rows, 384-d features")
+    cols = ("predictor", "first predict (cold) s", "observe s", "predict s", "observe+predict s", "... CPU s")
+    for col in cols:
+        table.add_column(col)
+    for name, kw in [(f"vipalloc max_points={k}", {"max_points": k}) for k in sizes] + [("paper", {"preset": "paper"})]:
+        gp = GPPredictor(**kw)
+        gp.set_features(ids, x)
+        for step in range(steps):
+            bt = batches[step]
+            n = rng.choice([2, 4, 8, 16], size=m)
+            gp.observe([ids[i] for i in bt], rng.binomial(n, expit(z[bt])), n, step)
+        t0 = time.perf_counter()
+        gp.predict([ids[i] for i in batches[steps]], steps)
+        cold = time.perf_counter() - t0
+        bt = batches[steps]
+        n = rng.choice([2, 4, 8, 16], size=m)
+        c0, t0 = time.process_time(), time.perf_counter()
+        gp.observe([ids[i] for i in bt], rng.binomial(n, expit(z[bt])), n, steps)
+        t1 = time.perf_counter()
+        gp.predict([ids[i] for i in batches[steps + 1]], steps + 1)
+        t2, c2 = time.perf_counter(), time.process_time()
+        row = (f"{cold:.2f}", f"{t1 - t0:.3f}", f"{t2 - t1:.3f}", f"{t2 - t0:.3f}", f"{c2 - c0:.3f}")
+        table.add_row(name, *row)
+    console.print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller traces, one seed")
@@ -174,7 +221,13 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated name prefixes of predictors to run")
     ap.add_argument("--variant", action="append", default=[], help='extra GP: "name=key=value,key=value"')
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
+    ap.add_argument("--timing", action="store_true", help="only time one step with 200k history rows")
+    ap.add_argument("--timing-m", default="4096", help="comma-separated prompts per step for --timing")
     args = ap.parse_args()
+    if args.timing:
+        for m in map(int, args.timing_m.split(",")):
+            timing(Console(width=200), m=m)
+        return
     variants = dict(parse_variant(v) for v in args.variant)
     facts = predictor_factories(variants)
     if args.only:
@@ -182,7 +235,7 @@ def main() -> None:
         facts = {k: v for k, v in facts.items() if k.startswith(prefixes) or k == "oracle"}
     configs = QUICK if args.quick else SCENARIOS
     seeds = range(1 if args.quick else args.seeds)
-    console = Console()
+    console = Console(width=200)
     results: dict[str, dict[str, Any]] = {}
     for scen in ("random", "epochs") if args.scenario == "both" else (args.scenario,):
         traces = [make_trace(**configs[scen], seed=sd) for sd in seeds]

@@ -74,10 +74,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "global_time_scale": 30.0,  # tau_g: steps over which the trend decorrelates
         "noise_floor": 0.01,  # added to every binomial noise variance (model error), logit^2
         "prior_mean": None,  # None: constant mean by GLS; a float fixes it (logit)
-        "max_points": 2048,  # rows in the exact GP (most recent (prompt, step) rows)
+        "max_points": 1024,  # rows in the exact GP (most recent (prompt, step) rows); cost ~ max_points^2 x M
         "window_steps": 0,  # >0: only rows from the last `window_steps` observed steps enter the window
         "own_history": True,  # condition each predicted prompt on its own rows older than the window
-        "calibrate": True,  # p = E[sigmoid(f)] (probit approximation) instead of sigmoid(E[f])
+        "calibrate": False,  # True: p = E[sigmoid(f)] (probit approximation) instead of sigmoid(E[f])
         "likelihood": "laplace",  # binomial likelihood (Laplace, Newton) or "gaussian" smoothed-logit targets
         "newton_iters": 1,  # Newton steps per Laplace fit when warm-started from the previous mode
         "fit_every": 0,  # >0: refit hyper-parameters by marginal likelihood every k new steps
@@ -279,7 +279,6 @@ class _WindowGP:
         self.feats = feats
         self._buf = np.zeros((0, 4), np.int64)  # rows: prompt row, step, successes, trials (insertion order)
         self.n_rows = 0
-        self._key: dict[tuple[int, int], int] = {}
         self.last_step = -1
         self.steps_since_fit = 0
         self._cache: dict[str, Any] | None = None
@@ -294,24 +293,26 @@ class _WindowGP:
         return self._buf[: self.n_rows]
 
     def observe(self, idx: np.ndarray, s: np.ndarray, t: np.ndarray, step: int) -> None:
-        new = []
-        for i, si, ti in zip(idx.tolist(), s.tolist(), t.tolist()):
-            r = self._key.get((i, step))
-            if r is None:  # one row per (prompt, step): several calls for one step are added together
-                new.append((i, step, si, ti))
-            else:
-                self._buf[r, 2] += si
-                self._buf[r, 3] += ti
-        if new:
-            add = np.array(new, dtype=np.int64)
+        # one row per (prompt, step): a prompt already recorded at this step gets the new counts added
+        fresh = np.ones(len(idx), dtype=bool)
+        same = np.flatnonzero(self.rows[:, 1] == step)
+        if same.size:
+            order = np.argsort(self.rows[same, 0])
+            known = self.rows[same[order], 0]
+            pos = np.minimum(np.searchsorted(known, idx), len(known) - 1)
+            hit = known[pos] == idx  # ids are unique within a call, so each existing row is hit at most once
+            rows_hit = same[order[pos[hit]]]
+            self._buf[rows_hit, 2] += s[hit]
+            self._buf[rows_hit, 3] += t[hit]
+            fresh = ~hit
+        if fresh.any():
+            add = np.column_stack([idx[fresh], np.full(int(fresh.sum()), step), s[fresh], t[fresh]]).astype(np.int64)
             need = self.n_rows + len(add)
             if need > len(self._buf):
                 grown = np.zeros((max(need, 2 * len(self._buf), 64), 4), np.int64)
                 grown[: self.n_rows] = self.rows
                 self._buf = grown
             self._buf[self.n_rows : need] = add
-            for k, (i, st, _, _) in enumerate(new):
-                self._key[(i, st)] = self.n_rows + k
             self.n_rows = need
         cap = int(self.p["max_history"])
         if self.n_rows > cap:  # drop the oldest steps, with slack so this is not paid on every call
@@ -325,7 +326,6 @@ class _WindowGP:
     def _set_rows(self, rows: np.ndarray) -> None:
         self._buf = np.array(rows, dtype=np.int64).reshape(-1, 4)
         self.n_rows = len(self._buf)
-        self._key = {(int(r[0]), int(r[1])): k for k, r in enumerate(self._buf)}
 
     def _window_mask(self) -> np.ndarray:
         """Rows in the exact GP: the most recent ``max_points`` (by step, then insertion), within ``window_steps``."""
@@ -498,7 +498,8 @@ class _WindowGP:
             r_qu = self._rbf(self.feats.x[qs], self.feats.x[uniq])
             same_qu = (qs[:, None] == uniq[None, :]).astype(np.float64)
             base = s_p * r_qu + s_id * same_qu  # (chunk, U): prompt-dependent part of the kernel
-            k_qw = base[:, inv] * ep_w[None, :] + s_g * eg_w[None, :]
+            b_qw = base[:, inv]  # (chunk, W)
+            k_qw = b_qw * ep_w[None, :] + s_g * eg_w[None, :]
             mu_c = fit["m"] + k_qw @ fit["alpha"]
             va = linalg.solve_triangular(fit["L"], k_qw.T, lower=True, check_finite=False)
             var_c = self._prior_var() - (va * va).sum(0)
@@ -508,7 +509,7 @@ class _WindowGP:
                 # conditioned on exactly (jointly with the window) for this prompt's prediction
                 tb = arch["t"][lo + sel]
                 ep_b, eg_b = self._time(tb[:, None] - fit["steps"][None, :])
-                k_bw = base[sel][:, inv] * ep_b + s_g * eg_b
+                k_bw = b_qw[sel] * ep_b + s_g * eg_b
                 vb_sol = linalg.solve_triangular(fit["L"], k_bw.T, lower=True, check_finite=False)
                 mu_b = fit["m"] + k_bw @ fit["alpha"]
                 var_b = np.maximum(self._prior_var() - (vb_sol * vb_sol).sum(0), 1e-9)
