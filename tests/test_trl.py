@@ -300,3 +300,149 @@ def test_import_is_cheap_and_explains_missing_trl() -> None:
         "    raise SystemExit('no ImportError without trl')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---------------------------------------------------------------------- two processes (torchrun, gloo on CPU)
+# 3 prompts x width 4 = 12 rows per generation batch, 6 per process; a budget of 11 gives every prompt >= 3
+# rollouts, so the middle prompt's real rows always sit on both processes.
+MP_WIDTH, MP_BUDGET, MP_STEPS, PROMPTS_PER_MP_BATCH = 4, 11, 2, 3
+
+
+def _multiprocess_worker(out: Path) -> None:
+    """Run under ``torchrun --nproc_per_node 2``: two real steps, then dump what every process saw."""
+    import json
+
+    tok = tiny_tokenizer()
+    reward = DigitReward()
+    raw, gen_rows, loss_rows, records = [], [], [], []
+    base_score, base_gen, base_loss = (
+        GRPOTrainer._generate_and_score_completions,
+        GRPOTrainer._generate_single_turn,
+        GRPOTrainer.compute_loss,
+    )
+
+    def score(self, inputs):
+        output = base_score(self, inputs)
+        raw.append({"advantages": output["advantages"].tolist()})
+        return output
+
+    def gen(self, prompt_ids, *a, **kw):
+        gen_rows.append(len(prompt_ids))
+        return base_gen(self, prompt_ids, *a, **kw)
+
+    def loss(self, model, inputs, *a, **kw):
+        value = base_loss(self, model, inputs, *a, **kw)
+        loss_rows.append([inputs["completion_ids"].size(0), float(value.detach())])
+        return value
+
+    class Recording(VIPGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            rec, rank, n = self.vip_last, self.accelerator.process_index, len(inputs)
+            real = rec.real_rows[rank * n : (rank + 1) * n]  # this process's slice of the batch
+            records.append(
+                {
+                    "local_real": real.tolist(),
+                    "kept_rows": self._vip_local_rows.tolist(),
+                    "counts": rec.counts.tolist(),
+                    "rewards": [r.tolist() for r in rec.rewards],
+                    "advantages": output["advantages"].tolist(),
+                    "row_tokens": output["completion_mask"].sum(1).tolist(),
+                    "num_items": int(output["num_items_in_batch"]),
+                }
+            )
+            return output
+
+    GRPOTrainer._generate_and_score_completions = score
+    GRPOTrainer._generate_single_turn = gen
+    GRPOTrainer.compute_loss = loss
+    args = vip_args(
+        out,
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,  # 2 micro-batches: processes holding an odd count keep one inert row
+        n_max=MP_WIDTH,
+        rollout_budget=MP_BUDGET,
+        loss_type="dapo",
+        beta=0.0,
+        max_steps=MP_STEPS,
+        save_strategy="no",
+    )
+    trainer = Recording(
+        model=tiny_model(len(tok)), reward_funcs=reward, args=args, train_dataset=sums(), processing_class=tok
+    )
+    ids = [f"q{i}" for i in range(N_PROMPTS)]
+    trainer.allocator.predictor.set_true_p(ids, [0.05 + 0.9 * ((i * 7) % 10) / 10 for i in range(N_PROMPTS)])
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    dump = {
+        "world": trainer.accelerator.num_processes,
+        "records": records,
+        "raw": raw,
+        "gen_rows": gen_rows,
+        "loss_rows": loss_rows,
+        "reward_calls": [[[pid, r] for pid, _, r in call] for call in reward.calls],
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }
+    if trainer.accelerator.is_main_process:
+        dump["history"] = [
+            [step, ids_, succ.tolist(), trials.tolist()]
+            for step, ids_, succ, trials in trainer.allocator.history.iter_steps()
+        ]
+    (out / f"rank{rank}.json").write_text(json.dumps(dump))
+
+
+def test_two_processes_share_one_plan_and_groups_span_them(tmp_path) -> None:
+    """Two CPU processes (gloo): one plan for the global batch, groups spanning processes, exact dapo normaliser."""
+    import json
+
+    from trl.trainer.utils import nanstd
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+    subprocess.run([*cmd, str(tmp_path)], check=True, timeout=300, env=env, capture_output=True)
+    d0, d1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert d0["world"] == d1["world"] == 2
+    n_local = PROMPTS_PER_MP_BATCH * MP_WIDTH // 2
+    steps = list(zip(d0["records"], d1["records"], d0["reward_calls"], d1["reward_calls"], d0["history"]))
+    assert len(steps) == MP_STEPS
+    spanning = 0
+    for k, (r0, r1, c0, c1, (_, hist_ids, succ, trials)) in enumerate(steps):
+        counts = np.array(r0["counts"])
+        assert r1["counts"] == r0["counts"] and counts.sum() == MP_BUDGET  # both processes follow the main plan
+        real = np.array(r0["local_real"] + r1["local_real"])
+        np.testing.assert_array_equal(real.reshape(-1, MP_WIDTH).sum(1), counts)
+        spanning += bool(real[n_local - 1] and real[n_local])  # one group's real rows on both processes
+        for d, r, calls in ((d0, r0, c0), (d1, r1, c1)):
+            n_real = sum(r["local_real"])
+            assert d["gen_rows"][k] == max(1, n_real) and len(calls) == n_real  # generated/scored real rows only
+            kept, local_real = np.array(r["kept_rows"]), np.array(r["local_real"])
+            assert len(kept) % 2 == 0 and len(kept) >= n_real  # equal micro-batches; extra rows are inert
+            inert = ~local_real[kept]
+            assert all(t == 0 for t, i in zip(r["row_tokens"], inert) if i)
+            assert all(a == 0 for a, i in zip(r["advantages"], inert) if i)
+            assert all(a == 0 for a, x in zip(d["raw"][k]["advantages"], local_real) if not x)
+        # dapo's normaliser is the global count of real tokens on both processes
+        assert r0["num_items"] == r1["num_items"] == sum(r0["row_tokens"]) + sum(r1["row_tokens"])
+        # advantages of real rows are group statistics over the gathered real rewards, across the process boundary
+        expected = []
+        for rewards in r0["rewards"]:
+            x = torch.tensor(rewards)
+            expected += ((x - x.mean()) / (nanstd(x) + 1e-4)).tolist() if len(rewards) > 1 else [0.0] * len(rewards)
+        got = [a for r in (r0, r1) for a, x in zip(r["advantages"], np.array(r["local_real"])[r["kept_rows"]]) if x]
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        # the main process's allocator received exactly the real rewards of both processes
+        calls = c0 + c1
+        by_prompt: dict[str, list[float]] = {}
+        for pid, rew in calls:
+            by_prompt.setdefault(pid, []).append(rew)
+        assert hist_ids == list(by_prompt)
+        np.testing.assert_array_equal(trials, [len(v) for v in by_prompt.values()])
+        np.testing.assert_array_equal(succ, [sum(x >= 0.5 for x in v) for v in by_prompt.values()])
+    assert spanning == MP_STEPS
+    for d in (d0, d1):
+        assert all(math.isfinite(v) for _, v in d["loss_rows"]) and len(d["losses"]) == MP_STEPS
+        assert all(math.isfinite(v) for v in d["losses"])
+
+
+if __name__ == "__main__":
+    _multiprocess_worker(Path(sys.argv[1]))

@@ -8,13 +8,16 @@ statistics ignore. After TRL has computed the advantages, the unused rows are re
 reach the loss, its normalisers or the backward pass. Each prompt's real rewards, binarised by
 ``success_threshold``, are then reported to ``Allocator.observe``.
 
-Scope: one process, TRL's transformers generation path (plain ``generate`` or continuous batching), text prompts,
-no tools, environments or ``rollout_func``. Every loss type of TRL 1.16 is exact because unused rows are removed
-rather than masked. Unsupported settings raise at construction with the reason.
+Scope: TRL's transformers generation path (plain ``generate`` or continuous batching), text prompts, no tools,
+environments or ``rollout_func``. In one process every TRL loss type is exact, because unused rows are removed
+rather than masked. With several processes (accelerate/torchrun) the main process plans for the whole generation
+batch and broadcasts the plan, groups may span processes, and the token-normalised losses ``dapo``, ``cispo`` and
+``vespo`` stay exact. Unsupported settings raise at construction with the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -22,6 +25,7 @@ import math
 import os
 import warnings
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +34,8 @@ import numpy as np
 try:
     import torch
     import trl
+    import trl.trainer.grpo_trainer as _grpo_module
+    from accelerate.utils import broadcast_object_list, gather, gather_object
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
@@ -45,6 +51,8 @@ __all__ = ["ALLOCATOR_FILE", "SUPPORTED_TRL", "VIPBatchRecord", "VIPGRPOConfig",
 SUPPORTED_TRL = ">=1.16,<2"
 _TRL_RANGE = (Version("1.16"), Version("2"))
 ALLOCATOR_FILE = "vip_allocator.json"  # saved inside each TRL checkpoint folder
+# Losses normalised by the global token count: exact when processes hold different numbers of completions.
+_MULTI_PROCESS_LOSSES = ("dapo", "cispo", "vespo")
 
 
 def _trl_version_supported(found: str) -> bool:
@@ -140,7 +148,7 @@ class VIPGRPOConfig(GRPOConfig):
                 f"budget of {budget} rollouts exceeds the {m} prompts x n_max {self.n_max} = {m * self.n_max} rows of "
                 "a generation batch; lower rollout_budget/mean_generations or raise n_max"
             )
-        if budget % self.steps_per_generation:
+        if self.world_size == 1 and budget % self.steps_per_generation:
             raise ValueError(
                 f"budget of {budget} rollouts per generation batch must be divisible by steps_per_generation "
                 f"({self.steps_per_generation}), because TRL splits the generated rows into that many equal "
@@ -203,6 +211,9 @@ class VIPGRPOTrainer(GRPOTrainer):
     Takes every ``GRPOTrainer`` argument plus ``allocator`` (optional: built from the config when omitted). Needs a
     :class:`VIPGRPOConfig`. The allocator is saved into each checkpoint (``vip_allocator.json``) and restored on
     ``train(resume_from_checkpoint=...)``. ``vip_last`` holds a :class:`VIPBatchRecord` of the latest step.
+
+    With several processes the main process plans for the global generation batch and broadcasts the plan; a
+    prompt's group may span processes (TRL's layout), and the group statistics use the gathered rewards as in TRL.
     """
 
     def __init__(self, *args: Any, allocator: Allocator | None = None, **kwargs: Any) -> None:
@@ -212,17 +223,17 @@ class VIPGRPOTrainer(GRPOTrainer):
             raise ValueError(
                 f"VIPGRPOTrainer needs args=VIPGRPOConfig(...) (it carries the allocation settings), got {type(cfg)}"
             )
-        # Checked before GRPOTrainer.__init__ so that nothing heavy (vLLM, process groups) starts for nothing.
+        # Checked before GRPOTrainer.__init__ so that nothing heavy (vLLM, models, process groups) starts for nothing.
         if cfg.use_vllm:
             raise NotImplementedError(
                 "VIPGRPOTrainer needs TRL's transformers generation path (use_vllm=False): TRL's vLLM server path "
                 "samples prompts[::num_generations] with n=num_generations and cannot vary the count per prompt"
             )
-        if cfg.world_size > 1:
+        if cfg.world_size > 1 and cfg.loss_type not in _MULTI_PROCESS_LOSSES:
             raise NotImplementedError(
-                f"VIPGRPOTrainer runs in a single process (found {cfg.world_size}): TRL spreads one prompt's group "
-                "over processes, so the plan and the row removal would have to be coordinated across ranks. Launch "
-                "one process (or use vipalloc.integrations.verl to scale out)."
+                f"with {cfg.world_size} processes VIPGRPOTrainer supports loss_type in {_MULTI_PROCESS_LOSSES}: after "
+                "the unused rows are removed, processes hold different numbers of completions, and only losses "
+                f"normalised by the global token count stay exact (got {cfg.loss_type!r}; use one process for it)"
             )
         for name in ("tools", "rollout_func", "environment_factory"):
             if bound.get(name) is not None:
@@ -231,8 +242,6 @@ class VIPGRPOTrainer(GRPOTrainer):
                     "planned subset of rows"
                 )
         super().__init__(*args, **kwargs)
-        if self.accelerator.num_processes > 1:  # pragma: no cover - caught above unless launched oddly
-            raise NotImplementedError("VIPGRPOTrainer runs in a single process")
         if allocator is None:
             allocator = Allocator(
                 strategy=cfg.allocation_strategy,
@@ -257,29 +266,39 @@ class VIPGRPOTrainer(GRPOTrainer):
                 f"the allocator's success_threshold ({allocator.success_threshold}) must lie in (0, 1]: the trainer "
                 "reports binarised 0/1 rewards (set VIPGRPOConfig.success_threshold for the raw-reward threshold)"
             )
-        self.allocator = allocator
+        self.allocator = allocator  # planned and updated on the main process only
         self.vip_last: VIPBatchRecord | None = None
-        # Set only while a planned generation batch is being generated and scored (None otherwise, e.g. in eval).
+        # Set only while a planned generation batch is generated and scored (None otherwise, e.g. in evaluation):
+        # the real rows of this process's slice and of the whole (gathered) generation batch.
         self._vip_real: np.ndarray | None = None
+        self._vip_real_global: np.ndarray | None = None
         self._vip_rewards: torch.Tensor | None = None
+        self._vip_local_rows: np.ndarray | None = None  # rows of the local slice kept for training (last step)
+
+    @property
+    def _vip_world(self) -> int:
+        return int(self.accelerator.num_processes)
 
     # ------------------------------------------------------------------ planning
     def _vip_groups(self, inputs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-        """Prompt ids and texts of the rectangular generation batch (one per group of ``num_generations`` rows)."""
+        """Prompt ids and texts of the global rectangular batch (one per group of ``num_generations`` rows)."""
         g = self.num_generations
-        if len(inputs) % g:
-            raise RuntimeError(f"generation batch of {len(inputs)} rows is not made of full groups of {g}")
         col = self.args.prompt_id_column
+        rows = [(_prompt_key(x, col), x["prompt"]) for x in inputs]
+        if self._vip_world > 1:  # groups may span processes: look at the gathered batch in process order
+            rows = gather_object(rows)
+        if len(rows) % g:
+            raise RuntimeError(f"generation batch of {len(rows)} rows is not made of full groups of {g}")
         ids, texts = [], []
-        for start in range(0, len(inputs), g):
-            key = _prompt_key(inputs[start], col)
-            if any(_prompt_key(inputs[start + k], col) != key for k in range(1, g)):
+        for start in range(0, len(rows), g):
+            key = rows[start][0]
+            if any(rows[start + k][0] != key for k in range(1, g)):
                 raise RuntimeError(
                     "rows of one group belong to different prompts: VIPGRPOTrainer relies on TRL's RepeatSampler "
                     "layout (num_generations consecutive copies of each prompt); do not override the sampler"
                 )
             ids.append(key)
-            texts.append(_prompt_text(inputs[start]["prompt"]))
+            texts.append(_prompt_text(rows[start][1]))
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(
@@ -288,47 +307,71 @@ class VIPGRPOTrainer(GRPOTrainer):
             )
         return ids, texts
 
-    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        if not self.model.training:  # evaluation keeps TRL's plain rectangular groups
-            return super()._generate_and_score_completions(inputs)
-        g = self.num_generations
+    def _vip_plan(self, inputs: list[dict[str, Any]]) -> Plan:
         ids, texts = self._vip_groups(inputs)
         if self.args.rollout_budget is not None and len(ids) != self.args.prompts_per_generation:
             raise RuntimeError(f"expected {self.args.prompts_per_generation} prompts per batch, got {len(ids)}")
         budget = self.args.rollout_budget or int(round(self.args.mean_generations * len(ids)))
-        plan = self.allocator.plan(ids, prompts=texts, budget=budget)
-        real = (np.arange(g)[None, :] < plan.counts[:, None]).reshape(-1)
-        self._vip_real, self._vip_rewards = real, None
+        if self._vip_world == 1:
+            return self.allocator.plan(ids, prompts=texts, budget=budget)
+        # One allocator decides for everyone: plan on the main process, send the plan to the others.
+        box = [self.allocator.plan(ids, prompts=texts, budget=budget) if self.accelerator.is_main_process else None]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        if not self.model.training:  # evaluation keeps TRL's plain rectangular groups
+            return super()._generate_and_score_completions(inputs)
+        g = self.num_generations
+        plan = self._vip_plan(inputs)
+        real_global = (np.arange(g)[None, :] < plan.counts[:, None]).reshape(-1)
+        rank, n_local = self.accelerator.process_index, len(inputs)
+        real = real_global[rank * n_local : (rank + 1) * n_local]  # TRL's process slice of the gathered batch
+        self._vip_real, self._vip_real_global, self._vip_rewards = real, real_global, None
         try:
             output = super()._generate_and_score_completions(inputs)
             rewards_per_func = self._vip_rewards
         finally:
-            self._vip_real, self._vip_rewards = None, None
+            self._vip_real, self._vip_real_global, self._vip_rewards = None, None, None
         if rewards_per_func is None:  # pragma: no cover - TRL always scores through _calculate_rewards
             raise RuntimeError("TRL did not call _calculate_rewards; this TRL version is not supported")
         output = self._vip_keep_rows(output, real)
-        self._vip_trim_logs(real)
-        self._vip_observe(plan, real, rewards_per_func)
+        self._vip_trim_logs(real_global)
+        self._vip_observe(plan, real_global, rewards_per_func)
         return output
 
     def _vip_keep_rows(self, output: dict[str, Any], real: np.ndarray) -> dict[str, Any]:
-        """Remove unused rows from TRL's scored batch: afterwards they cost no forward, backward or normaliser."""
-        n = len(real)
+        """Remove unused rows from TRL's scored batch: afterwards they cost no forward, backward or normaliser.
+
+        TRL splits the kept rows into ``steps_per_generation`` equal micro-batches. In one process the budget is a
+        multiple of it (checked by the config). With several processes the local count varies, so a few unused rows
+        stay, fully masked (advantage 0, loss mask 0), to round it up; every process keeps at least one row per
+        micro-batch so that all run the same number of forward/backward passes.
+        """
+        n, chunks = len(real), int(self.args.steps_per_generation)
         keep = np.flatnonzero(real)
-        idx = torch.as_tensor(keep, device=output["completion_mask"].device)
+        inert = np.flatnonzero(~real)[: max(chunks, -(-keep.size // chunks) * chunks) - keep.size]
+        rows = np.sort(np.concatenate([keep, inert]))
+        self._vip_local_rows = rows
+        idx = torch.as_tensor(rows, device=output["completion_mask"].device)
         out: dict[str, Any] = {}
         for key, value in output.items():
             if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.size(0) == n:
                 out[key] = value.index_select(0, idx)
             elif isinstance(value, list) and len(value) == n:
-                out[key] = [value[i] for i in keep]
+                out[key] = [value[i] for i in rows]
             else:
                 out[key] = value
+        if inert.size:
+            live = torch.as_tensor(real[rows], device=idx.device)
+            out["completion_mask"] = out["completion_mask"] * live.unsqueeze(1).to(out["completion_mask"].dtype)
+            out["advantages"] = torch.where(live, out["advantages"], torch.zeros_like(out["advantages"]))
         if self.pad_to_multiple_of is None:  # drop left-padding columns that only the removed rows needed
             first = int(out["prompt_mask"].any(dim=0).float().argmax())
             out["prompt_ids"], out["prompt_mask"] = out["prompt_ids"][:, first:], out["prompt_mask"][:, first:]
         loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-        out["num_items_in_batch"] = loss_mask.sum().to(output["num_items_in_batch"].dtype)
+        tokens = loss_mask.sum().to(output["num_items_in_batch"].dtype)
+        out["num_items_in_batch"] = self.accelerator.gather(tokens).sum() if self._vip_world > 1 else tokens
         return out
 
     # ------------------------------------------------------------------ generation and scoring of real rows only
@@ -341,9 +384,12 @@ class VIPGRPOTrainer(GRPOTrainer):
         if (images is not None and any(im is not None for im in images)) or multimodal_fields:
             raise NotImplementedError("VIPGRPOTrainer supports text prompts only")
         keep = np.flatnonzero(real)
+        # A process without real rows still generates one throw-away row: sharded models (FSDP, ZeRO-3) gather
+        # their weights collectively for generation, so every process must take part.
+        todo = keep if keep.size else np.array([0])
         # The rows handed over are no longer groups of num_generations copies: ask for one completion per row.
         completions, logps = super()._generate_single_turn(
-            [prompt_ids[i] for i in keep], None, multimodal_fields, 1, has_tool_images
+            [prompt_ids[i] for i in todo], None, multimodal_fields, 1, has_tool_images
         )
         placeholder = [self.eos_token_ids[0] if self.eos_token_ids else self._tokenizer.eos_token_id]
         full: list[Any] = [placeholder] * len(prompt_ids)  # never sampled; removed after the advantages
@@ -362,9 +408,18 @@ class VIPGRPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         # TRL's no-grad passes for old/reference log-probs run inside generation: compute them for real rows only.
+        # (Single process only: sharded models need the same number of forward calls on every process.)
         real = self._vip_real
         extra = [v for k, v in kwargs.items() if k not in ("batch_size", "compute_entropy", "compute_aux_loss")]
-        if real is None or input_ids.size(0) != len(real) or real.all() or args or any(v is not None for v in extra):
+        if (
+            real is None
+            or self._vip_world > 1
+            or input_ids.size(0) != len(real)
+            or real.all()
+            or not real.any()
+            or args
+            or any(v is not None for v in extra)
+        ):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
@@ -389,19 +444,26 @@ class VIPGRPOTrainer(GRPOTrainer):
         keep = np.flatnonzero(real)
         # Reward functions see real completions only; unused rows get NaN, which TRL treats as unscorable: excluded
         # from the NaN-aware group mean/std and given advantage 0 (they are removed right after).
-        scored = super()._calculate_rewards(
-            [inputs[i] for i in keep],
-            [prompts[i] for i in keep],
-            [completions[i] for i in keep],
-            [completion_ids_list[i] for i in keep],
-        )
-        full = scored.new_full((len(prompts), scored.shape[1]), float("nan"))
-        full[torch.as_tensor(keep, device=scored.device)] = scored
+        device = self.accelerator.device
+        if keep.size:
+            with _local_reward_gather(self._vip_world > 1):  # gather the NaN-padded full slice below instead
+                scored = super()._calculate_rewards(
+                    [inputs[i] for i in keep],
+                    [prompts[i] for i in keep],
+                    [completions[i] for i in keep],
+                    [completion_ids_list[i] for i in keep],
+                )
+        else:
+            scored = torch.zeros((0, len(self.reward_funcs)), device=device)
+        local = scored.new_full((len(prompts), scored.shape[1]), float("nan"))
+        local[torch.as_tensor(keep, device=scored.device, dtype=torch.long)] = scored
+        full = gather(local) if self._vip_world > 1 else local
         self._vip_rewards = full.detach().float().cpu()
         return full
 
     # ------------------------------------------------------------------ feedback, metrics, logs
     def _vip_observe(self, plan: Plan, real: np.ndarray, rewards_per_func: torch.Tensor) -> None:
+        """Report each prompt's real, binarised rewards to the allocator (main process) and log ``vip/*`` metrics."""
         g = self.num_generations
         weights = self.reward_weights.detach().float().cpu().unsqueeze(0)
         scorable = ~torch.isnan(rewards_per_func).all(dim=1).numpy()
@@ -414,8 +476,9 @@ class VIPGRPOTrainer(GRPOTrainer):
             rewards.append(r)
             successes.append((r >= thr).astype(np.float64))
         kept = plan.counts > 0
-        observed = [i for i in range(len(plan.prompt_ids)) if kept[i]]
-        self.allocator.observe([plan.prompt_ids[i] for i in observed], [successes[i] for i in observed], plan.step)
+        if self.accelerator.is_main_process:
+            observed = [i for i in range(len(plan.prompt_ids)) if kept[i]]
+            self.allocator.observe([plan.prompt_ids[i] for i in observed], [successes[i] for i in observed], plan.step)
         self.vip_last = VIPBatchRecord(
             step=plan.step,
             prompt_ids=list(plan.prompt_ids),
@@ -446,16 +509,22 @@ class VIPGRPOTrainer(GRPOTrainer):
 
     def _vip_fix_generation_metrics(self, prompt_ids: list, completion_ids: list, real: np.ndarray) -> None:
         """TRL's length metrics and token counter included the placeholders: recompute them over real rows."""
-        pad = np.flatnonzero(~real)
-        keep = np.flatnonzero(real)
-        self.state.num_input_tokens_seen -= sum(len(prompt_ids[i]) + len(completion_ids[i]) for i in pad)
+        stop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        pad_tokens = sum(len(prompt_ids[i]) + len(completion_ids[i]) for i in np.flatnonzero(~real))
+        stats = [
+            (len(completion_ids[i]), len(completion_ids[i]) > 0 and completion_ids[i][-1] not in stop)
+            for i in np.flatnonzero(real)
+        ]
+        if self._vip_world > 1:  # TRL's metrics are over the gathered batch
+            pad_tokens = sum(gather_object([pad_tokens]))
+            stats = gather_object(stats)
+        self.state.num_input_tokens_seen -= pad_tokens
         metrics = self._metrics["train"]
         metrics["num_tokens"] = [self.state.num_input_tokens_seen]
-        if keep.size == 0:  # pragma: no cover - budgets are >= 1
+        if not stats:  # pragma: no cover - budgets are >= 1
             return
-        lengths = np.array([len(completion_ids[i]) for i in keep], np.float64)
-        stop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        truncated = np.array([len(completion_ids[i]) > 0 and completion_ids[i][-1] not in stop for i in keep])
+        lengths = np.array([n for n, _ in stats], np.float64)
+        truncated = np.array([t for _, t in stats], bool)
         term = lengths[~truncated] if (~truncated).any() else np.zeros(1)
         fixes = {
             "completions/mean_length": lengths.mean(),
@@ -471,7 +540,8 @@ class VIPGRPOTrainer(GRPOTrainer):
                 metrics[key][-1] = float(value)
 
     def _vip_trim_logs(self, real: np.ndarray) -> None:
-        """Drop the unused rows TRL just appended to its completions table (prompt, completion, rewards, advantages)."""
+        """Drop the unused rows TRL just appended to its completions table (gathered prompt, completion, rewards,
+        advantages)."""
         n, keep = len(real), np.flatnonzero(real)
 
         def trim(buf: deque) -> None:
@@ -496,3 +566,21 @@ class VIPGRPOTrainer(GRPOTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and os.path.exists(os.path.join(checkpoint, ALLOCATOR_FILE)):
             self.allocator = Allocator.load(os.path.join(checkpoint, ALLOCATOR_FILE))
+
+
+@contextlib.contextmanager
+def _local_reward_gather(active: bool) -> Iterator[None]:
+    """Let ``GRPOTrainer._calculate_rewards`` return this process's rewards without its cross-process gather.
+
+    With several processes each one scores a different number of real rows, and TRL's gather needs equal shapes; the
+    caller gathers the NaN-padded slice (equal shapes) itself. Pinned to TRL's module-level ``gather`` (TRL 1.16).
+    """
+    if not active:
+        yield
+        return
+    original = _grpo_module.gather
+    _grpo_module.gather = lambda tensor: tensor
+    try:
+        yield
+    finally:
+        _grpo_module.gather = original
