@@ -23,7 +23,8 @@ On a GPU with a hub model and dataset the trainer code is the same; only the set
                          allocation_strategy="vip", predictor="gp", max_completion_length=4096)
     VIPGRPOTrainer(model=model, reward_funcs=math_verify_reward, args=args, train_dataset=ds).train()
 
-(one process, ``use_vllm=False``: see docs/trl.md for why, and for the verl plug-in that scales out).
+(``use_vllm=False``; with several processes use a token-normalised loss such as the default ``dapo``: see
+docs/trl.md).
 """
 
 from __future__ import annotations
