@@ -28,6 +28,7 @@ torch.set_num_threads(1)
 CHARS = "0123456789+-=*? "
 N_PROMPTS = 40
 WIDTH, PROMPTS_PER_BATCH, BUDGET, STEPS = 4, 4, 12, 4  # 16 rectangular rows per generation batch, 12 generated
+TRUE_P = [((i * 7) % 10) / 9 for i in range(N_PROMPTS)]  # oracle success rates in [0, 1], some exactly 0 or 1
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -101,7 +102,7 @@ def vip_args(out: Path, **kw) -> VIPGRPOConfig:
         beta=0.04,  # exercises the reference-model log-prob pass
         rollout_budget=BUDGET,
         n_min=2,
-        allocation_strategy="vip_pure",
+        allocation_strategy="vip",  # the authors' rule: may drop prompts it predicts always/never solved
         predictor="oracle",
         seed=0,
         dataloader_num_workers=0,
@@ -156,9 +157,9 @@ def run(tmp_path_factory):
             train_dataset=sums(),
             processing_class=tok,
         )
-        # Skewed true success rates make the plan non-uniform.
+        # Skewed true success rates (some exactly 0 or 1) make the plan non-uniform and drop some prompts.
         ids = [f"q{i}" for i in range(N_PROMPTS)]
-        trainer.allocator.predictor.set_true_p(ids, [0.05 + 0.9 * ((i * 7) % 10) / 10 for i in range(N_PROMPTS)])
+        trainer.allocator.predictor.set_true_p(ids, TRUE_P)
         trainer.train()
     finally:
         mp.undo()
@@ -180,6 +181,7 @@ def test_generated_completions_follow_the_plan(run) -> None:
     assert run["gen_rows"] == [BUDGET] * STEPS  # the model generated exactly the budget, never the unused rows
     assert [len(call) for call in run["reward"].calls] == [BUDGET] * STEPS  # only real ones scored
     assert any(len(set(rec.counts.tolist())) > 1 for rec, _ in records)  # the plan really varies per prompt
+    assert any((rec.counts == 0).any() for rec, _ in records)  # ... and drops prompts (no rows, no rewards)
     for (rec, _), call in zip(records, run["reward"].calls):
         assert rec.counts.sum() == BUDGET
         np.testing.assert_array_equal(rec.real_rows.reshape(-1, WIDTH).sum(1), rec.counts)
@@ -371,7 +373,7 @@ def _multiprocess_worker(out: Path) -> None:
         model=tiny_model(len(tok)), reward_funcs=reward, args=args, train_dataset=sums(), processing_class=tok
     )
     ids = [f"q{i}" for i in range(N_PROMPTS)]
-    trainer.allocator.predictor.set_true_p(ids, [0.05 + 0.9 * ((i * 7) % 10) / 10 for i in range(N_PROMPTS)])
+    trainer.allocator.predictor.set_true_p(ids, TRUE_P)
     trainer.train()
     rank = trainer.accelerator.process_index
     dump = {
