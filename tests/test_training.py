@@ -20,7 +20,7 @@ from vipalloc.training.losses import group_advantages
 from vipalloc.training.tasks import make_problems, reward
 from vipalloc.training.trainer import Trainer, train
 
-TIMING = {"alloc_seconds", "step_seconds"}
+TIMING = {"alloc_seconds", "step_seconds", "eval_seconds"}
 
 
 def tiny(run_dir: Path, cache: Path, **kw) -> TrainConfig:
@@ -210,3 +210,51 @@ def test_ppo_kl_update_and_resume(tmp_path, cache) -> None:
     cfg_b = tiny(tmp_path / "b", cache, **kw)
     Trainer(cfg_b).run(stop_after=3)
     assert strip(Trainer(cfg_b).run().metrics) == strip(full.metrics)
+
+
+def _fake_run(seed: int, slope: float, steps: int = 20, budget: int = 64) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    metrics = [{"step": -1, "cum_rollouts": 0, "eval_acc": 0.2}]
+    plans = []
+    for s in range(steps):
+        rec = {
+            "step": s,
+            "cum_rollouts": budget * (s + 1),
+            "rollouts_used": budget,
+            "frac_all_correct": 0.1,
+            "frac_all_wrong": 0.3,
+            "dropped": 1,
+            "mean_n": 4.2,
+            "max_n": 9,
+            "pred_abs_err": 0.1,
+            "expected_var_ratio": 0.9,
+            "alloc_seconds": 0.01,
+            "step_seconds": 0.1,
+        }
+        if (s + 1) % 5 == 0:
+            rec["eval_acc"] = 0.2 + slope * (s + 1) + rng.normal(0, 0.001)
+        metrics.append(rec)
+        plans.append({"step": s, "counts": [4] * 16, "p_mean": [0.3] * 16, "rate": [0.25] * 16})
+    return metrics, plans
+
+
+def test_report_tables_and_plots(tmp_path) -> None:
+    """The report compares at a common budget, pairs seeds, and writes every plot."""
+    from vipalloc.training.report import summarize, write_report
+
+    runs, plans = {"uniform": [], "vip": []}, {"uniform": [], "vip": []}
+    for seed in range(3):
+        for s, slope in (("uniform", 0.002), ("vip", 0.004)):
+            m, p = _fake_run(seed, slope)
+            runs[s].append(m)
+            plans[s].append(p)
+    sm = summarize(runs)
+    assert sm["common_rollouts"] == 20 * 64
+    np.testing.assert_allclose(np.mean(sm["vip"]["paired_diff_at_common"]), 0.002 * 20, atol=0.005)
+    assert np.mean(sm["vip"]["rollouts_to_target"]) < np.mean(sm["uniform"]["rollouts_to_target"])
+    report = write_report(tmp_path, TrainConfig(), runs, plans, warm_s=1.0)
+    text = report.read_text()
+    assert "| vip |" in text and "paired diff vs uniform" in text and "1,280" in text
+    for name in ("eval_vs_rollouts.png", "allocations.png", "predicted_vs_realised.png", "groups.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text())["reference"] == "uniform"

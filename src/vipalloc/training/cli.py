@@ -15,9 +15,10 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="~1-minute smoke run of the same pipeline."),
         seeds: int = typer.Option(1, help="Number of seeds (0..N-1) per strategy."),
         strategies: str = typer.Option("uniform,vip", help="Comma-separated strategies (any of train's, or dapo)."),
-        steps: int | None = typer.Option(None, help="RL steps per run (default: 120, quick: 12)."),
+        steps: int | None = typer.Option(None, help="RL steps per run (default: 150, quick: 12)."),
         out: Path = typer.Option(Path("runs/demo"), help="Output folder (report.md, plots, runs)."),
-        predictor: str | None = typer.Option(None, help="Predictor for allocating strategies (default gp)."),
+        predictor: str | None = typer.Option(None, help="Predictor for allocating strategies (gp, beta, ...)."),
+        threads: int | None = typer.Option(None, help="torch CPU threads per run (default 1)."),
     ) -> None:
         """Warm-up (cached), then train uniform vs VIP at the same rollout budget and write a report."""
         from rich.console import Console
@@ -56,6 +57,7 @@ def register(app: typer.Typer) -> None:
                     steps=steps,
                     on_event=on_event,
                     predictor=predictor,
+                    threads=threads,
                 )
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)

@@ -221,15 +221,18 @@ class Trainer:
         by_id = {p.prompt_id: p for p in self.pool}
         assert len(by_id) == len(self.pool)
         alloc_strategy = "uniform" if cfg.strategy == "dapo" else cfg.strategy
+        # uniform plans ignore predictions: give them the cheap empirical predictor so that their wall time is not
+        # charged for a GP they do not use (their logged predictor error is then the empirical predictor's)
+        predictor = "empirical" if alloc_strategy == "uniform" else cfg.predictor
         self.alloc = Allocator(
             strategy=alloc_strategy,
-            predictor=cfg.predictor,
+            predictor=predictor,
             estimator="rloo" if cfg.loss == "rloo" else "drgrpo",
             n_min=cfg.n_min,
             n_max=cfg.n_max,
             seed=cfg.seed,
             embedder=cfg.embedder,
-            predictor_kwargs=cfg.predictor_kwargs,
+            predictor_kwargs=cfg.predictor_kwargs if predictor == cfg.predictor else None,
         )
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -491,9 +494,11 @@ class Trainer:
             rec = self.train_step()
             self.step += 1
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                te = time.perf_counter()
                 rec["eval_acc"] = evaluate(
                     self.model, self.tok, self.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000 + self.step
                 )
+                rec["eval_seconds"] = time.perf_counter() - te
             self.metrics.append(rec)
             if writer is not None:
                 for k, v in rec.items():
