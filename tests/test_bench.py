@@ -86,6 +86,25 @@ def test_policy_gradient_learning_raises_success() -> None:
     assert sim.mean_success() > start + 0.08
 
 
+def test_adam_learns_and_noise_slows_it() -> None:
+    """Adam normalises the step, so reward-independent noise slows learning (the mechanism VIP targets)."""
+
+    def train(sigma: float) -> float:
+        cfg = TINY.with_(sigma=sigma, optimizer="adam", lr=0.05)
+        sim = Simulator(cfg, seed=8)
+        stream = PromptStream(cfg.n_prompts, seed=8)
+        rng = np.random.default_rng(8)
+        for _ in range(60):
+            idx = stream.next(16)
+            sim.update(sim.gradient(idx, sim.rollouts(idx, np.full(16, 8), rng), rng))
+        return sim.mean_success()
+
+    start = Simulator(TINY, seed=8).mean_success()
+    clean, noisy = train(0.0), train(30.0)
+    assert clean > start + 0.08
+    assert noisy < clean - 0.03
+
+
 def test_prompt_stream_epochs() -> None:
     s = PromptStream(10, seed=0)
     batches = [s.next(4) for _ in range(5)]  # 20 prompts = two epochs
@@ -118,6 +137,8 @@ def test_config_validation() -> None:
         SimConfig(lr=0.0)
     with pytest.raises(ValueError, match="n_clusters"):
         SimConfig(n_prompts=3, n_clusters=4)
+    with pytest.raises(ValueError, match="optimizer"):
+        SimConfig(optimizer="lbfgs")
 
 
 # ------------------------------------------------------------------------------------------------ league

@@ -100,6 +100,8 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(64, help="Prompts a step."),
         n_mean: int = typer.Option(8, "--n-mean", help="Rollouts a prompt on average (budget = batch x n_mean)."),
         estimator: str = typer.Option("drgrpo", help="Training advantage: drgrpo | rloo | grpo."),
+        optimizer: str = typer.Option("sgd", help="Simulator optimizer: sgd | adam."),
+        lr: float | None = typer.Option(None, help="Simulator step size (default 1.0 for sgd, 0.02 for adam)."),
         out: Path = typer.Option(Path("reports"), help="Report folder."),
     ) -> None:
         """League table of allocation strategies on the policy-gradient simulator, with a sigma sweep."""
@@ -114,7 +116,8 @@ def register(app: typer.Typer) -> None:
                 if sweep is not None
                 else ([0.0, 10.0] if quick else [0.0, 1.0, 3.0, 10.0, 30.0])
             )
-            cfg = SimConfig(estimator=estimator)
+            step = lr if lr is not None else (0.02 if optimizer == "adam" else 1.0)
+            cfg = SimConfig(estimator=estimator, optimizer=optimizer, lr=step)
             n_seeds = seeds if seeds is not None else (3 if quick else 5)
             n_steps = steps if steps is not None else (60 if quick else 120)
             with _progress() as p:

@@ -71,6 +71,7 @@ class SimConfig:
     lr: float = 1.0  # SGD step size on theta
     estimator: str = "drgrpo"  # advantage used for the update: drgrpo | rloo | grpo
     normalize: str = "batch"  # "batch": g / (prompts planned); "kept": g / (prompts with rollouts), like the trainer
+    optimizer: str = "sgd"  # "sgd": theta += lr g; "adam": Adam(beta1=0.9, beta2=0.999, eps=1e-8) ascent, like LLM RL
     vocab_size: int = 256  # pseudo-words of the prompt texts
     words_per_prompt: int = 12
     text_beta: float = 3.0  # sharpness of the feature -> word distribution
@@ -90,6 +91,8 @@ class SimConfig:
             raise ValueError(f"SimConfig.lr must be a positive number, got {self.lr!r}")
         if not np.isfinite(self.bias_mean):
             raise ValueError("SimConfig.bias_mean must be finite")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"SimConfig.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.normalize not in ("batch", "kept"):
             raise ValueError(f"SimConfig.normalize must be 'batch' or 'kept', got {self.normalize!r}")
         if self.estimator not in SIM_ESTIMATORS:
@@ -175,6 +178,9 @@ class Simulator:
         topic = rng.normal(0.0, cfg.cluster_bias_std, size=cfg.n_clusters)
         self.bias = cfg.bias_mean + topic[self.cluster] + rng.normal(0.0, cfg.bias_std, size=cfg.n_prompts)
         self.theta = np.zeros(d)
+        self._adam_m = np.zeros(d)
+        self._adam_v = np.zeros(d)
+        self._t = 0
         self.ids = [f"s{self.seed}-{i}" for i in range(cfg.n_prompts)]
         self.texts = self._make_texts(rng)
 
@@ -280,11 +286,22 @@ class Simulator:
         return g / (len(idx_a) if batch_size is None else int(batch_size))
 
     def update(self, grad: np.ndarray) -> None:
-        """SGD step ``theta <- theta + lr * grad`` (gradient ascent on expected reward)."""
+        """One ascent step on expected reward: SGD ``theta <- theta + lr * grad``, or Adam (bias-corrected moments,
+        ``beta1 = 0.9``, ``beta2 = 0.999``, ``eps = 1e-8``), whose per-coordinate normalisation makes the step along
+        the true gradient shrink as the noise grows, as with the Adam-trained LLMs of RLVR."""
         grad = np.asarray(grad, np.float64)
         if grad.shape != self.theta.shape or not np.all(np.isfinite(grad)):
             raise ValueError(f"gradient must be finite with shape {self.theta.shape}")
-        self.theta = self.theta + self.config.lr * grad
+        lr = self.config.lr
+        if self.config.optimizer == "sgd":
+            self.theta = self.theta + lr * grad
+            return
+        self._t += 1
+        self._adam_m = 0.9 * self._adam_m + 0.1 * grad
+        self._adam_v = 0.999 * self._adam_v + 0.001 * grad**2
+        m_hat = self._adam_m / (1 - 0.9**self._t)
+        v_hat = self._adam_v / (1 - 0.999**self._t)
+        self.theta = self.theta + lr * m_hat / (np.sqrt(v_hat) + 1e-8)
 
 
 class PromptStream:
