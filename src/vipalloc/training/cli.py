@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``["n_mean=4", "warmup={\"steps\": 300}"]`` -> ``{"n_mean": 4, "warmup": {"steps": 300}}`` (JSON values;
+    anything that is not JSON is taken as a string)."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +35,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/demo"), help="Output folder (report.md, plots, runs)."),
         predictor: str | None = typer.Option(None, help="Predictor for allocating strategies (gp, beta, ...)."),
         threads: int | None = typer.Option(None, help="torch CPU threads per run (default 1)."),
+        set_: list[str] = typer.Option(
+            [], "--set", help="Override any training option, KEY=VALUE (JSON value), e.g. --set n_mean=4."
+        ),
     ) -> None:
         """Warm-up (cached), then train uniform vs VIP at the same rollout budget and write a report."""
         from rich.console import Console
@@ -27,6 +46,11 @@ def register(app: typer.Typer) -> None:
         from vipalloc.training.demo import run_demo
 
         names = [s.strip() for s in strategies.split(",") if s.strip()]
+        try:
+            extra = parse_overrides(set_)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         console = Console()
         try:
             with Progress(
@@ -58,11 +82,12 @@ def register(app: typer.Typer) -> None:
                     on_event=on_event,
                     predictor=predictor,
                     threads=threads,
+                    **extra,
                 )
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        console.print(report.read_text())
+        typer.echo(report.read_text())  # plain markdown: rich would squeeze the wide tables
         console.print(f"[bold]report:[/bold] {report}")
 
     @app.command()

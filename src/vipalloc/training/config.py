@@ -64,7 +64,7 @@ class TrainConfig(BaseModel):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(6, ge=1)
     levels: list[tuple[int, int]] = Field(
-        default_factory=lambda: [list(x) for x in LEVELS],
+        default_factory=lambda: list(LEVELS),
         description="difficulty ladder: (terms, digits) per level of chain_sum, mixed evenly in pool and eval set",
     )
     pool_size: int = Field(1024, ge=1)

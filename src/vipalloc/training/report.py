@@ -65,7 +65,7 @@ def _steps(metrics: Run) -> Run:
 
 def _ms(values: Any) -> str:
     arr = np.asarray(values, dtype=np.float64)
-    return f"{arr.mean():.3f} +- {arr.std(ddof=1) if arr.size > 1 else 0.0:.3f}"
+    return f"{arr.mean():.3f} +- {arr.std(ddof=1):.3f}" if arr.size > 1 else f"{arr.mean():.3f}"
 
 
 def summarize(runs: dict[str, list[Run]]) -> dict[str, Any]:

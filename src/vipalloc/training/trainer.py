@@ -275,7 +275,7 @@ class Trainer:
             return False
         payload = torch.load(path, weights_only=False)
         saved_cfg = TrainConfig.model_validate_json(payload["config"])
-        free = {"steps", "threads", "tensorboard", "ckpt_every"}  # may change between a kill and the resume
+        free = {"steps", "threads", "tensorboard", "ckpt_every", "run_dir"}  # may differ between a kill and resume
         if saved_cfg.model_dump(exclude=free) != self.cfg.model_dump(exclude=free):
             raise ValueError(f"{path} was written by a different configuration; use another run_dir or the same config")
         self.step = int(payload["step"])
