@@ -480,7 +480,8 @@ class Trainer:
         after that many steps of this call (used by tests to simulate a kill)."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.load_checkpoint()
+        if self.load_checkpoint():
+            self._write_metrics()  # drop lines a killed process wrote after its last checkpoint
         writer = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
