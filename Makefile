@@ -1,6 +1,6 @@
 # vipalloc: two set-up-and-go targets. Both create .venv if missing and install what they need.
 # torch is installed FIRST from its pinned CPU wheel so that the project's `torch>=2.4` range
-# is already satisfied and pip never pulls the CUDA build (see docs/install.md).
+# is already satisfied and pip never pulls the CUDA build (see README, "Install").
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -88,13 +88,14 @@ def git_commit(root: str | Path | None = None) -> str:
         return "unknown"
 
 
-def provenance(command: str, extra: Mapping[str, Any] | None = None) -> str:
-    """Markdown lines naming the command, commit, date and machine that produced a report."""
+def provenance(command: str, extra: Mapping[str, Any] | None = None, commit: str | None = None) -> str:
+    """Markdown lines naming the command, commit (pass the one read when the run started: the tree may change
+    while it runs), date and machine that produced a report."""
     import os
 
     lines = [
         f"- command: `{command}`",
-        f"- commit: `{git_commit()}`",
+        f"- commit: `{commit or git_commit()}` (at the start of the run; `+dirty`: uncommitted changes in the tree)",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {sys.version.split()[0]}, "
         f"numpy {np.__version__}",

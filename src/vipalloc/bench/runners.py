@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vipalloc.bench.report import fmt_ci, md_table, plot_bands, plot_lines, provenance
+from vipalloc.bench.report import fmt_ci, git_commit, md_table, plot_bands, plot_lines, provenance
 from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
 
 __all__ = [
@@ -394,6 +394,7 @@ def run_simulate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kw = {"steps": steps, "batch": batch, "n_mean": n_mean, "dapo_max_batches": dapo_max_batches, "embedder": embedder}
+    commit = git_commit()
     t_start = time.perf_counter()
     # ---- league
     league: dict[str, list[SimRun]] = {r.label: [] for r in rows}
@@ -428,6 +429,7 @@ def run_simulate(
                     sweep_runs[sg][row.label].append(run)
     elapsed = time.perf_counter() - t_start
     result = {
+        "commit": commit,
         "config": base_cfg.to_dict(),
         "seeds": seeds,
         "steps": steps,
@@ -521,6 +523,7 @@ def _write_simulate_report(
                 f"embedder {kw['embedder']}; DAPO at most {kw['dapo_max_batches']} generation batches a step",
                 "wall time": f"{result['elapsed_s']:.0f} s",
             },
+            commit=result.get("commit"),
         ),
         f"## League at sigma = {cfg.sigma:g} (target mean success {target:g})",
         "",
@@ -814,6 +817,7 @@ def run_predictors(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config or SimConfig()
+    commit = git_commit()
     t_start = time.perf_counter()
     specs = list(PREDICTOR_SPECS)
     sim_specs = specs + [("oracle (true p)", "oracle", {})]
@@ -848,6 +852,7 @@ def run_predictors(
             progress("advance", {})
     elapsed = time.perf_counter() - t_start
     result = {
+        "commit": commit,
         "config": cfg.to_dict(),
         "seeds": seeds,
         "steps": steps,
@@ -870,6 +875,7 @@ def run_predictors(
                 "trainer trace": train_name or "not run",
                 "wall time": f"{elapsed:.0f} s",
             },
+            commit=commit,
         ),
         "At each step every predictor (through `Allocator.plan`) predicts the batch's success probabilities",
         "before seeing that step's rollouts; then the rollouts are observed. Scores per prompt, averaged over",
@@ -1086,6 +1092,7 @@ def run_overhead(
     if not ms or not histories or min(ms) < 2 or min(histories) < 1:
         raise ValueError("need at least one batch size >= 2 and one history size >= 1")
     rng = np.random.default_rng(0)
+    commit = git_commit()
     t_start = time.perf_counter()
     pool = 8192
     total = len(predictors) * len(histories) * len(ms) + len(ms) + len(gp_windows)
@@ -1175,6 +1182,7 @@ def run_overhead(
             progress("advance", {"label": f"GP window {mp}: plan {t_plan:.2f}s"})
     elapsed = time.perf_counter() - t_start
     result = {
+        "commit": commit,
         "ms": ms,
         "histories": histories,
         "predictors": list(predictors),
@@ -1184,11 +1192,21 @@ def run_overhead(
         "gp_windows": windows,
         "window_m": window_m,
         "peer_code": None if peer_dir is None else str(peer_dir),
+        "gp_max_points": _gp_default_window(),
         "elapsed_s": elapsed,
     }
     (out / "overhead.json").write_text(json.dumps(result, default=float))
     _write_overhead_report(out, result, command)
     return result
+
+
+def _gp_default_window() -> int | None:
+    try:
+        from vipalloc.predictors.gp import PRESETS
+
+        return int(PRESETS["vipalloc"]["max_points"])
+    except (ImportError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _ms(v: Any) -> str:
@@ -1218,8 +1236,10 @@ def _write_overhead_report(out: Path, res: dict[str, Any], command: str) -> Path
             {
                 "embedder": res["embedder"],
                 "budget": "8 rollouts a prompt, n in [2, 32]",
+                "GP": f"preset vipalloc, default window max_points={res.get('gp_max_points', '?')}",
                 "wall time": f"{res['elapsed_s']:.0f} s",
             },
+            commit=res.get("commit"),
         ),
         "Times in milliseconds, one measurement each on a shared 2-core machine (expect ±30% noise).",
         "*embed (new prompts)*: `plan()`'s embedding time for a batch of never-seen prompts (the worst case; seen",
@@ -1320,8 +1340,15 @@ def _write_overhead_report(out: Path, res: dict[str, Any], command: str) -> Path
     else:
         lines += ["Peer public code: not given (`--peer-code DIR` with the peers' files times it too).", ""]
     if res["gp_windows"]:
+        default = res.get("gp_max_points")
         rows = [
-            [str(w["max_points"]), _ms(w["plan"]), _ms(w.get("embed")), _ms(w.get("predict")), _ms(w.get("solve"))]
+            [
+                f"{w['max_points']}{' (default)' if w['max_points'] == default else ''}",
+                _ms(w["plan"]),
+                _ms(w.get("embed")),
+                _ms(w.get("predict")),
+                _ms(w.get("solve")),
+            ]
             for w in res["gp_windows"]
         ]
         lines += [
@@ -1391,6 +1418,7 @@ def run_train(
     out.mkdir(parents=True, exist_ok=True)
     base = demo_config(quick, steps=steps, tensorboard=False, **overrides)
     total = base.steps * base.budget
+    commit = git_commit()
     t_start = time.perf_counter()
     progress("phase", {"name": "warm-up (cached after the first run)", "total": 1})
     warm = warmup_policy(base)
@@ -1427,6 +1455,7 @@ def run_train(
             progress("run", {"label": strat, "seed": seed, "final": metrics[-1]["eval_acc"], "wall": wall})
     elapsed = time.perf_counter() - t_start
     result = {
+        "commit": commit,
         "config": json.loads(base.model_dump_json()),
         "total_rollouts": total,
         "seeds": seeds,
@@ -1521,6 +1550,7 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
                 f"{cfg['eval_every']} steps",
                 "wall time": f"{res['elapsed_s'] / 60:.1f} min (warm-up {res['warmup_s']:.0f} s)",
             },
+            commit=res.get("commit"),
         ),
         f"Mean ± 95% t-interval over {res['seeds']} seeds. *Δ vs uniform*: same seed (same warm-up model, prompt",
         f"pool and evaluation set). *rollouts to uniform's final acc*: first evaluation at or above {target:.3f}",
