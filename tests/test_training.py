@@ -258,3 +258,53 @@ def test_report_tables_and_plots(tmp_path) -> None:
     for name in ("eval_vs_rollouts.png", "allocations.png", "predicted_vs_realised.png", "groups.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text())["reference"] == "uniform"
+
+
+def test_parallel_runs_match_sequential(tmp_path, cache) -> None:
+    """Worker processes (spawned) give exactly the metrics of in-process runs; the rollout stop evaluates the end."""
+    from vipalloc.training.parallel import run_many
+    from vipalloc.training.trainer import warmup_policy
+
+    def cfgs(tag: str) -> list[TrainConfig]:
+        return [
+            tiny(tmp_path / f"{tag}-vip", cache, strategy="vip", seed=1),
+            tiny(tmp_path / f"{tag}-dapo", cache, strategy="dapo", seed=2),
+        ]
+
+    warm = warmup_policy(cfgs("a")[0])
+    stop = 3 * 8 * 4  # three steps' budget: DAPO (which overspends) stops earlier, between evaluations
+    events: list[tuple[str, str]] = []
+    seq = run_many(cfgs("a"), warm, jobs=1, stop_at_rollouts=stop)
+    par = run_many(cfgs("b"), warm, jobs=2, stop_at_rollouts=stop, on_event=lambda k, i: events.append((k, i["label"])))
+    assert [strip(r["metrics"]) for r in seq] == [strip(r["metrics"]) for r in par]
+    assert [r["steps_done"] for r in seq] == [r["steps_done"] for r in par]
+    for r in par:
+        assert r["metrics"][-1]["cum_rollouts"] >= stop and "eval_acc" in r["metrics"][-1]
+    assert par[1]["steps_done"] < par[0]["steps_done"] == 3
+    assert {("run", "vip seed 1"), ("done", "vip seed 1"), ("done", "dapo seed 2")} <= set(events)
+    assert sum(k == "step" for k, _ in events) == sum(r["steps_done"] for r in par)
+    with pytest.raises(ValueError, match="jobs"):
+        run_many(cfgs("c"), warm, jobs=0)
+
+
+def test_cli_demo_quick_end_to_end(tmp_path) -> None:
+    """`vipalloc demo --quick` (the README's smoke run) writes the report, summary and plots, two runs at a time."""
+    from typer.testing import CliRunner
+
+    from vipalloc.cli import app
+
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--jobs", "2", "--out", str(out), "--set", f'warmup_cache="{tmp_path / "warm"}"']
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = (out / "report.md").read_text()
+    assert "| uniform |" in report and "| vip |" in report and "Runs: 2 at a time" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"uniform", "vip"} <= set(summary)
+    for png in ("eval_vs_rollouts.png", "allocations.png", "predicted_vs_realised.png", "groups.png"):
+        assert (out / png).stat().st_size > 1000
+    for run in ("uniform-seed0", "vip-seed0"):
+        lines = (out / run / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 12 + 1  # the initial evaluation, then one record per step
+    bad = CliRunner().invoke(app, ["demo", "--quick", "--strategies", "uniform,nope", "--out", str(out)])
+    assert bad.exit_code == 2 and "unknown strategies" in bad.output

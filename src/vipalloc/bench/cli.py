@@ -225,6 +225,9 @@ def register(app: typer.Typer) -> None:
         steps: int | None = typer.Option(None, help="Training steps (default: the demo's 120)."),
         strategies: str = typer.Option("uniform,vip,knapsack,dapo", help="Comma-separated strategies."),
         out: Path = typer.Option(Path("reports"), help="Report folder."),
+        jobs: int | None = typer.Option(
+            None, min=1, help="Runs side by side in worker processes (default: one per CPU core)."
+        ),
     ) -> None:
         """Real CPU training: strategies x seeds at equal cumulative rollouts, accuracy vs rollouts."""
         from vipalloc.bench.runners import run_train
@@ -242,6 +245,7 @@ def register(app: typer.Typer) -> None:
                     seeds=seeds if seeds is not None else (1 if quick else 3),
                     steps=steps,
                     quick=quick,
+                    jobs=jobs,
                     command=_command(),
                     progress=_Bar(p),
                 )

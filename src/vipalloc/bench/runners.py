@@ -1389,10 +1389,6 @@ def _write_overhead_report(out: Path, res: dict[str, Any], command: str) -> Path
 TRAIN_STRATEGIES: tuple[str, ...] = ("uniform", "vip", "knapsack", "dapo")
 
 
-class _BudgetReached(Exception):
-    """Raised from the trainer's progress callback to stop a run at the cumulative-rollout budget."""
-
-
 def run_train(
     out_dir: str | Path = "reports",
     *,
@@ -1400,17 +1396,20 @@ def run_train(
     seeds: int = 3,
     steps: int | None = None,
     quick: bool = False,
+    jobs: int | None = None,
     command: str = "vipalloc bench train",
     progress: Progress = _noop,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Real CPU training (``vipalloc.training``): every strategy x seed at equal cumulative rollouts
     (``steps * prompts_per_step * n_mean``; DAPO stops once its generated rollouts reach that). Writes
-    ``train.md`` / ``train.json`` and accuracy-vs-rollouts PNGs; run folders go to ``<out_dir>/train_runs``."""
+    ``train.md`` / ``train.json`` and accuracy-vs-rollouts PNGs; run folders go to ``<out_dir>/train_runs``.
+    ``jobs``: worker processes (default one per CPU core); results do not depend on it."""
     import shutil
 
     from vipalloc.training.demo import demo_config
-    from vipalloc.training.trainer import Trainer, evaluate, warmup_policy
+    from vipalloc.training.parallel import default_jobs, run_many
+    from vipalloc.training.trainer import warmup_policy
 
     if seeds < 1:
         raise ValueError("seeds must be >= 1")
@@ -1425,34 +1424,27 @@ def run_train(
     t_warm = time.perf_counter() - t_start
     progress("advance", {})
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
-    progress("phase", {"name": "training", "total": len(strategies) * seeds * base.steps})
+    cfgs = []
     for seed in range(seeds):
         for strat in strategies:
             run_dir = out / "train_runs" / f"{strat}-seed{seed}"
             if run_dir.exists():
-                shutil.rmtree(run_dir)  # a fresh run: the budget stop below is not resumable
-            cfg = base.model_copy(update={"strategy": strat, "seed": seed, "run_dir": str(run_dir)})
-            tr = Trainer(cfg, warm_state=warm)
-            t0 = time.perf_counter()
+                shutil.rmtree(run_dir)  # a fresh run: the budget stop is not resumable
+            cfgs.append(base.model_copy(update={"strategy": strat, "seed": seed, "run_dir": str(run_dir)}))
+    n_jobs = jobs if jobs is not None else default_jobs(len(cfgs))
+    progress("phase", {"name": f"training ({n_jobs} at a time)", "total": len(cfgs) * base.steps})
 
-            def on_step(step: int, n: int, rec: dict[str, Any], tag: str = f"{strat} seed {seed}") -> None:
-                progress("advance", {"label": f"{tag} step {step}"})
-                if rec.get("cum_rollouts", 0) >= total:
-                    raise _BudgetReached
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "step":
+            progress("advance", {"label": f"{info['label']} step {info['step']}"})
+        elif kind == "done":
+            progress("run", {"label": info["label"], "wall": info["wall_s"]})
 
-            try:
-                tr.run(progress=on_step)
-            except _BudgetReached:
-                pass
-            metrics = list(tr.metrics)
-            if "eval_acc" not in metrics[-1]:  # stopped between evaluations (DAPO): evaluate the final policy
-                metrics[-1] = dict(metrics[-1])
-                metrics[-1]["eval_acc"] = evaluate(
-                    tr.model, tr.tok, tr.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000 + tr.step
-                )
-            wall = time.perf_counter() - t0
-            runs[strat].append({"seed": seed, "metrics": metrics, "wall_s": wall, "steps_done": tr.step})
-            progress("run", {"label": strat, "seed": seed, "final": metrics[-1]["eval_acc"], "wall": wall})
+    results = run_many(cfgs, warm, jobs=n_jobs, on_event=on_event, stop_at_rollouts=total)
+    for cfg, res in zip(cfgs, results):
+        runs[cfg.strategy].append(
+            {"seed": cfg.seed, "metrics": res["metrics"], "wall_s": res["wall_s"], "steps_done": res["steps_done"]}
+        )
     elapsed = time.perf_counter() - t_start
     result = {
         "commit": commit,
@@ -1460,6 +1452,7 @@ def run_train(
         "total_rollouts": total,
         "seeds": seeds,
         "warmup_s": t_warm,
+        "jobs": n_jobs,
         "elapsed_s": elapsed,
         "runs": runs,
     }
@@ -1548,7 +1541,8 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
                 f"{cfg['embedder']} embedder",
                 "evaluation": f"{cfg['eval_size']} held-out prompts x {cfg['eval_samples']} samples every "
                 f"{cfg['eval_every']} steps",
-                "wall time": f"{res['elapsed_s'] / 60:.1f} min (warm-up {res['warmup_s']:.0f} s)",
+                "wall time": f"{res['elapsed_s'] / 60:.1f} min (warm-up {res['warmup_s']:.0f} s), "
+                f"{res.get('jobs', 1)} runs at a time (one torch thread each)",
             },
             commit=res.get("commit"),
         ),

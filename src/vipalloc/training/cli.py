@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -35,6 +36,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/demo"), help="Output folder (report.md, plots, runs)."),
         predictor: str | None = typer.Option(None, help="Predictor for allocating strategies (gp, beta, ...)."),
         threads: int | None = typer.Option(None, help="torch CPU threads per run (default 1)."),
+        jobs: int | None = typer.Option(
+            None, min=1, help="Runs side by side in worker processes (default: one per CPU core, <= runs)."
+        ),
         set_: list[str] = typer.Option(
             [], "--set", help="Override any training option, KEY=VALUE (JSON value), e.g. --set n_mean=4."
         ),
@@ -60,18 +64,22 @@ def register(app: typer.Typer) -> None:
                 TimeElapsedColumn(),
                 console=console,
             ) as bar:
-                task = bar.add_task("warm-up", total=1, info="")
+                warm_task = bar.add_task("warm-up", total=1, info="")
+                tasks: dict[str, Any] = {}  # one bar per run: several run at once with --jobs
 
                 def on_event(kind: str, info: dict) -> None:
                     if kind == "warmup":
-                        bar.update(task, total=info["total"], completed=info["step"])
+                        bar.update(warm_task, total=info["total"], completed=info["step"])
                     elif kind == "run":
-                        bar.reset(
-                            task, total=info["steps"], description=f"{info['strategy']} seed {info['seed']}", info=""
-                        )
-                    elif kind == "step":
+                        bar.update(warm_task, completed=bar.tasks[warm_task].total, visible=False)
+                        tasks[info["label"]] = bar.add_task(info["label"], total=info["steps"], info="")
+                    elif kind == "step" and info["label"] in tasks:
                         acc = f" eval {info['eval_acc']:.3f}" if "eval_acc" in info else ""
-                        bar.update(task, completed=info["step"], info=f"reward {info['train_reward']:.3f}{acc}")
+                        bar.update(
+                            tasks[info["label"]],
+                            completed=info["step"],
+                            info=f"reward {info['train_reward']:.3f}{acc}",
+                        )
 
                 report = run_demo(
                     out=out,
@@ -82,6 +90,7 @@ def register(app: typer.Typer) -> None:
                     on_event=on_event,
                     predictor=predictor,
                     threads=threads,
+                    jobs=jobs,
                     **extra,
                 )
         except ValueError as exc:

@@ -42,11 +42,18 @@ def run_demo(
     strategies: Sequence[str] = ("uniform", "vip"),
     steps: int | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    jobs: int | None = None,
     **overrides: Any,
 ) -> Path:
-    """Run every (strategy, seed) and write the report; returns the report path."""
+    """Run every (strategy, seed) and write the report; returns the report path.
+
+    ``jobs``: worker processes (default: one per CPU core, at most one per run); results do not depend on it.
+    ``on_event(kind, info)``: ``"warmup"`` (step, total), then per run ``"run"`` / ``"step"`` / ``"done"`` events
+    carrying the run's ``label`` (see :mod:`vipalloc.training.parallel`).
+    """
+    from vipalloc.training.parallel import default_jobs, run_many
     from vipalloc.training.report import write_report
-    from vipalloc.training.trainer import train, warmup_policy
+    from vipalloc.training.trainer import warmup_policy
 
     strategies = list(dict.fromkeys(strategies))
     bad = [s for s in strategies if s not in STRATEGIES]
@@ -64,15 +71,18 @@ def run_demo(
     warm_s = time.perf_counter() - t0
     runs: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in strategies}
     plans: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in strategies}
-    for seed in seeds:
-        for strat in strategies:
-            cfg = TrainConfig.model_validate(
-                {**base.model_dump(), "strategy": strat, "seed": seed, "run_dir": str(out / f"{strat}-seed{seed}")}
-            )
-            emit("run", {"strategy": strat, "seed": seed, "steps": cfg.steps})
-            res = train(cfg, warm_state=warm, progress=lambda s, n, rec: emit("step", {"step": s, "total": n, **rec}))
-            runs[strat].append(res.metrics)
-            plans[strat].append(res.plans)
-    report = write_report(out, base, runs, plans, warm_s)
-    emit("done", {"report": str(report)})
+    cfgs = [
+        TrainConfig.model_validate(
+            {**base.model_dump(), "strategy": strat, "seed": seed, "run_dir": str(out / f"{strat}-seed{seed}")}
+        )
+        for seed in seeds
+        for strat in strategies
+    ]
+    n_jobs = jobs if jobs is not None else default_jobs(len(cfgs))
+    emit("runs", {"n": len(cfgs), "jobs": n_jobs})
+    for cfg, res in zip(cfgs, run_many(cfgs, warm, jobs=n_jobs, on_event=emit)):
+        runs[cfg.strategy].append(res["metrics"])
+        plans[cfg.strategy].append(res["plans"])
+    report = write_report(out, base, runs, plans, warm_s, jobs=n_jobs)
+    emit("report", {"report": str(report)})
     return report

@@ -105,7 +105,12 @@ def summarize(runs: dict[str, list[Run]]) -> dict[str, Any]:
 
 
 def write_report(
-    out: Path, cfg: TrainConfig, runs: dict[str, list[Run]], plans: dict[str, list[list[dict[str, Any]]]], warm_s: float
+    out: Path,
+    cfg: TrainConfig,
+    runs: dict[str, list[Run]],
+    plans: dict[str, list[list[dict[str, Any]]]],
+    warm_s: float,
+    jobs: int = 1,
 ) -> Path:
     """Write ``report.md``, ``summary.json`` and the plots ``eval_vs_rollouts.png``, ``allocations.png``,
     ``predicted_vs_realised.png``, ``groups.png`` into ``out``; returns the report path."""
@@ -129,7 +134,8 @@ def write_report(
         f"{cfg.eval_size} held-out prompts x {cfg.eval_samples} samples at temperature {cfg.temperature}; exact-match "
         f"0/1 reward. RL: {cfg.loss}, AdamW lr {cfg.lr}, {cfg.steps} steps of {cfg.prompts_per_step} prompts, budget "
         f"{cfg.budget} rollouts per step for every strategy (uniform n = {cfg.n_mean}), n in [{cfg.n_min}, "
-        f"{cfg.n_max}], predictor {cfg.predictor}. Seeds: {n_seeds} (a seed fixes the prompt order and sampling).",
+        f"{cfg.n_max}], predictor {cfg.predictor}. Seeds: {n_seeds} (a seed fixes the prompt order and sampling). "
+        f"Runs: {jobs} at a time in worker processes, one torch thread each (wall times include that sharing).",
         "",
         f"Initial eval accuracy {sm['initial']:.3f}. All runs compared at {sm['common_rollouts']:,} cumulative "
         f"rollouts (every run reached it). Target for 'rollouts to target': {sm['target']:.3f} (half of {ref}'s "
