@@ -306,5 +306,12 @@ def test_cli_demo_quick_end_to_end(tmp_path) -> None:
     for run in ("uniform-seed0", "vip-seed0"):
         lines = (out / run / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 12 + 1  # the initial evaluation, then one record per step
+    before = (out / "vip-seed0" / "metrics.jsonl").read_text()
+    again = CliRunner().invoke(app, args)  # same configuration: the finished runs are reused, not redone
+    assert again.exit_code == 0, again.output
+    assert (out / "vip-seed0" / "metrics.jsonl").read_text() == before
+    changed = CliRunner().invoke(app, [*args, "--set", "lr=0.0003", "--strategies", "vip"])  # stale runs restart
+    assert changed.exit_code == 0, changed.output
+    assert (out / "vip-seed0" / "metrics.jsonl").read_text() != before
     bad = CliRunner().invoke(app, ["demo", "--quick", "--strategies", "uniform,nope", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown strategies" in bad.output

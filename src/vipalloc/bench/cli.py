@@ -222,7 +222,7 @@ def register(app: typer.Typer) -> None:
     def train(
         quick: bool = typer.Option(False, "--quick", help="A ~minutes smoke run of the same pipeline (1 seed)."),
         seeds: int | None = typer.Option(None, help="Seeds per strategy (default 3; quick 1)."),
-        steps: int | None = typer.Option(None, help="Training steps (default: the demo's 120)."),
+        steps: int | None = typer.Option(None, help="Training steps (default: the demo's 150)."),
         strategies: str = typer.Option("uniform,vip,knapsack,dapo", help="Comma-separated strategies."),
         out: Path = typer.Option(Path("reports"), help="Report folder."),
         jobs: int | None = typer.Option(

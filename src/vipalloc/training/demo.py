@@ -6,6 +6,7 @@ only the allocation strategy differs. Writes ``<out>/report.md`` and PNG plots.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,7 +54,7 @@ def run_demo(
     """
     from vipalloc.training.parallel import default_jobs, run_many
     from vipalloc.training.report import write_report
-    from vipalloc.training.trainer import warmup_policy
+    from vipalloc.training.trainer import checkpoint_config, same_run, warmup_policy
 
     strategies = list(dict.fromkeys(strategies))
     bad = [s for s in strategies if s not in STRATEGIES]
@@ -78,6 +79,11 @@ def run_demo(
         for seed in seeds
         for strat in strategies
     ]
+    for cfg in cfgs:  # finished or killed runs of the same configuration resume; anything else starts afresh
+        run_dir = Path(cfg.run_dir)
+        if run_dir.exists() and not ((old := checkpoint_config(run_dir)) is not None and same_run(old, cfg)):
+            emit("restart", {"label": f"{cfg.strategy} seed {cfg.seed}", "run_dir": str(run_dir)})
+            shutil.rmtree(run_dir)
     n_jobs = jobs if jobs is not None else default_jobs(len(cfgs))
     emit("runs", {"n": len(cfgs), "jobs": n_jobs})
     for cfg, res in zip(cfgs, run_many(cfgs, warm, jobs=n_jobs, on_event=emit)):

@@ -181,6 +181,26 @@ def warmup_policy(cfg: TrainConfig, progress: Callable[[int, int], None] | None 
 
 
 # ----------------------------------------------------------------------------------------------- RL loop
+#: options that may differ between a killed run and its resumption (they do not change what is computed)
+RESUME_FREE = frozenset({"steps", "threads", "tensorboard", "ckpt_every", "run_dir"})
+
+
+def same_run(a: TrainConfig, b: TrainConfig) -> bool:
+    """Whether a checkpoint written under config ``a`` may be resumed under config ``b``."""
+    return a.model_dump(exclude=set(RESUME_FREE)) == b.model_dump(exclude=set(RESUME_FREE))
+
+
+def checkpoint_config(run_dir: str | Path) -> TrainConfig | None:
+    """The config stored in ``run_dir``'s checkpoint, or None when there is none (or it cannot be read)."""
+    path = Path(run_dir) / CKPT_NAME
+    if not path.exists():
+        return None
+    try:
+        return TrainConfig.model_validate_json(torch.load(path, weights_only=False)["config"])
+    except Exception:  # a corrupt checkpoint: the caller decides (the demo restarts that run)
+        return None
+
+
 @dataclass
 class RunResult:
     """Paths and summary of a finished run."""
@@ -274,9 +294,7 @@ class Trainer:
         if not path.exists():
             return False
         payload = torch.load(path, weights_only=False)
-        saved_cfg = TrainConfig.model_validate_json(payload["config"])
-        free = {"steps", "threads", "tensorboard", "ckpt_every", "run_dir"}  # may differ between a kill and resume
-        if saved_cfg.model_dump(exclude=free) != self.cfg.model_dump(exclude=free):
+        if not same_run(TrainConfig.model_validate_json(payload["config"]), self.cfg):
             raise ValueError(f"{path} was written by a different configuration; use another run_dir or the same config")
         self.step = int(payload["step"])
         self.cum_rollouts = int(payload["cum_rollouts"])
