@@ -73,6 +73,8 @@ def register(app: typer.Typer) -> None:
                     elif kind == "run":
                         bar.update(warm_task, completed=bar.tasks[warm_task].total, visible=False)
                         tasks[info["label"]] = bar.add_task(info["label"], total=info["steps"], info="")
+                    elif kind == "restart":
+                        console.log(f"{info['run_dir']}: written by another configuration, restarting that run")
                     elif kind == "step" and info["label"] in tasks:
                         acc = f" eval {info['eval_acc']:.3f}" if "eval_acc" in info else ""
                         bar.update(
