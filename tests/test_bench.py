@@ -266,7 +266,9 @@ def test_train_report_from_metrics(tmp_path: Path) -> None:
     }
     res = {"runs": runs, "config": cfg, "total_rollouts": 200, "seeds": 2, "elapsed_s": 1.0, "warmup_s": 0.0}
     md = _write_train_report(tmp_path, res, "test").read_text()
-    assert "| vip | 0.350 ± 0.000 | +0.050 ± 0.000 | 0.1 ± 0.0 | 2/2 |" in md
+    # mean accuracy over the run: the curve on a 40-point rollout grid; vip (0.2, 0.3, 0.35) -> 0.289375,
+    # uniform (0.2, 0.25, 0.3) -> 0.25125
+    assert "| vip | 0.350 ± 0.000 | +0.050 ± 0.000 | 0.289 ± 0.000 | +0.038 ± 0.000 | 0.1 ± 0.0 | 2/2 |" in md
     assert (tmp_path / "train_accuracy.png").read_bytes()[:8] == PNG_MAGIC
 
 
