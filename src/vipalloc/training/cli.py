@@ -30,7 +30,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         quick: bool = typer.Option(False, "--quick", help="~1-minute smoke run of the same pipeline."),
-        seeds: int = typer.Option(1, help="Number of seeds (0..N-1) per strategy."),
+        seeds: int | None = typer.Option(
+            None, min=1, help="Seeds (0..N-1) per strategy (default 3: paired differences need several; quick 1)."
+        ),
         strategies: str = typer.Option("uniform,vip", help="Comma-separated strategies (any of train's, or dapo)."),
         steps: int | None = typer.Option(None, help="RL steps per run (default: 150, quick: 12)."),
         out: Path = typer.Option(Path("runs/demo"), help="Output folder (report.md, plots, runs)."),
@@ -86,7 +88,7 @@ def register(app: typer.Typer) -> None:
                 report = run_demo(
                     out=out,
                     quick=quick,
-                    seeds=range(seeds),
+                    seeds=range(seeds if seeds is not None else (1 if quick else 3)),
                     strategies=names,
                     steps=steps,
                     on_event=on_event,
