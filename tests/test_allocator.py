@@ -122,6 +122,8 @@ def test_bad_plan_inputs() -> None:
         alloc.plan(["a", "b"], budget=10.5)
     with pytest.raises(ValueError, match=">= 0"):
         alloc.plan(["a", "b"], budget=-1)
+    with pytest.raises(ValueError, match=r"budget 0 is infeasible .* feasible budgets lie in \[8, 16\]"):
+        alloc.plan(["a", "b"], budget=0)  # a step with no budget left after failures: skip the step, not a plan
     gp = Allocator(predictor="gp", embedder="hashing")
     with pytest.raises(ValueError, match="pass prompts="):
         gp.plan(["a", "b"], budget=16)
