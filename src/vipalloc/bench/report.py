@@ -147,6 +147,11 @@ def plot_bands(
             ax.fill_between(g, m - hw, m + hw, color=line.get_color(), alpha=0.15, lw=0)
     if hline is not None:
         ax.axhline(hline, color="grey", ls=":", lw=1)
+    return _save(plt, fig, ax, path, xlabel, ylabel, title)
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, grid and legend the axes, write the figure as a PNG (creating the folder) and close it."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -187,14 +192,4 @@ def plot_lines(
         ax.set_xscale("symlog" if any(min(x) <= 0 for x, _ in series.values()) else "log")
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, ax, path, xlabel, ylabel, title)

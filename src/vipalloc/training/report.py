@@ -203,25 +203,21 @@ def write_report(
         if len(ys) > 1:
             sd = ys.std(0, ddof=1)
             ax.fill_between(grid, ys.mean(0) - sd, ys.mean(0) + sd, color=colors[s], alpha=0.15)
-    ax.set_xlabel("cumulative rollouts")
-    ax.set_ylabel("held-out eval accuracy (mean success)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "eval_vs_rollouts.png", dpi=110)
-    plt.close(fig)
+    _finish(
+        plt,
+        fig,
+        ax,
+        out / "eval_vs_rollouts.png",
+        "cumulative rollouts",
+        "held-out eval accuracy (mean success)",
+        grid=True,
+    )
     # 2. allocation histogram
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for s in strategies:
         counts = np.concatenate([np.array(p["counts"]) for run in plans[s] for p in run] or [np.zeros(1)])
         ax.hist(counts, bins=np.arange(0, cfg.n_max + 2) - 0.5, alpha=0.5, label=s, color=colors[s])
-    ax.set_xlabel("rollouts per prompt (0 = dropped)")
-    ax.set_ylabel("prompts x steps")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "allocations.png", dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, out / "allocations.png", "rollouts per prompt (0 = dropped)", "prompts x steps", logy=True)
     # 3. predicted vs realised success rate
     fig, ax = plt.subplots(figsize=(5, 5))
     bins = np.linspace(0, 1, 11)
@@ -243,12 +239,7 @@ def write_report(
         ys = [rt_a[idx == b].mean() for b in range(len(bins) - 1) if (idx == b).sum() >= 5]
         ax.plot(xs, ys, "o-", color=colors[s], label=f"{s} (MAE {np.mean(np.abs(pm_a - rt_a)):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set_xlabel("predicted success probability")
-    ax.set_ylabel("realised success rate")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "predicted_vs_realised.png", dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, out / "predicted_vs_realised.png", "predicted success probability", "realised success rate")
     # 4. zero-variance groups per step
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for s in strategies:
@@ -256,14 +247,24 @@ def write_report(
         k = max(1, min(10, zv.shape[1]))
         smooth = np.array([np.convolve(z, np.ones(k) / k, mode="valid") for z in zv])
         ax.plot(np.arange(smooth.shape[1]) + k - 1, smooth.mean(0), color=colors[s], label=s)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("zero-variance groups (10-step mean)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "groups.png", dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, out / "groups.png", "training step", "zero-variance groups (10-step mean)", grid=True)
     (out / "summary.json").write_text(json.dumps(sm, indent=1))
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _finish(
+    plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, *, logy: bool = False, grid: bool = False
+) -> None:
+    """Label the axes, add the legend (and grid / log y), save the figure as a 110-dpi PNG and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend()
+    if grid:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
