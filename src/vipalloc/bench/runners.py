@@ -10,6 +10,7 @@ success probabilities of the simulator with :func:`vipalloc.variance.gradient_va
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -699,7 +700,7 @@ def trainer_trace(
     A run folder under ``out_dir`` is reused (the trainer resumes from its checkpoint), so a second call is fast.
     """
     from vipalloc.training.config import TrainConfig
-    from vipalloc.training.trainer import Trainer, warmup_policy
+    from vipalloc.training.trainer import Trainer, checkpoint_config, same_run, warmup_policy
 
     cfg = TrainConfig(
         run_dir=str(Path(out_dir) / "trace_run"),
@@ -716,6 +717,9 @@ def trainer_trace(
         tensorboard=False,
     )
     progress("phase", {"name": "trainer trace: warm-up (cached)", "total": steps})
+    old = checkpoint_config(cfg.run_dir)
+    if Path(cfg.run_dir).exists() and (old is None or not same_run(old, cfg)):
+        shutil.rmtree(cfg.run_dir)  # written by another configuration (e.g. an older version): trace afresh
     warm = warmup_policy(cfg)
     trainer = Trainer(cfg, warm_state=warm)
     trainer.run(progress=lambda s, n, rec: progress("advance", {}))
@@ -1405,7 +1409,6 @@ def run_train(
     (``steps * prompts_per_step * n_mean``; DAPO stops once its generated rollouts reach that). Writes
     ``train.md`` / ``train.json`` and accuracy-vs-rollouts PNGs; run folders go to ``<out_dir>/train_runs``.
     ``jobs``: worker processes (default one per CPU core); results do not depend on it."""
-    import shutil
 
     from vipalloc.training.demo import demo_config
     from vipalloc.training.parallel import default_jobs, run_many

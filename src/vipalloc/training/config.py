@@ -32,6 +32,13 @@ class WarmupConfig(BaseModel):
     lr: float = Field(3e-3, gt=0)
     label_noise: float = Field(0.3, ge=0, lt=0.5, description="fraction of warm-up answers replaced by near misses")
     seed: int = 12345
+    threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="torch threads for the warm-up: fixed (not the core count) so the cached model is the same "
+        "on any machine with the same kernels; 2 halves the warm-up on a 2-core machine",
+    )
 
 
 class TrainConfig(BaseModel):

@@ -144,7 +144,15 @@ def warmup_policy(cfg: TrainConfig, progress: Callable[[int, int], None] | None 
     cache = Path(cfg.warmup_cache) / f"warmup-{cfg.warmup_key()}.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
-    torch.set_num_threads(cfg.threads)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.warmup.threads)
+    try:
+        return _warmup(cfg, cache, progress)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _warmup(cfg: TrainConfig, cache: Path, progress: Callable[[int, int], None] | None) -> dict[str, torch.Tensor]:
     torch.manual_seed(cfg.warmup.seed)
     noise_rng = random.Random(cfg.warmup.seed)
     model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
