@@ -18,22 +18,24 @@ class ModelConfig(BaseModel):
     """Tiny GPT-2 policy size."""
 
     model_config = ConfigDict(extra="forbid")
-    n_layer: int = Field(4, ge=1, le=12)
-    n_embd: int = Field(128, ge=16, le=1024)
-    n_head: int = Field(4, ge=1, le=16)
+    n_layer: int = Field(default=4, ge=1, le=12)
+    n_embd: int = Field(default=128, ge=16, le=1024)
+    n_head: int = Field(default=4, ge=1, le=16)
 
 
 class WarmupConfig(BaseModel):
     """Supervised warm-up that turns the random policy into a base model with mixed success rates."""
 
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(1500, ge=0)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    label_noise: float = Field(0.3, ge=0, lt=0.5, description="fraction of warm-up answers replaced by near misses")
+    steps: int = Field(default=1500, ge=0)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    label_noise: float = Field(
+        default=0.3, ge=0, lt=0.5, description="fraction of warm-up answers replaced by near misses"
+    )
     seed: int = 12345
     threads: int = Field(
-        2,
+        default=2,
         ge=1,
         le=64,
         description="torch threads for the warm-up: fixed (not the core count) so the cached model is the same "
@@ -52,35 +54,37 @@ class TrainConfig(BaseModel):
     embedder: Literal["auto", "minilm", "hashing"] = "hashing"
     loss: Literal["drgrpo", "rloo", "grpo"] = "drgrpo"
     seed: int = 0
-    steps: int = Field(150, ge=1)
-    prompts_per_step: int = Field(32, ge=1)
-    n_mean: int = Field(8, ge=2, description="uniform group size; the budget is prompts_per_step * n_mean")
-    n_min: int = Field(2, ge=2)
-    n_max: int = Field(32, ge=2)
-    dapo_max_batches: int = Field(3, ge=1, description="DAPO: generation batches per step at most")
+    steps: int = Field(default=150, ge=1)
+    prompts_per_step: int = Field(default=32, ge=1)
+    n_mean: int = Field(default=8, ge=2, description="uniform group size; the budget is prompts_per_step * n_mean")
+    n_min: int = Field(default=2, ge=2)
+    n_max: int = Field(default=32, ge=2)
+    dapo_max_batches: int = Field(default=3, ge=1, description="DAPO: generation batches per step at most")
     lr: float = Field(
-        1e-4, gt=0, description="AdamW; 3e-4 collapsed the easy levels within 40 steps (docs/training.md)"
+        default=1e-4, gt=0, description="AdamW; 3e-4 collapsed the easy levels within 40 steps (docs/training.md)"
     )
-    lr_warmup_steps: int = Field(10, ge=0, description="linear lr ramp: avoids Adam's large first updates")
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    ppo_epochs: int = Field(1, ge=1, description="passes over each step's rollouts (PPO-style reuse)")
-    minibatches: int = Field(1, ge=1, description="gradient steps per pass; prompt groups are never split")
-    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip; inert with 1 epoch x 1 minibatch (ratio = 1)")
-    kl_coef: float = Field(0.0, ge=0, description="k3 KL penalty towards the warm-up (reference) policy")
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(6, ge=1)
+    lr_warmup_steps: int = Field(default=10, ge=0, description="linear lr ramp: avoids Adam's large first updates")
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    ppo_epochs: int = Field(default=1, ge=1, description="passes over each step's rollouts (PPO-style reuse)")
+    minibatches: int = Field(default=1, ge=1, description="gradient steps per pass; prompt groups are never split")
+    clip_eps: float = Field(
+        default=0.2, gt=0, description="PPO ratio clip; inert with 1 epoch x 1 minibatch (ratio = 1)"
+    )
+    kl_coef: float = Field(default=0.0, ge=0, description="k3 KL penalty towards the warm-up (reference) policy")
+    temperature: float = Field(default=1.0, gt=0)
+    max_new_tokens: int = Field(default=6, ge=1)
     levels: list[tuple[int, int]] = Field(
         default_factory=lambda: list(LEVELS),
         description="difficulty ladder: (terms, digits) per level of chain_sum, mixed evenly in pool and eval set",
     )
-    pool_size: int = Field(1024, ge=1)
+    pool_size: int = Field(default=1024, ge=1)
     pool_seed: int = 1
-    eval_size: int = Field(256, ge=1)
-    eval_samples: int = Field(8, ge=1)
-    eval_every: int = Field(10, ge=1)
-    ckpt_every: int = Field(10, ge=1)
-    threads: int = Field(1, ge=1, description="torch CPU threads; 1 is fastest when other jobs share the cores")
+    eval_size: int = Field(default=256, ge=1)
+    eval_samples: int = Field(default=8, ge=1)
+    eval_every: int = Field(default=10, ge=1)
+    ckpt_every: int = Field(default=10, ge=1)
+    threads: int = Field(default=1, ge=1, description="torch CPU threads; 1 is fastest when other jobs share the cores")
     model: ModelConfig = Field(default_factory=ModelConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     warmup_cache: str = "runs/warmup"

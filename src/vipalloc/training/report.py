@@ -216,7 +216,7 @@ def write_report(
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for s in strategies:
         counts = np.concatenate([np.array(p["counts"]) for run in plans[s] for p in run] or [np.zeros(1)])
-        ax.hist(counts, bins=np.arange(0, cfg.n_max + 2) - 0.5, alpha=0.5, label=s, color=colors[s])
+        ax.hist(counts, bins=(np.arange(0, cfg.n_max + 2) - 0.5).tolist(), alpha=0.5, label=s, color=colors[s])
     _finish(plt, fig, ax, out / "allocations.png", "rollouts per prompt (0 = dropped)", "prompts x steps", logy=True)
     # 3. predicted vs realised success rate
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -236,8 +236,8 @@ def write_report(
         ax.scatter(pm_a, rt_a, s=2, alpha=0.08, color=colors[s])
         idx = np.clip(np.digitize(pm_a, bins) - 1, 0, len(bins) - 2)
         xs = [pm_a[idx == b].mean() for b in range(len(bins) - 1) if (idx == b).sum() >= 5]
-        ys = [rt_a[idx == b].mean() for b in range(len(bins) - 1) if (idx == b).sum() >= 5]
-        ax.plot(xs, ys, "o-", color=colors[s], label=f"{s} (MAE {np.mean(np.abs(pm_a - rt_a)):.3f})")
+        ys_b = [rt_a[idx == b].mean() for b in range(len(bins) - 1) if (idx == b).sum() >= 5]
+        ax.plot(xs, ys_b, "o-", color=colors[s], label=f"{s} (MAE {np.mean(np.abs(pm_a - rt_a)):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     _finish(plt, fig, ax, out / "predicted_vs_realised.png", "predicted success probability", "realised success rate")
     # 4. zero-variance groups per step

@@ -28,7 +28,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,7 +366,13 @@ class Trainer:
         owners_t = torch.tensor(train_owners, dtype=torch.long)
         rewards_t = torch.tensor(train_rewards, dtype=torch.float64)
         adv = group_advantages(rewards_t, owners_t, cfg.loss) if len(train_owners) else torch.zeros(0)
-        upd = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": None, "grad_norm": 0.0}
+        upd: Mapping[str, float | None] = {
+            "loss": 0.0,
+            "kl": 0.0,
+            "clip_frac": 0.0,
+            "entropy": None,
+            "grad_norm": 0.0,
+        }
         if len(train_owners) and float(adv.abs().sum()) > 0:
             upd = self._update([p.prompt for p in train_probs], train_owners, train_comps, adv)
         self.cum_rollouts += used
@@ -425,7 +431,10 @@ class Trainer:
         need_old = cfg.ppo_epochs * cfg.minibatches > 1
         with torch.no_grad():
             old = token_logprobs(self.model, self.tok, row_prompts, comps)[0] if need_old else None
-            ref = token_logprobs(self.ref_model, self.tok, row_prompts, comps)[0] if cfg.kl_coef > 0 else None
+            ref = None
+            if cfg.kl_coef > 0:
+                assert self.ref_model is not None  # built in __init__ whenever kl_coef > 0
+                ref = token_logprobs(self.ref_model, self.tok, row_prompts, comps)[0]
         active = [g for g in range(n_groups) if n_per[g] > 0]
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
         n_updates = 0
