@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -174,6 +174,16 @@ class SimRun:
 def _alloc_estimator(sim_estimator: str) -> str:
     # GRPO is a valid training loss but no allocation target: its allocations use Dr.GRPO's variance
     return "rloo" if sim_estimator == "rloo" else "drgrpo"
+
+
+class _SimRunKwargs(TypedDict):
+    """The keyword arguments :func:`run_simulate` passes to every :func:`simulate_run` call."""
+
+    steps: int
+    batch: int
+    n_mean: int
+    dapo_max_batches: int
+    embedder: str
 
 
 def simulate_run(
@@ -394,7 +404,13 @@ def run_simulate(
     base_cfg = (config or SimConfig()).with_(sigma=float(sigma))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kw = {"steps": steps, "batch": batch, "n_mean": n_mean, "dapo_max_batches": dapo_max_batches, "embedder": embedder}
+    kw: _SimRunKwargs = {
+        "steps": steps,
+        "batch": batch,
+        "n_mean": n_mean,
+        "dapo_max_batches": dapo_max_batches,
+        "embedder": embedder,
+    }
     commit = git_commit()
     t_start = time.perf_counter()
     # ---- league
@@ -456,7 +472,7 @@ def _write_simulate_report(
     cfg: SimConfig,
     wall: dict[str, float],
     command: str,
-    kw: dict[str, Any],
+    kw: _SimRunKwargs,
     target: float,
 ) -> Path:
     budget = kw["batch"] * kw["n_mean"]

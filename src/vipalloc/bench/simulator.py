@@ -222,7 +222,11 @@ class Simulator:
 
     # ------------------------------------------------------------------ one step
     def rollouts(
-        self, idx: Sequence[int], counts: Sequence[int], rng: np.random.Generator, width: int | None = None
+        self,
+        idx: Sequence[int] | np.ndarray,
+        counts: Sequence[int] | np.ndarray,
+        rng: np.random.Generator,
+        width: int | None = None,
     ) -> list[np.ndarray]:
         """Sample ``counts[i]`` Bernoulli(p_i) rewards (0.0/1.0) for each prompt ``idx[i]`` under the current policy.
 
@@ -245,7 +249,7 @@ class Simulator:
 
     def gradient(
         self,
-        idx: Sequence[int],
+        idx: Sequence[int] | np.ndarray,
         rewards: Sequence[np.ndarray],
         rng: np.random.Generator,
         p: np.ndarray | None = None,
