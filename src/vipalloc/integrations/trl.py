@@ -27,7 +27,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -122,6 +122,8 @@ class VIPGRPOConfig(GRPOConfig):
                 )
             self.num_generations = self.n_max
         super().__post_init__()
+        # GRPOConfig.__post_init__ has set (or raised about) the group width and the generation batch layout.
+        assert self.num_generations is not None and self.steps_per_generation is not None
         self.n_max = int(self.num_generations)
         self.n_min = _positive_int("n_min", self.n_min, 2)
         if self.n_min > self.n_max:
@@ -158,6 +160,7 @@ class VIPGRPOConfig(GRPOConfig):
     @property
     def prompts_per_generation(self) -> int:
         """Distinct prompts in one (global) generation batch: ``generation_batch_size // num_generations``."""
+        assert self.generation_batch_size is not None and self.num_generations is not None  # set by __post_init__
         return int(self.generation_batch_size) // int(self.num_generations)
 
     @property
@@ -216,6 +219,9 @@ class VIPGRPOTrainer(GRPOTrainer):
     prompt's group may span processes (TRL's layout), and the group statistics use the gathered rewards as in TRL.
     """
 
+    # TRL copies ``args.num_generations`` here; VIPGRPOConfig.__post_init__ has made it an int (= n_max).
+    num_generations: int
+
     def __init__(self, *args: Any, allocator: Allocator | None = None, **kwargs: Any) -> None:
         bound = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         cfg = bound.get("args")
@@ -243,6 +249,7 @@ class VIPGRPOTrainer(GRPOTrainer):
                 )
         super().__init__(*args, **kwargs)
         if allocator is None:
+            assert cfg.n_max is not None  # VIPGRPOConfig.__post_init__ sets it to num_generations
             allocator = Allocator(
                 strategy=cfg.allocation_strategy,
                 predictor=cfg.predictor,
@@ -283,7 +290,7 @@ class VIPGRPOTrainer(GRPOTrainer):
     def _vip_groups(self, inputs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
         """Prompt ids and texts of the global rectangular batch (one per group of ``num_generations`` rows)."""
         g = self.num_generations
-        col = self.args.prompt_id_column
+        col = cast(VIPGRPOConfig, self.args).prompt_id_column
         rows = [(_prompt_key(x, col), x["prompt"]) for x in inputs]
         if self._vip_world > 1:  # groups may span processes: look at the gathered batch in process order
             rows = gather_object(rows)
@@ -308,18 +315,20 @@ class VIPGRPOTrainer(GRPOTrainer):
         return ids, texts
 
     def _vip_plan(self, inputs: list[dict[str, Any]]) -> Plan:
+        args = cast(VIPGRPOConfig, self.args)
         ids, texts = self._vip_groups(inputs)
-        if self.args.rollout_budget is not None and len(ids) != self.args.prompts_per_generation:
-            raise RuntimeError(f"expected {self.args.prompts_per_generation} prompts per batch, got {len(ids)}")
-        budget = self.args.rollout_budget or int(round(self.args.mean_generations * len(ids)))
+        if args.rollout_budget is not None and len(ids) != args.prompts_per_generation:
+            raise RuntimeError(f"expected {args.prompts_per_generation} prompts per batch, got {len(ids)}")
+        budget = args.rollout_budget or int(round(args.mean_generations * len(ids)))
         if self._vip_world == 1:
             return self.allocator.plan(ids, prompts=texts, budget=budget)
         # One allocator decides for everyone: plan on the main process, send the plan to the others.
         box = [self.allocator.plan(ids, prompts=texts, budget=budget) if self.accelerator.is_main_process else None]
         broadcast_object_list(box, from_process=0)
-        return box[0]
+        return cast(Plan, box[0])  # the main process's plan, now on every process
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        assert self.model is not None  # GRPOTrainer always has a model
         if not self.model.training:  # evaluation keeps TRL's plain rectangular groups
             return super()._generate_and_score_completions(inputs)
         g = self.num_generations
@@ -348,7 +357,9 @@ class VIPGRPOTrainer(GRPOTrainer):
         stay, fully masked (advantage 0, loss mask 0), to round it up; every process keeps at least one row per
         micro-batch so that all run the same number of forward/backward passes.
         """
-        n, chunks = len(real), int(self.args.steps_per_generation)
+        args = cast(VIPGRPOConfig, self.args)
+        assert args.steps_per_generation is not None  # set by GRPOConfig.__post_init__
+        n, chunks = len(real), int(args.steps_per_generation)
         keep = np.flatnonzero(real)
         inert = np.flatnonzero(~real)[: max(chunks, -(-keep.size // chunks) * chunks) - keep.size]
         rows = np.sort(np.concatenate([keep, inert]))
@@ -468,7 +479,7 @@ class VIPGRPOTrainer(GRPOTrainer):
         weights = self.reward_weights.detach().float().cpu().unsqueeze(0)
         scorable = ~torch.isnan(rewards_per_func).all(dim=1).numpy()
         total = (rewards_per_func * weights).nansum(dim=1).double().numpy()  # TRL's weighted reward per row
-        thr = float(self.args.success_threshold)
+        thr = float(cast(VIPGRPOConfig, self.args).success_threshold)
         rewards, successes = [], []
         for i, c in enumerate(plan.counts):
             rows = np.arange(i * g, i * g + int(c))
@@ -551,8 +562,8 @@ class VIPGRPOTrainer(GRPOTrainer):
             buf.extend(last[i] for i in keep)
 
         for key in ("prompt", "completion", "advantages"):
-            trim(self._logs[key])
-        for buf in self._logs["rewards"].values():
+            trim(cast(deque, self._logs[key]))
+        for buf in cast("dict[str, deque]", self._logs["rewards"]).values():
             trim(buf)
 
     # ------------------------------------------------------------------ checkpoints
