@@ -219,6 +219,23 @@ def test_ppo_kl_update_and_resume(tmp_path, cache) -> None:
     assert strip(Trainer(cfg_b).run().metrics) == strip(full.metrics)
 
 
+def test_sgd_optimizer_trains_and_resumes(tmp_path, cache) -> None:
+    """optimizer='sgd' really uses torch SGD with the configured momentum, moves the policy, and resumes exactly
+    (its momentum buffers live in the checkpoint); momentum with AdamW is refused."""
+    kw = dict(strategy="vip", optimizer="sgd", lr=0.05, momentum=0.9, lr_warmup_steps=0, steps=5)
+    trainer = Trainer(tiny(tmp_path / "a", cache, **kw))
+    assert isinstance(trainer.opt, torch.optim.SGD) and trainer.opt.param_groups[0]["momentum"] == 0.9
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    full = trainer.run()
+    moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(trainer.model.parameters(), before))
+    assert moved > 0 and all(np.isfinite(m["loss"]) for m in full.metrics if m["step"] >= 0)
+    cfg_b = tiny(tmp_path / "b", cache, **kw)
+    Trainer(cfg_b).run(stop_after=3)
+    assert strip(Trainer(cfg_b).run().metrics) == strip(full.metrics)
+    with pytest.raises(ValueError, match="momentum applies to optimizer='sgd'"):
+        tiny(tmp_path / "c", cache, momentum=0.9)
+
+
 def _fake_run(seed: int, slope: float, steps: int = 20, budget: int = 64) -> tuple[list, list]:
     rng = np.random.default_rng(seed)
     metrics = [{"step": -1, "cum_rollouts": 0, "eval_acc": 0.2}]

@@ -60,9 +60,15 @@ class TrainConfig(BaseModel):
     n_min: int = Field(default=2, ge=2)
     n_max: int = Field(default=32, ge=2)
     dapo_max_batches: int = Field(default=3, ge=1, description="DAPO: generation batches per step at most")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        default="adamw",
+        description="sgd: plain (momentum) SGD, whose step length scales with the gradient, unlike Adam's; used to "
+        "test whether lower gradient variance buys more progress without Adam's normalisation",
+    )
     lr: float = Field(
         default=1e-4, gt=0, description="AdamW; 3e-4 collapsed the easy levels within 40 steps (docs/training.md)"
     )
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum (optimizer='sgd' only)")
     lr_warmup_steps: int = Field(default=10, ge=0, description="linear lr ramp: avoids Adam's large first updates")
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
@@ -92,6 +98,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _bounds(self) -> TrainConfig:
+        if self.momentum > 0 and self.optimizer != "sgd":
+            raise ValueError("momentum applies to optimizer='sgd' only; AdamW has its own betas")
         if self.n_min > self.n_max:
             raise ValueError(f"n_min ({self.n_min}) must be <= n_max ({self.n_max})")
         if not (self.n_min <= self.n_mean <= self.n_max):

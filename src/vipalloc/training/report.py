@@ -21,6 +21,13 @@ Run = list[dict[str, Any]]  # metrics records of one run: step -1 (initial eval)
 FINAL_EVALS = 3
 
 
+def opt_desc(cfg: TrainConfig) -> str:
+    """The optimizer as the report names it, e.g. ``AdamW lr 0.0001`` or ``SGD lr 1.0, momentum 0.9``."""
+    if cfg.optimizer == "sgd":
+        return f"SGD lr {cfg.lr}" + (f", momentum {cfg.momentum}" if cfg.momentum else "")
+    return f"AdamW lr {cfg.lr}"
+
+
 def curve(metrics: Run) -> tuple[np.ndarray, np.ndarray]:
     """``(cumulative rollouts, eval accuracy)`` at every evaluation of a run, float64 ``(E,)`` each."""
     pts = [(m["cum_rollouts"], m["eval_acc"]) for m in metrics if "eval_acc" in m]
@@ -132,7 +139,7 @@ def write_report(
         f"({warm_s:.0f} s here, cached under {cfg.warmup_cache}/). Task: reasoning-gym chain_sum, levels "
         f"(terms, digits) {', '.join(str(tuple(x)) for x in cfg.levels)}; {cfg.pool_size}-prompt training pool, "
         f"{cfg.eval_size} held-out prompts x {cfg.eval_samples} samples at temperature {cfg.temperature}; exact-match "
-        f"0/1 reward. RL: {cfg.loss}, AdamW lr {cfg.lr}, {cfg.steps} steps of {cfg.prompts_per_step} prompts, budget "
+        f"0/1 reward. RL: {cfg.loss}, {opt_desc(cfg)}, {cfg.steps} steps of {cfg.prompts_per_step} prompts, budget "
         f"{cfg.budget} rollouts per step for every strategy (uniform n = {cfg.n_mean}), n in [{cfg.n_min}, "
         f"{cfg.n_max}], predictor {cfg.predictor}. Seeds: {n_seeds} (a seed fixes the prompt order and sampling). "
         f"Runs: {jobs} at a time in worker processes, one torch thread each (wall times include that sharing).",

@@ -243,7 +243,13 @@ class Trainer:
             self.ref_model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
             self.ref_model.load_state_dict(warm)
             self.ref_model.requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt: torch.optim.Optimizer
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(
+                self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        else:
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.pool = make_problems(cfg.pool_size, seed=cfg.pool_seed, levels=cfg.level_tuples, tag="t")
         self.eval_set = make_problems(cfg.eval_size, seed=cfg.pool_seed + 7919, levels=cfg.level_tuples, tag="e")
         by_id = {p.prompt_id: p for p in self.pool}
