@@ -86,6 +86,26 @@ def test_policy_gradient_learning_raises_success() -> None:
     assert sim.mean_success() > start + 0.08
 
 
+def test_adam_beta1_is_the_momentum() -> None:
+    """adam_beta1=0 makes each step lr * g_t / sqrt(v_hat_t) (normalisation only); the default 0.9 averages steps."""
+    g1, g2 = np.linspace(-1, 1, TINY.dim), np.linspace(2, -0.5, TINY.dim)
+    thetas = {}
+    for b1 in (0.0, 0.9):
+        sim = Simulator(TINY.with_(optimizer="adam", lr=0.1, adam_beta1=b1), seed=0)
+        t0 = sim.theta.copy()
+        sim.update(g1)
+        t1 = sim.theta.copy()
+        sim.update(g2)
+        thetas[b1] = (t0, t1, sim.theta.copy())
+    t0, t1, t2 = thetas[0.0]
+    v2 = (0.999 * 0.001 * g1**2 + 0.001 * g2**2) / (1 - 0.999**2)
+    np.testing.assert_allclose(t2 - t1, 0.1 * g2 / (np.sqrt(v2) + 1e-8), rtol=1e-9)
+    np.testing.assert_allclose(thetas[0.9][1], t1)  # bias correction: the first step is the same
+    assert not np.allclose(thetas[0.9][2], t2)
+    with pytest.raises(ValueError, match="adam_beta1"):
+        TINY.with_(adam_beta1=1.0)
+
+
 def test_adam_learns_and_noise_slows_it() -> None:
     """Adam normalises the step, so reward-independent noise slows learning (the mechanism VIP targets)."""
 

@@ -102,6 +102,7 @@ def register(app: typer.Typer) -> None:
         estimator: str = typer.Option("drgrpo", help="Training advantage: drgrpo | rloo | grpo."),
         optimizer: str = typer.Option("sgd", help="Simulator optimizer: sgd | adam."),
         lr: float | None = typer.Option(None, help="Simulator step size (default 1.0 for sgd, 0.02 for adam)."),
+        adam_beta1: float = typer.Option(0.9, "--adam-beta1", help="Adam's momentum (0: normalisation only)."),
         out: Path = typer.Option(Path("reports"), help="Report folder."),
     ) -> None:
         """League table of allocation strategies on the policy-gradient simulator, with a sigma sweep."""
@@ -117,7 +118,7 @@ def register(app: typer.Typer) -> None:
                 else ([0.0, 10.0] if quick else [0.0, 1.0, 3.0, 10.0, 30.0])
             )
             step = lr if lr is not None else (0.02 if optimizer == "adam" else 1.0)
-            cfg = SimConfig(estimator=estimator, optimizer=optimizer, lr=step)
+            cfg = SimConfig(estimator=estimator, optimizer=optimizer, lr=step, adam_beta1=adam_beta1)
             n_seeds = seeds if seeds is not None else (3 if quick else 5)
             n_steps = steps if steps is not None else (60 if quick else 120)
             with _progress() as p:

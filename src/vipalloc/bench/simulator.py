@@ -72,6 +72,7 @@ class SimConfig:
     estimator: str = "drgrpo"  # advantage used for the update: drgrpo | rloo | grpo
     normalize: str = "batch"  # "batch": g / (prompts planned); "kept": g / (prompts with rollouts), like the trainer
     optimizer: str = "sgd"  # "sgd": theta += lr g; "adam": Adam(beta1=0.9, beta2=0.999, eps=1e-8) ascent, like LLM RL
+    adam_beta1: float = 0.9  # Adam's first-moment decay; 0 = no momentum (normalisation only), to separate the two
     vocab_size: int = 256  # pseudo-words of the prompt texts
     words_per_prompt: int = 12
     text_beta: float = 3.0  # sharpness of the feature -> word distribution
@@ -91,6 +92,8 @@ class SimConfig:
             raise ValueError(f"SimConfig.lr must be a positive number, got {self.lr!r}")
         if not np.isfinite(self.bias_mean):
             raise ValueError("SimConfig.bias_mean must be finite")
+        if not (0.0 <= self.adam_beta1 < 1.0):
+            raise ValueError(f"SimConfig.adam_beta1 must lie in [0, 1), got {self.adam_beta1!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"SimConfig.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.normalize not in ("batch", "kept"):
@@ -291,8 +294,8 @@ class Simulator:
 
     def update(self, grad: np.ndarray) -> None:
         """One ascent step on expected reward: SGD ``theta <- theta + lr * grad``, or Adam (bias-corrected moments,
-        ``beta1 = 0.9``, ``beta2 = 0.999``, ``eps = 1e-8``), whose per-coordinate normalisation makes the step along
-        the true gradient shrink as the noise grows, as with the Adam-trained LLMs of RLVR."""
+        ``beta1 = config.adam_beta1`` (0.9), ``beta2 = 0.999``, ``eps = 1e-8``), whose per-coordinate normalisation
+        makes the step along the true gradient shrink as the noise grows, as with the Adam-trained LLMs of RLVR."""
         grad = np.asarray(grad, np.float64)
         if grad.shape != self.theta.shape or not np.all(np.isfinite(grad)):
             raise ValueError(f"gradient must be finite with shape {self.theta.shape}")
@@ -301,9 +304,10 @@ class Simulator:
             self.theta = self.theta + lr * grad
             return
         self._t += 1
-        self._adam_m = 0.9 * self._adam_m + 0.1 * grad
+        b1 = self.config.adam_beta1
+        self._adam_m = b1 * self._adam_m + (1 - b1) * grad
         self._adam_v = 0.999 * self._adam_v + 0.001 * grad**2
-        m_hat = self._adam_m / (1 - 0.9**self._t)
+        m_hat = self._adam_m / (1 - b1**self._t)
         v_hat = self._adam_v / (1 - 0.999**self._t)
         self.theta = self.theta + lr * m_hat / (np.sqrt(v_hat) + 1e-8)
 

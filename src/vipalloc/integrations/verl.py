@@ -482,18 +482,41 @@ def _one_shot_plan(data: DataProto, counts: np.ndarray) -> None:
     data.__dict__["repeat"] = repeat
 
 
+class _VIPTrainerMixin:
+    """What both verl trainer loops share: the lazily built hook and the allocator file in verl's checkpoints.
+
+    Listed before verl's trainer class in the bases, so ``super()`` reaches verl's own methods.
+    """
+
+    config: Any
+    global_steps: int
+
+    def _vip(self) -> VIPHook:
+        hook = self.__dict__.get("_vip_hook")
+        if hook is None:
+            hook = _make_hook(self.config)
+            self._vip_hook = hook
+        return hook
+
+    def _save_checkpoint(self) -> None:
+        hook = self._vip()
+        if hook.cfg.save_allocator:  # before verl writes latest_checkpointed_iteration.txt
+            hook.save(os.path.join(str(self.config.trainer.default_local_dir), f"global_step_{self.global_steps}"))
+        super()._save_checkpoint()  # type: ignore[misc]
+
+    def _load_checkpoint(self) -> Any:
+        out = super()._load_checkpoint()  # type: ignore[misc]
+        folder = _resumed_folder(self.config, int(getattr(self, "global_steps", 0)))
+        if folder is not None:
+            self._vip().load(folder)
+        return out
+
+
 def _make_v0_trainer_class() -> type:
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
-    class RayVIPTrainer(RayPPOTrainer):  # type: ignore[misc, valid-type]
+    class RayVIPTrainer(_VIPTrainerMixin, RayPPOTrainer):  # type: ignore[misc, valid-type]
         """verl's legacy Ray PPO/GRPO trainer (``trainer.use_v1=false``) with VIP allocation (config group ``vip``)."""
-
-        def _vip(self) -> VIPHook:
-            hook = self.__dict__.get("_vip_hook")
-            if hook is None:
-                hook = _make_hook(self.config)
-                self._vip_hook = hook
-            return hook
 
         def _validate(self, *args: Any, **kwargs: Any) -> Any:
             self._vip_validating = True  # _validate also calls _get_gen_batch; validation is never re-allocated
@@ -554,19 +577,6 @@ def _make_v0_trainer_class() -> type:
             metrics = self._vip_feedback(batch)
             return self._vip_attach(super()._update_actor(batch), metrics)
 
-        def _save_checkpoint(self) -> None:
-            hook = self._vip()
-            if hook.cfg.save_allocator:  # before verl writes latest_checkpointed_iteration.txt
-                hook.save(os.path.join(str(self.config.trainer.default_local_dir), f"global_step_{self.global_steps}"))
-            super()._save_checkpoint()
-
-        def _load_checkpoint(self) -> Any:
-            out = super()._load_checkpoint()
-            folder = _resumed_folder(self.config, int(getattr(self, "global_steps", 0)))
-            if folder is not None:
-                self._vip().load(folder)
-            return out
-
     return RayVIPTrainer
 
 
@@ -588,14 +598,7 @@ def vip_v1_trainer_class(base: type) -> type:
     if base in _V1_CLASSES:
         return _V1_CLASSES[base]
 
-    class VIPTrainerV1(base):  # type: ignore[misc, valid-type]
-        def _vip(self) -> VIPHook:
-            hook = self.__dict__.get("_vip_hook")
-            if hook is None:
-                hook = _make_hook(self.config)
-                self._vip_hook = hook
-            return hook
-
+    class VIPTrainerV1(_VIPTrainerMixin, base):  # type: ignore[misc, valid-type]
         def _submit_batch_to_rollout(self, batch: Any) -> int:
             hook = self._vip()
             if hook.cfg.enable:
@@ -647,19 +650,6 @@ def vip_v1_trainer_class(base: type) -> type:
             extra = _v1_success_column(data, key, len(keys)) if key else None
             uids = [k.rsplit("_", 2)[0] for k in keys]
             return hook.observe(uids, hook.successes(scores, extra))
-
-        def _save_checkpoint(self) -> None:
-            hook = self._vip()
-            if hook.cfg.save_allocator:
-                hook.save(os.path.join(str(self.config.trainer.default_local_dir), f"global_step_{self.global_steps}"))
-            super()._save_checkpoint()
-
-        def _load_checkpoint(self) -> Any:
-            out = super()._load_checkpoint()
-            folder = _resumed_folder(self.config, int(getattr(self, "global_steps", 0)))
-            if folder is not None:
-                self._vip().load(folder)
-            return out
 
     VIPTrainerV1.__name__ = VIPTrainerV1.__qualname__ = f"VIP{base.__name__}"
     _V1_CLASSES[base] = VIPTrainerV1
