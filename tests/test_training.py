@@ -262,6 +262,19 @@ def _fake_run(seed: int, slope: float, steps: int = 20, budget: int = 64) -> tup
     return metrics, plans
 
 
+def test_paired_verdict_interval() -> None:
+    from scipy import stats
+
+    from vipalloc.training.report import paired_verdict
+
+    d = [0.004, 0.006, 0.005, 0.007]
+    half = stats.t.ppf(0.975, 3) * np.std(d, ddof=1) / 2
+    assert paired_verdict(d) == f"+0.0055 ± {half:.4f} (4/4 seeds ahead; ahead, resolved)"
+    assert paired_verdict([0.01, -0.012, 0.003]).endswith("(2/3 seeds ahead; within noise)")
+    assert "behind, resolved" in paired_verdict([-0.01, -0.011, -0.009])
+    assert "no interval" in paired_verdict([0.02])
+
+
 def test_report_tables_and_plots(tmp_path) -> None:
     """The report compares at a common budget, pairs seeds, and writes every plot."""
     from vipalloc.training.report import summarize, write_report

@@ -1434,6 +1434,8 @@ def run_train(
         raise ValueError("seeds must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not quick:  # the league keeps the roomier 8 rollouts a prompt (the demo runs the tight 4)
+        overrides.setdefault("n_mean", 8)
     base = demo_config(quick, steps=steps, tensorboard=False, **overrides)
     total = base.steps * base.budget
     commit = git_commit()

@@ -31,7 +31,9 @@ def register(app: typer.Typer) -> None:
     def demo(
         quick: bool = typer.Option(False, "--quick", help="~1-minute smoke run of the same pipeline."),
         seeds: int | None = typer.Option(
-            None, min=1, help="Seeds (0..N-1) per strategy (default 3: paired differences need several; quick 1)."
+            None,
+            min=1,
+            help="Seeds (0..N-1) per strategy (default 6: paired differences of ~0.005 need several; quick 1).",
         ),
         strategies: str = typer.Option("uniform,vip", help="Comma-separated strategies (any of train's, or dapo)."),
         steps: int | None = typer.Option(None, help="RL steps per run (default: 150, quick: 12)."),
@@ -88,7 +90,7 @@ def register(app: typer.Typer) -> None:
                 report = run_demo(
                     out=out,
                     quick=quick,
-                    seeds=range(seeds if seeds is not None else (1 if quick else 3)),
+                    seeds=range(seeds if seeds is not None else (1 if quick else 6)),
                     strategies=names,
                     steps=steps,
                     on_event=on_event,

@@ -75,6 +75,20 @@ def _ms(values: Any) -> str:
     return f"{arr.mean():.3f} +- {arr.std(ddof=1):.3f}" if arr.size > 1 else f"{arr.mean():.3f}"
 
 
+def paired_verdict(diffs: Any) -> str:
+    """``mean ± 95% t-interval (k/n seeds ahead)`` of per-seed paired differences, and whether 0 is outside it."""
+    from scipy import stats
+
+    arr = np.asarray(diffs, dtype=np.float64)
+    ahead = f"{int((arr > 0).sum())}/{arr.size} seeds ahead"
+    if arr.size < 2:
+        return f"{arr.mean():+.4f} ({ahead}; one seed: no interval)"
+    half = float(stats.t.ppf(0.975, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size))
+    lo, hi = arr.mean() - half, arr.mean() + half
+    verdict = "ahead, resolved" if lo > 0 else ("behind, resolved" if hi < 0 else "within noise")
+    return f"{arr.mean():+.4f} ± {half:.4f} ({ahead}; {verdict})"
+
+
 def summarize(runs: dict[str, list[Run]]) -> dict[str, Any]:
     """Per-strategy statistics (lists over seeds) used by the report and written to ``summary.json``."""
     common = min(_steps(r)[-1]["cum_rollouts"] for rs in runs.values() for r in rs)  # every run reached this
@@ -169,6 +183,21 @@ def write_report(
             f"| {s} | {_ms(d['at_common'])} | {_ms(d['final'])} | {_ms(d['mean_acc'])} | {diff} | {to_txt} "
             f"| {np.mean(d['cum_rollouts']):,.0f} | {np.mean(d['wall_s']):.0f} |"
         )
+    others = [s for s in strategies if "paired_diff_at_common" in sm[s]]
+    if others:
+        lines += [
+            "",
+            f"Paired differences vs {ref} on the same seed (same prompts and warm-up), mean ± 95% t-interval; "
+            "'resolved' = the interval excludes 0:",
+            "",
+            "| strategy | at the common budget | mean accuracy over the run |",
+            "|---|---|---|",
+        ]
+        for s in others:
+            d = sm[s]
+            lines.append(
+                f"| {s} | {paired_verdict(d['paired_diff_at_common'])} | {paired_verdict(d['paired_diff_mean_acc'])} |"
+            )
     lines += [
         "",
         "## Mechanics (means over steps and seeds)",
