@@ -327,7 +327,7 @@ def test_cli_bench(tmp_path: Path) -> None:
             "--steps",
             "3",
             "--sweep",
-            "",
+            "0",
             "--batch",
             "16",
             "--out",
@@ -335,7 +335,11 @@ def test_cli_bench(tmp_path: Path) -> None:
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "| dapo dynamic sampling |" in (tmp_path / "simulate.md").read_text()
+    md = (tmp_path / "simulate.md").read_text()
+    assert "| dapo dynamic sampling |" in md
+    sweep = md[md.index("## Sigma sweep") :]
+    assert "| uniform |" in sweep and "| dapo dynamic sampling |" in sweep
+    assert "vip (beta)" not in sweep  # the sweep runs the rows asked for, not the default cheap set
     res = runner.invoke(app, ["bench", "train", "--strategies", "uniform,magic", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "unknown strategies" in res.output
 

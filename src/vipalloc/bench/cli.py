@@ -131,6 +131,8 @@ def register(app: typer.Typer) -> None:
                     n_mean=n_mean,
                     sigma=sigma,
                     sweep=sw,
+                    # rows you name are the rows you get, in the sweep too; by default it reruns the cheap rows
+                    **({"sweep_rows": [r.label for r in row_specs]} if rows is not None else {}),
                     target=target,
                     config=cfg,
                     command=_command(),
