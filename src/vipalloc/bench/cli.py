@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """League table of allocation strategies on the policy-gradient simulator, with a sigma sweep."""
         _limit_threads()
-        from vipalloc.bench.runners import parse_rows, run_simulate
+        from vipalloc.bench.runners import SWEEP_ROWS, parse_rows, run_simulate
         from vipalloc.bench.simulator import SimConfig
 
         try:
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
                     sigma=sigma,
                     sweep=sw,
                     # rows you name are the rows you get, in the sweep too; by default it reruns the cheap rows
-                    **({"sweep_rows": [r.label for r in row_specs]} if rows is not None else {}),
+                    sweep_rows=[r.label for r in row_specs] if rows is not None else SWEEP_ROWS,
                     target=target,
                     config=cfg,
                     command=_command(),
