@@ -77,16 +77,15 @@ def _ms(values: Any) -> str:
 
 def paired_verdict(diffs: Any) -> str:
     """``mean ± 95% t-interval (k/n seeds ahead)`` of per-seed paired differences, and whether 0 is outside it."""
-    from scipy import stats
+    from vipalloc.bench.report import mean_ci
 
     arr = np.asarray(diffs, dtype=np.float64)
+    mean, half, n = mean_ci(arr)
     ahead = f"{int((arr > 0).sum())}/{arr.size} seeds ahead"
-    if arr.size < 2:
-        return f"{arr.mean():+.4f} ({ahead}; one seed: no interval)"
-    half = float(stats.t.ppf(0.975, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size))
-    lo, hi = arr.mean() - half, arr.mean() + half
-    verdict = "ahead, resolved" if lo > 0 else ("behind, resolved" if hi < 0 else "within noise")
-    return f"{arr.mean():+.4f} ± {half:.4f} ({ahead}; {verdict})"
+    if n < 2:
+        return f"{mean:+.4f} ({ahead}; one seed: no interval)"
+    verdict = "ahead, resolved" if mean - half > 0 else ("behind, resolved" if mean + half < 0 else "within noise")
+    return f"{mean:+.4f} ± {half:.4f} ({ahead}; {verdict})"
 
 
 def summarize(runs: dict[str, list[Run]]) -> dict[str, Any]:
