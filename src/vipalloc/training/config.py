@@ -66,7 +66,10 @@ class TrainConfig(BaseModel):
         "test whether lower gradient variance buys more progress without Adam's normalisation",
     )
     lr: float = Field(
-        default=1e-4, gt=0, description="AdamW; 3e-4 collapsed the easy levels within 40 steps (docs/training.md)"
+        default=1e-4,
+        gt=0,
+        description="step size of either optimizer; AdamW 3e-4 collapsed the easy levels within 40 steps, SGD needs "
+        "a different scale and did not learn at any we tried (docs/training.md)",
     )
     momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum (optimizer='sgd' only)")
     lr_warmup_steps: int = Field(default=10, ge=0, description="linear lr ramp: avoids Adam's large first updates")
