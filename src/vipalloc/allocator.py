@@ -23,6 +23,7 @@ import numpy as np
 
 from vipalloc._io import StateFileError, atomic_write_json, read_json_checked
 from vipalloc.history import RolloutHistory, validate_rewards
+from vipalloc.telemetry import outcome_metrics, plan_metrics
 from vipalloc.variance import gradient_variance
 
 __all__ = ["Allocator", "Plan"]
@@ -52,6 +53,8 @@ class Plan:
     expected_variance: float  # sum_i Var_i(p_mean_i, counts_i) of this plan
     uniform_variance: float  # the same for the uniform plan at the same budget
     timings: dict[str, float] = field(default_factory=dict)  # seconds: embed, predict, solve
+    # True when no plan with every kept prompt at >= the strategy's minimum existed and the minimum was relaxed.
+    min_keep_relaxed: bool = False
 
     @property
     def dropped(self) -> np.ndarray:
@@ -69,6 +72,19 @@ class Plan:
         if self.uniform_variance <= 0.0:
             return 1.0 if self.expected_variance <= 0.0 else float("inf")
         return self.expected_variance / self.uniform_variance
+
+    def metrics(self) -> dict[str, float]:
+        """Where the budget goes, as ``vip/...`` scalars (:func:`vipalloc.telemetry.plan_metrics`).
+
+        Every trainer and plug-in logs exactly these names; log ``counts`` as a histogram under ``vip/counts``.
+        """
+        return plan_metrics(
+            self.counts,
+            self.p_mean,
+            variance_ratio=self.variance_ratio,
+            timings=self.timings,
+            min_keep_relaxed=self.min_keep_relaxed,
+        )
 
     def to_records(self) -> list[dict[str, Any]]:
         """One JSON-ready dict per prompt: ``prompt_id``, ``n``, ``p_mean``, ``p_std``."""
@@ -324,6 +340,23 @@ class Allocator:
         self._last_step = max(self._last_step, step)
 
     # ------------------------------------------------------------------ helpers
+    def outcome_metrics(self, rewards: Sequence[Any], plan: Plan | None = None) -> dict[str, float]:
+        """What came back, as ``vip/...`` scalars (:func:`vipalloc.telemetry.outcome_metrics`).
+
+        ``rewards``: one array per prompt, as passed to :meth:`observe`; with ``plan`` (same prompt order) the
+        prediction error ``vip/pred_abs_err`` is filled in. Uses this allocator's success threshold.
+        """
+        if plan is not None and len(plan.prompt_ids) != len(rewards):
+            raise ValueError(
+                f"plan has {len(plan.prompt_ids)} prompts but rewards has {len(rewards)} groups; pass one reward "
+                "array per prompt of the plan, in its order"
+            )
+        return outcome_metrics(
+            rewards,
+            success_threshold=self.success_threshold,
+            p_mean=None if plan is None else plan.p_mean,
+        )
+
     def expected_variance(self, p: Any, counts: Any) -> float:
         """Summed estimator variance of ``counts`` under success probabilities ``p`` (e.g. the true p)."""
         return float(_plan_variance(np.asarray(p, np.float64), np.asarray(counts, np.int64), self.estimator))
