@@ -9,17 +9,12 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from vipalloc.bench.report import fmt_ci, md_table, mean_ci
-from vipalloc.bench.runners import (
-    RowSpec,
-    _write_train_report,
-    parse_rows,
-    run_overhead,
-    run_predictors,
-    run_simulate,
-    simulate_run,
-)
+from vipalloc.bench.overhead import run_overhead
+from vipalloc.bench.predictors import run_predictors
+from vipalloc.bench.simulate import RowSpec, parse_rows, run_simulate, simulate_run
 from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator, group_advantages_np
+from vipalloc.bench.train import _write_train_report
+from vipalloc.reporting import fmt_ci, md_table, mean_ci
 
 TINY = SimConfig(n_prompts=96, n_clusters=4, dim=8)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

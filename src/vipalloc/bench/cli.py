@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """League table of allocation strategies on the policy-gradient simulator, with a sigma sweep."""
         _limit_threads()
-        from vipalloc.bench.runners import SWEEP_ROWS, parse_rows, run_simulate
+        from vipalloc.bench.simulate import SWEEP_ROWS, parse_rows, run_simulate
         from vipalloc.bench.simulator import SimConfig
 
         try:
@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Next-step calibration of the predictors (Brier, log loss, MAE, Spearman), seen vs never-seen prompts."""
         _limit_threads()
-        from vipalloc.bench.runners import run_predictors
+        from vipalloc.bench.predictors import run_predictors
 
         try:
             with _progress() as p:
@@ -193,7 +193,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """plan() time by stage and peak memory vs batch size and history; peers' solvers side by side."""
         _limit_threads()
-        from vipalloc.bench.runners import run_overhead
+        from vipalloc.bench.overhead import run_overhead
 
         try:
             m_list = _ints(ms, "--ms") if ms is not None else ([256, 1024] if quick else [256, 1024, 4096, 16384])
@@ -233,7 +233,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Real CPU training: strategies x seeds at equal cumulative rollouts, accuracy vs rollouts."""
-        from vipalloc.bench.runners import run_train
+        from vipalloc.bench.train import run_train
         from vipalloc.training.config import STRATEGIES
 
         strats = [s.strip() for s in strategies.split(",") if s.strip()]

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from vipalloc.reporting import paired_verdict
 from vipalloc.training.config import TrainConfig
 
 Run = list[dict[str, Any]]  # metrics records of one run: step -1 (initial eval), then one per training step
@@ -73,19 +74,6 @@ def _steps(metrics: Run) -> Run:
 def _ms(values: Any) -> str:
     arr = np.asarray(values, dtype=np.float64)
     return f"{arr.mean():.3f} +- {arr.std(ddof=1):.3f}" if arr.size > 1 else f"{arr.mean():.3f}"
-
-
-def paired_verdict(diffs: Any) -> str:
-    """``mean ± 95% t-interval (k/n seeds ahead)`` of per-seed paired differences, and whether 0 is outside it."""
-    from vipalloc.bench.report import mean_ci
-
-    arr = np.asarray(diffs, dtype=np.float64)
-    mean, half, n = mean_ci(arr)
-    ahead = f"{int((arr > 0).sum())}/{arr.size} seeds ahead"
-    if n < 2:
-        return f"{mean:+.4f} ({ahead}; one seed: no interval)"
-    verdict = "ahead, resolved" if mean - half > 0 else ("behind, resolved" if mean + half < 0 else "within noise")
-    return f"{mean:+.4f} ± {half:.4f} ({ahead}; {verdict})"
 
 
 def summarize(runs: dict[str, list[Run]]) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""Report helpers: mean +- 95% interval, markdown tables, provenance header, PNG plots (matplotlib Agg).
+"""Statistics and report helpers shared by the trainer's report and the benchmarks: mean +- 95% interval, paired
+verdicts, markdown tables, the provenance header, PNG plots (matplotlib Agg).
 
+It sits below both ``vipalloc.training`` and ``vipalloc.bench`` and imports neither (nor the engine).
 Intervals are Student-t 95% confidence intervals of the mean over seeds (``t_{0.975, n-1} * sd / sqrt(n)``);
 a single value has no interval (shown as ``+- nan``-free ``x (n=1)``).
 """
@@ -22,6 +24,7 @@ __all__ = [
     "git_commit",
     "md_table",
     "mean_ci",
+    "paired_verdict",
     "plot_bands",
     "plot_lines",
     "provenance",
@@ -55,6 +58,19 @@ def fmt_ci(values: Sequence[float] | np.ndarray, digits: int = 3, scale: float =
     return f"{m:{sign}.{digits}f} ± {hw:.{digits}f}"
 
 
+def paired_verdict(diffs: Sequence[float] | np.ndarray) -> str:
+    """``mean ± 95% t-interval (k/n seeds ahead; verdict)`` of per-seed paired differences (same seed, two arms);
+    the verdict says whether 0 lies outside the interval (``ahead``/``behind, resolved``) or not (``within
+    noise``). One seed has no interval."""
+    arr = np.asarray(diffs, dtype=np.float64)
+    mean, half, n = mean_ci(arr)
+    ahead = f"{int((arr > 0).sum())}/{arr.size} seeds ahead"
+    if n < 2:
+        return f"{mean:+.4f} ({ahead}; one seed: no interval)"
+    verdict = "ahead, resolved" if mean - half > 0 else ("behind, resolved" if mean + half < 0 else "within noise")
+    return f"{mean:+.4f} ± {half:.4f} ({ahead}; {verdict})"
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
     """A GitHub markdown table. ``align``: one char per column (``l``/``r``), default: first left, rest right."""
     if any(len(r) != len(headers) for r in rows):
@@ -69,7 +85,7 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str |
 
 def git_commit(root: str | Path | None = None) -> str:
     """Short commit hash of the working tree (``+dirty`` if tracked files differ), or ``unknown``."""
-    cwd = str(root) if root is not None else str(Path(__file__).resolve().parents[3])
+    cwd = str(root) if root is not None else str(Path(__file__).resolve().parents[2])  # the repository root
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short=10", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
