@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import expit, logit
 
-import vipalloc.predictors.gp as gpmod
+import vipalloc.predictors.gp_window as gp_window
 from vipalloc._io import decode, encode
 from vipalloc.predictors import GPPredictor
 from vipalloc.predictors.gp import GPNumericsWarning
@@ -271,7 +271,7 @@ def test_factorisation_failure_falls_back_to_per_prompt_rates(monkeypatch: pytes
     gp = GPPredictor()
     gp.set_features(["a", "b", "c"], np.eye(3))
     gp.observe(["a", "b"], np.array([3, 0]), np.array([4, 4]), 0)
-    monkeypatch.setattr(gpmod, "_chol", lambda k, what: None)
+    monkeypatch.setattr(gp_window, "chol", lambda k, what: None)
     with pytest.warns(GPNumericsWarning, match="smoothed rates"):
         p, s = gp.predict(["a", "b", "c"], 1)
     assert_valid(p, s, 3)
