@@ -7,6 +7,7 @@ import pytest
 
 from vipalloc import Allocator
 from vipalloc._io import StateFileError
+from vipalloc.allocator import VERSION
 
 IDS = [f"q{i}" for i in range(12)]
 TEXTS = [f"What is {i} + {2 * i}?" for i in range(12)]
@@ -178,7 +179,7 @@ def test_load_rejects_damaged_files(tmp_path) -> None:
     path.write_text(text.replace('"n_max":32', '"n_max":31'))
     with pytest.raises(StateFileError, match="checksum"):
         Allocator.load(path)
-    path.write_text(text.replace('"version":1', '"version":7'))
+    path.write_text(text.replace(f'"version":{VERSION}', '"version":7'))
     with pytest.raises(StateFileError, match="newer vipalloc"):
         Allocator.load(path)
     with pytest.raises(StateFileError, match="no such state file"):

@@ -29,7 +29,8 @@ from vipalloc.variance import gradient_variance
 __all__ = ["Allocator", "Plan"]
 
 FORMAT = "vipalloc.allocator"
-VERSION = 1
+# Version 2 adds outstanding two-phase pilots ("pilots"); version 1 files (no pilots) still load.
+VERSION = 2
 # Plans kept for validating observe(); older ones are forgotten (a trainer observes the step it planned).
 _MAX_PENDING_STEPS = 16
 
@@ -55,6 +56,16 @@ class Plan:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: embed, predict, solve
     # True when no plan with every kept prompt at >= the strategy's minimum existed and the minimum was relaxed.
     min_keep_relaxed: bool = False
+    # Two-phase steps (plan_pilot / plan_commit): "pilot" or "commit"; "single" for plan(). A commit plan's counts
+    # are EXTRA rollouts and pilot_counts (int64 (M,)) the pilot rollouts that came back, so a prompt's training
+    # group is pilot_counts + counts (group_sizes); its variances are posterior expectations for those groups.
+    phase: str = "single"
+    pilot_counts: np.ndarray | None = None
+
+    @property
+    def group_sizes(self) -> np.ndarray:
+        """Rollouts in each prompt's training group: ``counts``, plus the pilot's for a commit plan (int64 ``(M,)``)."""
+        return self.counts if self.pilot_counts is None else self.pilot_counts + self.counts
 
     @property
     def dropped(self) -> np.ndarray:
@@ -92,6 +103,52 @@ class Plan:
             {"prompt_id": pid, "n": int(c), "p_mean": float(m), "p_std": float(s)}
             for pid, c, m, s in zip(self.prompt_ids, self.counts, self.p_mean, self.p_std)
         ]
+
+
+@dataclass
+class _Pilot:
+    """An outstanding two-phase step: the pilot planned at ``plan_pilot``, its outcomes so far, the commit."""
+
+    ids: list[str]
+    counts: np.ndarray  # int64 (M,), pilot rollouts planned
+    prior_mean: np.ndarray  # float64 (M,), the predictor's p before the pilot
+    prior_std: np.ndarray  # float64 (M,)
+    budget: int  # the whole step's budget (pilot + commit)
+    pilot_n: int
+    successes: np.ndarray  # int64 (M,), pilot successes observed so far
+    trials: np.ndarray  # int64 (M,), pilot rollouts observed so far
+    extra: np.ndarray | None = None  # int64 (M,), the commit once planned
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = {pid: i for i, pid in enumerate(self.ids)}
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "ids": list(self.ids),
+            "counts": self.counts,
+            "prior_mean": self.prior_mean,
+            "prior_std": self.prior_std,
+            "budget": self.budget,
+            "pilot_n": self.pilot_n,
+            "successes": self.successes,
+            "trials": self.trials,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_state(cls, st: dict[str, Any]) -> _Pilot:
+        return cls(
+            ids=[str(p) for p in st["ids"]],
+            counts=np.asarray(st["counts"], np.int64),
+            prior_mean=np.asarray(st["prior_mean"], np.float64),
+            prior_std=np.asarray(st["prior_std"], np.float64),
+            budget=int(st["budget"]),
+            pilot_n=int(st["pilot_n"]),
+            successes=np.asarray(st["successes"], np.int64).copy(),
+            trials=np.asarray(st["trials"], np.int64).copy(),
+            extra=None if st["extra"] is None else np.asarray(st["extra"], np.int64),
+        )
 
 
 def _as_ids(prompt_ids: Sequence[Any], what: str = "prompt_ids") -> list[str]:
@@ -190,6 +247,7 @@ class Allocator:
         self._embedder: Any = None  # built lazily: loading MiniLM costs seconds
         self._cache: Any = None
         self._pending: dict[int, dict[str, int]] = {}  # step -> {prompt_id: planned count}
+        self._pilots: dict[int, _Pilot] = {}  # step -> outstanding two-phase pilot (see plan_pilot)
         self._last_step = -1
 
     # ------------------------------------------------------------------ features
@@ -239,6 +297,12 @@ class Allocator:
         to ``budget`` exactly. Raises ``ValueError`` for an empty batch, duplicate ids, or an infeasible budget
         (the message names the feasible range).
         """
+        if getattr(self.strategy, "two_phase", False):
+            raise ValueError(
+                f"strategy {self.strategy_name!r} is two-phase: call plan_pilot(ids, prompts, budget=B, step=t), "
+                "observe the pilot rewards, then plan_commit(step=t) and observe the extra rollouts; plan() cannot "
+                "run it"
+            )
         ids = _as_ids(prompt_ids)
         if budget is None:
             raise ValueError(
@@ -335,8 +399,180 @@ class Allocator:
         # The predictor validates and may raise; do it before touching the history so a failure records nothing.
         self.predictor.observe(kept_ids, successes, trials, step)
         self.history.extend(step, kept_ids, kept)
-        for pid in kept_ids:  # each planned prompt is observed once
+        for pid in kept_ids:  # each planned prompt is observed once (per phase, for a two-phase step)
             del planned[pid]
+        pilot = self._pilots.get(step)
+        if pilot is not None and pilot.extra is None:  # phase-1 outcomes: the commit conditions on them
+            pos = [pilot.index[pid] for pid in kept_ids]
+            pilot.successes[pos] += successes
+            pilot.trials[pos] += trials
+        self._last_step = max(self._last_step, step)
+
+    # ------------------------------------------------------------------ two-phase steps
+    def plan_pilot(
+        self,
+        prompt_ids: Sequence[Any],
+        prompts: Sequence[str] | None = None,
+        budget: int | None = None,
+        step: int | None = None,
+        pilot_n: int = 2,
+    ) -> Plan:
+        """Phase 1 of a two-phase step (strategies ``vip_two_phase``, ``pilot_commit``): the pilot rollouts.
+
+        ``budget`` is the WHOLE step's budget (pilot + commit); the returned plan's counts are the pilot rollouts
+        per prompt (``pilot_n`` each; 0 = skipped) and ``plan.budget`` their total. Observe their rewards with
+        :meth:`observe` at the same ``step``, then call :meth:`plan_commit`. The predictor learns from the pilot
+        at once (it merges the commit's rollouts of the same step into the same group); the commit conditions on
+        the prediction made here plus the pilot outcomes. Raises ``ValueError`` (nothing recorded) for a
+        single-phase strategy, ``pilot_n * M > budget``, an infeasible budget, or a step whose pilot already has
+        observed outcomes.
+        """
+        from vipalloc.strategies import uniform_counts
+
+        if not getattr(self.strategy, "two_phase", False):
+            raise ValueError(
+                f"plan_pilot needs a two-phase strategy ('vip_two_phase' or 'pilot_commit'), this allocator uses "
+                f"{self.strategy_name!r}: call plan() instead, or build Allocator(strategy='vip_two_phase')"
+            )
+        ids = _as_ids(prompt_ids)
+        if budget is None:
+            raise ValueError(
+                f"budget is required: total rollouts of the step, pilot included, e.g. {len(ids)} prompts x 8 = "
+                f"{8 * len(ids)}"
+            )
+        budget = _check_int("budget", budget, 0)
+        step = self._last_step + 1 if step is None else _check_int("step", step, 0)
+        old = self._pilots.get(step)
+        if old is not None and (old.trials.any() or old.extra is not None):
+            raise ValueError(
+                f"step {step} already has a pilot with observed outcomes; call plan_commit(step={step}) to finish "
+                "it, or plan the next step"
+            )
+        m = len(ids)
+        t0 = time.perf_counter()
+        self._register_features(ids, prompts)
+        t1 = time.perf_counter()
+        p_mean, p_std = self.predictor.predict(ids, step)
+        p_mean = np.asarray(p_mean, np.float64)
+        p_std = np.asarray(p_std, np.float64)
+        t2 = time.perf_counter()
+        perm, inv = _permutation(self.seed, step, m)
+        two_phase: Any = self.strategy  # a vipalloc.two_phase.TwoPhaseStrategy (checked above)
+        counts = np.asarray(two_phase.pilot(p_mean[perm], budget, self.n_min, self.n_max, pilot_n), np.int64)
+        counts = counts[inv]
+        t3 = time.perf_counter()
+        total = int(counts.sum())
+        self._pilots[step] = _Pilot(
+            ids=ids,
+            counts=counts,
+            prior_mean=p_mean,
+            prior_std=p_std,
+            budget=budget,
+            pilot_n=int(pilot_n),
+            successes=np.zeros(m, np.int64),
+            trials=np.zeros(m, np.int64),
+        )
+        self._remember(step, dict(zip(ids, counts.tolist())))
+        var = float(_plan_variance(p_mean, counts, self.estimator))
+        uni = float(_plan_variance(p_mean, uniform_counts(m, total), self.estimator))
+        return Plan(
+            prompt_ids=ids,
+            counts=counts,
+            p_mean=p_mean,
+            p_std=p_std,
+            budget=total,
+            step=step,
+            strategy=self.strategy_name,
+            estimator=self.estimator,
+            expected_variance=var,
+            uniform_variance=uni,
+            timings={"embed": t1 - t0, "predict": t2 - t1, "solve": t3 - t2},
+            phase="pilot",
+        )
+
+    def plan_commit(self, step: int | None = None) -> Plan:
+        """Phase 2 of a two-phase step: the EXTRA rollouts per prompt, given the pilot outcomes observed so far.
+
+        ``step`` defaults to the newest pilot not yet committed. ``pilot.counts.sum() + commit.counts.sum()``
+        equals the step budget exactly. The plan's ``p_mean``/``p_std`` are the posterior's,
+        ``pilot_counts`` the pilot rollouts that came back, ``group_sizes`` the final groups, and its variances
+        the posterior expected variance of those groups (``uniform_variance``: the same pilot plus a uniform
+        split of the rest). Pilot prompts whose rewards never came back count as 0 pilot rollouts. Observe the
+        extra rollouts' rewards with :meth:`observe` at the same step. Raises ``ValueError`` (nothing recorded)
+        without a pilot at ``step``, when no pilot outcome was observed, or when the step was already committed.
+        """
+        from vipalloc.two_phase import expected_variance, uniform_extra
+
+        if step is None:
+            open_steps = [s for s, p in self._pilots.items() if p.extra is None]
+            if not open_steps:
+                raise ValueError("no pilot is waiting for a commit; call plan_pilot(...) first")
+            step = max(open_steps)
+        step = _check_int("step", step, 0)
+        pilot = self._pilots.get(step)
+        if pilot is None:
+            known = sorted(self._pilots)
+            raise ValueError(
+                f"no pilot was planned at step {step} (pilots: steps {known[-5:]}); call plan_pilot(..., step={step}) "
+                "and observe its rewards before plan_commit"
+            )
+        if pilot.extra is not None:
+            raise ValueError(f"step {step} was already committed; observe its extra rollouts and plan the next step")
+        if not pilot.trials.any():
+            raise ValueError(
+                f"no pilot outcome was observed at step {step}; call observe(ids, pilot_rewards, step={step}) first"
+            )
+        m = len(pilot.ids)
+        left = pilot.budget - int(pilot.counts.sum())
+        t0 = time.perf_counter()
+        perm, inv = _permutation(self.seed, step, m)
+        two_phase: Any = self.strategy  # a vipalloc.two_phase.TwoPhaseStrategy (plan_pilot checked it)
+        dec = two_phase.commit(
+            pilot.prior_mean[perm],
+            pilot.prior_std[perm],
+            pilot.successes[perm],
+            pilot.trials[perm],
+            left,
+            self.n_min,
+            self.n_max,
+            pilot.pilot_n,
+        )
+        extra = np.asarray(dec.extra, np.int64)[inv]
+        a, b = np.asarray(dec.post_a)[inv], np.asarray(dec.post_b)[inv]
+        t1 = time.perf_counter()
+        if extra.shape != (m,) or int(extra.sum()) != left:
+            raise RuntimeError(f"strategy {self.strategy_name!r} returned an invalid commit (sum != {left})")
+        groups = pilot.trials + extra
+        exp_var = float(expected_variance(a, b, groups, self.estimator).sum())
+        uni = pilot.trials + uniform_extra(m, left, pilot.trials, self.n_max)
+        uni_var = float(expected_variance(a, b, uni, self.estimator).sum())
+        pilot.extra = extra
+        self._remember(step, dict(zip(pilot.ids, extra.tolist())))
+        nu = a + b
+        return Plan(
+            prompt_ids=list(pilot.ids),
+            counts=extra,
+            p_mean=a / nu,
+            p_std=np.sqrt(a * b / (nu * nu * (nu + 1.0))),
+            budget=left,
+            step=step,
+            strategy=self.strategy_name,
+            estimator=self.estimator,
+            expected_variance=exp_var,
+            uniform_variance=uni_var,
+            timings={"solve": t1 - t0},
+            min_keep_relaxed=bool(dec.min_keep_relaxed),
+            phase="commit",
+            pilot_counts=pilot.trials.copy(),
+        )
+
+    def _remember(self, step: int, planned: dict[str, int]) -> None:
+        """Make ``planned`` the counts ``observe`` validates at ``step``; forget the oldest steps beyond the cap."""
+        self._pending[step] = planned
+        while len(self._pending) > _MAX_PENDING_STEPS:
+            self._pending.pop(min(self._pending))
+        while len(self._pilots) > _MAX_PENDING_STEPS:
+            self._pilots.pop(min(self._pilots))
         self._last_step = max(self._last_step, step)
 
     # ------------------------------------------------------------------ helpers
@@ -425,6 +661,7 @@ class Allocator:
                 for s in pending_steps
             ],
             "last_step": self._last_step,
+            "pilots": [{"step": s, **self._pilots[s].to_state()} for s in sorted(self._pilots)],
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -453,6 +690,8 @@ class Allocator:
                 for s, rec in zip(state["pending_steps"], state["pending"])
             }
             alloc._last_step = int(state["last_step"])
+            # version 1 files predate two-phase steps: no outstanding pilots
+            alloc._pilots = {int(rec["step"]): _Pilot.from_state(rec) for rec in state.get("pilots", [])}
         except StateFileError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -488,3 +727,11 @@ def _aggregate_duplicates(
         np.bincount(pos, weights=succ, minlength=len(uniq)).astype(np.int64),
         np.bincount(pos, weights=trials, minlength=len(uniq)).astype(np.int64),
     )
+
+
+def _permutation(seed: int, step: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded per-step permutation ``plan`` uses for fair tie-breaks, and its inverse."""
+    perm = np.random.default_rng([seed, step]).permutation(m)
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(m)
+    return perm, inv

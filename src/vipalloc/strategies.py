@@ -309,8 +309,17 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "inverse_var": lambda estimator, **kw: InverseVar(**kw),
     "knapsack": lambda estimator, **kw: Knapsack(**kw),
     "gvm": lambda estimator, **kw: GVM(**kw),
+    # Two-phase strategies (pilot, then commit) live in vipalloc.two_phase, which imports this module: import lazily.
+    "vip_two_phase": lambda estimator, **kw: _two_phase("VIPTwoPhase")(estimator=estimator, **kw),
+    "pilot_commit": lambda estimator, **kw: _two_phase("PilotCommit")(**kw),
 }
 STRATEGY_NAMES = tuple(_FACTORIES)
+
+
+def _two_phase(cls: str) -> Callable[..., Strategy]:
+    from vipalloc import two_phase
+
+    return getattr(two_phase, cls)  # type: ignore[no-any-return]
 
 
 def get_strategy(name: str, *, estimator: str = "drgrpo", **kwargs: object) -> Strategy:

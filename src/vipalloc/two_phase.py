@@ -1,0 +1,506 @@
+"""Two-phase allocation: pilot rollouts inside the step, a Beta posterior per prompt, an exact commit of the rest.
+
+Per step and batch of ``M`` prompts with a total budget of ``B`` rollouts:
+
+1. **Pilot.** Every prompt gets ``pilot_n`` rollouts (``pilot_n * M <= B``).
+2. **Posterior.** The predictor's prediction ``(mu_i, sigma_i)``, made *before* the pilot, becomes a Beta prior
+   by moment matching (:func:`beta_prior`); the pilot's ``k_i`` successes of ``t_i`` rollouts update it to
+   ``Beta(a_i + k_i, b_i + t_i - k_i)`` (:func:`beta_posterior`).
+3. **Commit.** The remaining ``R = B - sum_i pilot_i`` rollouts are split exactly (:func:`solve_commit`), as
+   *extra* rollouts ``e_i``, minimising the expected variance of each prompt's final group of ``n_i = t_i + e_i``
+   rollouts under its posterior::
+
+       minimise   sum_i  E_{p ~ Beta_i}[ Var(p, t_i + e_i) ]  +  gamma * log(clip(pbar_i)) * (t_i + e_i)
+       subject to sum_i e_i == R,   e_i in {0} U [max(n_min, min_keep, pilot_n) - pilot_n, n_max - pilot_n]
+
+   ``Var`` is :func:`vipalloc.variance.gradient_variance` (Dr.GRPO or RLOO), ``gamma`` the hardness bonus of
+   ``vip``, ``pbar_i`` the posterior mean. ``e_i = 0`` is the commit's drop option: the pilot rollouts are already
+   spent and still train, so it costs ``E[Var(p, t_i)]``, not 0, and the one-shot exact program is well posed
+   (unlike plain VIP's drop, which costs 0 and needs the authors' two-stage rule).
+
+Both estimators' variances factor as ``p (1 - p) h(n)``, so the expectation under ``Beta(a, b)`` is exact in closed
+form: ``E[p (1 - p)] = a b / ((a + b)(a + b + 1))`` (:func:`expected_variance`).
+
+The prior mapping (documented in ``docs/two_phase.md``): ``mu`` clipped to ``[1e-3, 1 - 1e-3]``; pseudo-count
+``nu = a + b = mu (1 - mu) / sigma^2 - 1`` (the Beta with that mean and variance), clipped to
+``[nu_min, nu_max]`` = ``[2, 32]`` by default. The cap bounds how much a confident predictor (``sigma -> 0``,
+e.g. the oracle) outweighs the pilot: 32 pseudo-rollouts against ``pilot_n`` real ones. The floor applies to
+unseen prompts, whose predictive std can exceed what any Beta with that mean allows (``sigma^2 >= mu (1 - mu)``):
+they count as 2 pseudo-rollouts (``Beta(1, 1)`` at ``mu = 0.5``), so two pilot successes do not make ``p = 1``.
+
+This module is maths only: it imports :mod:`vipalloc.allocation`, :mod:`vipalloc.variance` and
+:mod:`vipalloc.strategies`. The stateful API (``Allocator.plan_pilot`` / ``plan_commit``) is in
+:mod:`vipalloc.allocator`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from vipalloc.allocation import _check_bonus, _reachable, minimize_separable
+from vipalloc.strategies import HARDNESS_BONUS, P_CLIP, uniform_counts
+from vipalloc.variance import gradient_variance
+
+__all__ = [
+    "PILOT_BAND",
+    "PRIOR_MEAN_CLIP",
+    "PRIOR_NU_MAX",
+    "PRIOR_NU_MIN",
+    "TWO_PHASE_STRATEGIES",
+    "Commit",
+    "PilotCommit",
+    "TwoPhaseStrategy",
+    "VIPTwoPhase",
+    "beta_mean_std",
+    "beta_posterior",
+    "beta_prior",
+    "commit_domain",
+    "expected_variance",
+    "is_two_phase",
+    "solve_commit",
+    "uniform_extra",
+]
+
+PRIOR_NU_MAX = 32.0  # cap on a + b: a predictor never counts as more than 32 pilot rollouts
+PRIOR_NU_MIN = 2.0  # floor on a + b: an unseen prompt's prior is worth 2 rollouts (Beta(1, 1) at mean 0.5)
+PRIOR_MEAN_CLIP = 1e-3  # the prior mean is clipped to [1e-3, 1 - 1e-3] so both pseudo-counts stay > 0
+PILOT_BAND = (0.125, 0.75)  # Pilot-Commit's kept pass-rate band (inclusive)
+TWO_PHASE_STRATEGIES = ("vip_two_phase", "pilot_commit")
+
+
+# --------------------------------------------------------------------------------------------- Beta maths
+def beta_prior(
+    p_mean: ArrayLike,
+    p_std: ArrayLike,
+    *,
+    nu_max: float = PRIOR_NU_MAX,
+    nu_min: float = PRIOR_NU_MIN,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Beta pseudo-counts ``(a, b)`` matching a prediction's mean and std, float64 ``(M,)`` each.
+
+    ``p_mean`` in ``[0, 1]`` (clipped to ``[1e-3, 1 - 1e-3]``), ``p_std >= 0``. Moment matching gives
+    ``a + b = mu (1 - mu) / sigma^2 - 1``; it is clipped to ``[nu_min, nu_max]`` (``sigma = 0`` gives ``nu_max``;
+    ``sigma^2 >= mu (1 - mu)``, where no Beta fits, gives ``nu_min``). Returns ``(mu * nu, (1 - mu) * nu)``.
+    """
+    mu = np.asarray(p_mean, np.float64)
+    sd = np.asarray(p_std, np.float64)
+    if mu.shape != sd.shape or mu.ndim != 1:
+        raise ValueError(f"p_mean {mu.shape} and p_std {sd.shape} must be 1-D arrays of the same length")
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sd))):
+        raise ValueError("p_mean and p_std must be finite")
+    if np.any((mu < 0) | (mu > 1)) or np.any(sd < 0):
+        raise ValueError("need p_mean in [0, 1] and p_std >= 0")
+    if not (0.0 < nu_min <= nu_max and np.isfinite(nu_max)):
+        raise ValueError(f"need 0 < nu_min <= nu_max < inf, got nu_min={nu_min}, nu_max={nu_max}")
+    mu = np.clip(mu, PRIOR_MEAN_CLIP, 1.0 - PRIOR_MEAN_CLIP)
+    var = sd * sd
+    with np.errstate(divide="ignore"):
+        nu = np.where(var > 0, mu * (1.0 - mu) / np.where(var > 0, var, 1.0) - 1.0, np.inf)
+    nu = np.clip(nu, nu_min, nu_max)
+    return mu * nu, (1.0 - mu) * nu
+
+
+def beta_posterior(
+    a: ArrayLike, b: ArrayLike, successes: ArrayLike, trials: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """``Beta(a + k, b + t - k)`` after ``k = successes`` of ``t = trials`` Bernoulli rollouts (arrays ``(M,)``)."""
+    a_arr = np.asarray(a, np.float64)
+    b_arr = np.asarray(b, np.float64)
+    k = np.asarray(successes, np.int64)
+    t = np.asarray(trials, np.int64)
+    if not (a_arr.shape == b_arr.shape == k.shape == t.shape):
+        raise ValueError(f"a, b, successes and trials must share a shape, got {a_arr.shape}, {k.shape}, {t.shape}")
+    if np.any(a_arr <= 0) or np.any(b_arr <= 0):
+        raise ValueError("Beta pseudo-counts a and b must be > 0")
+    if np.any(t < 0) or np.any(k < 0) or np.any(k > t):
+        raise ValueError("need 0 <= successes <= trials for every prompt")
+    return a_arr + k, b_arr + (t - k)
+
+
+def beta_mean_std(a: ArrayLike, b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of ``Beta(a, b)`` (float64 arrays)."""
+    a_arr = np.asarray(a, np.float64)
+    b_arr = np.asarray(b, np.float64)
+    nu = a_arr + b_arr
+    return a_arr / nu, np.sqrt(a_arr * b_arr / (nu * nu * (nu + 1.0)))
+
+
+def expected_pq(a: ArrayLike, b: ArrayLike) -> np.ndarray:
+    """``E[p (1 - p)]`` for ``p ~ Beta(a, b)``: ``a b / ((a + b)(a + b + 1))`` (exact)."""
+    a_arr = np.asarray(a, np.float64)
+    b_arr = np.asarray(b, np.float64)
+    nu = a_arr + b_arr
+    return a_arr * b_arr / (nu * (nu + 1.0))
+
+
+def _h(n: np.ndarray, estimator: str) -> np.ndarray:
+    """``Var(p, n) / (p (1 - p))``, the count factor of the estimator's variance; 0 at n = 0 and (both) n = 1.
+
+    RLOO has no leave-one-out baseline at n = 1 (its formula is undefined there); such a group carries no usable
+    gradient, so it counts as 0 like Dr.GRPO's n = 1. It arises only when failed pilot generations leave 1 rollout.
+    """
+    n = np.asarray(n, np.int64)
+    if estimator == "rloo":
+        safe = np.where(n == 1, 0, n)
+        return gradient_variance(0.5, safe, "rloo") / 0.25
+    return gradient_variance(0.5, n, estimator) / 0.25
+
+
+def expected_variance(a: ArrayLike, b: ArrayLike, n: ArrayLike, estimator: str = "drgrpo") -> np.ndarray:
+    """``E_{p ~ Beta(a, b)}[Var(p, n)]`` for ``drgrpo`` or ``rloo``, exact: ``E[p(1-p)] * h(n)``; broadcasts.
+
+    ``n`` are whole rollout counts (0 = not generated, contributes 0). Units as
+    :func:`vipalloc.variance.gradient_variance`.
+    """
+    if estimator not in HARDNESS_BONUS:
+        raise ValueError(f"estimator must be 'drgrpo' or 'rloo', got {estimator!r}")
+    return expected_pq(a, b) * _h(np.asarray(n), estimator)
+
+
+# --------------------------------------------------------------------------------------------- exact commit
+def commit_domain(pilot_n: int, n_min: int, n_max: int, *, allow_drop: bool = True, min_keep: int = 4) -> np.ndarray:
+    """Allowed extra rollouts per prompt, sorted int64: ``{0} U [lo, n_max - pilot_n]`` with
+    ``lo = max(n_min, min_keep, pilot_n) - pilot_n`` (with ``allow_drop``), or ``[max(n_min, pilot_n) - pilot_n,
+    n_max - pilot_n]`` without (every final group then has ``>= n_min`` rollouts)."""
+    hi = n_max - pilot_n
+    if hi < 0:
+        raise ValueError(f"pilot_n ({pilot_n}) exceeds n_max ({n_max}); lower pilot_n or raise n_max")
+    if not allow_drop:
+        return np.arange(max(n_min, pilot_n) - pilot_n, hi + 1, dtype=np.int64)
+    lo = max(n_min, min_keep, pilot_n) - pilot_n
+    if lo <= 1:
+        return np.arange(0, hi + 1, dtype=np.int64)
+    if lo > hi:
+        return np.zeros(1, np.int64)
+    return np.concatenate([[0], np.arange(lo, hi + 1)]).astype(np.int64)
+
+
+def _reachable_sum(budget: int, m: int, vals: np.ndarray) -> bool:
+    """Can ``m`` items with counts in ``vals`` (``{0} U [lo, hi]`` or a contiguous range) sum to ``budget``?"""
+    if len(vals) == 1:
+        return budget == m * int(vals[0])
+    if vals[0] == 0 and vals[1] > 1:
+        return _reachable(budget, m, int(vals[1]), int(vals[-1]), True)
+    return m * int(vals[0]) <= budget <= m * int(vals[-1])
+
+
+def commit_cost_table(
+    a: np.ndarray,
+    b: np.ndarray,
+    trials: np.ndarray,
+    extras: np.ndarray,
+    estimator: str = "drgrpo",
+    hardness_bonus: float = 0.0,
+) -> np.ndarray:
+    """Per-(prompt, extra) commit objective ``E[Var(p, t_i + e_k)] + gamma log(clip(pbar_i)) (t_i + e_k)``.
+
+    ``a, b`` posterior pseudo-counts ``(M,)``, ``trials`` the pilot rollouts that came back ``(M,)``, ``extras``
+    ``(K,)``. Returns float64 ``(M, K)``.
+    """
+    n_tot = trials[:, None] + extras[None, :]
+    cost = expected_pq(a, b)[:, None] * _h(n_tot, estimator)
+    if hardness_bonus:
+        pbar = np.clip(a / (a + b), P_CLIP, 1.0 - P_CLIP)
+        cost = cost + hardness_bonus * np.log(pbar)[:, None] * n_tot.astype(np.float64)
+    return cost
+
+
+def solve_commit(
+    a: ArrayLike,
+    b: ArrayLike,
+    trials: ArrayLike,
+    budget: int,
+    *,
+    pilot_n: int,
+    n_min: int,
+    n_max: int,
+    estimator: str = "drgrpo",
+    hardness_bonus: float = 0.0,
+    allow_drop: bool = True,
+    min_keep: int = 4,
+) -> tuple[np.ndarray, bool]:
+    """Exact integer commit: extra rollouts ``(M,)`` int64 summing to ``budget``, and whether the minimum was relaxed.
+
+    ``a, b``: posterior pseudo-counts ``(M,)``; ``trials``: pilot rollouts per prompt ``(M,)``. The domain is
+    :func:`commit_domain`. With ``allow_drop`` a budget in a hole of ``{0} U [lo, hi]`` sums (e.g. 1 extra rollout
+    with ``lo = 2``) is met by relaxing the domain to ``[0, hi]`` (second value ``True``); without drops, or when
+    even ``[0, hi]`` cannot absorb it, ``ValueError``. Solved by :func:`vipalloc.allocation.minimize_separable`
+    (exact for any per-item cost table).
+    """
+    a_arr = np.asarray(a, np.float64)
+    b_arr = np.asarray(b, np.float64)
+    t = np.asarray(trials, np.int64)
+    m = len(a_arr)
+    if m == 0 or a_arr.shape != (m,) or b_arr.shape != (m,) or t.shape != (m,):
+        raise ValueError("a, b and trials must be non-empty 1-D arrays of the same length")
+    if estimator not in HARDNESS_BONUS:
+        raise ValueError(f"estimator must be 'drgrpo' or 'rloo', got {estimator!r}")
+    bonus = _check_bonus(hardness_bonus)
+    budget = int(budget)
+    vals = commit_domain(pilot_n, n_min, n_max, allow_drop=allow_drop, min_keep=min_keep)
+    relaxed = False
+    if not _reachable_sum(budget, m, vals):
+        full = np.arange(0, n_max - pilot_n + 1, dtype=np.int64)
+        if not allow_drop or not _reachable_sum(budget, m, full):
+            raise ValueError(
+                f"the commit cannot place {budget} extra rollouts on {m} prompts with extra in "
+                f"[{int(vals[0])}, {int(vals[-1])}]{' (or 0)' if allow_drop else ''}; choose a step budget in "
+                f"[{m * pilot_n + m * int(vals[0]) if not allow_drop else m * pilot_n}, {m * n_max}]"
+            )
+        vals, relaxed = full, True
+    if len(vals) == 1:
+        return np.full(m, int(vals[0]), np.int64), relaxed
+    table = commit_cost_table(a_arr, b_arr, t, vals, estimator, bonus)
+    return vals[minimize_separable(table, vals, budget)], relaxed
+
+
+# --------------------------------------------------------------------------------------------- strategies
+class Commit(NamedTuple):
+    """A commit decision: ``extra`` int64 ``(M,)``, the posterior ``Beta(post_a, post_b)`` per prompt the decision
+    used (float64 ``(M,)`` each), and whether the kept prompts' minimum was relaxed to meet the budget exactly."""
+
+    extra: np.ndarray
+    post_a: np.ndarray
+    post_b: np.ndarray
+    min_keep_relaxed: bool
+
+
+class TwoPhaseStrategy(Protocol):
+    """A strategy that plans a pilot, then commits the rest of the budget given the pilot's outcomes."""
+
+    name: str
+    two_phase: bool
+
+    def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray: ...
+
+    def pilot(self, p_mean: np.ndarray, budget: int, n_min: int, n_max: int, pilot_n: int) -> np.ndarray: ...
+
+    def commit(
+        self,
+        prior_mean: np.ndarray,
+        prior_std: np.ndarray,
+        successes: np.ndarray,
+        trials: np.ndarray,
+        budget: int,
+        n_min: int,
+        n_max: int,
+        pilot_n: int,
+    ) -> Commit: ...
+
+
+def is_two_phase(strategy: Any) -> bool:
+    """True for strategies that must be driven by ``plan_pilot`` / ``plan_commit``."""
+    return bool(getattr(strategy, "two_phase", False))
+
+
+def check_pilot(m: int, budget: int, n_min: int, n_max: int, pilot_n: int) -> None:
+    """Validate a pilot request for ``m`` prompts and a whole-step ``budget``; ``ValueError`` names the fix."""
+    if isinstance(pilot_n, bool) or not isinstance(pilot_n, (int, np.integer)) or pilot_n < 1:
+        raise ValueError(f"pilot_n must be an integer >= 1 (rollouts per prompt in the pilot), got {pilot_n!r}")
+    if pilot_n > n_max:
+        raise ValueError(f"pilot_n ({pilot_n}) exceeds n_max ({n_max}); lower pilot_n or raise n_max")
+    if pilot_n * m > budget:
+        raise ValueError(
+            f"pilot_n * M = {pilot_n} x {m} = {pilot_n * m} pilot rollouts exceed the step budget {budget}; the "
+            f"pilot is part of the budget: lower pilot_n to <= {budget // m}, use fewer prompts, or raise the budget"
+        )
+    if budget > m * n_max:
+        raise ValueError(
+            f"budget {budget} is infeasible for {m} prompts with n_max={n_max}: at most {m * n_max}; "
+            "raise n_max or lower the budget"
+        )
+
+
+def _not_single_phase(name: str) -> ValueError:
+    return ValueError(
+        f"strategy {name!r} is two-phase: plan with Allocator.plan_pilot(ids, prompts, budget=B, step=t), observe "
+        "the pilot rewards, then Allocator.plan_commit(step=t) and observe again; Allocator.plan() cannot run it"
+    )
+
+
+@dataclass
+class VIPTwoPhase:
+    """Two-phase VIP (VIP, arXiv 2602.01601, with in-step pilot evidence as in Pilot-Commit, arXiv 2605.26606):
+    ``pilot_n`` rollouts on every prompt, then the rest of the budget committed exactly under each prompt's Beta
+    posterior (prior from the predictor, evidence from the pilot). See the module docstring.
+
+    Options as ``vip``: ``hardness_bonus`` (default: the authors' gamma for the estimator), ``allow_drop``
+    (``e_i = 0`` allowed; kept prompts then get ``>= max(n_min, min_keep)`` rollouts in all), ``min_keep``;
+    and the prior mapping's ``prior_nu_max`` / ``prior_nu_min`` (:func:`beta_prior`).
+    """
+
+    estimator: str = "drgrpo"
+    hardness_bonus: float | None = None
+    allow_drop: bool = True
+    min_keep: int = 4
+    prior_nu_max: float = PRIOR_NU_MAX
+    prior_nu_min: float = PRIOR_NU_MIN
+    name: str = "vip_two_phase"
+    two_phase: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hardness_bonus is not None:
+            self.hardness_bonus = _check_bonus(self.hardness_bonus)
+        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, (int, np.integer)) or self.min_keep < 2:
+            raise ValueError(f"min_keep must be an integer >= 2, got {self.min_keep!r}")
+        if not isinstance(self.allow_drop, (bool, np.bool_)):
+            raise ValueError(f"allow_drop must be True or False, got {self.allow_drop!r}")
+        if not (0.0 < float(self.prior_nu_min) <= float(self.prior_nu_max) < np.inf):
+            raise ValueError(
+                f"need 0 < prior_nu_min <= prior_nu_max < inf, got {self.prior_nu_min}, {self.prior_nu_max}"
+            )
+
+    def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
+        raise _not_single_phase(self.name)
+
+    def pilot(self, p_mean: np.ndarray, budget: int, n_min: int, n_max: int, pilot_n: int) -> np.ndarray:
+        """``pilot_n`` rollouts for each of the ``M`` prompts (int64 ``(M,)``); the budget must allow the commit."""
+        m = len(p_mean)
+        check_pilot(m, budget, n_min, n_max, pilot_n)
+        if not self.allow_drop and budget < m * max(n_min, pilot_n):
+            raise ValueError(
+                f"without drops every prompt needs >= n_min = {n_min} rollouts in all: budget {budget} < "
+                f"{m * max(n_min, pilot_n)}; raise the budget or allow drops"
+            )
+        return np.full(m, pilot_n, np.int64)
+
+    def commit(
+        self,
+        prior_mean: np.ndarray,
+        prior_std: np.ndarray,
+        successes: np.ndarray,
+        trials: np.ndarray,
+        budget: int,
+        n_min: int,
+        n_max: int,
+        pilot_n: int,
+    ) -> Commit:
+        """Exact commit of ``budget`` extra rollouts under the posteriors (:func:`solve_commit`)."""
+        a0, b0 = beta_prior(prior_mean, prior_std, nu_max=self.prior_nu_max, nu_min=self.prior_nu_min)
+        a, b = beta_posterior(a0, b0, successes, trials)
+        bonus = HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus)
+        extra, relaxed = solve_commit(
+            a,
+            b,
+            trials,
+            budget,
+            pilot_n=pilot_n,
+            n_min=n_min,
+            n_max=n_max,
+            estimator=self.estimator,
+            hardness_bonus=bonus,
+            allow_drop=self.allow_drop,
+            min_keep=self.min_keep,
+        )
+        return Commit(extra, a, b, relaxed)
+
+
+@dataclass
+class PilotCommit:
+    """The Pilot-Commit peer (arXiv 2605.26606, databricks/pilot-commit), in-step part only.
+
+    The caller hands in a candidate pool of ``pool_factor`` x the batch (default 3). Rule: ``pilot_n`` rollouts on
+    every candidate; keep those whose pilot pass-rate lies in ``band`` (inclusive, default ``[0.125, 0.75]``), at
+    most ``round(M / pool_factor)`` of them (the batch; earlier candidates first, and the ``Allocator`` shuffles
+    them per step); commit the remaining budget uniformly over the kept prompts, up to ``n_max`` in all. Every
+    pilot rollout counts in the budget. Rollouts the kept prompts cannot absorb (few kept, or none) go uniformly to
+    the other candidates: in-band ones beyond the batch first, then the rest a batch at a time, nearest pass-rate
+    to the band first, so the step spends exactly its budget.
+
+    Left out (see ``docs/two_phase.md``): the replay buffer that defers too-hard prompts to later steps
+    (staleness <= 4) and evicts solved ones; repeated generation rounds until the batch is full; sub-sampling
+    ``n_effective`` of the pilot responses by variance (all pilot rollouts stay in the group here).
+    """
+
+    pool_factor: float = 3.0
+    band: tuple[float, float] = PILOT_BAND
+    name: str = "pilot_commit"
+    two_phase: bool = True
+
+    def __post_init__(self) -> None:
+        pf = self.pool_factor
+        if isinstance(pf, bool) or not isinstance(pf, (int, float, np.integer, np.floating)) or not pf >= 1.0:
+            raise ValueError(f"pool_factor must be a number >= 1 (candidates per batch slot), got {pf!r}")
+        self.pool_factor = float(pf)
+        lo, hi = (float(x) for x in self.band)
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError(f"band must be (lo, hi) with 0 <= lo <= hi <= 1, got {self.band!r}")
+        self.band = (lo, hi)
+
+    def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
+        raise _not_single_phase(self.name)
+
+    def batch_size(self, m: int) -> int:
+        """Prompts the commit trains on at most, for a pool of ``m`` candidates: ``max(1, round(m / pool_factor))``."""
+        return max(1, int(round(m / self.pool_factor)))
+
+    def pilot(self, p_mean: np.ndarray, budget: int, n_min: int, n_max: int, pilot_n: int) -> np.ndarray:
+        """``pilot_n`` rollouts on each of the ``M`` candidates (int64 ``(M,)``)."""
+        check_pilot(len(p_mean), budget, n_min, n_max, pilot_n)
+        return np.full(len(p_mean), pilot_n, np.int64)
+
+    def commit(
+        self,
+        prior_mean: np.ndarray,
+        prior_std: np.ndarray,
+        successes: np.ndarray,
+        trials: np.ndarray,
+        budget: int,
+        n_min: int,
+        n_max: int,
+        pilot_n: int,
+    ) -> Commit:
+        """Uniform commit over the in-band candidates (the predictor's prior is not used)."""
+        s = np.asarray(successes, np.int64)
+        t = np.asarray(trials, np.int64)
+        m = len(t)
+        rate = np.where(t > 0, s / np.maximum(t, 1), np.nan)
+        lo, hi = self.band
+        in_band = (rate >= lo) & (rate <= hi)  # NaN (no pilot came back) is never in band
+        band_idx = np.flatnonzero(in_band)
+        k = self.batch_size(m)
+        kept, spare = band_idx[:k], band_idx[k:]
+        dist = np.where(np.isnan(rate), np.inf, np.maximum(lo - rate, rate - hi))
+        others = np.flatnonzero(~in_band)
+        others = others[np.argsort(dist[others], kind="stable")]
+        cap = np.maximum(n_max - t, 0)  # extra rollouts a prompt can still take
+        extra = np.zeros(m, np.int64)
+        left = int(budget)
+        # others by distance to the band, a batch at a time (the nearest batch first)
+        for group in (kept, spare, *np.array_split(others, max(1, -(-others.size // k)))):
+            if left == 0 or group.size == 0:
+                continue
+            left -= _fill_uniform(extra, group, cap, left)
+        if left:
+            raise ValueError(f"cannot place {budget} extra rollouts on {m} candidates within n_max={n_max}")
+        # The posterior reported with the plan: a Beta(1, 1) prior updated by the pilot (Pilot-Commit uses no prior).
+        return Commit(extra, 1.0 + s, 1.0 + (t - s), False)
+
+
+def _fill_uniform(extra: np.ndarray, group: np.ndarray, cap: np.ndarray, amount: int) -> int:
+    """Add up to ``amount`` rollouts to ``extra[group]`` as evenly as the caps allow (water-filling, earlier
+    prompts first on remainders); returns how many were placed."""
+    placed = 0
+    live = group.copy()
+    while amount - placed > 0 and live.size:
+        room = cap[live] - extra[live]
+        live = live[room > 0]
+        if live.size == 0:
+            break
+        room = cap[live] - extra[live]
+        share = uniform_counts(live.size, min(amount - placed, int(room.sum())))
+        add = np.minimum(share, room)
+        extra[live] += add
+        placed += int(add.sum())
+    return placed
+
+
+def uniform_extra(m: int, budget: int, trials: np.ndarray, n_max: int) -> np.ndarray:
+    """The uniform commit of ``budget`` extra rollouts over ``m`` prompts within ``n_max`` (for variance ratios)."""
+    extra = np.zeros(m, np.int64)
+    _fill_uniform(extra, np.arange(m), np.maximum(n_max - np.asarray(trials, np.int64), 0), int(budget))
+    return extra
