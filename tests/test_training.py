@@ -352,3 +352,68 @@ def test_cli_demo_quick_end_to_end(tmp_path) -> None:
     assert (out / "vip-seed0" / "metrics.jsonl").read_text() != before
     bad = CliRunner().invoke(app, ["demo", "--quick", "--strategies", "uniform,nope", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown strategies" in bad.output
+
+
+def test_pass_at_k_matches_subset_enumeration() -> None:
+    """The unbiased pass@k equals the share of all k-subsets of the n samples that contain a correct one."""
+    from itertools import combinations
+
+    from vipalloc.training.evaluation import pass_at_k
+
+    for n, c in [(6, 0), (6, 1), (6, 3), (6, 6), (8, 2), (5, 4)]:
+        samples = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(combinations(range(n), k))
+            want = np.mean([any(samples[j] for j in s) for s in subsets])
+            assert pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
+    assert pass_at_k(16, 4, 1) == pytest.approx(4 / 16)
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(4, 1, 8)
+
+
+def test_maj_at_k_brute_force_and_ties() -> None:
+    """maj@k (Monte Carlo over subsets) converges to the exact mean over all k-subsets with fractional tie credit."""
+    from itertools import combinations
+
+    from vipalloc.training.evaluation import maj_at_k
+
+    answers = ["5", "5", "6", "7", "5", "6", "6", "8"]  # gold "5" and "6" both 3 of 8
+    assert maj_at_k(answers, "5", 8, np.random.default_rng(0)) == pytest.approx(0.5)  # exact tie of two answers
+    assert maj_at_k(answers, "8", 8, np.random.default_rng(0)) == 0.0
+    for k in (1, 3, 4):
+
+        def vote(sub: tuple[int, ...]) -> float:
+            sub_answers = [answers[j] for j in sub]
+            counts = {a: sub_answers.count(a) for a in set(sub_answers)}
+            top = max(counts.values())
+            return 1.0 / sum(v == top for v in counts.values()) if counts.get("5", 0) == top else 0.0
+
+        exact = np.mean([vote(s) for s in combinations(range(8), k)])
+        mc = maj_at_k(answers, "5", k, np.random.default_rng(1), draws=20_000)
+        assert mc == pytest.approx(exact, abs=0.01)
+    assert maj_at_k(answers, "5", 1, np.random.default_rng(0), draws=20_000) == pytest.approx(3 / 8, abs=0.01)
+
+
+def test_eval_metrics_consistent_per_level() -> None:
+    """pass@1 = maj@1 = mean accuracy; pass@k grows with k; per-level values average back to the overall ones; the
+    sampling standard error matches the binomial formula."""
+    from vipalloc.training.evaluation import eval_metrics
+
+    rng = np.random.default_rng(0)
+    probs = np.array([0.0, 0.1, 0.5, 0.9, 1.0, 0.3] * 4)
+    answers = [[("1" if rng.random() < p else str(rng.integers(2, 5))) for _ in range(16)] for p in probs]
+    levels = [i % 2 for i in range(len(probs))]
+    m = eval_metrics(answers, ["1"] * len(probs), levels, seed=0)
+    rate = np.array([np.mean([a == "1" for a in ans]) for ans in answers])
+    assert m["eval_acc"] == pytest.approx(rate.mean()) == pytest.approx(m["eval/pass@1"])
+    assert m["eval/maj@1"] == pytest.approx(rate.mean(), abs=0.03)  # Monte Carlo over single samples
+    assert m["eval/pass@1"] <= m["eval/pass@4"] <= m["eval/pass@8"] <= m["eval/pass@16"] <= 1.0
+    assert m["eval/pass@16"] == pytest.approx(np.mean(rate > 0))
+    for key in ("mean", "pass@8", "maj@16"):
+        per = [m[f"eval/level{L}/{key}"] for L in (0, 1)]
+        assert np.mean(per) == pytest.approx(m["eval_acc" if key == "mean" else f"eval/{key}"])
+    assert m["eval/mean_se"] == pytest.approx(np.sqrt((rate * (1 - rate)).sum() / 15) / len(rate))
+    assert m["eval/samples"] == 16 * len(probs)
+    assert eval_metrics(answers, ["1"] * len(probs), levels, seed=0) == m  # seeded: reproducible
+    with pytest.raises(ValueError, match="same number"):
+        eval_metrics([["1"], ["1", "2"]], ["1", "1"], [0, 0], seed=0)

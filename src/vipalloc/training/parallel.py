@@ -24,7 +24,8 @@ from vipalloc.training.config import TrainConfig
 __all__ = ["default_jobs", "run_many"]
 
 #: progress callback: ``(kind, info)`` with kind ``"run"`` (a run started: label, steps), ``"step"`` (label, step,
-#: total, train_reward and eval_acc when measured) or ``"done"`` (label, wall_s).
+#: total, train_reward; eval_acc and eval_k, the samples a prompt behind that mean@k, when measured) or ``"done"``
+#: (label, wall_s, steps_done, and the final evaluation's eval_acc and eval_k).
 Event = Callable[[str, dict[str, Any]], None]
 
 # Numerical libraries read these once, at import: set before a worker imports numpy so that N workers do not each
@@ -65,6 +66,7 @@ def _run_one(
         info = {"label": label, "step": step, "total": total, "train_reward": rec.get("train_reward", 0.0)}
         if "eval_acc" in rec:
             info["eval_acc"] = rec["eval_acc"]
+            info["eval_k"] = cfg.eval_samples
         emit("step", info)
         if stop_at_rollouts is not None and rec.get("cum_rollouts", 0) >= stop_at_rollouts:
             raise _BudgetReached
@@ -76,11 +78,12 @@ def _run_one(
     metrics = list(tr.metrics)
     if "eval_acc" not in metrics[-1]:  # stopped between evaluations (budget reached): evaluate the final policy
         metrics[-1] = dict(metrics[-1])
-        metrics[-1]["eval_acc"] = evaluate(
-            tr.model, tr.tok, tr.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000 + tr.step
+        metrics[-1].update(
+            evaluate(tr.model, tr.tok, tr.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000 + tr.step)
         )
     wall = time.perf_counter() - t0
-    emit("done", {"label": label, "wall_s": wall})
+    final = {"eval_acc": metrics[-1]["eval_acc"], "eval_k": cfg.eval_samples} if "eval_acc" in metrics[-1] else {}
+    emit("done", {"label": label, "wall_s": wall, "steps_done": tr.step, **final})
     return {"metrics": metrics, "plans": list(tr.plans), "wall_s": wall, "steps_done": tr.step}
 
 

@@ -39,6 +39,7 @@ import torch
 from vipalloc import Allocator
 from vipalloc._io import atomic_write_text
 from vipalloc.training.config import TrainConfig
+from vipalloc.training.evaluation import eval_metrics
 from vipalloc.training.losses import group_advantages
 from vipalloc.training.model import BOS, EOS, PAD, CharTokenizer, build_policy
 from vipalloc.training.tasks import Problem, corrupt, make_problems, reward
@@ -218,13 +219,18 @@ class RunResult:
     plans: list[dict[str, Any]]
 
 
-def evaluate(model, tok, problems: list[Problem], samples: int, cfg: TrainConfig, seed: int) -> float:
-    """Mean success over ``samples`` temperature-1 samples per held-out prompt (the RL objective)."""
+def evaluate(
+    model: torch.nn.Module, tok: CharTokenizer, problems: list[Problem], samples: int, cfg: TrainConfig, seed: int
+) -> dict[str, float]:
+    """``samples`` temperature-1 samples of every held-out prompt, scored as the papers do
+    (:func:`vipalloc.training.evaluation.eval_metrics`): ``eval_acc`` (mean@k), pass@k, maj@k, overall and per
+    level, with their standard errors. ``seed`` fixes the sampling (and maj@k's subsets)."""
     gen = torch.Generator().manual_seed(seed)
     prompts = [p.prompt for p in problems for _ in range(samples)]
-    answers = [p.answer for p in problems for _ in range(samples)]
     comps = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, gen)
-    return float(np.mean([reward(tok.decode(c), a) for c, a in zip(comps, answers)]))
+    texts = [tok.decode(c).strip() for c in comps]
+    answers = [texts[i * samples : (i + 1) * samples] for i in range(len(problems))]
+    return eval_metrics(answers, [p.answer for p in problems], [p.level for p in problems], seed=seed)
 
 
 class Trainer:
@@ -530,15 +536,17 @@ class Trainer:
             writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step)
         done_here = 0
         if self.step == 0 and not self.metrics:
-            acc = evaluate(self.model, self.tok, self.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000)
-            self.metrics.append({"step": -1, "cum_rollouts": 0, "eval_acc": acc})
+            ev = evaluate(self.model, self.tok, self.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000)
+            self.metrics.append({"step": -1, "cum_rollouts": 0, **ev})
         while self.step < cfg.steps:
             rec = self.train_step()
             self.step += 1
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 te = time.perf_counter()
-                rec["eval_acc"] = evaluate(
-                    self.model, self.tok, self.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000 + self.step
+                rec.update(
+                    evaluate(
+                        self.model, self.tok, self.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000 + self.step
+                    )
                 )
                 rec["eval_seconds"] = time.perf_counter() - te
             self.metrics.append(rec)
