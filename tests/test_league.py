@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from vipalloc.bench.league import crossing, league, mean_curve
+from vipalloc.reporting import crossing, league, mean_curve
 
 
 def test_crossing_interpolates_between_points() -> None:
