@@ -6,9 +6,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from vipalloc.bench.progress import BenchDisplay
+    from vipalloc.console import ProgressConsole
 
 __all__ = ["register"]
 
@@ -51,33 +55,13 @@ def _limit_threads() -> None:
         pass
 
 
-class _Bar:
-    """Adapts the runners' ``progress(kind, info)`` events to a rich progress bar."""
+def _display(command: str) -> tuple[ProgressConsole, BenchDisplay]:
+    """``(console, progress)`` for one bench command: rich bars on a terminal, flushed plain lines otherwise."""
+    from vipalloc.bench.progress import BenchDisplay
+    from vipalloc.console import ProgressConsole
 
-    def __init__(self, progress: Any) -> None:
-        self.p = progress
-        self.task: Any = None
-
-    def __call__(self, kind: str, info: dict[str, Any]) -> None:
-        if kind == "phase":
-            if self.task is not None:
-                self.p.update(self.task, completed=self.p.tasks[self.task].total)
-            self.task = self.p.add_task(info.get("name", ""), total=info.get("total"))
-        elif kind == "advance" and self.task is not None:
-            self.p.advance(self.task, info.get("n", 1))
-            if "label" in info:
-                self.p.update(self.task, description=str(info["label"]))
-        elif kind == "run":
-            label = info.get("label")
-            final = info.get("final")
-            if final is not None:
-                self.p.console.log(f"{label} seed {info.get('seed')}: final {final:.3f}")
-
-
-def _progress() -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    console = ProgressConsole(f"bench {command}")
+    return console, BenchDisplay(console)
 
 
 def register(app: typer.Typer) -> None:
@@ -121,7 +105,8 @@ def register(app: typer.Typer) -> None:
             cfg = SimConfig(estimator=estimator, optimizer=optimizer, lr=step, adam_beta1=adam_beta1)
             n_seeds = seeds if seeds is not None else (3 if quick else 5)
             n_steps = steps if steps is not None else (60 if quick else 120)
-            with _progress() as p:
+            console, show = _display("simulate")
+            with console:
                 run_simulate(
                     out,
                     rows=row_specs,
@@ -136,7 +121,7 @@ def register(app: typer.Typer) -> None:
                     target=target,
                     config=cfg,
                     command=_command(),
-                    progress=_Bar(p),
+                    progress=show,
                 )
         except ValueError as exc:
             _fail(str(exc))
@@ -159,7 +144,8 @@ def register(app: typer.Typer) -> None:
         from vipalloc.bench.predictors import run_predictors
 
         try:
-            with _progress() as p:
+            console, show = _display("predictors")
+            with console:
                 run_predictors(
                     out,
                     seeds=seeds if seeds is not None else (2 if quick else 3),
@@ -168,7 +154,7 @@ def register(app: typer.Typer) -> None:
                     train_steps=train_steps if train_steps is not None else (20 if quick else 60),
                     trace_path=trace,
                     command=_command(),
-                    progress=_Bar(p),
+                    progress=show,
                 )
         except ValueError as exc:
             _fail(str(exc))
@@ -202,7 +188,8 @@ def register(app: typer.Typer) -> None:
                 if history is not None
                 else ([10_000, 50_000] if quick else [10_000, 50_000, 200_000])
             )
-            with _progress() as p:
+            console, show = _display("overhead")
+            with console:
                 run_overhead(
                     out,
                     ms=m_list,
@@ -215,7 +202,7 @@ def register(app: typer.Typer) -> None:
                     gp_windows=(512, 1024, 2048) if quick else (512, 1024, 2048, 4096, 8192),
                     window_m=1024 if quick else 4096,
                     command=_command(),
-                    progress=_Bar(p),
+                    progress=show,
                 )
         except ValueError as exc:
             _fail(str(exc))
@@ -241,7 +228,8 @@ def register(app: typer.Typer) -> None:
         if bad or not strats:
             _fail(f"unknown strategies {bad}; choose from {', '.join(STRATEGIES)}")
         try:
-            with _progress() as p:
+            console, show = _display("train")
+            with console:
                 run_train(
                     out,
                     strategies=strats,
@@ -250,7 +238,7 @@ def register(app: typer.Typer) -> None:
                     quick=quick,
                     jobs=jobs,
                     command=_command(),
-                    progress=_Bar(p),
+                    progress=show,
                 )
         except ValueError as exc:
             _fail(str(exc))

@@ -236,6 +236,7 @@ def run_overhead(
                     }
                 )
                 progress("advance", {"label": f"{pred} H={h_rows} M={m}: plan {t_plan:.2f}s"})
+                progress("run", {"label": f"{pred} history={h_rows} M={m}", "detail": f"plan() {t_plan:.3f} s"})
     # ---- solvers on the same p
     peer_dir = Path(peer_code) if peer_code is not None else None
     vip_peer = _load_peer(peer_dir / "bernoulli_allocation.py", "_vip_authors_peer") if peer_dir else None
@@ -249,6 +250,7 @@ def run_overhead(
         row = _solver_row(p, n_mean * m, caps, vip_peer, ks_peer, n_mean)
         solvers.append(row)
         progress("advance", {"label": f"solvers M={m}"})
+        progress("run", {"label": f"solvers M={m}", "detail": f"ours vip {1e3 * row['ours_vip']:.1f} ms"})
     # ---- exact-GP window sweep at M = window_m, largest history
     windows: list[dict[str, Any]] = []
     if "gp" in predictors and gp_windows:
@@ -272,6 +274,7 @@ def run_overhead(
             t_plan = time.perf_counter() - t0
             windows.append({"max_points": int(mp), "plan": t_plan, **{k: float(v) for k, v in pl.timings.items()}})
             progress("advance", {"label": f"GP window {mp}: plan {t_plan:.2f}s"})
+            progress("run", {"label": f"GP window {mp} at M={m}", "detail": f"plan() {t_plan:.3f} s"})
     elapsed = time.perf_counter() - t_start
     result = {
         "commit": commit,

@@ -162,9 +162,13 @@ def trainer_trace(
     old = checkpoint_config(cfg.run_dir)
     if Path(cfg.run_dir).exists() and (old is None or not same_run(old, cfg)):
         shutil.rmtree(cfg.run_dir)  # written by another configuration (e.g. an older version): trace afresh
+    t0 = time.perf_counter()
     warm = warmup_policy(cfg)
     trainer = Trainer(cfg, warm_state=warm)
     trainer.run(progress=lambda s, n, rec: progress("advance", {}))
+    progress(
+        "run", {"label": "trainer trace", "seed": seed, "wall": time.perf_counter() - t0, "detail": f"{steps} steps"}
+    )
     texts = {p.prompt_id: p.prompt for p in trainer.pool}
     out = []
     for step, ids, succ, trials in trainer.alloc.history.iter_steps():
@@ -274,8 +278,19 @@ def run_predictors(
         if seed == 0:
             trace.save(out / "predictors_sim_trace_seed0.jsonl")
         for lbl, name, kw in sim_specs:
+            t0 = time.perf_counter()
             sim_res[lbl].append(replay_predictor(trace, name, kw))
             progress("advance", {})
+            brier = sim_res[lbl][-1]["metrics"]["all"]["brier"]
+            progress(
+                "run",
+                {
+                    "label": f"{lbl} on simulator trace",
+                    "seed": seed,
+                    "wall": time.perf_counter() - t0,
+                    "detail": f"Brier {brier:.4f}",
+                },
+            )
     train_res: dict[str, dict[str, Any]] = {}
     train_name = None
     if train_trace or trace_path is not None:
@@ -291,11 +306,17 @@ def run_predictors(
         progress("phase", {"name": "trainer trace replay", "total": len(t_specs)})
         for lbl, name, kw in t_specs:
             emb = "minilm" if "MiniLM" in lbl else "hashing"
+            t0 = time.perf_counter()
             try:
                 train_res[lbl] = replay_predictor(tr, name, kw, embedder=emb)
+                detail = f"Brier {train_res[lbl]['metrics']['all']['brier']:.4f}"
             except ImportError as exc:  # MiniLM not installed: say so in the report
                 train_res[lbl] = {"error": str(exc)}
+                detail = f"not run ({exc})"
             progress("advance", {})
+            progress(
+                "run", {"label": f"{lbl} on the trainer trace", "wall": time.perf_counter() - t0, "detail": detail}
+            )
     elapsed = time.perf_counter() - t_start
     result = {
         "commit": commit,

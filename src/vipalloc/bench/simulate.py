@@ -415,9 +415,10 @@ def run_simulate(
             t0 = time.perf_counter()
             run = simulate_run(row, base_cfg, seed, **kw, on_step=lambda s: progress("advance", {}))
             progress("advance", {"n": steps - int(run.steps[-1])})  # DAPO takes fewer steps
-            wall[row.label] += time.perf_counter() - t0
+            run_s = time.perf_counter() - t0
+            wall[row.label] += run_s
             league[row.label].append(run)
-            progress("run", {"label": row.label, "seed": seed, "final": run.final_success()})
+            progress("run", {"label": row.label, "seed": seed, "wall": run_s, "final": run.final_success()})
     # ---- sigma sweep
     by_label = {r.label: r for r in list(DEFAULT_ROWS) + rows}
     s_rows = [by_label[lbl] for lbl in sweep_rows if lbl in by_label]
@@ -434,9 +435,19 @@ def run_simulate(
                         sweep_runs[sg][row.label].append(league[row.label][seed])
                         progress("advance", {"n": steps})
                         continue
+                    t0 = time.perf_counter()
                     run = simulate_run(row, cfg_s, seed, **kw, on_step=lambda s: progress("advance", {}))
                     progress("advance", {"n": steps - int(run.steps[-1])})
                     sweep_runs[sg][row.label].append(run)
+                    progress(
+                        "run",
+                        {
+                            "label": f"{row.label} at sigma={sg:g}",
+                            "seed": seed,
+                            "wall": time.perf_counter() - t0,
+                            "final": run.final_success(),
+                        },
+                    )
     elapsed = time.perf_counter() - t_start
     result = {
         "commit": commit,

@@ -72,8 +72,16 @@ def run_train(
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind == "step":
             progress("advance", {"label": f"{info['label']} step {info['step']}"})
+            if "eval_acc" in info:
+                k = info.get("eval_k", base.eval_samples)
+                progress(
+                    "eval",
+                    {"label": info["label"], "step": info["step"], "metric": f"mean@{k}", "value": info["eval_acc"]},
+                )
         elif kind == "done":
-            progress("run", {"label": info["label"], "wall": info["wall_s"]})
+            acc = info.get("eval_acc")
+            detail = None if acc is None else f"mean@{info.get('eval_k', base.eval_samples)} {acc:.3f}"
+            progress("run", {"label": info["label"], "wall": info["wall_s"], "detail": detail})
 
     results = run_many(cfgs, warm, jobs=n_jobs, on_event=on_event, stop_at_rollouts=total)
     for cfg, res in zip(cfgs, results):

@@ -8,6 +8,8 @@ from typing import Any
 
 import typer
 
+from vipalloc.console import ProgressConsole, format_eval, format_run
+
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
     """``["n_mean=4", "warmup={\"steps\": 300}"]`` -> ``{"n_mean": 4, "warmup": {"steps": 300}}`` (JSON values;
@@ -22,6 +24,64 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+def _demo_console() -> ProgressConsole:
+    """The demo's display: one bar per run (reward and latest evaluation beside it) on a terminal, plain flushed
+    ``[demo] ...`` lines otherwise."""
+    from rich.progress import TextColumn, TimeElapsedColumn
+
+    return ProgressConsole("demo", columns=(TextColumn("{task.fields[info]}"), TimeElapsedColumn()))
+
+
+class DemoEvents:
+    """``run_demo``'s ``on_event(kind, info)`` shown on a :class:`~vipalloc.console.ProgressConsole`: bars on a
+    terminal; in a log, a line per warm-up tenth, started run, evaluation and finished run, e.g.
+    ``[demo] uniform seed 3 step 40 eval mean@8 0.190`` and ``[demo] run uniform seed 3 finished: 88 s, mean@8
+    0.210``. Finished runs and restarts are logged on a terminal too."""
+
+    def __init__(self, console: ProgressConsole) -> None:
+        self.console = console
+        self.warm = console.add_task("warm-up", total=1, info="")
+        self.tasks: dict[str, int] = {}  # one bar per run: several run at once with --jobs
+        self._warm_tenth = -1
+
+    def __call__(self, kind: str, info: dict[str, Any]) -> None:
+        c = self.console
+        if kind == "warmup":
+            c.update(self.warm, total=info["total"], completed=info["step"])
+            tenth = 10 * int(info["step"]) // max(int(info["total"]), 1)
+            if tenth > self._warm_tenth:  # a line per tenth: the warm-up takes minutes the first time
+                self._warm_tenth = tenth
+                c.note(f"warm-up step {info['step']}/{info['total']}")
+        elif kind == "runs":
+            c.note(f"{info['n']} runs, {info['jobs']} at a time")
+        elif kind == "run":
+            c.finish(self.warm)
+            c.update(self.warm, visible=False)
+            self.tasks[info["label"]] = c.add_task(info["label"], total=info["steps"], info="")
+            c.note(f"run {info['label']} started ({info['steps']} steps)")
+        elif kind == "restart":
+            c.line(f"{info['run_dir']}: written by another configuration, restarting that run")
+        elif kind == "step":
+            metric = f"mean@{info.get('eval_k', '?')}"
+            if info["label"] in self.tasks:
+                acc = f" eval {metric} {info['eval_acc']:.3f}" if "eval_acc" in info else ""
+                c.update(
+                    self.tasks[info["label"]], completed=info["step"], info=f"reward {info['train_reward']:.3f}{acc}"
+                )
+            if "eval_acc" in info:
+                c.note(
+                    format_eval(
+                        {"label": info["label"], "step": info["step"], "metric": metric, "value": info["eval_acc"]}
+                    )
+                )
+        elif kind == "done":
+            final = info.get("eval_acc")
+            detail = None if final is None else f"mean@{info.get('eval_k', '?')} {final:.3f}"
+            c.line(format_run({"label": info["label"], "wall": info["wall_s"], "detail": detail}))
+        elif kind == "report":
+            c.note(f"report written: {info['report']}")
 
 
 def register(app: typer.Typer) -> None:
@@ -48,9 +108,6 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Warm-up (cached), then train uniform vs VIP at the same rollout budget and write a report."""
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         from vipalloc.training.demo import run_demo
 
         names = [s.strip() for s in strategies.split(",") if s.strip()]
@@ -59,41 +116,16 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        console = Console()
+        console = _demo_console()
         try:
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                console=console,
-            ) as bar:
-                warm_task = bar.add_task("warm-up", total=1, info="")
-                tasks: dict[str, Any] = {}  # one bar per run: several run at once with --jobs
-
-                def on_event(kind: str, info: dict) -> None:
-                    if kind == "warmup":
-                        bar.update(warm_task, total=info["total"], completed=info["step"])
-                    elif kind == "run":
-                        bar.update(warm_task, completed=bar.tasks[warm_task].total, visible=False)
-                        tasks[info["label"]] = bar.add_task(info["label"], total=info["steps"], info="")
-                    elif kind == "restart":
-                        console.log(f"{info['run_dir']}: written by another configuration, restarting that run")
-                    elif kind == "step" and info["label"] in tasks:
-                        acc = f" eval {info['eval_acc']:.3f}" if "eval_acc" in info else ""
-                        bar.update(
-                            tasks[info["label"]],
-                            completed=info["step"],
-                            info=f"reward {info['train_reward']:.3f}{acc}",
-                        )
-
+            with console:
                 report = run_demo(
                     out=out,
                     quick=quick,
                     seeds=range(seeds if seeds is not None else (1 if quick else 6)),
                     strategies=names,
                     steps=steps,
-                    on_event=on_event,
+                    on_event=DemoEvents(console),
                     predictor=predictor,
                     threads=threads,
                     jobs=jobs,
@@ -103,7 +135,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         typer.echo(report.read_text())  # plain markdown: rich would squeeze the wide tables
-        console.print(f"[bold]report:[/bold] {report}")
+        typer.echo(f"report: {report}")
 
     @app.command()
     def train(
@@ -112,8 +144,6 @@ def register(app: typer.Typer) -> None:
         run_dir: str | None = typer.Option(None, "--run-dir", help="Override the run folder."),
     ) -> None:
         """Train with a config file; resumes from the run folder's last checkpoint after a kill."""
-        from rich.progress import Progress
-
         from vipalloc.training.config import load_config
         from vipalloc.training.trainer import train as run_train
 
@@ -122,8 +152,17 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        with Progress() as bar:
-            task = bar.add_task(f"train {cfg.strategy}", total=cfg.steps)
-            res = run_train(cfg, progress=lambda s, n, rec: bar.update(task, completed=s))
+        with ProgressConsole("train") as console:
+            task = console.add_task(f"train {cfg.strategy}", total=cfg.steps)
+
+            def on_step(step: int, total: int, rec: dict[str, Any]) -> None:
+                console.update(task, completed=step)
+                if "eval_acc" in rec:  # a log gets every evaluation; a terminal has the bar
+                    metric = f"mean@{cfg.eval_samples}"
+                    console.note(
+                        format_eval({"label": cfg.strategy, "step": step, "metric": metric, "value": rec["eval_acc"]})
+                    )
+
+            res = run_train(cfg, progress=on_step)
         final = [m for m in res.metrics if "eval_acc" in m][-1]
         typer.echo(f"done: {res.run_dir} (final eval accuracy {final['eval_acc']:.3f})")
