@@ -238,7 +238,13 @@ def test_sgd_optimizer_trains_and_resumes(tmp_path, cache) -> None:
 
 def _fake_run(seed: int, slope: float, steps: int = 20, budget: int = 64) -> tuple[list, list]:
     rng = np.random.default_rng(seed)
-    metrics = [{"step": -1, "cum_rollouts": 0, "eval_acc": 0.2}]
+    from vipalloc.training.evaluation import eval_metrics
+
+    def paper(acc: float) -> dict:  # eval records as the trainer writes them: 12 prompts x 16 samples, 2 levels
+        answers = [["1" if rng.random() < acc else str(rng.integers(2, 5)) for _ in range(16)] for _ in range(12)]
+        return eval_metrics(answers, ["1"] * 12, [i % 2 for i in range(12)], seed=seed)
+
+    metrics = [{"step": -1, "cum_rollouts": 0, **paper(0.2), "eval_acc": 0.2}]
     plans = []
     for s in range(steps):
         rec = {
@@ -256,7 +262,8 @@ def _fake_run(seed: int, slope: float, steps: int = 20, budget: int = 64) -> tup
             "step_seconds": 0.1,
         }
         if (s + 1) % 5 == 0:
-            rec["eval_acc"] = 0.2 + slope * (s + 1) + rng.normal(0, 0.001)
+            acc = 0.2 + slope * (s + 1) + rng.normal(0, 0.001)
+            rec.update({**paper(acc), "eval_acc": acc})
         metrics.append(rec)
         plans.append({"step": s, "counts": [4] * 16, "p_mean": [0.3] * 16, "rate": [0.25] * 16})
     return metrics, plans
@@ -281,19 +288,29 @@ def test_report_tables_and_plots(tmp_path) -> None:
 
     runs, plans = {"uniform": [], "vip": []}, {"uniform": [], "vip": []}
     for seed in range(3):
-        for s, slope in (("uniform", 0.002), ("vip", 0.004)):
+        for s, slope in (("uniform", 0.002), ("vip", 0.006)):  # vip crosses the target a full evaluation earlier
             m, p = _fake_run(seed, slope)
             runs[s].append(m)
             plans[s].append(p)
     sm = summarize(runs)
     assert sm["common_rollouts"] == 20 * 64
-    np.testing.assert_allclose(np.mean(sm["vip"]["paired_diff_at_common"]), 0.002 * 20, atol=0.005)
+    np.testing.assert_allclose(np.mean(sm["vip"]["paired_diff_at_common"]), 0.004 * 20, atol=0.005)
     assert np.mean(sm["vip"]["rollouts_to_target"]) < np.mean(sm["uniform"]["rollouts_to_target"])
     report = write_report(tmp_path, TrainConfig(), runs, plans, warm_s=1.0)
     text = report.read_text()
     assert "| vip |" in text and "paired diff vs uniform" in text and "1,280" in text
-    for name in ("eval_vs_rollouts.png", "allocations.png", "predicted_vs_realised.png", "groups.png"):
+    for name in (
+        "eval_vs_rollouts.png",
+        "allocations.png",
+        "predicted_vs_realised.png",
+        "groups.png",
+        "eval_metrics.png",
+    ):
         assert (tmp_path / name).stat().st_size > 1000
+    # the paper metrics: a start and an end row per strategy, per-level rows, the evaluation's size and noise
+    assert "| strategy | eval | mean@k | pass@1 | pass@4 | pass@8 | pass@16 | maj@4 | maj@8 | maj@16 |" in text
+    assert text.count("| vip | end |") == 1 and "| uniform | 1 |" in text
+    assert "12 held-out prompts x 16 samples = 192 samples" in text
     assert json.loads((tmp_path / "summary.json").read_text())["reference"] == "uniform"
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from math import comb
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,3 +112,110 @@ def eval_metrics(
             out[f"eval/level{level}/pass@{k}"] = float(passk[k][m].mean())
             out[f"eval/level{level}/maj@{k}"] = float(majk[k][m].mean())
     return out
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+def _keys(rec: dict[str, Any]) -> list[str]:
+    """The paper-metric columns present in an evaluation record, in display order."""
+    ks = sorted(int(k.split("@")[1]) for k in rec if k.startswith("eval/pass@") and not k.endswith("_se"))
+    return ["eval_acc"] + [f"eval/pass@{k}" for k in ks] + [f"eval/maj@{k}" for k in ks if k > 1]
+
+
+def _label(key: str) -> str:
+    return "mean@k" if key == "eval_acc" else key.removeprefix("eval/")
+
+
+def _evals(run: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in run if "eval/samples" in m]
+
+
+def _cell(values: list[float]) -> str:
+    arr = np.asarray(values, dtype=np.float64)
+    return f"{arr.mean():.3f} ± {arr.std(ddof=1):.3f}" if arr.size > 1 else f"{arr.mean():.3f}"
+
+
+def paper_metrics_lines(runs: dict[str, list[list[dict[str, Any]]]]) -> list[str]:
+    """Markdown section: mean@k / pass@k / maj@k at the first and last evaluation of every strategy (mean ± sd
+    over seeds), the same per difficulty level at the last evaluation, and what one evaluation costs and how noisy
+    it is. ``runs[strategy]`` is one metrics list per seed. Empty when the runs carry no such metrics."""
+    all_runs = [r for rs in runs.values() for r in rs]
+    if not all_runs or not all(_evals(r) for r in all_runs):
+        return []
+    first = _evals(all_runs[0])[0]
+    keys = _keys(first)
+    n_prompts, n_samples = int(first["eval/prompts"]), int(first["eval/samples"])
+    per_prompt = n_samples // max(n_prompts, 1)
+    se = [m["eval/mean_se"] for r in all_runs for m in _evals(r)]
+    pse = [m["eval/prompt_se"] for r in all_runs for m in _evals(r)]
+    top = [k for k in keys if k.startswith("eval/pass@")][-1]  # the largest pass@k
+    top_se = [m.get(f"{top}_se", float("nan")) for r in all_runs for m in _evals(r)]
+    lines = [
+        "## Evaluation as the papers report it (mean@k, pass@k, maj@k)",
+        "",
+        f"Each evaluation: {n_prompts} held-out prompts x {per_prompt} samples = {n_samples:,} samples. mean@k is the "
+        "mean success of one sample (its expectation is the same for every k); pass@k the unbiased estimator "
+        "1 - C(n-c, k)/C(n, k); maj@k the majority-vote accuracy of k samples (ties share the credit). Sampling "
+        f"error of one evaluation's mean@k on this prompt set: ±{np.nanmean(se):.4f} (1 s.e.; two evaluations of "
+        f"the same policy differ by about {np.sqrt(2) * np.nanmean(se):.4f}); against the task distribution (which "
+        f"prompts were drawn): ±{np.nanmean(pse):.4f} for mean@k and ±{np.nanmean(top_se):.4f} for {_label(top)}.",
+        "",
+        "| strategy | eval | " + " | ".join(_label(k) for k in keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
+    for s, rs in runs.items():
+        for tag, pick in (("start", 0), ("end", -1)):
+            recs = [_evals(r)[pick] for r in rs]
+            lines.append(f"| {s} | {tag} | " + " | ".join(_cell([m[k] for m in recs]) for k in keys) + " |")
+    levels = sorted({int(k.split("/")[1][5:]) for k in first if k.startswith("eval/level")})
+    lvl_keys = ["mean"] + [_label(k) for k in keys[1:]]
+    lines += [
+        "",
+        "Per difficulty level, first -> last evaluation (mean over seeds):",
+        "",
+        "| strategy | level | " + " | ".join("mean@k" if k == "mean" else k for k in lvl_keys) + " |",
+        "|---|---|" + "---|" * len(lvl_keys),
+    ]
+    for s, rs in runs.items():
+        for level in levels:
+            cells = []
+            for k in lvl_keys:
+                key = f"eval/level{level}/{k}"
+                a = np.mean([_evals(r)[0][key] for r in rs])
+                b = np.mean([_evals(r)[-1][key] for r in rs])
+                cells.append(f"{a:.3f} -> {b:.3f}")
+            lines.append(f"| {s} | {level} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def plot_paper_metrics(runs: dict[str, list[list[dict[str, Any]]]], path: Path) -> bool:
+    """``path`` (PNG): mean@k, pass@k and maj@k of every strategy (mean over seeds) against cumulative rollouts,
+    one panel per metric family. Returns False (and writes nothing) when the runs carry no such metrics."""
+    all_runs = [r for rs in runs.values() for r in rs]
+    if not all_runs or not all(_evals(r) for r in all_runs):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = _keys(_evals(all_runs[0])[0])
+    families = [("mean@k", [k for k in keys if k == "eval_acc"]), ("pass@k", [k for k in keys if "pass@" in k])]
+    families.append(("maj@k", [k for k in keys if "maj@" in k]))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), sharey=True)
+    for ax, (title, fam) in zip(axes, families):
+        for i, (s, rs) in enumerate(runs.items()):
+            for j, key in enumerate(fam):
+                curves = [[(m["cum_rollouts"], m[key]) for m in _evals(r)] for r in rs]
+                width = min(len(c) for c in curves)
+                arr = np.array([c[:width] for c in curves], dtype=np.float64)  # (seeds, evals, 2)
+                style = ["-", "--", ":", "-."][j % 4]
+                ax.plot(arr[..., 0].mean(0), arr[..., 1].mean(0), style, color=f"C{i}", label=f"{s} {_label(key)}")
+        ax.set_title(title)
+        ax.set_xlabel("cumulative rollouts")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

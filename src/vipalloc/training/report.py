@@ -17,6 +17,7 @@ import numpy as np
 
 from vipalloc.reporting import paired_verdict
 from vipalloc.training.config import TrainConfig
+from vipalloc.training.evaluation import paper_metrics_lines, plot_paper_metrics
 
 Run = list[dict[str, Any]]  # metrics records of one run: step -1 (initial eval), then one per training step
 FINAL_EVALS = 3
@@ -200,7 +201,8 @@ def write_report(
             f"| {np.mean(d['dropped']):.1f} | {np.mean(d['mean_n']):.2f} / {max(d['max_n'])} "
             f"| {np.mean(d['pred_err']):.3f} | {np.mean(d['var_ratio']):.3f} | {100 * np.mean(d['alloc_share']):.1f}% |"
         )
-    lines += ["", "Per seed (acc at the common budget):", ""]
+    lines += ["", *paper_metrics_lines(runs)]
+    lines += ["Per seed (acc at the common budget):", ""]
     for s in strategies:
         lines.append(f"- {s}: " + ", ".join(f"{v:.3f}" for v in sm[s]["at_common"]))
     lines += [
@@ -211,7 +213,8 @@ def write_report(
         "",
         "Plots: `eval_vs_rollouts.png` (eval accuracy vs cumulative rollouts: mean, +-1 sd band, thin lines per "
         "seed), `allocations.png` (rollouts per prompt, 0 = dropped), `predicted_vs_realised.png` (predicted "
-        "success probability vs realised rate, binned), `groups.png` (share of zero-variance groups per step).",
+        "success probability vs realised rate, binned), `groups.png` (share of zero-variance groups per step), "
+        "`eval_metrics.png` (mean@k, pass@k, maj@k vs cumulative rollouts).",
         "",
     ]
     colors = {s: f"C{i}" for i, s in enumerate(strategies)}
@@ -271,6 +274,7 @@ def write_report(
         smooth = np.array([np.convolve(z, np.ones(k) / k, mode="valid") for z in zv])
         ax.plot(np.arange(smooth.shape[1]) + k - 1, smooth.mean(0), color=colors[s], label=s)
     _finish(plt, fig, ax, out / "groups.png", "training step", "zero-variance groups (10-step mean)", grid=True)
+    plot_paper_metrics(runs, out / "eval_metrics.png")
     (out / "summary.json").write_text(json.dumps(sm, indent=1))
     report = out / "report.md"
     report.write_text("\n".join(lines))
