@@ -1,16 +1,15 @@
-"""verl plug-in on real verl objects (CPU): DataProto expansion, uid groups, verl's own advantage and balancing code,
-hydra config group, and both trainer loops driven for a few steps inside a local Ray cluster with stub workers:
-
-* legacy ``RayPPOTrainer.fit`` (verl's real loop) with a Ray-actor stub rollout worker and a stub actor worker group;
-* the v1 (TransferQueue) trainer's submit -> replay-buffer sample -> advantage path with a stub agent loop that
-  writes trajectories into a real TransferQueue, as verl's ``AgentLoopWorkerTQ`` does.
+"""verl plug-in on real verl objects, without Ray (CPU): DataProto expansion, uid groups, verl's own advantage and
+balancing code, the hydra config group, prompt identity (the same prompt twice in one batch), the group-size check at
+feedback, the shared metric names, and the start-up checks and refusals. The trainer loops driven inside a local Ray
+cluster are in ``test_verl_loops.py`` (which imports the helpers below).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import types
+import warnings
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,9 @@ from verl.trainer.ppo.ray_trainer import compute_advantage  # noqa: E402
 
 from vipalloc.integrations import verl as plug  # noqa: E402
 from vipalloc.integrations.verl import (  # noqa: E402
-    ALLOCATOR_FILE,
+    SUPPORTED_VERL,
+    PlanNotAppliedError,
+    UnsupportedVerlError,
     VIPConfig,
     VIPHook,
     divisible_budget,
@@ -32,6 +33,7 @@ from vipalloc.integrations.verl import (  # noqa: E402
     required_multiple,
     resolve_estimator,
 )
+from vipalloc.telemetry import OUTCOME_METRIC_NAMES, PLAN_METRIC_NAMES  # noqa: E402
 
 torch.set_num_threads(1)
 CONFIG_DIR = os.path.join(os.path.dirname(plug.__file__), "verl_config")
@@ -253,8 +255,10 @@ def test_prompt_ids_prefer_index_then_text_hash() -> None:
     assert len(set(hashed)) == 4 and all(h.startswith("h") for h in hashed)
     assert hashed == hook.prompt_ids(make_batch(4).non_tensor_batch | {"index": np.ones(4)}, 4)
     assert hook.prompt_texts(b.non_tensor_batch, 4)[0] == "What is 0 + 0?"
-    with pytest.raises(ValueError, match="cannot identify prompts"):
+    with pytest.raises(ValueError, match="no prompt text column 'raw_prompt' to tell a repeated prompt"):
         hook.prompt_ids({"index": np.zeros(4)}, 4)
+    with pytest.raises(ValueError, match="cannot identify prompts"):
+        hook.prompt_ids({"other": np.zeros(4)}, 4)
 
 
 def test_feedback_metrics_and_allocator_file_round_trip(tmp_path) -> None:
@@ -266,18 +270,21 @@ def test_feedback_metrics_and_allocator_file_round_trip(tmp_path) -> None:
     out = expand_by_counts(batch, counts)
     acc = np.random.default_rng(1).binomial(1, 0.4, len(out)).astype(float)
     padding_uid = np.array(["pad-row"], dtype=object)  # rows not planned here (e.g. padding) are ignored
-    metrics = hook.observe(np.concatenate([out.non_tensor_batch["uid"], padding_uid]), np.append(acc, 1.0))
-    assert set(metrics) >= {
-        "vip/mean_n",
-        "vip/max_n",
-        "vip/frac_zero_std",
-        "vip/pred_abs_err",
-        "vip/expected_var_ratio_vs_uniform",
-    }
+    uids = np.concatenate([out.non_tensor_batch["uid"], padding_uid])
+    metrics = hook.observe(uids, np.append(acc, 1.0), exact=True, where="test")
+    # exactly the shared names every trainer and plug-in logs (Plan.metrics + Allocator.outcome_metrics)
+    assert set(metrics) == set(PLAN_METRIC_NAMES) | set(OUTCOME_METRIC_NAMES)
     assert metrics["vip/mean_n"] == pytest.approx(counts[counts > 0].mean())
+    assert metrics["vip/budget"] == 32 == metrics["vip/rollouts_generated"]
+    rates = [acc[out.non_tensor_batch["uid"] == u].mean() for u in batch.non_tensor_batch["uid"][counts > 0]]
+    assert metrics["vip/prompt_accuracy"] == pytest.approx(np.mean(rates))  # prompt-weighted
+    assert metrics["vip/rollout_accuracy"] == pytest.approx(acc.mean())  # what verl's critic/score/mean weighs
+    groups = [acc[out.non_tensor_batch["uid"] == u] for u in batch.non_tensor_batch["uid"][counts > 0]]
+    assert metrics["vip/frac_zero_var_groups"] == pytest.approx(np.mean([g.min() == g.max() for g in groups]))
+    assert metrics["vip/plan_seconds"] > 0
     agg = hook.allocator.history.aggregates()
     assert int(agg.trials.sum()) == len(out) and int(agg.successes.sum()) == int(acc.sum())
-    assert hook.observe(out.non_tensor_batch["uid"], acc) == {}  # a prompt is observed once
+    assert hook.observe(out.non_tensor_batch["uid"], acc, exact=True, where="test") == {}  # observed once
     # success column vs summed score
     np.testing.assert_array_equal(hook.successes(np.array([1.0, -1.0, 0.2]), None), [1.0, 0.0, 0.0])
     np.testing.assert_array_equal(hook.successes(np.array([-1.0, -1.0]), [True, False]), [1.0, 0.0])
@@ -289,8 +296,8 @@ def test_feedback_metrics_and_allocator_file_round_trip(tmp_path) -> None:
     pa, pb = (hook.plan(hook.prompt_ids(x.non_tensor_batch, 4), None, x.non_tensor_batch["uid"], 16, 5) for x in (a, b))
     assert (pa.step, pb.step) == (5, 6)
     ea, eb = expand_by_counts(a, pa.counts), expand_by_counts(b, pb.counts)
-    hook.observe(eb.non_tensor_batch["uid"], np.ones(len(eb)))  # feedback in any order, each against its own plan
-    hook.observe(ea.non_tensor_batch["uid"], np.zeros(len(ea)))
+    hook.observe(eb.non_tensor_batch["uid"], np.ones(len(eb)), exact=True, where="")  # in any order, own plan each
+    hook.observe(ea.non_tensor_batch["uid"], np.zeros(len(ea)), exact=True, where="")
     assert int(hook.allocator.history.aggregates().trials.sum()) == len(out) + 32
 
     hook.save(str(tmp_path))
@@ -325,358 +332,164 @@ def test_launch_script_overrides_compose_and_pass_verl_validation() -> None:
     assert divisible_budget(512 * 8, required_multiple(8, rows), 512, 4, 32) == 4096
 
 
-# ------------------------------------------------------------------------------------------- local Ray cluster
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-    assert not ray.is_initialized()
-
-
-class PromptDataset(torch.utils.data.Dataset):
-    """Rows shaped like verl's ``RLHFDataset`` output (raw chat prompt, dummy tensor, index from extra_info)."""
-
-    def __init__(self, m: int) -> None:
-        self.m = m
-
-    def __len__(self) -> int:
-        return self.m
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {
-            "raw_prompt": [{"role": "user", "content": f"Compute {i} * 7 + 3."}],
-            "dummy_tensor": torch.tensor([0], dtype=torch.uint8),
-            "data_source": "stub",
-            "reward_model": {"ground_truth": str(i * 7 + 3)},
-            "extra_info": {"index": i},
-            "index": i,
-            "tools_kwargs": {},
-            "interaction_kwargs": {},
-        }
-
-
-def stub_rollout_worker_class(ray: Any) -> Any:
-    @ray.remote(num_cpus=0)
-    class StubRolloutWorker:
-        """Plays verl's rollout + rule reward: per row a response length and a 0/1 reward ~ Bernoulli(p(index))."""
-
-        def __init__(self, p_table: list[float]) -> None:  # plain data: the worker cannot import this test module
-            self.calls = 0
-            self.p_table = np.asarray(p_table)
-
-        def generate(self, index: np.ndarray, uids: list[str]) -> dict[str, np.ndarray]:
-            rng = np.random.default_rng(self.calls)
-            self.calls += 1
-            p = self.p_table[np.asarray(index) % len(self.p_table)]
-            return {
-                "reward": rng.binomial(1, p).astype(np.float32),
-                "resp_len": rng.integers(1, 7, len(index)),
-                "uids": np.asarray(uids),
-            }
-
-    return StubRolloutWorker
-
-
-P_LEN, R_LEN = 4, 6
-
-
-def rollout_tensors(resp_len: np.ndarray, reward: np.ndarray) -> dict[str, torch.Tensor]:
-    """Agent-loop-shaped tensors: left-padded prompt (no padding here), right-padded response, reward on last token."""
-    r = len(resp_len)
-    rl = torch.tensor(resp_len)
-    response_mask = (torch.arange(R_LEN)[None, :] < rl[:, None]).long()
-    prompts = torch.full((r, P_LEN), 5, dtype=torch.long)
-    responses = torch.randint(6, 60, (r, R_LEN)) * response_mask
-    attention_mask = torch.cat([torch.ones(r, P_LEN, dtype=torch.long), response_mask], dim=1)
-    rm_scores = torch.zeros(r, R_LEN)
-    rm_scores[torch.arange(r), rl - 1] = torch.as_tensor(reward, dtype=torch.float32)
-    return {
-        "prompts": prompts,
-        "responses": responses,
-        "response_mask": response_mask,
-        "input_ids": torch.cat([prompts, responses], dim=1),
-        "attention_mask": attention_mask,
-        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-        "rm_scores": rm_scores,
-        "rollout_log_probs": -torch.rand(r, R_LEN) * response_mask,
-    }
-
-
-class StubRolloutManager:
-    """Stands in for verl's ``AgentLoopManager.generate_sequences`` on the legacy loop, via a Ray actor."""
-
-    def __init__(self, worker: Any, ray: Any) -> None:
-        self.worker, self.ray = worker, ray
-        self.seen: list[dict[str, int]] = []
-
-    def generate_sequences(self, gen_batch: DataProto) -> DataProto:
-        uids = [str(u) for u in gen_batch.non_tensor_batch["uid"]]
-        self.seen.append(group_sizes(uids))
-        index = np.asarray(gen_batch.non_tensor_batch["index"], dtype=np.int64)
-        out = self.ray.get(self.worker.generate.remote(index, uids))
-        assert list(out["uids"]) == uids  # the worker saw the expanded rows in order
-        r = len(uids)
-        return DataProto.from_dict(
-            tensors=rollout_tensors(out["resp_len"], out["reward"]),
-            non_tensors={
-                "acc": out["reward"].astype(bool),
-                "multi_modal_inputs": np.array([{} for _ in range(r)], dtype=object),
-            },
-            meta_info={"timing": {}, "reward_extra_keys": ["acc"]},
-        )
-
-
-class StubActorGroup:
-    """The actor worker group's surface that fit() touches: DP layout, update, checkpoints."""
-
-    def __init__(self, dp: int) -> None:
-        self._dispatch_info = {"actor": list(range(dp))}
-        self.updates: list[int] = []
-        self.saved: list[str] = []
-
-    def update_actor(self, batch_td: Any) -> Any:
-        from verl.utils import tensordict_utils as tu
-
-        self.updates.append(int(batch_td.batch_size[0]))
-        return tu.get_tensordict({}, non_tensor_dict={"metrics": {"mfu": 0.0, "pg_loss": [0.0]}})
-
-    def save_checkpoint(self, local_path: str, *args: Any, **kwargs: Any) -> None:
-        os.makedirs(local_path, exist_ok=True)
-        self.saved.append(local_path)
-
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def test_legacy_fit_in_local_ray_with_stub_rollout_worker(ray_cluster, tmp_path, monkeypatch) -> None:
-    """verl's real ``RayPPOTrainer.fit`` (as ``RayVIPTrainer``) for 3 steps on the ``vip_trainer`` config."""
-    from verl.trainer.ppo.ray_trainer import Role
-    from verl.utils.dataset.rl_dataset import collate_fn
-    from verl.utils.tracking import Tracking
-
-    logged: list[tuple[int, dict]] = []
-    monkeypatch.setattr(Tracking, "__init__", lambda self, *a, **k: None)
-    monkeypatch.setattr(Tracking, "log", lambda self, data, step, **k: logged.append((step, dict(data))))
-    ckpt = str(tmp_path / "ckpt")
-    overrides = [
-        "trainer.use_v1=false",
-        "trainer.logger=[console]",
-        "trainer.val_before_train=false",
-        "trainer.test_freq=-1",
-        "trainer.save_freq=2",
-        "trainer.total_training_steps=3",
-        "trainer.n_gpus_per_node=2",
-        f"trainer.default_local_dir={ckpt}",
-        "data.train_batch_size=8",
-        "data.dataloader_num_workers=0",
-        "data.val_batch_size=8",
-        "actor_rollout_ref.rollout.n=4",
-        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-        "algorithm.adv_estimator=grpo",
-        "algorithm.norm_adv_by_std_in_grpo=false",
-        "algorithm.rollout_correction.bypass_mode=true",
-        "vip.strategy=vip",
-        "vip.predictor=beta",
-        "vip.n_min=2",
-        "vip.n_max=8",
-    ]
-    config = compose(overrides)
-
-    seen_batches: list[dict[str, Any]] = []
-
-    class Recording(plug.RayVIPTrainer):  # records what verl hands to the actor update
-        def _update_actor(self, batch: DataProto) -> DataProto:
-            out = super()._update_actor(batch)
-            seen_batches.append(
-                {
-                    "uid": np.asarray(batch.non_tensor_batch["uid"], dtype=str),
-                    "scores": batch.batch["token_level_scores"].sum(-1).numpy().astype(np.float64),
-                    "adv": batch.batch["advantages"],
-                    "mask": batch.batch["response_mask"],
-                    "metrics": dict(out.meta_info["metrics"]),
-                }
-            )
-            return out
-
-    def build() -> Any:
-        pool = types.SimpleNamespace(get_n_gpus=lambda: 2)
-        t = Recording(
-            config=config,
-            tokenizer=None,
-            role_worker_mapping={Role.ActorRollout: object},
-            resource_pool_manager=pool,
-            train_dataset=PromptDataset(8),
-            val_dataset=PromptDataset(8),
-            collate_fn=collate_fn,
-        )
-        t.actor_rollout_wg = StubActorGroup(dp=2)
-        t.checkpoint_manager = types.SimpleNamespace(update_weights=lambda step: None, sleep_replicas=lambda: None)
-        return t
-
-    trainer = build()
-    manager = StubRolloutManager(stub_rollout_worker_class(ray_cluster).remote(P_TABLE), ray_cluster)
-    trainer.async_rollout_manager = manager
-    trainer.fit()
-
-    hook = trainer._vip_hook
-    assert len(manager.seen) == 3 and len(seen_batches) == 3
-    for gen_groups, upd in zip(manager.seen, seen_batches):
-        assert sum(gen_groups.values()) == 32  # budget = 8 prompts x rollout.n 4, a multiple of lcm(2, 16)
-        assert group_sizes(upd["uid"]) == gen_groups  # the trained groups are the generated groups
-        assert all(c >= 2 for c in gen_groups.values())
-        ref = reference_advantage(upd["scores"], upd["uid"], "grpo", norm=False)
-        first = upd["mask"].argmax(-1)
-        np.testing.assert_allclose(upd["adv"][torch.arange(len(ref)), first].numpy(), ref, atol=1e-6)
-        assert "vip/mean_n" in upd["metrics"]
-    assert set(manager.seen[0].values()) == {4}  # step 1: nothing known yet, uniform
-    later = [c for g in manager.seen[1:] for c in g.values()]
-    assert set(later) != {4} or any(len(g) < 8 for g in manager.seen[1:])  # re-allocated (or dropped) after feedback
-    # rewards reached the allocator: 32 rollouts per step, successes = the stub's rewards
+# ------------------------------------------------------------------ the same prompt twice in one batch (issue 16.7)
+def test_same_prompt_twice_in_one_batch_gets_a_group_per_occurrence() -> None:
+    """verl's one-prompt fetches (async, filter_groups, sync_refill_failed_groups) can put a prompt twice in one
+    submission across an epoch boundary: same index, same text, fresh uid. Each occurrence is its own uid group."""
+    m = 8
+    batch = make_batch(m, seed=4)
+    ntb = batch.non_tensor_batch
+    for dst, src in ((6, 0), (7, 1)):  # rows 6 and 7 repeat rows 0 and 1 (the next epoch's shuffle)
+        ntb["index"][dst] = ntb["index"][src]
+        ntb["raw_prompt"][dst] = ntb["raw_prompt"][src]
+    hook = VIPHook(VIPConfig(strategy="vip", predictor="beta", n_min=2, n_max=8, embedder="hashing"), "drgrpo")
+    ids = hook.prompt_ids(ntb, m)
+    assert ids == [str(i) for i in ntb["index"]] and len(set(ids)) == 6  # ids kept, not a hash fallback
+    bp = hook.plan(ids, hook.prompt_texts(ntb, m), ntb["uid"], 32, step=3)
+    assert [p.step for p in bp.plans] == [3, 4] and [len(p.prompt_ids) for p in bp.plans] == [6, 2]
+    assert bp.budget == 32 and bp.counts.shape == (m,) and np.all((bp.counts == 0) | (bp.counts >= 2))
+    assert [p.budget for p in bp.plans] == [24, 8]  # budget split in proportion to the layers
+    out = expand_by_counts(batch, bp.counts)
+    assert group_sizes(out.non_tensor_batch["uid"]) == {u: int(c) for u, c in zip(ntb["uid"], bp.counts) if c}
+    acc = np.random.default_rng(0).binomial(1, 0.5, len(out)).astype(float)
+    metrics = hook.observe(out.non_tensor_batch["uid"], acc, exact=True, where="test")
+    assert metrics["vip/budget"] == 32 == metrics["vip/rollouts_generated"]  # both plans, merged
     agg = hook.allocator.history.aggregates()
-    assert int(agg.trials.sum()) == 96
-    assert int(agg.successes.sum()) == int(sum(b["scores"].sum() for b in seen_batches))
-    # the vip/* metrics are in verl's logged step metrics
-    steps = [s for s, d in logged if "vip/mean_n" in d]
-    assert steps == [1, 2, 3]
-    for _, d in logged:
-        assert d["vip/budget"] == 32 and d["vip/max_n"] <= 8
-    # checkpoints at step 2 and 3 carry the allocator; a resumed trainer restores it
-    for s in (2, 3):
-        assert os.path.exists(os.path.join(ckpt, f"global_step_{s}", ALLOCATOR_FILE))
-    saved = json.load(open(os.path.join(ckpt, "global_step_3", ALLOCATOR_FILE)))
-    assert saved  # a checksummed allocator state file
-    resumed = build()
-    resumed._load_checkpoint()
-    assert resumed.global_steps == 3
-    agg2 = resumed._vip().allocator.history.aggregates()
-    np.testing.assert_array_equal(agg2.trials, agg.trials)
-    np.testing.assert_array_equal(agg2.successes, agg.successes)
+    assert int(agg.trials.sum()) == 32 and int(agg.successes.sum()) == int(acc.sum())
+    # a missing index (verl fills 0) with different texts still falls back to text hashes
+    ntb2 = make_batch(m, seed=5).non_tensor_batch
+    ntb2["index"] = np.zeros(m, dtype=object)
+    assert len(set(hook.prompt_ids(ntb2, m))) == m
 
 
-def test_v1_trainer_with_transfer_queue_and_stub_agent_loop(ray_cluster) -> None:
-    """verl's v1 sync trainer: our submit hook -> stub agent loop -> real replay buffer -> real advantage."""
-    tq = pytest.importorskip("transfer_queue")
-    from torchdata.stateful_dataloader import StatefulDataLoader
-    from verl.trainer.ppo.v1 import PPOTrainerSync
-    from verl.utils.dataset.rl_dataset import collate_fn
-    from verl.utils.skip import SkipManager
-    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
-
-    config = compose(
-        [
-            "data.train_batch_size=8",
-            "actor_rollout_ref.rollout.n=4",
-            "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-            "algorithm.adv_estimator=grpo",
-            "algorithm.norm_adv_by_std_in_grpo=false",
-            "vip.strategy=vip",
-            "vip.predictor=beta",
-            "vip.n_min=2",
-            "vip.n_max=8",
-            "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
-            "transfer_queue.backend.SimpleStorage.total_storage_size=2000",
-        ]
-    )
-    tq.init(config.transfer_queue)
-    try:
-        cls = plug.vip_v1_trainer_class(PPOTrainerSync)
-        assert cls is plug.vip_v1_trainer_class(PPOTrainerSync) and issubclass(cls, PPOTrainerSync)
-        trainer = cls(config)
-        trainer.replay_buffer.poll_interval = 0.05
-        trainer.actor_rollout_wg = StubActorGroup(dp=2)
-        trainer.train_dataloader = StatefulDataLoader(PromptDataset(8), batch_size=8, collate_fn=collate_fn)
-        trainer.train_dataloader_it = None
-        SkipManager.init(config)
-
-        class StubAgentLoop:
-            """Does what verl's AgentLoopWorkerTQ does per prompt: n = __rollout_n__, write n trajectories."""
-
-            def __init__(self) -> None:
-                self.rng = np.random.default_rng(0)
-                self.n_by_uid: dict[str, int] = {}
-
-            def generate_sequences(self, batch: Any) -> None:
-                for i in range(len(batch)):
-                    uid = batch["uid"][i]
-                    n = batch["__rollout_n__"][i]
-                    self.n_by_uid[uid] = int(n)
-                    idx = int(batch["index"][i])
-                    fields, keys, tags = [], [], []
-                    for s in range(n):  # range() over the 0-d tensor, exactly as the agent loop does
-                        reward = float(self.rng.random() < true_p(idx))
-                        rl = int(self.rng.integers(1, 7))
-                        row = {k: v[0] for k, v in rollout_tensors(np.array([rl]), np.array([reward])).items()}
-                        row["response_mask"] = row["response_mask"][:rl]
-                        row["rm_scores"] = row["rm_scores"][:rl]
-                        row["rollout_log_probs"] = row["rollout_log_probs"][:rl]
-                        row["old_log_probs"] = row["rollout_log_probs"]  # what _compute_old_log_prob would add
-                        row["responses"] = row["responses"][:rl]
-                        row["uid"] = uid
-                        row["extra_fields"] = {"reward_extra_info": {"acc": reward}}
-                        fields.append(row)
-                        keys.append(f"{uid}_{s}_0")
-                        tags.append({"status": "success", "seq_len": P_LEN + rl, "global_steps": 1})
-                    if keys:
-                        tq.kv_batch_put(
-                            keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(fields), tags=tags
-                        )
-                    tq.kv_put(key=uid, partition_id="train", tag={"status": "finished"})
-
-        agent = StubAgentLoop()
-        trainer.agent_loop_manager = agent
-        observed = []
-        for step in (1, 2):
-            trainer.global_steps = step
-            trainer.prepare_step()
-            assert sum(agent.n_by_uid.values()) == 32  # budget 8 x 4 rollouts, a multiple of lcm(2, 2 x 4)
-            assert all(c == 0 or c >= 2 for c in agent.n_by_uid.values())
-            batch, _ = trainer.replay_buffer.sample(global_steps=step, partition_id="train", batch_size=8)
-            assert len(batch) == 32
-            metrics: dict[str, float] = {}
-            batch = trainer._compute_advantage(batch, metrics)
-            assert metrics["vip/budget"] == 32 and "vip/expected_var_ratio_vs_uniform" in metrics
-            data = tq.kv_batch_get(
-                keys=batch.keys, partition_id="train", select_fields=["uid", "rm_scores", "advantages"]
-            )
-            uids = np.asarray(list(data["uid"]), dtype=str)
-            assert group_sizes(uids) == {u: c for u, c in agent.n_by_uid.items() if c}
-            scores = np.array([float(t.sum()) for t in data["rm_scores"].unbind()])
-            adv = np.array([float(t[0]) for t in data["advantages"].unbind()])
-            np.testing.assert_allclose(adv, reference_advantage(scores, uids, "grpo", norm=False), atol=1e-6)
-            observed.append(dict(agent.n_by_uid))
-            tq.kv_clear(keys=batch.keys, partition_id="train")
-            agent.n_by_uid.clear()
-        assert set(observed[0].values()) == {4}
-        assert set(observed[1].values()) != {4}  # the second batch is re-allocated from the first one's rewards
-        agg = trainer._vip_hook.allocator.history.aggregates()
-        assert int(agg.trials.sum()) == 64
-    finally:
-        tq.close()
+# ------------------------------------------------------------------------ group sizes vs plan (issue 16.8)
+def test_group_size_mismatch_fails_loudly_and_records_nothing(caplog) -> None:
+    m = 6
+    batch = make_batch(m, seed=6)
+    hook = oracle_hook(m, strategy="vip")
+    counts = plan_batch(hook, batch, budget=24, step=0)
+    assert set(counts.tolist()) != {4}  # non-uniform
+    uids = batch.non_tensor_batch["uid"]
+    # fit() stopped calling .repeat on the marked batches / the agent loop ignores __rollout_n__: uniform groups
+    uniform = np.repeat(uids, 4)
+    for exact in (True, False):
+        with pytest.raises(PlanNotAppliedError, match=rf"verl did not apply the plan \(where\).*{SUPPORTED_VERL}"):
+            hook.observe(uniform, np.ones(len(uniform)), exact=exact, where="where")
+    assert hook.allocator.history.aggregates().trials.sum() == 0  # nothing recorded
+    expanded = np.repeat(uids, counts)
+    short = expanded[1:]  # the first kept group lost one session
+    with pytest.raises(PlanNotAppliedError, match="asked for"):
+        hook.observe(short, np.ones(len(short)), exact=True, where="legacy")
+    with caplog.at_level(logging.WARNING, logger="vipalloc.integrations.verl"):
+        hook.observe(short, np.ones(len(short)), exact=False, where="v1")  # v1: a failed session, recorded as is
+    assert "fewer rollouts than planned" in caplog.text
+    assert hook.allocator.history.aggregates().trials.sum() == len(short)
 
 
-# ----------------------------------------------------------------------------------------------- entry point
-def test_entry_point_installs_vip_trainers_and_runner_classes(ray_cluster) -> None:
-    from verl.trainer import main_ppo_v0
+# ------------------------------------------------------------------------------ start-up checks (issue 16.8/9)
+def test_start_up_check_names_missing_hooks_and_supported_range(monkeypatch) -> None:
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer
-    from verl.trainer.ppo.v1 import get_trainer_cls
+    from verl.trainer.ppo.v1 import agent_loop_tq
+
+    from vipalloc.integrations._verl_checks import check_hook_points, check_verl_version
+
+    check_hook_points.cache_clear()
+    check_hook_points(False)  # the installed verl passes
+    check_hook_points(True)
+    assert check_verl_version("0.9.1") and check_verl_version()
+    with pytest.warns(UserWarning, match=r"verl 0.10.0 is outside the range .*>=0.9,<0.10"):
+        assert not check_verl_version("0.10.0")
+
+    monkeypatch.delattr(RayPPOTrainer, "_get_gen_batch")
+    check_hook_points.cache_clear()
+    with pytest.raises(UnsupportedVerlError, match=rf"RayPPOTrainer._get_gen_batch exists.*{SUPPORTED_VERL}"):
+        check_hook_points(False)
+    monkeypatch.undo()
+
+    def fit(self: Any) -> None:  # a fit that no longer expands the batches through .repeat
+        self._get_gen_batch(None)
+        self._update_actor(None)
+
+    monkeypatch.setattr(RayPPOTrainer, "fit", fit)
+    check_hook_points.cache_clear()
+    with pytest.raises(UnsupportedVerlError, match="expands the generation batch with .repeat"):
+        check_hook_points(False)
+
+    worker = agent_loop_tq.AgentLoopWorkerTQ.__ray_actor_class__
+
+    async def _run_prompt(self: Any, prompt: dict, *args: Any, **kwargs: Any) -> None:
+        return None  # an agent loop that no longer reads the per-prompt count
+
+    monkeypatch.setattr(worker, "_run_prompt", _run_prompt)
+    check_hook_points.cache_clear()
+    with pytest.raises(UnsupportedVerlError, match="reads the per-prompt __rollout_n__"):
+        check_hook_points(True)
+    monkeypatch.undo()
+    check_hook_points.cache_clear()
+
+
+def test_refused_and_warned_setups() -> None:
+    from vipalloc.integrations._verl_loops import make_hook
+    from vipalloc.integrations.verl_trainer import check_config
+
+    paper = ["algorithm.norm_adv_by_std_in_grpo=false"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_config(compose(paper))
+    assert not [w for w in caught if "vip" in str(w.message).lower() or "normalis" in str(w.message)]
+    for overrides, match in (
+        (["algorithm.filter_groups.enable=true"], "filter_groups.enable=true .* refused"),
+        (["+async_training.staleness_threshold=0.1"], "verl.experimental trainer"),
+        (["vip.two_phase=true"], "two_phase=true is not supported"),
+    ):
+        cfg = compose(paper + overrides)
+        with pytest.raises(ValueError, match=match):
+            check_config(cfg)
+        for use_v1 in (True, False):  # also refused where the trainer builds its hook (trainer process)
+            with pytest.raises(ValueError, match=match):
+                make_hook(cfg, use_v1)
+    assert make_hook(compose(paper + ["algorithm.filter_groups.enable=true", "vip.enable=false"]), True)
+    with pytest.warns(UserWarning, match="norm_adv_by_std_in_grpo=true .*Dr.GRPO variance"):
+        check_config(compose(["algorithm.norm_adv_by_std_in_grpo=true"]))
+    with pytest.warns(UserWarning, match="grpo_vectorized"):
+        check_config(compose(["algorithm.adv_estimator=grpo_vectorized"]))
+
+
+def test_dapo_recipe_and_experimental_trainers_are_refused() -> None:
+    from verl.experimental.separation.ray_trainer import SeparateRayPPOTrainer
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
     from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
 
-    from vipalloc.integrations.verl_trainer import task_runner_class
+    from vipalloc.integrations.verl import vip_trainer_class, vip_v1_trainer_class
 
-    before = dict(TRAINER_REGISTRY)
-    with plug.install_vip_trainers():
-        assert main_ppo_v0.RayPPOTrainer is plug.RayVIPTrainer
-        for mode in ("sync", "colocate_async", "separate_async"):
-            cls = get_trainer_cls(mode)
-            assert issubclass(cls, before[mode]) and cls.__name__ == "VIP" + before[mode].__name__
-    assert dict(TRAINER_REGISTRY) == before and main_ppo_v0.RayPPOTrainer is RayPPOTrainer
-    for v1 in (True, False):
-        runner = task_runner_class(v1)
-        assert hasattr(runner, "remote") and "VIP" in runner.__ray_actor_class__.__name__
+    assert issubclass(vip_trainer_class(), RayPPOTrainer) and vip_trainer_class() is plug.RayVIPTrainer
+    for cls in TRAINER_REGISTRY.values():  # sync, colocate_async, separate_async keep PPOTrainer's loop
+        assert issubclass(vip_v1_trainer_class(cls), cls)
+    with pytest.raises(ValueError, match="verl.experimental trainers"):
+        vip_trainer_class(SeparateRayPPOTrainer)
+    # the DAPO recipe ships outside verl's wheel (recipe/dapo); its trainer subclasses RayPPOTrainer with its own fit
+    dapo = type("RayDAPOTrainer", (RayPPOTrainer,), {"fit": lambda self: None, "__module__": "recipe.dapo.dapo_ray"})
+    with pytest.raises(ValueError, match=r"overrides \['fit'\].*DAPO recipe's own fit\(\) truncates"):
+        vip_trainer_class(dapo)
+    sync = TRAINER_REGISTRY["sync"]
+    custom = type("MyTrainer", (sync,), {"_step_once": lambda self, *a: None})
+    with pytest.raises(ValueError, match="overrides \\['_step_once'\\]"):
+        vip_v1_trainer_class(custom)
+    with pytest.raises(ValueError, match="not a verl PPOTrainer subclass"):
+        vip_v1_trainer_class(RayPPOTrainer)
+
+
+def test_strategy_names_are_read_from_the_package_at_run_time(monkeypatch) -> None:
+    import vipalloc.strategies as strategies
+
+    for name in strategies.STRATEGY_NAMES:
+        assert VIPConfig.from_mapping({"strategy": name}).strategy == name
+    with pytest.raises(ValueError, match=r"vip.strategy='nope' is unknown; choose one of \['uniform'"):
+        VIPConfig.from_mapping({"strategy": "nope"})
+    with pytest.raises(ValueError, match="vip.predictor='nope' is unknown"):
+        VIPConfig.from_mapping({"predictor": "nope"})
+    monkeypatch.setattr(strategies, "STRATEGY_NAMES", (*strategies.STRATEGY_NAMES, "added_later"))
+    assert VIPConfig.from_mapping({"strategy": "added_later"}).strategy == "added_later"
 
 
 def test_import_vipalloc_does_not_import_verl_or_ray() -> None:

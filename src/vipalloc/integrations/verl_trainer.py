@@ -14,7 +14,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from vipalloc.integrations.verl import VIPConfig, install_vip_trainers, resolve_estimator
+from vipalloc.integrations._verl_checks import emit_warnings
+from vipalloc.integrations.verl import (
+    VIPConfig,
+    check_hook_points,
+    check_verl_version,
+    config_refusals,
+    config_warnings,
+    install_vip_trainers,
+    resolve_estimator,
+)
 
 __all__ = ["check_config", "main", "task_runner_class"]
 
@@ -22,8 +31,12 @@ __all__ = ["check_config", "main", "task_runner_class"]
 def check_config(config: Any) -> VIPConfig:
     """Validate the ``vip`` group against the rest of the config on the driver, before Ray starts anything.
 
-    Raises ``ValueError`` for unknown keys, bad values, an unsupported ``algorithm.adv_estimator`` or a uniform budget
-    that is infeasible for ``n_min`` / ``n_max``.
+    Raises ``ValueError`` for unknown keys, bad values (``vip.strategy`` / ``vip.predictor`` are checked against the
+    package's registered names), an unsupported ``algorithm.adv_estimator``, a refused setup (DAPO
+    ``filter_groups``, ``verl.experimental`` trainer configs, ``vip.two_phase``; every reason in one message) or a
+    uniform budget that is infeasible for ``n_min`` / ``n_max``; raises ``UnsupportedVerlError`` when the installed
+    verl lacks a hook point of the configured loop. Warns (``UserWarning``) for std-normalised GRPO and a verl
+    outside the supported range.
     """
     from omegaconf import OmegaConf
 
@@ -34,6 +47,9 @@ def check_config(config: Any) -> VIPConfig:
     cfg = VIPConfig.from_mapping({str(k): v for k, v in container.items()} if container is not None else None)
     if not cfg.enable:
         return cfg
+    refusals = config_refusals(config, cfg)
+    if refusals:
+        raise ValueError("; ".join(refusals))
     resolve_estimator(cfg, str(config.algorithm.adv_estimator))
     n = int(config.actor_rollout_ref.rollout.n)
     if cfg.budget is None and not cfg.n_min <= n <= cfg.n_max:
@@ -41,6 +57,9 @@ def check_config(config: Any) -> VIPConfig:
             f"the default budget is rollout.n={n} rollouts per prompt, outside vip.n_min..vip.n_max "
             f"({cfg.n_min}..{cfg.n_max}); set vip.budget or widen the bounds"
         )
+    check_verl_version()
+    check_hook_points(bool(config.trainer.get("use_v1", True)))
+    emit_warnings(config_warnings(config, cfg))
     return cfg
 
 

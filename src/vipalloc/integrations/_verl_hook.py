@@ -1,0 +1,329 @@
+"""verl plug-in, part 2: :class:`VIPHook`, the allocator glue both trainer loops share.
+
+Prompt identity (including the same prompt twice in one submission), planning, the uid -> (prompt, plan step)
+bookkeeping, feedback with the group-size check that makes a silently ignored plan fail loudly, the shared ``vip/*``
+metrics, and the allocator file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vipalloc import Allocator, Plan
+from vipalloc.integrations._verl_core import ALLOCATOR_FILE, SUPPORTED_VERL, VIPConfig
+
+__all__ = ["BatchPlan", "PlanNotAppliedError", "VIPHook"]
+
+logger = logging.getLogger("vipalloc.integrations.verl")
+
+_MAX_PLANS = 16  # plans kept for feedback (async v1 trainers observe a few steps after planning)
+
+
+class PlanNotAppliedError(RuntimeError):
+    """verl generated groups whose sizes differ from the plan: the hook points no longer do what the plug-in needs.
+
+    Raised at feedback, before anything is recorded, instead of letting training run uniform while ``vip/*``
+    metrics keep reporting the plan.
+    """
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The plan of one submission of ``R`` rows: ``counts`` int64 ``(R,)`` aligned with the rows.
+
+    ``plans`` holds one :class:`vipalloc.Plan` per occurrence layer: the first occurrence of every prompt in
+    ``plans[0]``, a second occurrence of a prompt (the same prompt twice in one submission, e.g. across an epoch
+    boundary when verl fetches prompts one at a time) in ``plans[1]`` at the next plan step, and so on. Without
+    repeated prompts there is exactly one plan.
+    """
+
+    counts: np.ndarray
+    plans: tuple[Plan, ...]
+
+    @property
+    def step(self) -> int:
+        """Plan step of the first layer."""
+        return self.plans[0].step
+
+    @property
+    def budget(self) -> int:
+        """Rollouts planned for the submission (``counts.sum()``)."""
+        return int(self.counts.sum())
+
+
+class VIPHook:
+    """Allocator glue shared by both trainer loops: prompt ids, plan, uid bookkeeping, feedback, metrics, files.
+
+    ``plan`` records which prompt and plan step every uid belongs to, so feedback works from any later view of the
+    batch (verl moves the ``index`` column into the generation batch; the uid survives everywhere).
+    """
+
+    def __init__(self, cfg: VIPConfig, estimator: str) -> None:
+        self.cfg = cfg
+        self.estimator = estimator
+        self.allocator = Allocator(
+            strategy=cfg.strategy,
+            predictor=cfg.predictor,
+            estimator=estimator,
+            n_min=cfg.n_min,
+            n_max=cfg.n_max,
+            seed=cfg.seed,
+            embedder=cfg.embedder,
+            predictor_kwargs=cfg.predictor_kwargs,
+            strategy_kwargs=cfg.strategy_kwargs,
+        )
+        self._uids: dict[str, tuple[str, int]] = {}  # uid -> (prompt id, plan step)
+        self._plans: dict[int, Plan] = {}
+        self._last_plan_step = -1
+        self._warned: set[str] = set()
+
+    # -- prompt identity
+    def prompt_ids(self, columns: Mapping[str, Sequence[Any]], m: int) -> list[str]:
+        """Stable prompt ids for ``m`` rows; the same prompt twice in the batch gets the same id twice.
+
+        ``columns[prompt_id_key]`` is used when it is consistent with the prompt texts (each id names one text);
+        otherwise (e.g. ``extra_info.index`` missing, so verl fills 0) the ids are hashes of the prompt texts.
+        """
+        key = self.cfg.prompt_id_key
+        texts = self.prompt_texts(columns, m)
+        if key is not None and key in columns:
+            ids = [str(x) for x in _as_list(columns[key])]
+            if len(ids) == m and len(set(ids)) == m:
+                return ids
+            if len(ids) == m and texts is not None and _one_text_per_id(ids, texts):
+                return ids  # a prompt really appears twice (verl's one-prompt fetches crossing an epoch boundary)
+            if texts is None:
+                raise ValueError(
+                    f"prompt id column {key!r} repeats ids within one batch and there is no prompt text column "
+                    f"{self.cfg.prompt_text_key!r} to tell a repeated prompt from a missing id; set "
+                    "vip.prompt_text_key, or give each dataset row a distinct extra_info.index"
+                )
+            self._warn_once(
+                "dup-ids",
+                f"prompt id column {key!r} names different prompt texts with the same id (e.g. extra_info.index "
+                "missing, so verl fills 0); falling back to hashes of the prompt text",
+            )
+        if texts is None:
+            raise ValueError(
+                f"cannot identify prompts: no usable column {key!r} and no prompt text column "
+                f"{self.cfg.prompt_text_key!r}; set vip.prompt_id_key to a non-tensor column that names each prompt"
+            )
+        return ["h" + hashlib.sha1(t.encode("utf-8")).hexdigest()[:16] for t in texts]
+
+    def prompt_texts(self, columns: Mapping[str, Sequence[Any]], m: int) -> list[str] | None:
+        """Prompt texts for the embedder: the last message's content of a chat prompt, or ``str`` of the value."""
+        key = self.cfg.prompt_text_key
+        if key is None or key not in columns:
+            return None
+        out = []
+        for x in _as_list(columns[key]):
+            if isinstance(x, (list, tuple, np.ndarray)) and len(x) and isinstance(x[-1], Mapping):
+                out.append(str(x[-1].get("content", "")))
+            else:
+                out.append(str(x))
+        return out if len(out) == m else None
+
+    # -- plan
+    def plan(self, ids: list[str], texts: list[str] | None, uids: Sequence[Any], budget: int, step: int) -> BatchPlan:
+        """Plan ``budget`` rollouts over the rows ``ids`` (aligned with ``uids``) at training ``step``.
+
+        ``budget`` must lie in ``[R * n_min, R * n_max]`` for ``R`` rows. A prompt that appears ``k`` times gets
+        one group per occurrence (verl trains each uid as its own group); occurrence layers are planned separately
+        at consecutive plan steps with budgets proportional to their sizes, so the allocator never sees a duplicate
+        id in one plan and every group is observed against its own record. Plan steps are unique and increasing: a
+        second submission in the same training step (async refills) is planned at the next free step.
+        """
+        if len(uids) != len(ids):
+            raise ValueError(f"got {len(ids)} prompt ids but {len(uids)} uids")
+        if len({str(u) for u in uids}) != len(uids):
+            raise ValueError("uids repeat within one submission; verl assigns one fresh uid per prompt row")
+        layer = _occurrence_layers(ids)
+        sizes = np.bincount(layer)
+        budgets = _split_budget(int(budget), sizes, self.cfg.n_min, self.cfg.n_max)
+        step = max(int(step), self._last_plan_step + 1)
+        counts = np.zeros(len(ids), dtype=np.int64)
+        plans = []
+        for k, b in enumerate(budgets):
+            rows = np.flatnonzero(layer == k)
+            t0 = time.perf_counter()
+            sub_texts = None if texts is None else [texts[i] for i in rows]
+            plan = self.allocator.plan([ids[i] for i in rows], prompts=sub_texts, budget=int(b), step=step + k)
+            plan.timings["overhead"] = time.perf_counter() - t0 - sum(plan.timings.values())
+            if np.any(plan.counts == 1):  # strategies keep counts in {0} U [n_min, n_max]; guard verl's gotcha anyway
+                raise RuntimeError(f"strategy {self.cfg.strategy!r} planned a group of size 1; report this as a bug")
+            counts[rows] = plan.counts
+            for i in rows.tolist():
+                self._uids[str(uids[i])] = (ids[i], step + k)
+            self._plans[step + k] = plan
+            plans.append(plan)
+        self._last_plan_step = step + len(budgets) - 1
+        for old in sorted(self._plans)[:-_MAX_PLANS]:  # the allocator keeps the same newest plans pending
+            self._forget(old)
+        return BatchPlan(counts=counts, plans=tuple(plans))
+
+    def _forget(self, step: int) -> None:
+        self._plans.pop(step, None)
+        for u in [u for u, (_, s) in self._uids.items() if s == step]:
+            del self._uids[u]
+
+    # -- feedback
+    def observe(self, uids: Sequence[Any], success: np.ndarray, *, exact: bool, where: str) -> dict[str, float]:
+        """Record one 0/1 outcome per row (rows grouped by uid) and return the ``vip/*`` metrics.
+
+        Rows whose uid was not planned here (verl's padding rows, validation) are ignored; each planned prompt is
+        observed once. Every planned uid's group size is checked against its plan first: rows for a dropped prompt,
+        more rows than planned, or (``exact``: loops where generation cannot fail silently) fewer rows raise
+        :class:`PlanNotAppliedError` naming ``where`` (the verl behaviour the plug-in relies on) and record nothing.
+        With ``exact=False`` (v1: a failed session leaves its group short) fewer rows are recorded as they came.
+        """
+        success = np.asarray(success, dtype=np.float64).reshape(-1)
+        if len(uids) != len(success):
+            raise ValueError(f"got {len(uids)} uids but {len(success)} outcomes")
+        by_uid: dict[str, list[float]] = {}
+        for u, s in zip(uids, success):
+            if str(u) in self._uids:
+                by_uid.setdefault(str(u), []).append(float(s))
+        short = 0
+        for u, rows in by_uid.items():
+            pid, step = self._uids[u]
+            planned = int(self._plans[step].counts[self._plans[step].prompt_ids.index(pid)])
+            if len(rows) > planned or (exact and len(rows) != planned):
+                import verl
+
+                raise PlanNotAppliedError(
+                    f"uid {u} (prompt {pid!r}, plan step {step}) came back with {len(rows)} rollouts but the VIP plan "
+                    f"asked for {planned}: verl did not apply the plan ({where}). Training on these groups would be "
+                    f"uniform while vip/* reports the plan, so the run stops here. The plug-in supports verl "
+                    f"{SUPPORTED_VERL}; installed: {getattr(verl, '__version__', 'unknown')}"
+                )
+            short += len(rows) < planned
+        if short:
+            self._warn_once("short", f"{short} group(s) came back with fewer rollouts than planned (failed sessions)")
+        by_step: dict[int, dict[str, np.ndarray]] = {}
+        for u, rows in by_uid.items():
+            pid, step = self._uids[u]
+            by_step.setdefault(step, {})[pid] = np.asarray(rows)
+        for step, groups in sorted(by_step.items()):
+            plan = self._plans[step]
+            ids = [pid for pid in plan.prompt_ids if pid in groups]
+            self.allocator.observe(ids, [groups[pid] for pid in ids], step=step)
+        metrics = self._metrics([self._plans[s] for s in sorted(by_step)], by_step)
+        for u in by_uid:
+            del self._uids[u]
+        return metrics
+
+    def _metrics(self, plans: list[Plan], outcomes: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, float]:
+        """The shared ``vip/*`` names: ``Plan.metrics()`` of the plans whose prompts reached this batch (merged
+        when there are several) plus ``Allocator.outcome_metrics`` of what came back (dropped or not yet sampled
+        prompts count as not generated)."""
+        if not plans:
+            return {}
+        merged = plans[0] if len(plans) == 1 else _merge_plans(plans)
+        rewards = [outcomes.get(p.step, {}).get(pid, np.zeros(0)) for p in plans for pid in p.prompt_ids]
+        return {**merged.metrics(), **self.allocator.outcome_metrics(rewards, plan=merged)}
+
+    def successes(self, scores: np.ndarray, extra: Sequence[Any] | None) -> np.ndarray:
+        """0/1 per row: ``extra`` (the ``success_key`` column) when given, else the summed score, vs the threshold."""
+        vals = np.asarray(scores, dtype=np.float64) if extra is None else np.asarray(extra, dtype=np.float64)
+        if not np.all(np.isfinite(vals)):
+            raise ValueError("non-finite rewards reached the VIP feedback; check the reward function")
+        return (vals >= float(self.cfg.success_threshold)).astype(np.float64)
+
+    # -- state
+    def save(self, folder: str) -> str:
+        """Write ``folder/vip_allocator.json`` atomically; returns the path."""
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, ALLOCATOR_FILE)
+        self.allocator.save(path)
+        return path
+
+    def load(self, folder: str) -> bool:
+        """Restore the allocator from ``folder`` if it holds one; returns whether it did."""
+        path = os.path.join(folder, ALLOCATOR_FILE)
+        if not os.path.exists(path):
+            self._warn_once("no-file", f"no {ALLOCATOR_FILE} in {folder}: the allocator starts without history")
+            return False
+        self.allocator = Allocator.load(path)
+        self._uids.clear()
+        self._plans.clear()
+        # keep plan steps increasing across the resume (the allocator records the last step it planned or observed)
+        self._last_plan_step = int(getattr(self.allocator, "_last_step", -1))
+        return True
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("vipalloc: %s", msg)
+
+
+def _as_list(col: Any) -> list[Any]:
+    if isinstance(col, torch.Tensor):
+        return col.tolist()
+    if hasattr(col, "tolist"):
+        return list(col.tolist())
+    return list(col)
+
+
+def _one_text_per_id(ids: Sequence[str], texts: Sequence[str]) -> bool:
+    seen: dict[str, str] = {}
+    return all(seen.setdefault(i, t) == t for i, t in zip(ids, texts))
+
+
+def _occurrence_layers(ids: Sequence[str]) -> np.ndarray:
+    """``k`` for the ``k``-th (0-based) occurrence of each id: int64 ``(R,)``."""
+    seen: dict[str, int] = {}
+    out = np.empty(len(ids), dtype=np.int64)
+    for i, pid in enumerate(ids):
+        out[i] = seen.get(pid, 0)
+        seen[pid] = out[i] + 1
+    return out
+
+
+def _split_budget(budget: int, sizes: np.ndarray, n_min: int, n_max: int) -> list[int]:
+    """Split ``budget`` over layers of ``sizes`` prompts in proportion, each within ``[size*n_min, size*n_max]``."""
+    total = int(sizes.sum())
+    if not total * n_min <= budget <= total * n_max:
+        raise ValueError(
+            f"budget {budget} is infeasible for {total} prompt rows with n in [{n_min}, {n_max}]; "
+            f"it must lie in [{total * n_min}, {total * n_max}]"
+        )
+    # floor(budget * s / total) lies in [s*n_min, s*n_max] because budget / total does; the remainder (fewer
+    # units than layers) goes to the first layers with room, which exists because the total capacity suffices.
+    out = [budget * int(s) // total for s in sizes]
+    rest = budget - sum(out)
+    for k, s in enumerate(sizes):
+        take = min(rest, int(s) * n_max - out[k])
+        out[k] += take
+        rest -= take
+    return out
+
+
+def _merge_plans(plans: Sequence[Plan]) -> Plan:
+    """One :class:`Plan` over the concatenated prompts of ``plans`` (variances and timings summed)."""
+    timings: dict[str, float] = {}
+    for p in plans:
+        for k, v in p.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    return Plan(
+        prompt_ids=[pid for p in plans for pid in p.prompt_ids],
+        counts=np.concatenate([p.counts for p in plans]),
+        p_mean=np.concatenate([p.p_mean for p in plans]),
+        p_std=np.concatenate([p.p_std for p in plans]),
+        budget=sum(p.budget for p in plans),
+        step=plans[0].step,
+        strategy=plans[0].strategy,
+        estimator=plans[0].estimator,
+        expected_variance=sum(p.expected_variance for p in plans),
+        uniform_variance=sum(p.uniform_variance for p in plans),
+        timings=timings,
+        min_keep_relaxed=any(p.min_keep_relaxed for p in plans),
+    )
