@@ -173,16 +173,18 @@ def test_pilot_commit_rule() -> None:
     pc = PilotCommit(pool_factor=3.0)
     trials = np.full(9, 8)
     succ = np.array([0, 1, 4, 6, 7, 8, 3, 2, 5])  # rates 0, .125, .5, .75, .875, 1, .375, .25, .625
-    out = pc.commit(np.zeros(9), np.zeros(9), succ, trials, 30, 4, 32, 8)
+    out = pc.commit(np.zeros(9), np.zeros(9), trials, succ, trials, 30, 4, 32, 8)
     in_band = [1, 2, 3, 6, 7, 8]
     kept = in_band[:3]  # batch = 9 / 3 = 3 prompts, earlier candidates first
     assert out.extra.tolist() == [10 if i in kept else 0 for i in range(9)]
     # the kept prompts cannot absorb it all (n_max = 16: 8 extra each): the spare in-band ones come next
-    out = pc.commit(np.zeros(9), np.zeros(9), succ, trials, 30, 4, 16, 8)
+    out = pc.commit(np.zeros(9), np.zeros(9), trials, succ, trials, 30, 4, 16, 8)
     assert out.extra[kept].tolist() == [8, 8, 8] and out.extra[[6, 7, 8]].tolist() == [2, 2, 2]
     assert out.extra[[0, 4, 5]].sum() == 0
     # nothing in band: the rollouts go to the candidate nearest the band (13/16 is 0.0625 away, 0 and 1 further)
-    out = pc.commit(np.zeros(3), np.zeros(3), np.array([0, 13, 8]), np.array([8, 16, 8]), 5, 4, 32, 8)
+    out = pc.commit(
+        np.zeros(3), np.zeros(3), np.array([8, 16, 8]), np.array([0, 13, 8]), np.array([8, 16, 8]), 5, 4, 32, 8
+    )
     assert out.extra.tolist() == [0, 5, 0]
     mean, _ = beta_mean_std(out.post_a, out.post_b)
     np.testing.assert_allclose(mean, [1 / 10, 14 / 18, 9 / 10])
@@ -205,17 +207,28 @@ def test_cycle_spends_the_budget_exactly_and_records_whole_groups(strategy: str,
     alloc = Allocator(strategy=strategy, predictor="beta", n_min=4, n_max=16, seed=3)
     for step in range(3):
         pilot = alloc.plan_pilot(IDS, budget=budget, step=step, pilot_n=2)
-        assert pilot.phase == "pilot" and pilot.counts.tolist() == [2] * len(IDS) and pilot.budget == 20
+        assert pilot.phase == "pilot" and set(pilot.counts.tolist()) <= {0, 2}
+        assert pilot.budget == int(pilot.counts.sum()) and (strategy == "vip_two_phase" or pilot.budget == 20)
+        if strategy == "vip_two_phase" and budget >= 40:  # skipped = what plain vip drops on the same prediction
+            vip = get_strategy("vip").allocate(pilot.p_mean, budget, 4, 16)
+            if pilot.p_mean.std() > 1e-6:  # (the permutation only breaks ties)
+                assert ((pilot.counts == 0) == (vip == 0)).sum() >= len(IDS) - 1
         r1 = _rewards(rng, pilot.counts, p)
         alloc.observe(IDS[:4], r1[:4], step=step)  # pilot outcomes may come in several calls
         alloc.observe(IDS[4:], r1[4:], step=step)
         commit = alloc.plan_commit(step=step)
-        assert commit.phase == "commit" and commit.budget == budget - 20
+        assert commit.phase == "commit" and commit.budget == budget - pilot.budget
         assert int(pilot.counts.sum() + commit.counts.sum()) == budget
         assert commit.group_sizes.tolist() == (pilot.counts + commit.counts).tolist()
         assert np.all(commit.group_sizes <= 16)
         if strategy == "vip_two_phase" and not commit.min_keep_relaxed:
             assert np.all((commit.counts == 0) | (commit.group_sizes >= 4))
+        if strategy == "vip_two_phase":  # skipped prompts get nothing and do not train (below 40: none skipped)
+            assert budget >= 40 or pilot.budget == 20
+            assert np.all(commit.counts[pilot.counts == 0] == 0)
+            assert commit.train_mask.tolist() == (commit.group_sizes > 0).tolist()
+        else:  # pilot_commit trains on its committed prompts only
+            assert commit.train_mask.tolist() == (commit.counts > 0).tolist()
         r2 = _rewards(rng, commit.counts, p)
         alloc.observe(IDS, r2, step=step)
         rows = alloc.history.rows()
@@ -223,12 +236,12 @@ def test_cycle_spends_the_budget_exactly_and_records_whole_groups(strategy: str,
         per_prompt = np.bincount(rows["prompt_index"][sel], weights=rows["trials"][sel], minlength=len(IDS))
         ids_all = alloc.history.prompt_ids
         got = {ids_all[i]: int(n) for i, n in enumerate(per_prompt) if n}
-        assert got == {pid: int(n) for pid, n in zip(IDS, commit.group_sizes)}
+        assert got == {pid: int(n) for pid, n in zip(IDS, commit.group_sizes) if n}
         assert sum(len(x) for x in r1 + r2) == budget
 
 
 def test_commit_posterior_is_prior_plus_pilot() -> None:
-    alloc = Allocator(strategy="vip_two_phase", predictor="oracle", n_min=4, n_max=16)
+    alloc = Allocator(strategy="vip_two_phase", predictor="oracle", n_min=4, n_max=16, strategy_kwargs={"skip": "none"})
     p = np.linspace(0.05, 0.95, len(IDS))
     alloc.predictor.set_true_p(IDS, p)
     pilot = alloc.plan_pilot(IDS, budget=60, step=0, pilot_n=3)
@@ -242,6 +255,24 @@ def test_commit_posterior_is_prior_plus_pilot() -> None:
     assert commit.pilot_counts.tolist() == [3] * 10
     assert commit.expected_variance <= commit.uniform_variance + 1e-15  # the exact commit beats a uniform one
     assert commit.metrics()["vip/budget"] == 30.0
+
+
+def test_skip_copies_vips_drops() -> None:
+    """skip="vip": the prompts plain vip drops on the prior get nothing in either phase; the others are piloted
+    and absorb the whole rest of the budget."""
+    p = np.array([0.001, 0.002, 0.3, 0.5, 0.6, 0.999, 0.45, 0.2, 0.7, 0.0005])
+    for budget in (40, 52, 77):
+        alloc = Allocator(strategy="vip_two_phase", predictor="oracle", n_min=4, n_max=16, seed=1)
+        plain = Allocator(strategy="vip", predictor="oracle", n_min=4, n_max=16, seed=1)
+        for a in (alloc, plain):
+            a.predictor.set_true_p(IDS, p)
+        vip = plain.plan(IDS, budget=budget, step=0)
+        pilot = alloc.plan_pilot(IDS, budget=budget, step=0)
+        assert (pilot.counts == 0).tolist() == vip.dropped.tolist() and vip.dropped.any()
+        alloc.observe(IDS, [np.ones(int(c)) for c in pilot.counts], step=0)
+        commit = alloc.plan_commit(step=0)
+        assert int(commit.counts.sum()) == budget - int(pilot.counts.sum())
+        assert np.all(commit.group_sizes[vip.dropped] == 0) and not commit.train_mask[vip.dropped].any()
 
 
 def test_predictor_sees_the_whole_group() -> None:

@@ -6,6 +6,13 @@ Per training step::
     ... generate plan.counts[i] rollouts for prompt i (skip prompts with count 0), score them ...
     allocator.observe(prompt_ids, rewards, step=t)                       # one reward array per prompt
 
+Two-phase strategies (``vip_two_phase``, ``pilot_commit``; :mod:`vipalloc.two_phase`) split a step in two rounds::
+
+    pilot = allocator.plan_pilot(prompt_ids, prompts=texts, budget=B, step=t, pilot_n=2)   # counts: pilot rollouts
+    allocator.observe(prompt_ids, pilot_rewards, step=t)
+    commit = allocator.plan_commit(step=t)                 # counts: EXTRA rollouts; pilot + commit == B exactly
+    allocator.observe(prompt_ids, commit_rewards, step=t)  # train on each prompt's whole group (commit.train_mask)
+
 Data flows one way: rewards -> :class:`~vipalloc.history.RolloutHistory` -> predictor -> p -> variance model ->
 strategy -> counts. ``save``/``load`` keep the whole state (configuration, predictor, history, embedding cache,
 outstanding plans) in one checksummed JSON file written atomically, and a loaded allocator plans bit-identically.
@@ -61,11 +68,19 @@ class Plan:
     # group is pilot_counts + counts (group_sizes); its variances are posterior expectations for those groups.
     phase: str = "single"
     pilot_counts: np.ndarray | None = None
+    # Commit plans: which prompts' groups enter the update (bool (M,)); None = every prompt with rollouts.
+    # pilot_commit trains only on its committed prompts (the peer defers the other candidates' pilots).
+    train: np.ndarray | None = None
 
     @property
     def group_sizes(self) -> np.ndarray:
         """Rollouts in each prompt's training group: ``counts``, plus the pilot's for a commit plan (int64 ``(M,)``)."""
         return self.counts if self.pilot_counts is None else self.pilot_counts + self.counts
+
+    @property
+    def train_mask(self) -> np.ndarray:
+        """Prompts whose whole group (``group_sizes``) enters the policy update, bool ``(M,)``."""
+        return self.group_sizes > 0 if self.train is None else self.train
 
     @property
     def dropped(self) -> np.ndarray:
@@ -185,7 +200,8 @@ class Allocator:
     ----------
     strategy:
         ``uniform``, ``vip`` (default: the authors' settings), ``vip_pure``, ``inverse_acc``, ``inverse_var``,
-        ``knapsack`` or ``gvm`` (see :mod:`vipalloc.strategies`).
+        ``knapsack`` or ``gvm`` (see :mod:`vipalloc.strategies`); the two-phase ``vip_two_phase`` and
+        ``pilot_commit`` are planned with :meth:`plan_pilot` / :meth:`plan_commit` instead of :meth:`plan`.
     predictor:
         ``gp`` (default), ``beta``, ``empirical``, ``ridge`` or ``oracle`` (see :mod:`vipalloc.predictors`).
     estimator:
@@ -530,6 +546,7 @@ class Allocator:
         dec = two_phase.commit(
             pilot.prior_mean[perm],
             pilot.prior_std[perm],
+            pilot.counts[perm],
             pilot.successes[perm],
             pilot.trials[perm],
             left,
@@ -564,6 +581,7 @@ class Allocator:
             min_keep_relaxed=bool(dec.min_keep_relaxed),
             phase="commit",
             pilot_counts=pilot.trials.copy(),
+            train=(groups > 0) if getattr(two_phase, "trains_pilot_only", True) else (extra > 0),
         )
 
     def _remember(self, step: int, planned: dict[str, int]) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from vipalloc.allocation import _check_bonus, _reachable, minimize_separable
-from vipalloc.strategies import HARDNESS_BONUS, P_CLIP, uniform_counts
+from vipalloc.strategies import HARDNESS_BONUS, P_CLIP, VIP, uniform_counts
 from vipalloc.variance import gradient_variance
 
 __all__ = [
@@ -274,6 +274,7 @@ class TwoPhaseStrategy(Protocol):
 
     name: str
     two_phase: bool
+    trains_pilot_only: bool  # False: only prompts with extra rollouts enter the update
 
     def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray: ...
 
@@ -283,6 +284,7 @@ class TwoPhaseStrategy(Protocol):
         self,
         prior_mean: np.ndarray,
         prior_std: np.ndarray,
+        planned: np.ndarray,
         successes: np.ndarray,
         trials: np.ndarray,
         budget: int,
@@ -331,6 +333,11 @@ class VIPTwoPhase:
     Options as ``vip``: ``hardness_bonus`` (default: the authors' gamma for the estimator), ``allow_drop``
     (``e_i = 0`` allowed; kept prompts then get ``>= max(n_min, min_keep)`` rollouts in all), ``min_keep``;
     and the prior mapping's ``prior_nu_max`` / ``prior_nu_min`` (:func:`beta_prior`).
+
+    ``skip`` decides who is piloted: ``"vip"`` (default) skips the prompts that plain ``vip`` would drop on the
+    prior at the step's budget (they get 0 rollouts in both phases, exactly as under ``vip``), ``"none"`` pilots
+    every prompt. At tight budgets a pilot on every prompt costs what ``vip`` saves by dropping
+    (``docs/two_phase.md``).
     """
 
     estimator: str = "drgrpo"
@@ -339,8 +346,10 @@ class VIPTwoPhase:
     min_keep: int = 4
     prior_nu_max: float = PRIOR_NU_MAX
     prior_nu_min: float = PRIOR_NU_MIN
+    skip: str = "vip"
     name: str = "vip_two_phase"
     two_phase: bool = True
+    trains_pilot_only: bool = True  # a prompt with 0 extra still trains on its pilot group
 
     def __post_init__(self) -> None:
         if self.hardness_bonus is not None:
@@ -353,12 +362,19 @@ class VIPTwoPhase:
             raise ValueError(
                 f"need 0 < prior_nu_min <= prior_nu_max < inf, got {self.prior_nu_min}, {self.prior_nu_max}"
             )
+        if self.skip not in ("vip", "none"):
+            raise ValueError(f"skip must be 'vip' (skip what vip drops on the prior) or 'none', got {self.skip!r}")
 
     def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
         raise _not_single_phase(self.name)
 
     def pilot(self, p_mean: np.ndarray, budget: int, n_min: int, n_max: int, pilot_n: int) -> np.ndarray:
-        """``pilot_n`` rollouts for each of the ``M`` prompts (int64 ``(M,)``); the budget must allow the commit."""
+        """``pilot_n`` rollouts for each piloted prompt, 0 for skipped ones (int64 ``(M,)``).
+
+        With ``skip="vip"`` the piloted prompts are those ``vip`` keeps on the prior (``p_mean``, ``(M,)``) at the
+        whole step's ``budget``; they can absorb the rest of the budget within ``n_max`` because ``vip``'s kept
+        prompts absorb all of it.
+        """
         m = len(p_mean)
         check_pilot(m, budget, n_min, n_max, pilot_n)
         if not self.allow_drop and budget < m * max(n_min, pilot_n):
@@ -366,12 +382,18 @@ class VIPTwoPhase:
                 f"without drops every prompt needs >= n_min = {n_min} rollouts in all: budget {budget} < "
                 f"{m * max(n_min, pilot_n)}; raise the budget or allow drops"
             )
-        return np.full(m, pilot_n, np.int64)
+        counts = np.full(m, pilot_n, np.int64)
+        # (below M * n_min vip has no plan to copy: pilot everyone)
+        if self.skip == "vip" and self.allow_drop and budget >= m * n_min:
+            plain = VIP(estimator=self.estimator, hardness_bonus=self.hardness_bonus, min_keep=self.min_keep)
+            counts[plain.allocate(np.asarray(p_mean, np.float64), budget, n_min, n_max) == 0] = 0
+        return counts
 
     def commit(
         self,
         prior_mean: np.ndarray,
         prior_std: np.ndarray,
+        planned: np.ndarray,
         successes: np.ndarray,
         trials: np.ndarray,
         budget: int,
@@ -379,14 +401,21 @@ class VIPTwoPhase:
         n_max: int,
         pilot_n: int,
     ) -> Commit:
-        """Exact commit of ``budget`` extra rollouts under the posteriors (:func:`solve_commit`)."""
+        """Exact commit of ``budget`` extra rollouts over the piloted prompts (``planned > 0``) under their
+        posteriors (:func:`solve_commit`); skipped prompts get 0."""
         a0, b0 = beta_prior(prior_mean, prior_std, nu_max=self.prior_nu_max, nu_min=self.prior_nu_min)
         a, b = beta_posterior(a0, b0, successes, trials)
         bonus = HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus)
-        extra, relaxed = solve_commit(
-            a,
-            b,
-            trials,
+        live = np.flatnonzero(np.asarray(planned) > 0)
+        extra = np.zeros(len(a), np.int64)
+        if live.size == 0:
+            if budget:
+                raise ValueError(f"no prompt was piloted, so the commit cannot place {budget} rollouts")
+            return Commit(extra, a, b, False)
+        extra[live], relaxed = solve_commit(
+            a[live],
+            b[live],
+            np.asarray(trials, np.int64)[live],
             budget,
             pilot_n=pilot_n,
             n_min=n_min,
@@ -420,6 +449,7 @@ class PilotCommit:
     band: tuple[float, float] = PILOT_BAND
     name: str = "pilot_commit"
     two_phase: bool = True
+    trains_pilot_only: bool = False  # only committed prompts train; the peer defers the others' pilot groups
 
     def __post_init__(self) -> None:
         pf = self.pool_factor
@@ -447,6 +477,7 @@ class PilotCommit:
         self,
         prior_mean: np.ndarray,
         prior_std: np.ndarray,
+        planned: np.ndarray,
         successes: np.ndarray,
         trials: np.ndarray,
         budget: int,

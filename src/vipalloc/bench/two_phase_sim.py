@@ -1,0 +1,244 @@
+"""Two-phase strategies (``vip_two_phase``, ``pilot_commit``) on the policy-gradient simulator.
+
+:func:`simulate_two_phase_run` is what :func:`vipalloc.bench.simulate.simulate_run` runs for a two-phase row. Per
+step: ``Allocator.plan_pilot`` on the batch (``pilot_commit``: on a candidate pool of ``pool_factor`` x the batch
+from the same prompt stream), the pilot's rewards, ``observe``, ``Allocator.plan_commit``, the extra rollouts'
+rewards, ``observe`` again, then one policy update on each trained prompt's whole group (pilot + commit). The
+step's budget covers both rounds, so every row of a seed ends at exactly the same cumulative rollouts.
+
+Common random numbers: a step draws the same ``(M, n_max)`` block of uniforms a single-phase row draws
+(:meth:`Simulator.rollouts` with ``width = n_max``); a prompt's pilot uses the first ``pilot_n`` of its row and its
+commit the next ones, so a group of ``n`` rollouts sees exactly the rewards the same group of a single-phase row
+sees. The policy does not change between the two rounds (one update per step), so this is exact.
+
+Extra per-run figures (``SimRun.extra``): the expected Brier score of the predictor's p before the pilot and of the
+posterior mean after it, against the TRUE p (``mean((q - p)^2 + p (1 - p))``, the Brier score's expectation over
+the rollout outcome), their mean absolute errors, and the allocator's wall time per step split by phase.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from vipalloc.bench.simulate import RowSpec, SimRun, _alloc_estimator
+from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
+
+__all__ = ["PILOT_N", "pilot_commit_pool_factor", "simulate_two_phase_run", "two_phase_report_lines"]
+
+PILOT_N = 2  # pilot rollouts per prompt in the simulator rows
+
+
+def pilot_commit_pool_factor(n_mean: float, pilot_n: int = PILOT_N, default: float = 3.0) -> float:
+    """Candidate pool per batch slot for ``pilot_commit`` at a mean of ``n_mean`` rollouts per batch prompt.
+
+    Pilot-Commit's recipe spends half the rollouts on the pilot (32 on 3x the batch = 96 per batch prompt, then 96
+    committed per kept prompt). At our small budgets a pool of 3x with ``pilot_n`` rollouts would eat more than
+    that (or the whole budget: 3 x 2 > 4), so the pool is ``min(default, n_mean / (2 pilot_n))``, at least 1.
+    """
+    return float(max(1.0, min(default, n_mean / (2.0 * pilot_n))))
+
+
+def _expected_brier(q: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean((q - p) ** 2 + p * (1.0 - p)))
+
+
+def simulate_two_phase_run(
+    row: RowSpec,
+    cfg: SimConfig,
+    seed: int,
+    *,
+    steps: int = 120,
+    batch: int = 64,
+    n_mean: int = 8,
+    n_min: int = 2,
+    n_max: int = 32,
+    embedder: str = "hashing",
+    pilot_n: int = PILOT_N,
+    pool_factor: float | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> SimRun:
+    """Train the simulator's policy with a two-phase row until ``steps * batch * n_mean`` cumulative rollouts.
+
+    ``pool_factor`` (``pilot_commit`` only) defaults to :func:`pilot_commit_pool_factor`. Variances (``var_plan``
+    and the uniform / oracle references) are the allocator's estimator model under the TRUE p of the final groups;
+    NaN for ``pilot_commit``, whose trained prompts are chosen after seeing rewards (as for DAPO).
+    """
+    from vipalloc import Allocator
+
+    if not (2 <= n_min <= n_mean <= n_max):
+        raise ValueError(f"need 2 <= n_min <= n_mean <= n_max, got {n_min}, {n_mean}, {n_max}")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    is_pc = row.strategy == "pilot_commit"
+    pf = (pool_factor if pool_factor is not None else pilot_commit_pool_factor(n_mean, pilot_n)) if is_pc else 1.0
+    pool = max(batch, int(round(batch * pf)))
+    if pool > cfg.n_prompts:
+        raise ValueError(f"candidate pool ({pool}) cannot exceed the pool size n_prompts ({cfg.n_prompts})")
+    sim = Simulator(cfg, seed)
+    stream = PromptStream(cfg.n_prompts, seed)
+    rng_r = np.random.default_rng([seed, 1])  # rewards (the same stream the single-phase rows use)
+    rng_g = np.random.default_rng([seed, 2])  # gradient noise
+    est = _alloc_estimator(cfg.estimator)
+    common = {"estimator": est, "n_min": n_min, "n_max": n_max, "seed": seed, "embedder": embedder}
+    kwargs: dict[str, Any] = {"pool_factor": pf} if is_pc else {}
+    alloc = Allocator(strategy=row.strategy, predictor=row.predictor, strategy_kwargs=kwargs, **common)
+    shadow_uniform = Allocator(strategy="uniform", predictor="empirical", **common)
+    shadow_oracle = Allocator(strategy="vip_pure", predictor="oracle", **common)
+    budget = batch * n_mean
+    total = steps * budget
+    cum = 0
+    t = 0
+    log_steps, log_cum, log_succ = [0], [0], [sim.mean_success()]
+    var_plan: list[float] = []
+    var_uni: list[float] = []
+    var_orc: list[float] = []
+    zero_var: list[float] = []
+    kept_frac: list[float] = []
+    alloc_s: list[float] = []
+    pilot_s: list[float] = []
+    commit_s: list[float] = []
+    brier_prior: list[float] = []
+    brier_post: list[float] = []
+    mae_prior: list[float] = []
+    mae_post: list[float] = []
+    extra_zero: list[float] = []
+    while cum < total:
+        idx = stream.next(pool)
+        ids = [sim.ids[i] for i in idx]
+        texts = [sim.texts[i] for i in idx]
+        p_true = sim.true_p(idx)
+        if row.predictor == "oracle":
+            alloc.predictor.set_true_p(ids, p_true)
+        # one block of uniforms per step, as the single-phase rows draw: pilot = first columns, commit = next ones
+        full = sim.rollouts(idx, np.full(pool, n_max, np.int64), rng_r, width=n_max)
+        t0 = time.perf_counter()
+        pilot = alloc.plan_pilot(ids, prompts=texts, budget=budget, step=t, pilot_n=pilot_n)
+        r1 = [full[i][: int(c)] for i, c in enumerate(pilot.counts)]
+        alloc.observe(ids, r1, step=t)
+        t1 = time.perf_counter()
+        commit = alloc.plan_commit(step=t)
+        r2 = [full[i][int(a) : int(a) + int(c)] for i, (a, c) in enumerate(zip(pilot.counts, commit.counts))]
+        alloc.observe(ids, r2, step=t)
+        t2 = time.perf_counter()
+        pilot_s.append(t1 - t0)
+        commit_s.append(t2 - t1)
+        alloc_s.append(t2 - t0)
+        groups = [np.concatenate([a, b]) for a, b in zip(r1, r2)]
+        sizes = commit.group_sizes
+        brier_prior.append(_expected_brier(pilot.p_mean, p_true))
+        brier_post.append(_expected_brier(commit.p_mean, p_true))
+        mae_prior.append(float(np.mean(np.abs(pilot.p_mean - p_true))))
+        mae_post.append(float(np.mean(np.abs(commit.p_mean - p_true))))
+        extra_zero.append(float(np.mean(commit.counts == 0)))
+        if is_pc:
+            var_plan.append(float("nan"))
+            var_uni.append(float("nan"))
+            var_orc.append(float("nan"))
+        else:
+            uni = shadow_uniform.plan(ids, prompts=texts, budget=budget, step=t).counts
+            shadow_oracle.predictor.set_true_p(ids, p_true)
+            orc = shadow_oracle.plan(ids, prompts=texts, budget=budget, step=t).counts
+            var_plan.append(alloc.expected_variance(p_true, sizes))
+            var_uni.append(alloc.expected_variance(p_true, uni))
+            var_orc.append(alloc.expected_variance(p_true, orc))
+        generated = [g for g in groups if len(g)]
+        zero_var.append(float(np.mean([g.min() == g.max() for g in generated])) if generated else float("nan"))
+        train = np.flatnonzero(commit.train_mask)
+        kept_frac.append(float(train.size / pool))
+        if train.size:
+            t_idx = idx[train]
+            grad = sim.gradient(t_idx, [groups[i] for i in train], rng_g, p=sim.true_p(t_idx), batch_size=batch)
+        else:  # keep the noise generator in step with the other rows
+            rng_g.standard_normal((0, cfg.dim))
+            grad = np.zeros(cfg.dim)
+        if train.size:
+            sim.update(grad)
+        cum += budget
+        t += 1
+        log_steps.append(t)
+        log_cum.append(cum)
+        log_succ.append(sim.mean_success())
+        if on_step is not None:
+            on_step(t)
+    extra: dict[str, Any] = {
+        "estimator": cfg.estimator,
+        "pilot_n": pilot_n,
+        "pool_factor": pf,
+        "brier_prior": float(np.mean(brier_prior)),
+        "brier_post": float(np.mean(brier_post)),
+        "mae_prior": float(np.mean(mae_prior)),
+        "mae_post": float(np.mean(mae_post)),
+        "pilot_ms": 1e3 * float(np.mean(pilot_s)),
+        "commit_ms": 1e3 * float(np.mean(commit_s)),
+        "frac_zero_extra": float(np.mean(extra_zero)),
+        "generation_rounds": 2,
+    }
+    return SimRun(
+        label=row.label,
+        seed=seed,
+        sigma=cfg.sigma,
+        steps=np.asarray(log_steps),
+        cum_rollouts=np.asarray(log_cum),
+        success=np.asarray(log_succ),
+        var_plan=np.asarray(var_plan),
+        var_uniform=np.asarray(var_uni),
+        var_oracle=np.asarray(var_orc),
+        zero_var_frac=np.asarray(zero_var),
+        kept_frac=np.asarray(kept_frac),
+        alloc_seconds=np.asarray(alloc_s),
+        total_rollouts=total,
+        extra=extra,
+    )
+
+
+def two_phase_report_lines(league: dict[str, list[SimRun]]) -> list[str]:
+    """Markdown lines on the two-phase rows of a league (empty when there are none): predictor calibration
+    before / after the pilot, the share of prompts the commit gave no extra rollouts, and the allocator's time
+    per phase."""
+    from vipalloc.reporting import fmt_ci, md_table
+
+    rows = []
+    for label, runs in league.items():
+        if not runs or "brier_prior" not in runs[0].extra:
+            continue
+        ex = [r.extra for r in runs]
+        rows.append(
+            [
+                label,
+                f"{ex[0]['pilot_n']} / {ex[0]['pool_factor']:g}x",
+                fmt_ci([e["brier_prior"] for e in ex], digits=4),
+                fmt_ci([e["brier_post"] for e in ex], digits=4),
+                fmt_ci([e["mae_prior"] for e in ex]),
+                fmt_ci([e["mae_post"] for e in ex]),
+                fmt_ci([e["frac_zero_extra"] for e in ex]),
+                fmt_ci([e["pilot_ms"] for e in ex], digits=1),
+                fmt_ci([e["commit_ms"] for e in ex], digits=1),
+            ]
+        )
+    if not rows:
+        return []
+    headers = [
+        "row",
+        "pilot_n / pool",
+        "Brier before pilot",
+        "Brier after pilot",
+        "MAE p before",
+        "MAE p after",
+        "prompts with 0 extra",
+        "pilot ms/step",
+        "commit ms/step",
+    ]
+    return [
+        "## Two-phase rows: the predictor before and after the pilot",
+        "",
+        "Expected Brier score against the TRUE p (``mean((q - p)^2 + p(1 - p))``) of the predictor's p before the",
+        "pilot and of the posterior mean the commit used; allocator wall time per phase (plan + observe). Two-phase",
+        "rows generate in two rounds per step (pilot, then commit): on an LLM that is a second generation latency.",
+        "",
+        md_table(headers, rows),
+        "",
+    ]
