@@ -200,7 +200,15 @@ def simulate_run(
     so its cumulative rollouts never exceed the budget: every row ends at exactly the same cumulative rollouts.
     """
     from vipalloc import Allocator
+    from vipalloc.two_phase import TWO_PHASE_STRATEGIES
 
+    if row.strategy in TWO_PHASE_STRATEGIES:  # pilot round + commit round per step: vipalloc.bench.two_phase_sim
+        from vipalloc.bench.two_phase_sim import simulate_two_phase_run
+
+        return simulate_two_phase_run(
+            row, cfg, seed, steps=steps, batch=batch, n_mean=n_mean, n_min=n_min, n_max=n_max, embedder=embedder,
+            on_step=on_step,
+        )  # fmt: skip
     if not (2 <= n_min <= n_mean <= n_max):
         raise ValueError(f"need 2 <= n_min <= n_mean <= n_max, got {n_min}, {n_mean}, {n_max}")
     if batch > cfg.n_prompts:
@@ -570,6 +578,9 @@ def _write_simulate_report(
                 f"{lbl}: {np.mean(b):.2f} generation batches a step on average, so "
                 f"{np.mean([r.steps[-1] for r in rs]):.0f} steps within the same rollouts."
             )
+    from vipalloc.bench.two_phase_sim import two_phase_report_lines
+
+    lines += ["", *two_phase_report_lines(league)]  # Brier before/after the pilot, when there are two-phase rows
     lines += [
         "",
         f"![success curves]({Path(plots[0]).name})",

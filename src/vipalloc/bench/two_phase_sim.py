@@ -235,7 +235,7 @@ def two_phase_report_lines(league: dict[str, list[SimRun]]) -> list[str]:
     return [
         "## Two-phase rows: the predictor before and after the pilot",
         "",
-        "Expected Brier score against the TRUE p (``mean((q - p)^2 + p(1 - p))``) of the predictor's p before the",
+        "Expected Brier score against the TRUE p (`mean((q - p)^2 + p(1 - p))`) of the predictor's p before the",
         "pilot and of the posterior mean the commit used; allocator wall time per phase (plan + observe). Two-phase",
         "rows generate in two rounds per step (pilot, then commit): on an LLM that is a second generation latency.",
         "",
