@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,83 +14,54 @@ import pytest
 
 pytest.importorskip("trl")
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from _trl_helpers import (  # noqa: E402
+    N_PROMPTS,
+    TRUE_P,
+    DigitReward,
+    sums,
+    tiny_tokenizer,
+)
+from _trl_helpers import tiny_llama as tiny_model  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from vipalloc import Allocator  # noqa: E402
 from vipalloc.integrations.trl import ALLOCATOR_FILE, VIPGRPOConfig, VIPGRPOTrainer  # noqa: E402
+from vipalloc.strategies import STRATEGY_NAMES  # noqa: E402
+from vipalloc.telemetry import COUNTS_TAG, OUTCOME_METRIC_NAMES, PLAN_METRIC_NAMES, outcome_metrics  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-CHARS = "0123456789+-=*? "
-N_PROMPTS = 40
 WIDTH, PROMPTS_PER_BATCH, BUDGET, STEPS = 4, 4, 12, 4  # 16 rectangular rows per generation batch, 12 generated
-TRUE_P = [((i * 7) % 10) / 9 for i in range(N_PROMPTS)]  # oracle success rates in [0, 1], some exactly 0 or 1
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-
-
-def tiny_model(vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def sums() -> Dataset:
-    rng = np.random.default_rng(0)
-    a, b = rng.integers(0, 5, N_PROMPTS), rng.integers(0, 5, N_PROMPTS)
-    return Dataset.from_dict(
-        {
-            "prompt": [f"{x}+{y}=" for x, y in zip(a, b)],
-            "answer": [str(x + y) for x, y in zip(a, b)],
-            "prompt_id": [f"q{i}" for i in range(N_PROMPTS)],
-        }
-    )
-
-
-class DigitReward:
-    """Verifiable reward in [0, 1] (share of digits in the completion); records every call."""
-
-    __name__ = "digit_share"
+class HistogramWriter:
+    """Stands in for a TensorBoard ``SummaryWriter`` held by a reporting callback (``tb_writer``)."""
 
     def __init__(self) -> None:
-        self.calls: list[list[tuple[str, str, float]]] = []
+        self.histograms: list[tuple[str, list[int], int]] = []
 
-    def __call__(self, completions, prompt_id, **kwargs):
-        out = [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-        self.calls.append(list(zip(prompt_id, completions, out)))
-        return out
+    def add_histogram(self, tag, values, global_step=None) -> None:
+        self.histograms.append((tag, list(np.asarray(values).tolist()), global_step))
+
+
+class TensorBoardLike(TrainerCallback):
+    """A trainer callback exposing ``tb_writer`` the way transformers' ``TensorBoardCallback`` does."""
+
+    def __init__(self) -> None:
+        self.tb_writer = HistogramWriter()
 
 
 def vip_args(out: Path, **kw) -> VIPGRPOConfig:
     base = dict(
         output_dir=str(out),
         use_cpu=True,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,  # 2 micro-batches per generation batch of 4 prompts x width 4
+        per_device_train_batch_size=BUDGET // 2,  # completions trained per micro-batch, as in TRL
+        gradient_accumulation_steps=2,  # 2 micro-batches per generation batch: 4 prompts, sampled 4 times each
+        num_generations=BUDGET // PROMPTS_PER_BATCH,  # the uniform group size replaced: sets the budget (12)
         n_max=WIDTH,
         max_completion_length=3,
         max_steps=STEPS,
@@ -100,7 +72,6 @@ def vip_args(out: Path, **kw) -> VIPGRPOConfig:
         save_steps=STEPS,
         loss_type="grpo",  # per-sequence mean: exact only because unused rows are removed, not masked
         beta=0.04,  # exercises the reference-model log-prob pass
-        rollout_budget=BUDGET,
         n_min=2,
         allocation_strategy="vip",  # the authors' rule: may drop prompts it predicts always/never solved
         predictor="oracle",
@@ -119,7 +90,8 @@ def run(tmp_path_factory):
     # Saved to disk so that TRL can build the reference model (beta > 0) from the same path.
     model_dir = tmp_path_factory.mktemp("tiny")
     tiny_model(len(tok)).save_pretrained(model_dir)
-    reward = DigitReward()
+    reward = DigitReward(log_extra=True)  # logs a column to TRL's completions table through log_extra
+    tb = TensorBoardLike()
     raw, gen_rows, loss_inputs, records = [], [], [], []
     base_score = GRPOTrainer._generate_and_score_completions
     base_gen = GRPOTrainer._generate_single_turn
@@ -153,9 +125,10 @@ def run(tmp_path_factory):
         trainer = Recording(
             model=str(model_dir),
             reward_funcs=reward,
-            args=vip_args(out),
+            args=vip_args(out, log_completions=True),
             train_dataset=sums(),
             processing_class=tok,
+            callbacks=[tb],
         )
         # Skewed true success rates (some exactly 0 or 1) make the plan non-uniform and drop some prompts.
         ids = [f"q{i}" for i in range(N_PROMPTS)]
@@ -172,6 +145,7 @@ def run(tmp_path_factory):
         loss_inputs=loss_inputs,
         records=records,
         out=out,
+        tb=tb,
     )
 
 
@@ -228,17 +202,53 @@ def test_allocator_received_exactly_the_real_rewards(run) -> None:
 
 
 def test_vip_metrics_are_logged(run) -> None:
+    """The shared telemetry names, every generation, equal to the plan's and the outcome's own metrics."""
     logged = [h for h in run["trainer"].state.log_history if "vip/mean_n" in h]
     assert len(logged) == STEPS
     for h, (rec, _) in zip(logged, run["records"]):
-        kept = rec.counts > 0
-        assert h["vip/mean_n"] == pytest.approx(rec.counts[kept].mean())
-        assert h["vip/max_n"] == rec.counts.max()
-        assert 0.0 <= h["vip/frac_zero_std"] <= 1.0 and 0.0 <= h["vip/pred_abs_err"] <= 1.0
+        assert set(PLAN_METRIC_NAMES) | set(OUTCOME_METRIC_NAMES) <= set(h)
+        assert not any(k in h for k in ("vip/frac_zero_std", "vip/frac_zero_std_groups"))  # old names are gone
+        for key, value in rec.plan.metrics().items():
+            assert h[key] == pytest.approx(value, rel=1e-6), key
+        expected = outcome_metrics(rec.successes, p_mean=rec.plan.p_mean)
+        for key in OUTCOME_METRIC_NAMES:
+            assert h[key] == pytest.approx(expected[key], rel=1e-6), key
+        assert h["vip/rollouts_generated"] == h["vip/budget"] == BUDGET  # every budgeted rollout came back
         assert h["vip/expected_var_ratio_vs_uniform"] == pytest.approx(rec.plan.variance_ratio)
     assert any(h["vip/expected_var_ratio_vs_uniform"] < 1.0 for h in logged)
+    assert any(h["vip/num_dropped"] > 0 for h in logged)
     # TRL's own length metrics are over the real completions, not the 1-token placeholders.
     assert all(h["completions/min_length"] >= 1 for h in logged)
+    # the counts histogram went to the TensorBoard writer once per generation
+    hist = run["tb"].tb_writer.histograms
+    assert [tag for tag, _, _ in hist] == [COUNTS_TAG] * STEPS
+    assert [counts for _, counts, _ in hist] == [rec.counts.tolist() for rec, _ in run["records"]]
+
+
+def test_completions_table_keeps_real_rows_and_log_extra_columns(run) -> None:
+    """log_completions=True with a reward function calling log_extra: one table row per real completion."""
+    tables = sorted((run["out"] / "completions").glob("*.parquet"))
+    assert len(tables) == STEPS
+    for table, call in zip(tables, run["reward"].calls):
+        df = pd.read_parquet(table)
+        assert len(df) == BUDGET
+        assert df["completion"].tolist() == [c for _, c, _ in call]
+        assert df["digit_count"].tolist() == [sum(ch.isdigit() for ch in c) for _, c, _ in call]
+        np.testing.assert_allclose(df["digit_share"], [r for _, _, r in call], rtol=1e-6)
+
+
+def test_allocator_file_is_in_the_checkpoint_before_the_upload(run, tmp_path, monkeypatch) -> None:
+    trainer = run["trainer"]
+    seen: list[bool] = []
+    monkeypatch.setattr(trainer.args, "output_dir", str(tmp_path))
+    monkeypatch.setattr(trainer.args, "push_to_hub", True)
+    monkeypatch.setattr(
+        trainer,
+        "_push_from_checkpoint",
+        lambda folder: seen.append(os.path.exists(os.path.join(folder, ALLOCATOR_FILE))),
+    )
+    trainer._save_checkpoint(trainer.model, trial=None)
+    assert seen == [True]
 
 
 def test_allocator_is_checkpointed_and_restored(run, tmp_path) -> None:
@@ -257,22 +267,60 @@ def test_allocator_is_checkpointed_and_restored(run, tmp_path) -> None:
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.vip_last is not None and resumed.vip_last.step == STEPS  # the step counter continued
     assert len(resumed.allocator.history) == len(saved.history) + int((resumed.vip_last.counts > 0).sum())
+    # a checkpoint without the allocator file resumes with a fresh allocator, and says so
+    bare = tmp_path / ckpt.name
+    shutil.copytree(ckpt, bare)
+    (bare / ALLOCATOR_FILE).unlink()
+    fresh = VIPGRPOTrainer(
+        model=str(run["model_dir"]),
+        reward_funcs=DigitReward(),
+        args=vip_args(tmp_path, max_steps=STEPS + 1, save_strategy="no"),
+        train_dataset=sums(),
+        processing_class=tok,
+    )
+    fresh.allocator.predictor.set_true_p([f"q{i}" for i in range(N_PROMPTS)], TRUE_P)
+    with pytest.warns(RuntimeWarning, match=f"no {ALLOCATOR_FILE}: the allocator starts fresh"):
+        fresh.train(resume_from_checkpoint=str(bare))
+    assert len(fresh.allocator.history) == int((fresh.vip_last.counts > 0).sum())  # only the new step
 
 
-def test_config_validation(tmp_path) -> None:
+def test_config_defaults_to_the_uniform_budget_it_replaces(tmp_path) -> None:
     common = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=16, report_to=[])
-    cfg = VIPGRPOConfig(n_max=4, mean_generations=2.5, **common)
-    assert cfg.num_generations == 4 and cfg.prompts_per_generation == 4 and cfg.budget_per_generation == 10
-    with pytest.raises(ValueError, match="exceeds"):
-        VIPGRPOConfig(n_max=4, rollout_budget=17, **common)
-    with pytest.raises(ValueError, match="divisible by steps_per_generation"):
-        VIPGRPOConfig(n_max=4, rollout_budget=9, steps_per_generation=2, **common)
-    with pytest.raises(ValueError, match="n_min"):
-        VIPGRPOConfig(n_max=4, n_min=5, **common)
-    with pytest.raises(ValueError, match="disagree"):
-        VIPGRPOConfig(n_max=4, num_generations=16, **common)
+    plain = GRPOConfig(num_generations=8, gradient_accumulation_steps=4, **common)
+    vip = VIPGRPOConfig(num_generations=8, gradient_accumulation_steps=4, **common)
+    # same prompts, same rollouts per generation batch as the GRPOConfig it replaces; width 2 x num_generations
+    assert vip.budget_per_generation == plain.generation_batch_size == 64
+    assert vip.prompts_per_generation == plain.generation_batch_size // plain.num_generations == 8
+    assert vip.n_max == 16 and vip.sampled_rows_per_process == 8 * 16
+    assert vip.per_device_train_batch_size == plain.per_device_train_batch_size  # completions per micro-batch
+
+
+def test_config_rejects_conflicting_or_infeasible_settings(tmp_path) -> None:
+    common = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=16, report_to=[])
+    with pytest.raises(ValueError, match="raise n_max to at least 8"):
+        VIPGRPOConfig(n_max=4, **common)  # num_generations=8 (TRL's default) with n_max=4 cannot meet the budget
+    with pytest.raises(ValueError, match="n_min <= num_generations"):
+        VIPGRPOConfig(num_generations=4, n_min=5, n_max=8, **common)
+    with pytest.raises(ValueError, match="num_generations"):
+        VIPGRPOConfig(num_generations=None, **common)
+    with pytest.raises(ValueError, match="unknown allocation_strategy 'nope'"):
+        VIPGRPOConfig(num_generations=4, allocation_strategy="nope", **common)
+    with pytest.raises(ValueError, match="unknown predictor"):
+        VIPGRPOConfig(num_generations=4, predictor="nope", **common)
     with pytest.raises(ValueError, match="variance_estimator"):
-        VIPGRPOConfig(n_max=4, variance_estimator="grpo", **common)
+        VIPGRPOConfig(num_generations=4, variance_estimator="grpo", **common)
+    with pytest.raises(ValueError, match="two_phase=True .* not supported by the TRL plug-in"):
+        VIPGRPOConfig(num_generations=4, two_phase=True, **common)
+    with pytest.raises(ValueError, match="vllm_mode='server' is not supported"):
+        VIPGRPOConfig(num_generations=4, use_vllm=True, vllm_mode="server", **common)
+    with pytest.raises(ValueError, match="divisible by num_generations"):  # TRL's own check: whole prompts
+        VIPGRPOConfig(num_generations=3, **common)
+
+
+def test_every_registered_strategy_is_selectable(tmp_path) -> None:
+    common = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=16, report_to=[])
+    for name in STRATEGY_NAMES:  # no whitelist of our own: whatever vipalloc.strategies registers
+        assert VIPGRPOConfig(num_generations=4, allocation_strategy=name, **common).allocation_strategy == name
 
 
 def test_trainer_rejects_unsupported_setups(tmp_path) -> None:
@@ -281,11 +329,12 @@ def test_trainer_rejects_unsupported_setups(tmp_path) -> None:
     plain = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8, num_generations=4)
     with pytest.raises(ValueError, match="VIPGRPOConfig"):
         VIPGRPOTrainer(model=model, reward_funcs=DigitReward(), args=plain, train_dataset=sums())
-    args = vip_args(tmp_path, use_vllm=True)
-    with pytest.raises(NotImplementedError, match="use_vllm=False"):
-        VIPGRPOTrainer(model=model, reward_funcs=DigitReward(), args=args, train_dataset=sums())
     with pytest.raises(NotImplementedError, match="tools"):
         VIPGRPOTrainer(model, DigitReward(), vip_args(tmp_path), sums(), tools=[len])
+    with pytest.raises(ValueError, match="success_reward 'accuracy' is not a reward function"):
+        VIPGRPOTrainer(
+            model, DigitReward(), vip_args(tmp_path, success_reward="accuracy", beta=0.0), sums(), processing_class=tok
+        )
 
 
 def test_import_is_cheap_and_explains_missing_trl() -> None:
@@ -302,149 +351,3 @@ def test_import_is_cheap_and_explains_missing_trl() -> None:
         "    raise SystemExit('no ImportError without trl')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-
-# ---------------------------------------------------------------------- two processes (torchrun, gloo on CPU)
-# 3 prompts x width 4 = 12 rows per generation batch, 6 per process; a budget of 11 gives every prompt >= 3
-# rollouts, so the middle prompt's real rows always sit on both processes.
-MP_WIDTH, MP_BUDGET, MP_STEPS, PROMPTS_PER_MP_BATCH = 4, 11, 2, 3
-
-
-def _multiprocess_worker(out: Path) -> None:
-    """Run under ``torchrun --nproc_per_node 2``: two real steps, then dump what every process saw."""
-    import json
-
-    tok = tiny_tokenizer()
-    reward = DigitReward()
-    raw, gen_rows, loss_rows, records = [], [], [], []
-    base_score, base_gen, base_loss = (
-        GRPOTrainer._generate_and_score_completions,
-        GRPOTrainer._generate_single_turn,
-        GRPOTrainer.compute_loss,
-    )
-
-    def score(self, inputs):
-        output = base_score(self, inputs)
-        raw.append({"advantages": output["advantages"].tolist()})
-        return output
-
-    def gen(self, prompt_ids, *a, **kw):
-        gen_rows.append(len(prompt_ids))
-        return base_gen(self, prompt_ids, *a, **kw)
-
-    def loss(self, model, inputs, *a, **kw):
-        value = base_loss(self, model, inputs, *a, **kw)
-        loss_rows.append([inputs["completion_ids"].size(0), float(value.detach())])
-        return value
-
-    class Recording(VIPGRPOTrainer):
-        def _generate_and_score_completions(self, inputs):
-            output = super()._generate_and_score_completions(inputs)
-            rec, rank, n = self.vip_last, self.accelerator.process_index, len(inputs)
-            real = rec.real_rows[rank * n : (rank + 1) * n]  # this process's slice of the batch
-            records.append(
-                {
-                    "local_real": real.tolist(),
-                    "kept_rows": self._vip_local_rows.tolist(),
-                    "counts": rec.counts.tolist(),
-                    "rewards": [r.tolist() for r in rec.rewards],
-                    "advantages": output["advantages"].tolist(),
-                    "row_tokens": output["completion_mask"].sum(1).tolist(),
-                    "num_items": int(output["num_items_in_batch"]),
-                }
-            )
-            return output
-
-    GRPOTrainer._generate_and_score_completions = score
-    GRPOTrainer._generate_single_turn = gen
-    GRPOTrainer.compute_loss = loss
-    args = vip_args(
-        out,
-        per_device_train_batch_size=3,
-        gradient_accumulation_steps=2,  # 2 micro-batches: processes holding an odd count keep one inert row
-        n_max=MP_WIDTH,
-        rollout_budget=MP_BUDGET,
-        loss_type="dapo",
-        beta=0.0,
-        max_steps=MP_STEPS,
-        save_strategy="no",
-    )
-    trainer = Recording(
-        model=tiny_model(len(tok)), reward_funcs=reward, args=args, train_dataset=sums(), processing_class=tok
-    )
-    ids = [f"q{i}" for i in range(N_PROMPTS)]
-    trainer.allocator.predictor.set_true_p(ids, TRUE_P)
-    trainer.train()
-    rank = trainer.accelerator.process_index
-    dump = {
-        "world": trainer.accelerator.num_processes,
-        "records": records,
-        "raw": raw,
-        "gen_rows": gen_rows,
-        "loss_rows": loss_rows,
-        "reward_calls": [[[pid, r] for pid, _, r in call] for call in reward.calls],
-        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-    }
-    if trainer.accelerator.is_main_process:
-        dump["history"] = [
-            [step, ids_, succ.tolist(), trials.tolist()]
-            for step, ids_, succ, trials in trainer.allocator.history.iter_steps()
-        ]
-    (out / f"rank{rank}.json").write_text(json.dumps(dump))
-
-
-def test_two_processes_share_one_plan_and_groups_span_them(tmp_path) -> None:
-    """Two CPU processes (gloo): one plan for the global batch, groups spanning processes, exact dapo normaliser."""
-    import json
-
-    from trl.trainer.utils import nanstd
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
-    subprocess.run([*cmd, str(tmp_path)], check=True, timeout=300, env=env, capture_output=True)
-    d0, d1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert d0["world"] == d1["world"] == 2
-    n_local = PROMPTS_PER_MP_BATCH * MP_WIDTH // 2
-    steps = list(zip(d0["records"], d1["records"], d0["reward_calls"], d1["reward_calls"], d0["history"]))
-    assert len(steps) == MP_STEPS
-    spanning = 0
-    for k, (r0, r1, c0, c1, (_, hist_ids, succ, trials)) in enumerate(steps):
-        counts = np.array(r0["counts"])
-        assert r1["counts"] == r0["counts"] and counts.sum() == MP_BUDGET  # both processes follow the main plan
-        real = np.array(r0["local_real"] + r1["local_real"])
-        np.testing.assert_array_equal(real.reshape(-1, MP_WIDTH).sum(1), counts)
-        spanning += bool(real[n_local - 1] and real[n_local])  # one group's real rows on both processes
-        for d, r, calls in ((d0, r0, c0), (d1, r1, c1)):
-            n_real = sum(r["local_real"])
-            assert d["gen_rows"][k] == max(1, n_real) and len(calls) == n_real  # generated/scored real rows only
-            kept, local_real = np.array(r["kept_rows"]), np.array(r["local_real"])
-            assert len(kept) % 2 == 0 and len(kept) >= n_real  # equal micro-batches; extra rows are inert
-            inert = ~local_real[kept]
-            assert all(t == 0 for t, i in zip(r["row_tokens"], inert) if i)
-            assert all(a == 0 for a, i in zip(r["advantages"], inert) if i)
-            assert all(a == 0 for a, x in zip(d["raw"][k]["advantages"], local_real) if not x)
-        # dapo's normaliser is the global count of real tokens on both processes
-        assert r0["num_items"] == r1["num_items"] == sum(r0["row_tokens"]) + sum(r1["row_tokens"])
-        # advantages of real rows are group statistics over the gathered real rewards, across the process boundary
-        expected = []
-        for rewards in r0["rewards"]:
-            x = torch.tensor(rewards)
-            expected += ((x - x.mean()) / (nanstd(x) + 1e-4)).tolist() if len(rewards) > 1 else [0.0] * len(rewards)
-        got = [a for r in (r0, r1) for a, x in zip(r["advantages"], np.array(r["local_real"])[r["kept_rows"]]) if x]
-        np.testing.assert_allclose(got, expected, atol=1e-5)
-        # the main process's allocator received exactly the real rewards of both processes
-        calls = c0 + c1
-        by_prompt: dict[str, list[float]] = {}
-        for pid, rew in calls:
-            by_prompt.setdefault(pid, []).append(rew)
-        assert hist_ids == list(by_prompt)
-        np.testing.assert_array_equal(trials, [len(v) for v in by_prompt.values()])
-        np.testing.assert_array_equal(succ, [sum(x >= 0.5 for x in v) for v in by_prompt.values()])
-    assert spanning == MP_STEPS
-    for d in (d0, d1):
-        assert all(math.isfinite(v) for _, v in d["loss_rows"]) and len(d["losses"]) == MP_STEPS
-        assert all(math.isfinite(v) for v in d["losses"])
-
-
-if __name__ == "__main__":
-    _multiprocess_worker(Path(sys.argv[1]))

@@ -1,18 +1,15 @@
 """TRL plug-in: VIP's per-prompt rollout counts inside TRL's ``GRPOTrainer`` (supported TRL: ``>=1.16,<2``).
 
-Route (justified in ``docs/trl.md``): TRL's sampler hands every generation batch over as rectangular groups of
-``num_generations`` (= ``n_max``) consecutive rows per prompt. :class:`VIPGRPOTrainer` asks ``Allocator.plan`` for
-per-prompt counts ``n_i`` (summing to the budget) and marks the first ``n_i`` rows of group ``i`` real. Only real rows
-are generated and scored; the unused rows carry a one-token placeholder and a NaN reward, which TRL's NaN-aware group
-statistics ignore. After TRL has computed the advantages, the unused rows are removed from the batch, so they never
-reach the loss, its normalisers or the backward pass. Each prompt's real rewards, binarised by
-``success_threshold``, are then reported to ``Allocator.observe``.
+Route (justified in ``docs/trl.md``): the trainer samples every prompt ``n_max`` times (rectangular groups, TRL's
+``RepeatSampler`` layout), asks ``Allocator.plan`` for per-prompt counts ``n_i`` summing to the budget and marks
+the first ``n_i`` rows of group ``i`` real. Only real rows are generated and scored; unused rows carry a one-token
+placeholder and a NaN reward, which TRL's NaN-aware group statistics ignore. After TRL has computed the advantages
+the unused rows are removed and the real rows are dealt out so that every process trains on the same number
+(``per_device_train_batch_size`` per micro-batch), at the token positions of TRL's log-prob passes. Each prompt's
+binarised rewards then go to ``Allocator.observe`` (main process), and ``vip/*`` metrics to TRL's logs.
 
-Scope: TRL's transformers generation path (plain ``generate`` or continuous batching), text prompts, no tools,
-environments or ``rollout_func``. In one process every TRL loss type is exact, because unused rows are removed
-rather than masked. With several processes (accelerate/torchrun) the main process plans for the whole generation
-batch and broadcasts the plan, groups may span processes, and the token-normalised losses ``dapo``, ``cispo`` and
-``vespo`` stay exact. Unsupported settings raise at construction with the reason.
+Scope: TRL's transformers generation path (plain ``generate`` or continuous batching) and vLLM colocate mode, text
+prompts, no tools, environments or ``rollout_func``. Unsupported settings raise at construction with the reason.
 """
 
 from __future__ import annotations
@@ -21,12 +18,11 @@ import contextlib
 import hashlib
 import inspect
 import json
-import math
 import os
 import warnings
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -36,7 +32,9 @@ try:
     import trl
     import trl.trainer.grpo_trainer as _grpo_module
     from accelerate.utils import broadcast_object_list, gather, gather_object
-    from trl import GRPOConfig, GRPOTrainer
+    from datasets import IterableDataset
+    from trl import GRPOTrainer
+    from trl.trainer.utils import RepeatSampler, repeat_iterable_dataset
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         f'vipalloc.integrations.trl needs TRL and PyTorch ({exc}); install them with: pip install "vipalloc[trl]"'
@@ -45,14 +43,27 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from packaging.version import Version
 
 from vipalloc.allocator import Allocator, Plan
+from vipalloc.integrations._trl_config import TWO_PHASE_REASON, VIPGRPOConfig
+from vipalloc.integrations._trl_layout import (
+    SHIFT_KEY,
+    accepts_position_ids,
+    install_position_hook,
+    training_layout,
+)
+from vipalloc.telemetry import COUNTS_TAG
 
-__all__ = ["ALLOCATOR_FILE", "SUPPORTED_TRL", "VIPBatchRecord", "VIPGRPOConfig", "VIPGRPOTrainer"]
+__all__ = [
+    "ALLOCATOR_FILE",
+    "SUPPORTED_TRL",
+    "TWO_PHASE_REASON",
+    "VIPBatchRecord",
+    "VIPGRPOConfig",
+    "VIPGRPOTrainer",
+]
 
 SUPPORTED_TRL = ">=1.16,<2"
 _TRL_RANGE = (Version("1.16"), Version("2"))
-ALLOCATOR_FILE = "vip_allocator.json"  # saved inside each TRL checkpoint folder
-# Losses normalised by the global token count: exact when processes hold different numbers of completions.
-_MULTI_PROCESS_LOSSES = ("dapo", "cispo", "vespo")
+ALLOCATOR_FILE = "vip_allocator.json"  # saved inside each TRL checkpoint folder (and next to save_model's output)
 
 
 def _trl_version_supported(found: str) -> bool:
@@ -68,115 +79,13 @@ if not _trl_version_supported(trl.__version__):  # pragma: no cover - depends on
     )
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-@dataclass
-class VIPGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus VIP allocation settings.
-
-    The group width ``num_generations`` is the largest count a prompt can get (``n_max``; setting ``n_max`` sets it).
-    ``per_device_train_batch_size`` counts rectangular rows, so a generation batch holds
-    ``generation_batch_size // n_max`` prompts. Of its rows, only ``budget_per_generation`` are generated:
-    ``rollout_budget`` if given, else ``round(mean_generations * prompts)`` (the budget of uniform GRPO with
-    ``mean_generations`` rollouts per prompt). ``n_min`` is the fewest rollouts of a prompt that is not dropped.
-    """
-
-    rollout_budget: int | None = field(
-        default=None, metadata={"help": "Rollouts generated per generation batch (overrides mean_generations)."}
-    )
-    mean_generations: float = field(
-        default=4.0, metadata={"help": "Average rollouts per prompt; budget = mean_generations x prompts per batch."}
-    )
-    n_min: int = field(default=2, metadata={"help": "Fewest rollouts of a kept prompt (>= 2)."})
-    n_max: int | None = field(
-        default=None, metadata={"help": "Most rollouts of a prompt; sets num_generations (the TRL group width)."}
-    )
-    allocation_strategy: str = field(
-        default="vip", metadata={"help": "uniform | vip | vip_pure | inverse_acc | inverse_var | knapsack | gvm"}
-    )
-    predictor: str = field(default="gp", metadata={"help": "gp | beta | empirical | ridge | oracle"})
-    variance_estimator: str = field(
-        default="drgrpo", metadata={"help": "Variance model the allocation minimises: drgrpo | rloo."}
-    )
-    embedder: str = field(default="auto", metadata={"help": "Prompt features: auto | minilm | hashing."})
-    success_threshold: float = field(
-        default=0.5, metadata={"help": "A rollout succeeds when its weighted reward is >= this."}
-    )
-    allocator_seed: int = field(default=0, metadata={"help": "Seed of the allocator's tie-breaking."})
-    prompt_id_column: str = field(
-        default="prompt_id", metadata={"help": "Dataset column with a stable prompt id (else a hash of the prompt)."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.n_max is not None:
-            self.n_max = _positive_int("n_max", self.n_max, 2)
-            default_g = type(self).__dataclass_fields__["num_generations"].default
-            if self.num_generations not in (None, default_g, self.n_max):
-                raise ValueError(
-                    f"n_max ({self.n_max}) and num_generations ({self.num_generations}) disagree; they are the same "
-                    "quantity (the group width): set only n_max"
-                )
-            self.num_generations = self.n_max
-        super().__post_init__()
-        # GRPOConfig.__post_init__ has set (or raised about) the group width and the generation batch layout.
-        assert self.num_generations is not None and self.steps_per_generation is not None
-        self.n_max = int(self.num_generations)
-        self.n_min = _positive_int("n_min", self.n_min, 2)
-        if self.n_min > self.n_max:
-            raise ValueError(f"n_min ({self.n_min}) must be <= n_max = num_generations ({self.n_max})")
-        if self.variance_estimator not in ("drgrpo", "rloo"):
-            raise ValueError(
-                f"variance_estimator must be 'drgrpo' or 'rloo', got {self.variance_estimator!r} "
-                "(use 'drgrpo' when training with TRL's grpo/dapo losses)"
-            )
-        if not (isinstance(self.success_threshold, (int, float)) and math.isfinite(self.success_threshold)):
-            raise ValueError(f"success_threshold must be a finite number, got {self.success_threshold!r}")
-        m = self.prompts_per_generation
-        if self.rollout_budget is not None:
-            self.rollout_budget = _positive_int("rollout_budget", self.rollout_budget)
-        elif not (
-            isinstance(self.mean_generations, (int, float))
-            and math.isfinite(self.mean_generations)
-            and self.mean_generations > 0
-        ):
-            raise ValueError(f"mean_generations must be a positive number, got {self.mean_generations!r}")
-        budget = self.budget_per_generation
-        if budget > m * self.n_max:
-            raise ValueError(
-                f"budget of {budget} rollouts exceeds the {m} prompts x n_max {self.n_max} = {m * self.n_max} rows of "
-                "a generation batch; lower rollout_budget/mean_generations or raise n_max"
-            )
-        if self.world_size == 1 and budget % self.steps_per_generation:
-            raise ValueError(
-                f"budget of {budget} rollouts per generation batch must be divisible by steps_per_generation "
-                f"({self.steps_per_generation}), because TRL splits the generated rows into that many equal "
-                "micro-batches; adjust rollout_budget/mean_generations or steps_per_generation"
-            )
-
-    @property
-    def prompts_per_generation(self) -> int:
-        """Distinct prompts in one (global) generation batch: ``generation_batch_size // num_generations``."""
-        assert self.generation_batch_size is not None and self.num_generations is not None  # set by __post_init__
-        return int(self.generation_batch_size) // int(self.num_generations)
-
-    @property
-    def budget_per_generation(self) -> int:
-        """Rollouts generated per generation batch (``rollout_budget`` or ``mean_generations`` x prompts)."""
-        if self.rollout_budget is not None:
-            return int(self.rollout_budget)
-        return int(round(self.mean_generations * self.prompts_per_generation))
-
-
 @dataclass
 class VIPBatchRecord:
     """What one VIP generation step did (``trainer.vip_last``). Arrays are aligned with ``prompt_ids``.
 
-    ``rewards[i]`` are the weighted rewards (TRL's sum over reward functions) of prompt ``i``'s scorable
-    completions, ``successes[i]`` their binarised values as sent to ``Allocator.observe``.
+    ``prompt_ids`` are the distinct prompts of the generation batch (a prompt sampled twice is one entry).
+    ``rewards[i]`` are the success rewards (TRL's weighted sum over reward functions, or ``success_reward``'s) of
+    prompt ``i``'s scorable completions, ``successes[i]`` their binarised values as sent to ``Allocator.observe``.
     """
 
     step: int
@@ -185,7 +94,17 @@ class VIPBatchRecord:
     rewards: list[np.ndarray]
     successes: list[np.ndarray]
     plan: Plan
-    real_rows: np.ndarray  # bool (M * n_max,): rows of the rectangular batch that were generated
+    real_rows: np.ndarray  # bool (groups * n_max,): rows of the gathered rectangular batch that were generated
+
+
+@dataclass
+class _Layout:
+    """Where a plan's rows sit in the gathered rectangular batch: ``groups`` consecutive blocks of ``n_max`` rows."""
+
+    plan: Plan
+    group_prompt: np.ndarray  # int (groups,): index into plan.prompt_ids of each block
+    first_block: np.ndarray  # int (M,): the block whose first counts[i] rows are prompt i's real rows
+    real_global: np.ndarray  # bool (groups * n_max,)
 
 
 def _prompt_key(row: dict[str, Any], column: str) -> str:
@@ -212,14 +131,14 @@ class VIPGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` that generates ``n_i`` completions for prompt ``i`` as planned by a :class:`Allocator`.
 
     Takes every ``GRPOTrainer`` argument plus ``allocator`` (optional: built from the config when omitted). Needs a
-    :class:`VIPGRPOConfig`. The allocator is saved into each checkpoint (``vip_allocator.json``) and restored on
-    ``train(resume_from_checkpoint=...)``. ``vip_last`` holds a :class:`VIPBatchRecord` of the latest step.
+    :class:`VIPGRPOConfig`. The allocator is saved into each checkpoint (``vip_allocator.json``, before any Hub
+    upload) and restored on ``train(resume_from_checkpoint=...)``. ``vip_last`` holds a :class:`VIPBatchRecord`.
 
-    With several processes the main process plans for the global generation batch and broadcasts the plan; a
-    prompt's group may span processes (TRL's layout), and the group statistics use the gathered rewards as in TRL.
+    With several processes the main process plans for the global generation batch and broadcasts the plan; group
+    statistics use the gathered rewards as in TRL, and every process then trains on the same number of real rows.
     """
 
-    # TRL copies ``args.num_generations`` here; VIPGRPOConfig.__post_init__ has made it an int (= n_max).
+    # TRL copies ``args.num_generations`` here; the trainer replaces it by the group width n_max after init.
     num_generations: int
 
     def __init__(self, *args: Any, allocator: Allocator | None = None, **kwargs: Any) -> None:
@@ -230,17 +149,6 @@ class VIPGRPOTrainer(GRPOTrainer):
                 f"VIPGRPOTrainer needs args=VIPGRPOConfig(...) (it carries the allocation settings), got {type(cfg)}"
             )
         # Checked before GRPOTrainer.__init__ so that nothing heavy (vLLM, models, process groups) starts for nothing.
-        if cfg.use_vllm:
-            raise NotImplementedError(
-                "VIPGRPOTrainer needs TRL's transformers generation path (use_vllm=False): TRL's vLLM server path "
-                "samples prompts[::num_generations] with n=num_generations and cannot vary the count per prompt"
-            )
-        if cfg.world_size > 1 and cfg.loss_type not in _MULTI_PROCESS_LOSSES:
-            raise NotImplementedError(
-                f"with {cfg.world_size} processes VIPGRPOTrainer supports loss_type in {_MULTI_PROCESS_LOSSES}: after "
-                "the unused rows are removed, processes hold different numbers of completions, and only losses "
-                f"normalised by the global token count stay exact (got {cfg.loss_type!r}; use one process for it)"
-            )
         for name in ("tools", "rollout_func", "environment_factory"):
             if bound.get(name) is not None:
                 raise NotImplementedError(
@@ -248,8 +156,15 @@ class VIPGRPOTrainer(GRPOTrainer):
                     "planned subset of rows"
                 )
         super().__init__(*args, **kwargs)
+        assert cfg.n_max is not None  # VIPGRPOConfig.__post_init__ sets it
+        # From here on TRL's group width is n_max (the sampler, the advantage view and the logs use it); evaluation
+        # keeps TRL's plain groups of num_generations_eval (default: num_generations).
+        self.num_generations = int(cfg.n_max)
+        names = list(self.reward_func_names)
+        if cfg.success_reward is not None and cfg.success_reward not in names:
+            raise ValueError(f"success_reward {cfg.success_reward!r} is not a reward function; choose one of {names}")
+        self._vip_success_col = None if cfg.success_reward is None else names.index(cfg.success_reward)
         if allocator is None:
-            assert cfg.n_max is not None  # VIPGRPOConfig.__post_init__ sets it to num_generations
             allocator = Allocator(
                 strategy=cfg.allocation_strategy,
                 predictor=cfg.predictor,
@@ -265,125 +180,180 @@ class VIPGRPOTrainer(GRPOTrainer):
             raise ValueError(f"allocator must be a vipalloc.Allocator, got {type(allocator)}")
         if allocator.n_max > self.num_generations:
             raise ValueError(
-                f"the allocator's n_max ({allocator.n_max}) exceeds num_generations ({self.num_generations}), the "
-                "TRL group width; set VIPGRPOConfig(n_max=...) to at least the allocator's n_max"
+                f"the allocator's n_max ({allocator.n_max}) exceeds VIPGRPOConfig.n_max ({self.num_generations}), "
+                "the TRL group width; set VIPGRPOConfig(n_max=...) to at least the allocator's n_max"
             )
         if not 0.0 < allocator.success_threshold <= 1.0:
             raise ValueError(
                 f"the allocator's success_threshold ({allocator.success_threshold}) must lie in (0, 1]: the trainer "
                 "reports binarised 0/1 rewards (set VIPGRPOConfig.success_threshold for the raw-reward threshold)"
             )
+        self._vip_positions = accepts_position_ids(self.model)
+        if not self._vip_positions and self._vip_world > 1:
+            raise NotImplementedError(
+                f"with several processes VIPGRPOTrainer moves rows between processes and keeps their token positions "
+                f"through position_ids, which {type(self.model).__name__}.forward does not accept; use one process"
+            )
+        self._vip_shift: torch.Tensor | None = None
+        if self._vip_positions:
+            self._vip_hook = install_position_hook(self.model, lambda: self._vip_shift)
         self.allocator = allocator  # planned and updated on the main process only
         self.vip_last: VIPBatchRecord | None = None
         # Set only while a planned generation batch is generated and scored (None otherwise, e.g. in evaluation):
-        # the real rows of this process's slice and of the whole (gathered) generation batch.
+        # the real rows of this process's slice.
         self._vip_real: np.ndarray | None = None
-        self._vip_real_global: np.ndarray | None = None
         self._vip_rewards: torch.Tensor | None = None
-        self._vip_local_rows: np.ndarray | None = None  # rows of the local slice kept for training (last step)
+        self._vip_local_rows: np.ndarray | None = None  # global rows this process trains on (last step), -1-i inert
+        # TRL sized its completion-log deques for generation_batch_size (the budget); they receive the sampled rows.
+        rows = cfg.prompts_per_generation * self.num_generations
+        self._logs = {
+            "images": deque(maxlen=rows),
+            "prompt": deque(maxlen=rows),
+            "completion": deque(maxlen=rows),
+            "rewards": defaultdict(lambda: deque(maxlen=rows)),
+            "advantages": deque(maxlen=rows),
+            "extra": defaultdict(lambda: deque(maxlen=rows)),
+        }
 
     @property
     def _vip_world(self) -> int:
         return int(self.accelerator.num_processes)
 
+    @property
+    def _vip_tp(self) -> int:
+        """vLLM tensor-parallel group size in colocate mode (1 without vLLM)."""
+        args = cast(VIPGRPOConfig, self.args)
+        return int(args.vllm_tensor_parallel_size) if self.use_vllm else 1
+
+    # ------------------------------------------------------------------ sampling: each prompt n_max times
+    def _get_train_sampler(self, dataset: Any = None) -> Any:
+        args = cast(VIPGRPOConfig, self.args)
+        assert args.steps_per_generation is not None
+        return RepeatSampler(
+            data_source=self.train_dataset if dataset is None else dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=args.prompts_per_generation,
+            repeat_count=self.num_iterations * args.steps_per_generation,
+            shuffle=self.shuffle_dataset,
+            seed=args.seed,
+        )
+
+    def get_train_dataloader(self) -> Any:
+        # TRL's method with the batch counted in sampled rows (prompts x n_max per generation batch), not budget rows.
+        args = cast(VIPGRPOConfig, self.args)
+        assert args.steps_per_generation is not None
+        dataset = self.train_dataset
+        if isinstance(dataset, IterableDataset):
+            if self.shuffle_dataset:
+                dataset = dataset.shuffle(seed=args.seed)
+            dataset = repeat_iterable_dataset(
+                dataset,
+                mini_repeat_count=self.num_generations,
+                batch_size=args.prompts_per_generation,
+                repeat_count=self.num_iterations * args.steps_per_generation,
+            )
+        return self._get_dataloader(
+            dataset=dataset,
+            description="Training",
+            batch_size=args.sampled_rows_per_process,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
     # ------------------------------------------------------------------ planning
-    def _vip_groups(self, inputs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-        """Prompt ids and texts of the global rectangular batch (one per group of ``num_generations`` rows)."""
+    def _vip_layout(self, inputs: list[dict[str, Any]]) -> _Layout:
+        """Plan for the global rectangular batch (main process) and place each prompt's real rows."""
+        args = cast(VIPGRPOConfig, self.args)
         g = self.num_generations
-        col = cast(VIPGRPOConfig, self.args).prompt_id_column
-        rows = [(_prompt_key(x, col), x["prompt"]) for x in inputs]
+        rows = [(_prompt_key(x, args.prompt_id_column), x["prompt"]) for x in inputs]
         if self._vip_world > 1:  # groups may span processes: look at the gathered batch in process order
             rows = gather_object(rows)
         if len(rows) % g:
             raise RuntimeError(f"generation batch of {len(rows)} rows is not made of full groups of {g}")
-        ids, texts = [], []
+        ids: list[str] = []
+        texts: list[str] = []
+        index: dict[str, int] = {}
+        group_prompt = []
         for start in range(0, len(rows), g):
             key = rows[start][0]
             if any(rows[start + k][0] != key for k in range(1, g)):
                 raise RuntimeError(
                     "rows of one group belong to different prompts: VIPGRPOTrainer relies on TRL's RepeatSampler "
-                    "layout (num_generations consecutive copies of each prompt); do not override the sampler"
+                    "layout (n_max consecutive copies of each prompt); do not override the sampler"
                 )
-            ids.append(key)
-            texts.append(_prompt_text(rows[start][1]))
-        if len(set(ids)) != len(ids):
-            dup = sorted({i for i in ids if ids.count(i) > 1})
-            raise ValueError(
-                f"prompt id(s) {dup[:3]} occur twice in one generation batch; give every distinct prompt its own "
-                f"value in the {col!r} column (or deduplicate the dataset's prompts)"
+            if key not in index:  # a prompt sampled twice (duplicate rows, no id column) is planned once
+                index[key] = len(ids)
+                ids.append(key)
+                texts.append(_prompt_text(rows[start][1]))
+            group_prompt.append(index[key])
+        groups = len(group_prompt)
+        budget = int(round(args.budget_per_generation * groups / args.prompts_per_generation))
+        if budget > len(ids) * g:
+            warnings.warn(
+                f"{groups - len(ids)} duplicate prompt(s) in one generation batch leave {len(ids)} distinct prompts, "
+                f"which take at most {len(ids) * g} of the {budget} budgeted rollouts (n_max={g}); give every "
+                f"prompt its own id in {args.prompt_id_column!r} or deduplicate the dataset",
+                RuntimeWarning,
+                stacklevel=3,
             )
-        return ids, texts
-
-    def _vip_plan(self, inputs: list[dict[str, Any]]) -> Plan:
-        args = cast(VIPGRPOConfig, self.args)
-        ids, texts = self._vip_groups(inputs)
-        if args.rollout_budget is not None and len(ids) != args.prompts_per_generation:
-            raise RuntimeError(f"expected {args.prompts_per_generation} prompts per batch, got {len(ids)}")
-        budget = args.rollout_budget or int(round(args.mean_generations * len(ids)))
+            budget = len(ids) * g
         if self._vip_world == 1:
-            return self.allocator.plan(ids, prompts=texts, budget=budget)
-        # One allocator decides for everyone: plan on the main process, send the plan to the others.
-        box = [self.allocator.plan(ids, prompts=texts, budget=budget) if self.accelerator.is_main_process else None]
-        broadcast_object_list(box, from_process=0)
-        return cast(Plan, box[0])  # the main process's plan, now on every process
+            plan = self.allocator.plan(ids, prompts=texts, budget=budget)
+        else:  # one allocator decides for everyone: plan on the main process, send the plan to the others
+            box = [self.allocator.plan(ids, prompts=texts, budget=budget) if self.accelerator.is_main_process else None]
+            broadcast_object_list(box, from_process=0)
+            plan = cast(Plan, box[0])
+        gp = np.asarray(group_prompt, np.int64)
+        first_block = np.array([int(np.flatnonzero(gp == i)[0]) for i in range(len(ids))], np.int64)
+        per_block = np.zeros(groups, np.int64)
+        per_block[first_block] = plan.counts
+        real_global = (np.arange(g)[None, :] < per_block[:, None]).reshape(-1)
+        return _Layout(plan=plan, group_prompt=gp, first_block=first_block, real_global=real_global)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         assert self.model is not None  # GRPOTrainer always has a model
         if not self.model.training:  # evaluation keeps TRL's plain rectangular groups
             return super()._generate_and_score_completions(inputs)
-        g = self.num_generations
-        plan = self._vip_plan(inputs)
-        real_global = (np.arange(g)[None, :] < plan.counts[:, None]).reshape(-1)
+        layout = self._vip_layout(inputs)
         rank, n_local = self.accelerator.process_index, len(inputs)
-        real = real_global[rank * n_local : (rank + 1) * n_local]  # TRL's process slice of the gathered batch
-        self._vip_real, self._vip_real_global, self._vip_rewards = real, real_global, None
+        real = layout.real_global[rank * n_local : (rank + 1) * n_local]  # TRL's process slice of the gathered batch
+        self._vip_real, self._vip_rewards = real, None
         try:
             output = super()._generate_and_score_completions(inputs)
             rewards_per_func = self._vip_rewards
         finally:
-            self._vip_real, self._vip_real_global, self._vip_rewards = None, None, None
+            self._vip_real, self._vip_rewards = None, None
         if rewards_per_func is None:  # pragma: no cover - TRL always scores through _calculate_rewards
             raise RuntimeError("TRL did not call _calculate_rewards; this TRL version is not supported")
-        output = self._vip_keep_rows(output, real)
-        self._vip_trim_logs(real_global)
-        self._vip_observe(plan, real_global, rewards_per_func)
+        args = cast(VIPGRPOConfig, self.args)
+        assert args.steps_per_generation is not None
+        output, self._vip_local_rows = training_layout(
+            output,
+            layout.real_global,
+            rank=rank,
+            world=self._vip_world,
+            chunks=int(args.steps_per_generation),
+            pad_token_id=int(self._tokenizer.pad_token_id),
+            trim=self._vip_positions and self.pad_to_multiple_of is None,
+            gather=self.accelerator.gather,
+            sequence_level_ratio=self.use_vllm and "sequence" in str(self.vllm_importance_sampling_mode),
+        )
+        if not self._vip_positions:
+            output.pop(SHIFT_KEY)
+        self._vip_trim_logs(layout.real_global)
+        self._vip_observe(layout, rewards_per_func)
         return output
 
-    def _vip_keep_rows(self, output: dict[str, Any], real: np.ndarray) -> dict[str, Any]:
-        """Remove unused rows from TRL's scored batch: afterwards they cost no forward, backward or normaliser.
-
-        TRL splits the kept rows into ``steps_per_generation`` equal micro-batches. In one process the budget is a
-        multiple of it (checked by the config). With several processes the local count varies, so a few unused rows
-        stay, fully masked (advantage 0, loss mask 0), to round it up; every process keeps at least one row per
-        micro-batch so that all run the same number of forward/backward passes.
-        """
-        args = cast(VIPGRPOConfig, self.args)
-        assert args.steps_per_generation is not None  # set by GRPOConfig.__post_init__
-        n, chunks = len(real), int(args.steps_per_generation)
-        keep = np.flatnonzero(real)
-        inert = np.flatnonzero(~real)[: max(chunks, -(-keep.size // chunks) * chunks) - keep.size]
-        rows = np.sort(np.concatenate([keep, inert]))
-        self._vip_local_rows = rows
-        idx = torch.as_tensor(rows, device=output["completion_mask"].device)
-        out: dict[str, Any] = {}
-        for key, value in output.items():
-            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.size(0) == n:
-                out[key] = value.index_select(0, idx)
-            elif isinstance(value, list) and len(value) == n:
-                out[key] = [value[i] for i in rows]
-            else:
-                out[key] = value
-        if inert.size:
-            live = torch.as_tensor(real[rows], device=idx.device)
-            out["completion_mask"] = out["completion_mask"] * live.unsqueeze(1).to(out["completion_mask"].dtype)
-            out["advantages"] = torch.where(live, out["advantages"], torch.zeros_like(out["advantages"]))
-        if self.pad_to_multiple_of is None:  # drop left-padding columns that only the removed rows needed
-            first = int(out["prompt_mask"].any(dim=0).float().argmax())
-            out["prompt_ids"], out["prompt_mask"] = out["prompt_ids"][:, first:], out["prompt_mask"][:, first:]
-        loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-        tokens = loss_mask.sum().to(output["num_items_in_batch"].dtype)
-        out["num_items_in_batch"] = self.accelerator.gather(tokens).sum() if self._vip_world > 1 else tokens
-        return out
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Training rows carry the position shift of their log-prob passes; the forward hook applies it. The dict is
+        # copied, not popped: with num_iterations > 1 TRL feeds the same buffered micro-batch again.
+        shift = inputs.get(SHIFT_KEY)
+        inputs = {k: v for k, v in inputs.items() if k != SHIFT_KEY}
+        self._vip_shift = shift if shift is not None and bool((shift != 0).any()) else None
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._vip_shift = None
 
     # ------------------------------------------------------------------ generation and scoring of real rows only
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -397,7 +367,12 @@ class VIPGRPOTrainer(GRPOTrainer):
         keep = np.flatnonzero(real)
         # A process without real rows still generates one throw-away row: sharded models (FSDP, ZeRO-3) gather
         # their weights collectively for generation, so every process must take part.
-        todo = keep if keep.size else np.array([0])
+        todo = list(keep) if keep.size else [0]
+        if self._vip_tp > 1:
+            # TRL's colocated vLLM with tensor parallelism gathers the prompts of a TP group and slices the outputs
+            # by equal per-rank counts: pad every rank to the largest count with throw-away copies.
+            most = max(gather_object([len(todo)]))
+            todo += [todo[0]] * (most - len(todo))
         # The rows handed over are no longer groups of num_generations copies: ask for one completion per row.
         completions, logps = super()._generate_single_turn(
             [prompt_ids[i] for i in todo], None, multimodal_fields, 1, has_tool_images
@@ -455,35 +430,79 @@ class VIPGRPOTrainer(GRPOTrainer):
         keep = np.flatnonzero(real)
         # Reward functions see real completions only; unused rows get NaN, which TRL treats as unscorable: excluded
         # from the NaN-aware group mean/std and given advantage 0 (they are removed right after).
-        device = self.accelerator.device
-        if keep.size:
+        throwaway = keep.size == 0 and self._vip_world > 1
+        # A process without real rows still calls every reward function once, on a throw-away row: reward models
+        # sharded with ZeRO-3 gather their weights collectively in the forward. Its logs are rolled back.
+        todo = np.array([0]) if throwaway else keep
+        before = {k: len(v) for k, v in self._pending_extra_logs.items()}
+        metrics_before = {k: len(v) for k, v in self._pending_metrics.items()}
+        if todo.size:
             with _local_reward_gather(self._vip_world > 1):  # gather the NaN-padded full slice below instead
                 scored = super()._calculate_rewards(
-                    [inputs[i] for i in keep],
-                    [prompts[i] for i in keep],
-                    [completions[i] for i in keep],
-                    [completion_ids_list[i] for i in keep],
+                    [inputs[i] for i in todo],
+                    [prompts[i] for i in todo],
+                    [completions[i] for i in todo],
+                    [completion_ids_list[i] for i in todo],
                 )
         else:
-            scored = torch.zeros((0, len(self.reward_funcs)), device=device)
+            scored = torch.zeros((0, len(self.reward_funcs)), device=self.accelerator.device)
+        self._vip_spread_extra_logs(before, metrics_before, keep, len(prompts), throwaway)
+        if throwaway:
+            scored = scored[:0]
         local = scored.new_full((len(prompts), scored.shape[1]), float("nan"))
         local[torch.as_tensor(keep, device=scored.device, dtype=torch.long)] = scored
         full = gather(local) if self._vip_world > 1 else local
         self._vip_rewards = full.detach().float().cpu()
         return full
 
+    def _vip_spread_extra_logs(
+        self, before: dict[str, int], metrics_before: dict[str, int], keep: np.ndarray, n: int, throwaway: bool
+    ) -> None:
+        """Align what reward functions logged with ``log_extra`` (one value per real row) to all ``n`` local rows.
+
+        TRL flushes one value per local row of the slice; unused rows get ``None`` (removed with the rows later).
+        A throw-away call's values and ``log_metric`` entries are discarded.
+        """
+        pending = self._pending_extra_logs
+        for column in list(pending):
+            old = before.get(column, 0)
+            new = pending[column][old:]
+            del pending[column][old:]
+            if throwaway:
+                if not pending[column]:
+                    del pending[column]
+                continue
+            if len(new) == keep.size:
+                spread: list[Any] = [None] * n
+                for j, i in enumerate(keep):
+                    spread[i] = new[j]
+                new = spread
+            pending[column].extend(new)
+        if throwaway:
+            for name in list(self._pending_metrics):
+                del self._pending_metrics[name][metrics_before.get(name, 0) :]
+                if not self._pending_metrics[name]:
+                    del self._pending_metrics[name]
+
     # ------------------------------------------------------------------ feedback, metrics, logs
-    def _vip_observe(self, plan: Plan, real: np.ndarray, rewards_per_func: torch.Tensor) -> None:
+    def _vip_observe(self, layout: _Layout, rewards_per_func: torch.Tensor) -> None:
         """Report each prompt's real, binarised rewards to the allocator (main process) and log ``vip/*`` metrics."""
+        plan, real = layout.plan, layout.real_global
         g = self.num_generations
-        weights = self.reward_weights.detach().float().cpu().unsqueeze(0)
-        scorable = ~torch.isnan(rewards_per_func).all(dim=1).numpy()
-        total = (rewards_per_func * weights).nansum(dim=1).double().numpy()  # TRL's weighted reward per row
-        thr = float(cast(VIPGRPOConfig, self.args).success_threshold)
+        args = cast(VIPGRPOConfig, self.args)
+        if self._vip_success_col is None:  # TRL's weighted reward per row; rows all reward functions declined: NaN
+            weights = self.reward_weights.detach().float().cpu().unsqueeze(0)
+            scorable = ~torch.isnan(rewards_per_func).all(dim=1).numpy()
+            total = (rewards_per_func * weights).nansum(dim=1).double().numpy()
+            total[~scorable] = np.nan
+        else:  # one named reward function defines success (e.g. accuracy, not format)
+            total = rewards_per_func[:, self._vip_success_col].double().numpy()
+        thr = float(args.success_threshold)
         rewards, successes = [], []
         for i, c in enumerate(plan.counts):
-            rows = np.arange(i * g, i * g + int(c))
-            r = total[rows[scorable[rows]]]  # rows every reward function declined (None) are not observations
+            start = int(layout.first_block[i]) * g
+            r = total[start : start + int(c)]
+            r = r[~np.isnan(r)]  # completions without a success reward are not observations
             rewards.append(r)
             successes.append((r >= thr).astype(np.float64))
         kept = plan.counts > 0
@@ -500,23 +519,31 @@ class VIPGRPOTrainer(GRPOTrainer):
             real_rows=real.copy(),
         )
         metrics = self._metrics["train"]
-        rates = np.array([s.mean() if s.size else np.nan for s in successes])
-        seen = kept & ~np.isnan(rates)
-        zero_std = np.array([s.size > 0 and s.min() == s.max() for s in successes])
-        metrics["vip/mean_n"].append(float(plan.counts[kept].mean()) if kept.any() else 0.0)
-        metrics["vip/max_n"].append(float(plan.counts.max()))
-        metrics["vip/frac_dropped"].append(float((~kept).mean()))
-        metrics["vip/frac_zero_std"].append(float(zero_std[seen].mean()) if seen.any() else 0.0)
-        metrics["vip/pred_abs_err"].append(float(np.abs(plan.p_mean[seen] - rates[seen]).mean()) if seen.any() else 0.0)
-        ratio = plan.variance_ratio
-        metrics["vip/expected_var_ratio_vs_uniform"].append(float(ratio) if math.isfinite(ratio) else float("nan"))
-        metrics["vip/plan_seconds"].append(float(sum(plan.timings.values())))
+        values = {**plan.metrics(), **self.allocator.outcome_metrics(successes, plan)}
+        for key, value in values.items():
+            metrics[key].append(float(value))
+        self._vip_log_histogram(plan)
         # TRL's frac_reward_zero_std counted unused rows; recompute it over generated rows (group-wise std).
         n_real = int(real.sum())
         if self.scale_rewards != "batch" and self.multi_objective_aggregation == "sum_then_normalize" and n_real:
-            flat_rows = sum(r.size for r in rewards if r.size > 1 and np.allclose(r, r[0]))
+            weights = self.reward_weights.detach().float().cpu().unsqueeze(0)
+            weighted = (rewards_per_func * weights).nansum(dim=1).double().numpy()
+            flat_rows = 0
+            for i, c in enumerate(plan.counts):
+                start = int(layout.first_block[i]) * g
+                r = weighted[start : start + int(c)]
+                flat_rows += r.size if r.size > 1 and np.allclose(r, r[0]) else 0
             if metrics["frac_reward_zero_std"]:
                 metrics["frac_reward_zero_std"][-1] = flat_rows / n_real
+
+    def _vip_log_histogram(self, plan: Plan) -> None:
+        """Counts histogram under ``vip/counts`` through the TensorBoard writer of a reporting callback, if any."""
+        if not self.accelerator.is_main_process:
+            return
+        for callback in self.callback_handler.callbacks:
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None and hasattr(writer, "add_histogram"):
+                writer.add_histogram(COUNTS_TAG, np.asarray(plan.counts), global_step=self.state.global_step)
 
     def _vip_fix_generation_metrics(self, prompt_ids: list, completion_ids: list, real: np.ndarray) -> None:
         """TRL's length metrics and token counter included the placeholders: recompute them over real rows."""
@@ -551,32 +578,46 @@ class VIPGRPOTrainer(GRPOTrainer):
                 metrics[key][-1] = float(value)
 
     def _vip_trim_logs(self, real: np.ndarray) -> None:
-        """Drop the unused rows TRL just appended to its completions table (gathered prompt, completion, rewards,
-        advantages)."""
+        """Keep only the real rows of the generation batch TRL just appended to its completions table (prompt,
+        completion, rewards, advantages and ``log_extra`` columns; all gathered, one entry per sampled row)."""
         n, keep = len(real), np.flatnonzero(real)
 
         def trim(buf: deque) -> None:
             if len(buf) < n:
                 return
             last = [buf.pop() for _ in range(n)][::-1]
+            buf.clear()  # the table shows the latest generation batch, as TRL's deques of one batch do
             buf.extend(last[i] for i in keep)
 
         for key in ("prompt", "completion", "advantages"):
             trim(cast(deque, self._logs[key]))
-        for buf in cast("dict[str, deque]", self._logs["rewards"]).values():
-            trim(buf)
+        for group in ("rewards", "extra"):
+            for buf in cast("dict[str, deque]", self._logs[group]).values():
+                trim(buf)
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Trainer._save_checkpoint calls save_model first and uploads the folder last (push_to_hub), so the
+        # allocator saved here is part of every checkpoint and of its upload.
+        super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            folder = output_dir if output_dir is not None else self.args.output_dir
             self.allocator.save(os.path.join(folder, ALLOCATOR_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, ALLOCATOR_FILE)):
-            self.allocator = Allocator.load(os.path.join(checkpoint, ALLOCATOR_FILE))
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, ALLOCATOR_FILE)
+        if os.path.exists(path):
+            self.allocator = Allocator.load(path)
+        else:
+            warnings.warn(
+                f"resuming from {checkpoint}, which has no {ALLOCATOR_FILE}: the allocator starts fresh (no history, "
+                "untrained predictor); copy the file from the run that wrote the checkpoint to keep its state",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 @contextlib.contextmanager

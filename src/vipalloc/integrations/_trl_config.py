@@ -1,0 +1,146 @@
+"""``VIPGRPOConfig``: TRL's ``GRPOConfig`` plus the allocation settings, validated at construction.
+
+Drop-in meaning: every field TRL already has keeps TRL's meaning. ``num_generations`` is the uniform group size
+being replaced and sets the budget (``num_generations`` rollouts per prompt on average, the same rollouts per step
+as plain GRPO); ``per_device_train_batch_size`` is the number of completions each process trains on per
+micro-batch, as in TRL. VIP adds the largest count a prompt can get, ``n_max`` (default ``2 x num_generations``):
+the trainer samples each prompt ``n_max`` times (TRL's group width) and generates only the planned rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from trl import GRPOConfig
+
+from vipalloc.predictors import PREDICTOR_NAMES
+from vipalloc.strategies import STRATEGY_NAMES
+
+TWO_PHASE_REASON = (
+    "two_phase=True (pilot rollouts, then a committed allocation inside one generation batch) is not supported by "
+    "the TRL plug-in: TRL 1.16 generates, scores and normalises a generation batch in one call "
+    "(GRPOTrainer._generate_and_score_completions), so a second generation round would need a copy of that "
+    "~600-line method; use the CPU trainer or verl for two-phase allocation, or set two_phase=False"
+)
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class VIPGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus VIP allocation settings (all validated at construction).
+
+    * ``num_generations`` (TRL's field): the uniform group size VIP replaces. Budget per generation batch = TRL's
+      ``generation_batch_size`` (= ``per_device_train_batch_size x processes x steps_per_generation`` completions),
+      over ``generation_batch_size / num_generations`` prompts: the rollouts plain GRPO would generate.
+    * ``n_max``: most rollouts of one prompt (default ``2 x num_generations``); ``n_min``: fewest of a kept prompt.
+      The budget is feasible for every strategy because ``n_min <= num_generations <= n_max``.
+    * ``per_device_train_batch_size``: completions per process per micro-batch, as in TRL (every process trains on
+      exactly that many; the plug-in moves rows between processes when the plan leaves them uneven).
+    """
+
+    n_max: int | None = field(
+        default=None, metadata={"help": "Most rollouts of one prompt (TRL's group width); default 2 x num_generations."}
+    )
+    n_min: int = field(default=2, metadata={"help": "Fewest rollouts of a kept prompt (>= 2)."})
+    allocation_strategy: str = field(
+        default="vip", metadata={"help": f"One of vipalloc.strategies.STRATEGY_NAMES: {', '.join(STRATEGY_NAMES)}."}
+    )
+    predictor: str = field(default="gp", metadata={"help": f"One of: {', '.join(PREDICTOR_NAMES)}."})
+    variance_estimator: str = field(
+        default="drgrpo", metadata={"help": "Variance model the allocation minimises: drgrpo | rloo."}
+    )
+    embedder: str = field(default="auto", metadata={"help": "Prompt features: auto | minilm | hashing."})
+    success_threshold: float = field(
+        default=0.5, metadata={"help": "A rollout succeeds when its success reward is >= this."}
+    )
+    success_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the reward function whose (unweighted) reward defines success; default: TRL's "
+            "weighted sum over all reward functions."
+        },
+    )
+    allocator_seed: int = field(default=0, metadata={"help": "Seed of the allocator's tie-breaking."})
+    prompt_id_column: str = field(
+        default="prompt_id", metadata={"help": "Dataset column with a stable prompt id (else a hash of the prompt)."}
+    )
+    two_phase: bool = field(
+        default=False, metadata={"help": "Pilot-then-commit allocation; not supported by the TRL plug-in."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.two_phase:
+            raise ValueError(TWO_PHASE_REASON)
+        g = _positive_int("num_generations (the uniform group size VIP replaces)", self.num_generations, 2)
+        if self.n_max is None:
+            self.n_max = 2 * g
+        n_max = _positive_int("n_max", self.n_max, 2)
+        n_min = _positive_int("n_min", self.n_min, 2)
+        if not n_min <= g <= n_max:
+            raise ValueError(
+                f"need n_min <= num_generations <= n_max, got n_min={n_min}, num_generations={g}, n_max={n_max}: "
+                f"the budget is num_generations={g} rollouts per prompt on average, which prompts of at most "
+                f"n_max and at least n_min rollouts cannot meet; raise n_max to at least {g} (default "
+                f"2 x num_generations) or lower num_generations/n_min"
+            )
+        if self.allocation_strategy not in STRATEGY_NAMES:
+            raise ValueError(
+                f"unknown allocation_strategy {self.allocation_strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}"
+            )
+        if self.predictor not in PREDICTOR_NAMES:
+            raise ValueError(f"unknown predictor {self.predictor!r}; choose one of: {', '.join(PREDICTOR_NAMES)}")
+        if self.variance_estimator not in ("drgrpo", "rloo"):
+            raise ValueError(
+                f"variance_estimator must be 'drgrpo' or 'rloo', got {self.variance_estimator!r} "
+                "(use 'drgrpo' when training with TRL's grpo/dapo losses)"
+            )
+        if isinstance(self.success_threshold, bool) or not (
+            isinstance(self.success_threshold, (int, float)) and math.isfinite(self.success_threshold)
+        ):
+            raise ValueError(f"success_threshold must be a finite number, got {self.success_threshold!r}")
+        if self.success_reward is not None and not (isinstance(self.success_reward, str) and self.success_reward):
+            raise ValueError(f"success_reward must be a reward function's name or None, got {self.success_reward!r}")
+        if self.use_vllm and self.vllm_mode == "server":
+            raise ValueError(
+                "use_vllm=True with vllm_mode='server' is not supported: TRL's server path generates for the "
+                "gathered prompts and hands each process an equal slice (it assumes every process holds the same "
+                "number of rows), while VIP's planned rows differ per process; use vllm_mode='colocate' (supported) "
+                "or use_vllm=False"
+            )
+        super().__post_init__()
+        # GRPOConfig.__post_init__ has set the generation batch layout (and checked it holds full groups).
+        assert self.generation_batch_size is not None and self.steps_per_generation is not None
+        world = int(self.world_size)
+        rect = self.prompts_per_generation * n_max
+        if rect % world:
+            raise ValueError(
+                f"the {self.prompts_per_generation} prompts x n_max {n_max} = {rect} sampled rows of a generation "
+                f"batch must split evenly over the {world} processes; change n_max or the batch size"
+            )
+        self.n_max, self.n_min = n_max, n_min
+
+    @property
+    def prompts_per_generation(self) -> int:
+        """Distinct prompts in one (global) generation batch: ``generation_batch_size // num_generations``."""
+        assert self.generation_batch_size is not None and self.num_generations is not None  # set by __post_init__
+        return int(self.generation_batch_size) // int(self.num_generations)
+
+    @property
+    def budget_per_generation(self) -> int:
+        """Rollouts generated per (global) generation batch: TRL's ``generation_batch_size``."""
+        assert self.generation_batch_size is not None  # set by GRPOConfig.__post_init__
+        return int(self.generation_batch_size)
+
+    @property
+    def sampled_rows_per_process(self) -> int:
+        """Rows of width ``n_max`` each process receives per generation batch (``prompts x n_max / processes``)."""
+        assert self.n_max is not None
+        return self.prompts_per_generation * int(self.n_max) // int(self.world_size)
