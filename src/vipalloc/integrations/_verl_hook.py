@@ -193,9 +193,12 @@ class VIPHook:
             if str(u) in self._uids:
                 by_uid.setdefault(str(u), []).append(float(s))
         short = 0
+        counts_of: dict[int, dict[str, int]] = {}  # plan step -> prompt id -> planned rollouts
         for u, rows in by_uid.items():
             pid, step = self._uids[u]
-            planned = int(self._plans[step].counts[self._plans[step].prompt_ids.index(pid)])
+            if step not in counts_of:
+                counts_of[step] = dict(zip(self._plans[step].prompt_ids, self._plans[step].counts.tolist()))
+            planned = counts_of[step][pid]
             if len(rows) > planned or (exact and len(rows) != planned):
                 import verl
 
