@@ -10,10 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vipalloc.allocation import objective, solve
-from vipalloc.strategies import HARDNESS_BONUS, STRATEGY_NAMES, get_strategy, knapsack_value, proportional_counts
+from vipalloc.strategies import (
+    HARDNESS_BONUS,
+    STRATEGY_NAMES,
+    balance_ties,
+    get_strategy,
+    knapsack_value,
+    proportional_counts,
+    tie_classes,
+)
 
 # Two-phase strategies are planned by Allocator.plan_pilot/plan_commit (tests/test_two_phase.py), not allocate().
 SINGLE_PHASE = tuple(n for n in STRATEGY_NAMES if not getattr(get_strategy(n), "two_phase", False))
+
+
+DROPPING = ("vip", "vip_authors")  # the strategies that may return 0 (dropped prompts)
 
 
 def all_counts(m: int, n_min: int, n_max: int, budget: int) -> np.ndarray:
@@ -23,6 +34,7 @@ def all_counts(m: int, n_min: int, n_max: int, budget: int) -> np.ndarray:
 
 def test_names_and_interface() -> None:
     assert STRATEGY_NAMES[:7] == ("uniform", "vip", "vip_pure", "inverse_acc", "inverse_var", "knapsack", "gvm")
+    assert {"vip_authors", "dynamo", "hora"} <= set(STRATEGY_NAMES)
     assert {"vip_two_phase", "pilot_commit"} <= set(STRATEGY_NAMES)  # two-phase: tests/test_two_phase.py
     for name in STRATEGY_NAMES:
         strategy = get_strategy(name, estimator="rloo")
@@ -49,7 +61,7 @@ def test_valid_plan(name, p, n_min, span, frac, estimator) -> None:
     assert int(counts.sum()) == budget
     kept = counts[counts > 0]
     assert np.all(kept <= n_max)
-    if name == "vip" and np.any(counts == 0):  # drops only with kept prompts at >= max(n_min, min_keep)
+    if name in DROPPING and np.any(counts == 0):  # drops only with kept prompts at >= max(n_min, min_keep)
         assert np.all(kept >= min(max(n_min, 4), n_max))
     else:
         assert np.all(counts >= n_min)
@@ -205,3 +217,92 @@ def test_errors() -> None:
         get_strategy("knapsack").allocate(np.array([0.5]), 4, 1, 8)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         get_strategy("inverse_acc").allocate(np.array([1.5]), 4, 2, 8)
+
+
+# ---------------------------------------------------------------------------------------- ties (issue 13, item 1)
+TIE_POOL = [0.0, 1.0, 1e-12, 1e-9, 5e-10, 1 - 1e-9, 0.5, 0.3, 0.02, 0.9]
+
+
+def check_alike(name: str, p: np.ndarray, counts: np.ndarray, budget: int, n_min: int, n_max: int) -> None:
+    """Equal predictions (equal after the clip to [1e-6, 1-1e-6]) are treated alike: counts within one, except a
+    group split by dropping into zeros and kept members (within one, each >= the minimum) that could not keep one
+    more member with its rollouts, or that the budget forced (the kept total at one of its bounds)."""
+    classes = tie_classes(p)
+    lo = min(max(n_min, 4), n_max)
+    n_kept = int((counts > 0).sum())
+    forced = n_kept in (-(-budget // n_max), min(len(p), budget // lo))
+    for c in np.unique(classes):
+        g = counts[classes == c]
+        if g.max() - g.min() <= 1:
+            continue
+        assert name in DROPPING and g.min() == 0, (name, p[classes == c], g)
+        kept = g[g > 0]
+        assert kept.max() - kept.min() <= 1 and kept.min() >= lo, (name, g)
+        assert forced or g.sum() < (len(kept) + 1) * lo, (name, g, budget)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(SINGLE_PHASE),
+    p=st.lists(st.sampled_from(TIE_POOL), min_size=1, max_size=30),
+    n_min=st.integers(2, 5),
+    span=st.integers(0, 28),
+    frac=st.floats(0, 1),
+    estimator=st.sampled_from(["drgrpo", "rloo"]),
+)
+def test_equal_predictions_are_treated_alike(name, p, n_min, span, frac, estimator) -> None:
+    p = np.array(p)
+    n_max = n_min + span
+    budget = int(len(p) * n_min + round(frac * len(p) * span))
+    counts = get_strategy(name, estimator=estimator).allocate(p, budget, n_min, n_max)
+    assert counts.sum() == budget
+    check_alike(name, p, counts, budget, n_min, n_max)
+
+
+def test_issue_examples_of_ties() -> None:
+    p = np.array([0, 0, 0, 0, 0.5, 0.5, 1, 1.0])
+    assert get_strategy("vip", estimator="drgrpo").allocate(p, 64, 4, 32).tolist() == [13, 13, 13, 13, 6, 6, 0, 0]
+    assert get_strategy("vip_authors", estimator="drgrpo").allocate(p, 64, 4, 32).tolist() == [12] * 4 + [8, 8, 0, 0]
+    rng = np.random.default_rng(0)  # 25 never-solved prompts at p in [1e-12, 1e-9]: one group
+    q = np.r_[rng.uniform(1e-12, 1e-9, 25), rng.uniform(0, 1, 50)]
+    for name in SINGLE_PHASE:
+        for est in ("drgrpo", "rloo"):
+            c = get_strategy(name, estimator=est).allocate(q, 600, 4, 32)
+            assert c[:25].max() - c[:25].min() <= 1, (name, est, c[:25])
+    # inverse_acc: the hardest group shares what it gets instead of one prompt taking n_max
+    assert get_strategy("inverse_acc").allocate(np.array([0.0, 0.0, 0.5]), 30, 2, 32).tolist() == [14, 14, 2]
+
+
+def test_balance_ties_keeps_exact_optimum() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(40):  # convex rows (n_min >= 3): the even split of equal prompts is an exact optimum
+        m = int(rng.integers(2, 5))
+        p = rng.choice([0.1, 0.5, 0.8], m)
+        n_min, n_max = 3, int(rng.integers(3, 8))
+        budget = int(rng.integers(m * n_min, m * n_max + 1))
+        grid = all_counts(m, n_min, n_max, budget)
+        best = min(objective(p, g, estimator="drgrpo") for g in grid)
+        got = get_strategy("vip_pure").allocate(p, budget, n_min, n_max)
+        assert objective(p, got, estimator="drgrpo") <= best + 1e-12
+        assert balance_ties(got, tie_classes(p)).tolist() == got.tolist()
+
+
+# ---------------------------------------------------------------------------------------- min_keep (item 3)
+@pytest.mark.parametrize("name", DROPPING)
+def test_min_keep_relaxation_is_flagged(name) -> None:
+    strategy = get_strategy(name)
+    p = np.array([0.1, 0.5, 0.9])
+    # 6 rollouts, n_max = 4: no plan keeps every kept prompt at >= 4 (one prompt cannot take 6, two need 8)
+    assert strategy.allocate(p, 6, 2, 4).tolist() == [2, 2, 2]
+    assert strategy.last_min_keep_relaxed is True
+    counts = strategy.allocate(p, 12, 2, 4)  # feasible again: the flag is cleared
+    assert strategy.last_min_keep_relaxed is False and counts.sum() == 12 and np.all((counts == 0) | (counts >= 4))
+    from vipalloc.allocator import Allocator
+
+    ids = ["a", "b", "c"]
+    alloc = Allocator(
+        strategy=name, predictor="oracle", n_min=2, n_max=4, predictor_kwargs={"true_p": dict(zip(ids, p))}
+    )
+    plan = alloc.plan(ids, budget=6, step=0)
+    assert plan.min_keep_relaxed is True and plan.metrics()["vip/min_keep_relaxed"] == 1.0
+    assert alloc.plan(ids, budget=12, step=1).min_keep_relaxed is False

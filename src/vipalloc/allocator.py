@@ -200,8 +200,10 @@ class Allocator:
     ----------
     strategy:
         ``uniform``, ``vip`` (default: the authors' settings), ``vip_pure``, ``inverse_acc``, ``inverse_var``,
-        ``knapsack`` or ``gvm`` (see :mod:`vipalloc.strategies`); the two-phase ``vip_two_phase`` and
-        ``pilot_commit`` are planned with :meth:`plan_pilot` / :meth:`plan_commit` instead of :meth:`plan`.
+        ``knapsack``, ``gvm``, ``vip_authors`` (the authors' whole procedure), ``dynamo`` or ``hora`` (see
+        :mod:`vipalloc.strategies`; the last two read the reward history and the predictor's std); the two-phase
+        ``vip_two_phase`` and ``pilot_commit`` are planned with :meth:`plan_pilot` / :meth:`plan_commit` instead of
+        :meth:`plan`.
     predictor:
         ``gp`` (default), ``beta``, ``empirical``, ``ridge`` or ``oracle`` (see :mod:`vipalloc.predictors`).
     estimator:
@@ -344,7 +346,16 @@ class Allocator:
         perm = np.random.default_rng([self.seed, step]).permutation(m)
         inv = np.empty_like(perm)
         inv[perm] = np.arange(m)
-        counts = np.asarray(self.strategy.allocate(p_mean[perm], budget, self.n_min, self.n_max), np.int64)[inv]
+        extra: dict[str, Any] = {}
+        if getattr(self.strategy, "uses_context", False):  # dynamo, hora: std and reward history (before step)
+            from vipalloc.strategies import AllocationContext
+
+            rows = self.history.rows(self.history_window, before_step=step)
+            ctx = AllocationContext.from_history(ids, p_std, self.history.prompt_ids, rows)
+            extra["context"] = ctx.take(perm)
+        counts = np.asarray(self.strategy.allocate(p_mean[perm], budget, self.n_min, self.n_max, **extra), np.int64)
+        counts = counts[inv]
+        relaxed = bool(getattr(self.strategy, "last_min_keep_relaxed", False))
         uniform = np.asarray(self._uniform.allocate(p_mean[perm], budget, self.n_min, self.n_max), np.int64)[inv]
         t3 = time.perf_counter()
         if counts.shape != (m,) or int(counts.sum()) != budget:
@@ -369,6 +380,7 @@ class Allocator:
             expected_variance=exp_var,
             uniform_variance=uni_var,
             timings={"embed": t1 - t0, "predict": t2 - t1, "solve": t3 - t2},
+            min_keep_relaxed=relaxed,
         )
 
     def observe(self, prompt_ids: Sequence[Any], rewards: Sequence[Any], step: int) -> None:

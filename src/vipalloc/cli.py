@@ -86,7 +86,10 @@ def allocate(
         None, "--history", help="Rollout history (JSONL written by RolloutHistory.save, or rows with rewards)."
     ),
     state: Path | None = typer.Option(None, "--state", help="Allocator state file (Allocator.save) to start from."),
-    strategy: str = typer.Option("vip", help="uniform | vip | vip_pure | inverse_acc | inverse_var | knapsack | gvm"),
+    strategy: str = typer.Option(
+        "vip",
+        help="uniform | vip | vip_pure | inverse_acc | inverse_var | knapsack | gvm | vip_authors | dynamo | hora",
+    ),
     predictor: str = typer.Option("gp", help="gp | beta | empirical | ridge | oracle"),
     estimator: str = typer.Option("drgrpo", help="drgrpo | rloo"),
     n_min: int = typer.Option(4, "--n-min", help="Fewest rollouts for a kept prompt (>= 2)."),

@@ -11,7 +11,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vipalloc.training.tasks import LEVELS
 
-STRATEGIES = ("uniform", "vip", "vip_pure", "inverse_acc", "inverse_var", "knapsack", "gvm", "dapo")
+STRATEGIES = (
+    "uniform",
+    "vip",
+    "vip_pure",
+    "inverse_acc",
+    "inverse_var",
+    "knapsack",
+    "gvm",
+    "vip_authors",
+    "dynamo",
+    "hora",
+    "dapo",
+)
 
 
 class ModelConfig(BaseModel):
@@ -48,7 +60,19 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     run_dir: str = "runs/train"
-    strategy: Literal["uniform", "vip", "vip_pure", "inverse_acc", "inverse_var", "knapsack", "gvm", "dapo"] = "vip"
+    strategy: Literal[
+        "uniform",
+        "vip",
+        "vip_pure",
+        "inverse_acc",
+        "inverse_var",
+        "knapsack",
+        "gvm",
+        "vip_authors",
+        "dynamo",
+        "hora",
+        "dapo",
+    ] = "vip"
     predictor: Literal["gp", "beta", "empirical", "ridge", "oracle"] = "gp"
     predictor_kwargs: dict = Field(default_factory=dict)
     embedder: Literal["auto", "minilm", "hashing"] = "hashing"

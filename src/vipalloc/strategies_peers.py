@@ -1,0 +1,164 @@
+"""The 2026 peers that need more than ``p_hat``: ``dynamo`` (reward-history variances) and ``hora`` (Beta posteriors).
+
+Both take the optional ``context`` (:class:`vipalloc.strategies.AllocationContext`) that ``Allocator.plan`` fills;
+called without it they fall back as documented per class. Written from the papers (``shared/reference/
+peers-2026.md``) and, for DynaMO, its public code (``GithubX-F/DynaMO-RL``, ``recipe/dynamo``), not copied.
+
+Maths only: imports :mod:`vipalloc.allocation` and :mod:`vipalloc.strategies`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from scipy.special import gammaln
+
+from vipalloc.allocation import domain, minimize_separable
+from vipalloc.strategies import (
+    P_CLIP,
+    AllocationContext,
+    _check,
+    balance_ties,
+    equal_classes,
+    proportional_counts,
+)
+
+__all__ = ["DynaMO", "HORA", "beta_from_moments", "p_at_least_one"]
+
+
+@dataclass
+class DynaMO:
+    """DynaMO's rollout allocation (Fang et al., arXiv 2602.19208): ``n_i = B sigma_i / sum_k sigma_k``.
+
+    ``sigma_i`` is the paper's proxy of the prompt's gradient variance: the mean over its past groups (the history
+    window, ``context.group_sigma``) of ``k (G - k) / (G (G - 1))``, the unbiased Bernoulli variance of a group with
+    ``k`` successes of ``G >= 2`` rollouts, used as the paper's formula uses it (no square root). The proportional
+    targets are water-filled into ``[n_min, n_max]`` (the scale is chosen so the clipped targets sum to the budget)
+    and rounded by largest remainders, so the sum is exact (:func:`vipalloc.strategies.proportional_counts`).
+
+    Details we chose: prompts without a group of ``>= 2`` rollouts (unseen) get ``sigma_unseen = 0.25``, the largest
+    Bernoulli variance, as DynaMO's code gives unseen prompts the top priority (1.0 = 4 x 0.25); every sigma is
+    floored at ``sigma_floor = 0.0025`` (their code's ``min_priority`` 0.01 / 4), so a prompt whose groups never
+    varied keeps a small weight. Without a context every prompt counts as unseen (the uniform plan, within one).
+    ``p_hat`` is not used: DynaMO allocates from the reward history only.
+    """
+
+    sigma_unseen: float = 0.25
+    sigma_floor: float = 0.0025
+    name: str = "dynamo"
+    uses_context: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for key in ("sigma_unseen", "sigma_floor"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 0.25:
+                raise ValueError(f"{key} must be a number in (0, 0.25] (a Bernoulli variance), got {v!r}")
+
+    def sigma(self, m: int, context: AllocationContext | None) -> np.ndarray:
+        """The weights ``sigma_i`` (float64 ``(m,)``) this strategy allocates by."""
+        raw = None if context is None else context.group_sigma
+        if raw is None:
+            return np.full(m, float(self.sigma_unseen))
+        sig = np.asarray(raw, np.float64)
+        if sig.shape != (m,):
+            raise ValueError(f"context.group_sigma must have shape ({m},), got {sig.shape}")
+        return np.maximum(np.where(np.isnan(sig), self.sigma_unseen, sig), self.sigma_floor)
+
+    def allocate(
+        self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
+    ) -> np.ndarray:
+        p, budget = _check(p_hat, budget, n_min, n_max)
+        # equal weights get counts within one (largest remainders, earlier first): ties are treated alike
+        return proportional_counts(self.sigma(len(p), context), budget, n_min, n_max)
+
+
+def beta_from_moments(mean: np.ndarray, std: np.ndarray, nu_min: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Beta parameters ``(alpha, beta)`` with the given mean and std (moment matching), float64 ``(M,)`` each.
+
+    ``mean`` is clipped to ``[1e-6, 1-1e-6]``; the concentration ``nu = alpha + beta = mean (1 - mean) / std^2 - 1``
+    is floored at ``nu_min`` (a std at or beyond what a Beta with that mean allows, e.g. an unseen prompt's, counts
+    as ``nu_min`` pseudo-rollouts; 2 = the uniform prior's); ``std = 0`` gives ``nu = inf`` (a point mass)."""
+    m = np.clip(np.asarray(mean, np.float64), P_CLIP, 1 - P_CLIP)
+    s = np.asarray(std, np.float64)
+    with np.errstate(divide="ignore"):
+        nu = np.where(s > 0, m * (1 - m) / np.where(s > 0, s, 1.0) ** 2 - 1.0, np.inf)
+    nu = np.maximum(nu, nu_min)
+    return m * nu, (1 - m) * nu
+
+
+def p_at_least_one(alpha: np.ndarray, beta: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """``P(at least one success among n rollouts) = 1 - E[(1-p)^n]`` for ``p ~ Beta(alpha, beta)`` (finite
+    parameters), broadcast: ``E[(1-p)^n] = B(alpha, beta + n) / B(alpha, beta)``, by log-gamma."""
+    a, b, nf = np.broadcast_arrays(np.asarray(alpha, np.float64), np.asarray(beta, np.float64), np.asarray(n, float))
+    return -np.expm1(gammaln(b + nf) - gammaln(b) + gammaln(a + b) - gammaln(a + b + nf))
+
+
+@dataclass
+class HORA:
+    """HORA (arXiv 2605.07114): maximise ``sum_i P(at least one correct among n_i rollouts)`` under each prompt's
+    Beta posterior, ``P = 1 - E[(1 - p)^n] = 1 - B(alpha, beta + n) / B(alpha, beta)``, subject to ``sum n = budget``
+    and the bounds, EXACTLY (:func:`vipalloc.allocation.minimize_separable`; the objective is concave in ``n``, so
+    the paper's greedy would also be exact). Learning-free.
+
+    ``posterior="predictor"`` (default): the Beta with the predictor's mean and std (``context.p_std``), by moment
+    matching (:func:`beta_from_moments`: concentration ``nu = m (1 - m) / s^2 - 1`` floored at 2; ``s = 0``, or no
+    context, is the point mass at ``p_hat``, where the objective is ``1 - (1 - p)^n``). ``posterior="history"``:
+    the paper's own posterior from the uniform prior, ``Beta(1 + successes, 1 + failures)`` over the history window
+    (``context.successes`` / ``trials``; an unseen prompt is ``Beta(1, 1)``).
+
+    A point mass at ``p = 1`` has value ~1 at every count and one at ``p = 0`` value ~0 (``p`` clipped to
+    ``[1e-6, 1-1e-6]``): they get ``n_min`` while other prompts gain more from a rollout; equal posteriors are
+    treated alike.
+    """
+
+    posterior: str = "predictor"
+    nu_min: float = 2.0
+    name: str = "hora"
+    uses_context: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.posterior not in ("predictor", "history"):
+            raise ValueError(f"posterior must be 'predictor' or 'history', got {self.posterior!r}")
+        if isinstance(self.nu_min, bool) or not isinstance(self.nu_min, (int, float)) or not self.nu_min > 0:
+            raise ValueError(f"nu_min must be a positive number of pseudo-rollouts, got {self.nu_min!r}")
+
+    def posterior_params(self, p: np.ndarray, context: AllocationContext | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(alpha, beta)`` per prompt, float64 ``(M,)``; ``inf`` for a point mass (then see :meth:`value`)."""
+        m = len(p)
+        if self.posterior == "history":
+            if context is None or context.trials is None or context.successes is None:
+                raise ValueError("hora with posterior='history' needs context.successes and context.trials")
+            s = np.asarray(context.successes, np.float64)
+            t = np.asarray(context.trials, np.float64)
+            if s.shape != (m,) or t.shape != (m,) or np.any(s < 0) or np.any(s > t):
+                raise ValueError(f"context.successes / trials must have shape ({m},) with 0 <= successes <= trials")
+            return 1.0 + s, 1.0 + t - s
+        std = np.zeros(m) if context is None or context.p_std is None else np.asarray(context.p_std, np.float64)
+        if std.shape != (m,) or not np.all(np.isfinite(std)) or np.any(std < 0):
+            raise ValueError(f"context.p_std must be finite, >= 0, shape ({m},)")
+        return beta_from_moments(p, std, self.nu_min)
+
+    def value(self, p: np.ndarray, context: AllocationContext | None, vals: np.ndarray) -> np.ndarray:
+        """``P(>= 1 success)`` per prompt and count, float64 ``(M, K)`` for counts ``vals``. A point mass (std 0,
+        or a concentration above 1e12, where log-gamma differences lose digits) is ``1 - (1 - p)^n`` at ``p``
+        clipped to ``[1e-6, 1-1e-6]``."""
+        alpha, beta = self.posterior_params(p, context)
+        point = ~np.isfinite(alpha + beta) | (alpha + beta > 1e12)
+        n = vals[None, :].astype(np.float64)
+        out = np.empty((len(p), len(vals)))
+        pc = np.clip(p, P_CLIP, 1 - P_CLIP)
+        out[point] = -np.expm1(n * np.log1p(-pc[point][:, None]))
+        out[~point] = p_at_least_one(alpha[~point][:, None], beta[~point][:, None], n)
+        return out
+
+    def allocate(
+        self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
+    ) -> np.ndarray:
+        p, budget = _check(p_hat, budget, n_min, n_max)
+        vals = domain(n_min, n_max)
+        value = self.value(p, context, vals)
+        counts = vals[minimize_separable(-value, vals, budget)]
+        # equal posteriors (equal rows of the value table) form one class, spread evenly: exact, the cost is convex
+        return balance_ties(counts, equal_classes(value))
