@@ -18,13 +18,14 @@ On a GPU with a hub model and dataset the trainer code is the same; only the set
     model = "Qwen/Qwen2.5-Math-1.5B"                       # VIPGRPOTrainer accepts a model id like GRPOTrainer
     ds = load_dataset("BytedTsinghua-SIA/DAPO-Math-17k", split="train")
     ds = ds.map(lambda x, i: {"prompt_id": f"dapo-{i}"}, with_indices=True)  # stable ids per prompt
-    args = VIPGRPOConfig(output_dir="runs/vip", n_max=16, mean_generations=8,  # same budget as uniform n=8
-                         per_device_train_batch_size=16 * 32, gradient_accumulation_steps=4, bf16=True,
+    # exactly GRPOConfig(num_generations=8, ...)'s prompts and rollouts per step; a prompt gets 2 to 16 rollouts
+    args = VIPGRPOConfig(output_dir="runs/vip", num_generations=8, n_max=16,
+                         per_device_train_batch_size=64, gradient_accumulation_steps=4, bf16=True,
                          allocation_strategy="vip", predictor="gp", max_completion_length=4096)
     VIPGRPOTrainer(model=model, reward_funcs=math_verify_reward, args=args, train_dataset=ds).train()
 
-(``use_vllm=False``; with several processes use a token-normalised loss such as the default ``dapo``: see
-docs/trl.md).
+(any TRL loss type, one or several processes; vLLM in colocate mode, ``use_vllm=True, vllm_mode="colocate"``, is
+supported but so far tested only through a stand-in for ``vllm.LLM``: see docs/trl.md).
 """
 
 from __future__ import annotations
@@ -155,10 +156,12 @@ def run(kind: str, a: argparse.Namespace) -> Meter:
         temperature=a.temperature,
     )
     if kind == "vip":
+        # Drop-in for GRPOConfig(num_generations=mean_n): same prompts, rollouts and micro-batches per step; each
+        # prompt may get up to n_max rollouts.
         args = VIPGRPOConfig(
-            per_device_train_batch_size=a.prompts * a.n_max,
+            per_device_train_batch_size=a.prompts * a.mean_n,
+            num_generations=a.mean_n,
             n_max=a.n_max,
-            mean_generations=a.mean_n,
             n_min=2,
             allocation_strategy=a.strategy,
             predictor=a.predictor,
@@ -215,6 +218,12 @@ def run(kind: str, a: argparse.Namespace) -> Meter:
             [int(h["vip/max_n"]) for h in vip],
             "expected var ratio vs uniform",
             [round(h["vip/expected_var_ratio_vs_uniform"], 3) for h in vip],
+            "dropped",
+            [int(h["vip/num_dropped"]) for h in vip],
+            "zero-variance groups",
+            [round(h["vip/frac_zero_var_groups"], 2) for h in vip],
+            "prompt accuracy",
+            [round(h["vip/prompt_accuracy"], 2) for h in vip],
         )
     return meter
 

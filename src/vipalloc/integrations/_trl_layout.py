@@ -119,8 +119,8 @@ def training_layout(
     rows = np.concatenate([mine, np.full(n_inert, filler, dtype=np.int64)]).astype(np.int64)
     live = np.concatenate([np.ones(mine.size, bool), np.zeros(n_inert, bool)])
 
-    widths = gather(torch.tensor([output["prompt_ids"].size(1), output["completion_ids"].size(1)], device=device))
-    widths = widths.view(world, 2).cpu().numpy()
+    local_widths = torch.tensor([output["prompt_ids"].size(1), output["completion_ids"].size(1)], device=device)
+    widths = gather(local_widths).view(world, 2).cpu().numpy()  # (world, 2): prompt and completion width
     p_max, c_max = int(widths[:, 0].max()), int(widths[:, 1].max())
     idx = torch.as_tensor(rows, device=device)
 

@@ -21,7 +21,7 @@ import json
 import os
 import warnings
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -188,6 +188,7 @@ class VIPGRPOTrainer(GRPOTrainer):
                 f"the allocator's success_threshold ({allocator.success_threshold}) must lie in (0, 1]: the trainer "
                 "reports binarised 0/1 rewards (set VIPGRPOConfig.success_threshold for the raw-reward threshold)"
             )
+        assert self.model is not None  # GRPOTrainer always has a model
         self._vip_positions = accepts_position_ids(self.model)
         if not self._vip_positions and self._vip_world > 1:
             raise NotImplementedError(
@@ -229,12 +230,14 @@ class VIPGRPOTrainer(GRPOTrainer):
     def _get_train_sampler(self, dataset: Any = None) -> Any:
         args = cast(VIPGRPOConfig, self.args)
         assert args.steps_per_generation is not None
+        source = self.train_dataset if dataset is None else dataset
+        assert source is not None  # training needs a dataset (environments, which own the data, are refused)
         return RepeatSampler(
-            data_source=self.train_dataset if dataset is None else dataset,
+            data_source=cast(Sized, source),  # a map-style dataset (iterable ones take the dataloader path)
             mini_repeat_count=self.num_generations,
             batch_size=args.prompts_per_generation,
             repeat_count=self.num_iterations * args.steps_per_generation,
-            shuffle=self.shuffle_dataset,
+            shuffle=bool(self.shuffle_dataset),
             seed=args.seed,
         )
 
@@ -243,6 +246,7 @@ class VIPGRPOTrainer(GRPOTrainer):
         args = cast(VIPGRPOConfig, self.args)
         assert args.steps_per_generation is not None
         dataset = self.train_dataset
+        assert dataset is not None  # training needs a dataset (environments, which own the data, are refused)
         if isinstance(dataset, IterableDataset):
             if self.shuffle_dataset:
                 dataset = dataset.shuffle(seed=args.seed)
@@ -602,6 +606,7 @@ class VIPGRPOTrainer(GRPOTrainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             folder = output_dir if output_dir is not None else self.args.output_dir
+            assert folder is not None  # TrainingArguments always has an output_dir
             self.allocator.save(os.path.join(folder, ALLOCATOR_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
