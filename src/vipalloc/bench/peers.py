@@ -3,7 +3,9 @@
 Written from the published descriptions (``shared/reference/vip-authors-code.md`` sections 1 and 3, and the
 Knapsack-RL paper), not copied from their code:
 
-* :func:`authors_slsqp_allocate`: the VIP authors' final pipeline. ``scipy.optimize.minimize(method="SLSQP")`` on the
+* :func:`authors_slsqp_allocate`: the VIP authors' final pipeline with their own continuous stage (the library's
+  ``vip_authors``, :mod:`vipalloc.authors`, is the same pipeline with that stage solved exactly; both share one
+  rounding, :func:`vipalloc.authors.authors_rounding`). ``scipy.optimize.minimize(method="SLSQP")`` on the
   continuous relaxation of ``sum a/(n-1) + gamma log(p) n`` (RLOO) or ``sum a (n-1)/n^2 + gamma log(p) n``
   (Dr.GRPO), box bounds ``[lower, upper]`` (their trainer passes ``lower=1``), the budget as an equality
   constraint, started at the uniform point, with scipy's defaults (finite-difference gradient, 100 iterations);
@@ -17,11 +19,12 @@ Knapsack-RL paper), not copied from their code:
   their oracle ablation adds 4 to every prompt), so its output lies in ``[min_n, upper]`` like ours.
 * :func:`knapsack_dp_allocate`: Knapsack-RL's exact dynamic program over (prompts x budget), O(M * budget * K).
 
-Deviations, all in the peers' favour or needed to run: our greedy loops recompute each prompt's marginal gain
-vectorised (O(M) per unit) where the authors' code recomputes the whole objective per candidate (O(M^2) per
-unit); ``lower`` is raised to ``1 + 1e-3`` for RLOO, whose objective is singular at their bound of 1; where the
-floors of a non-converged SLSQP point exceed the budget (their code raises) we take units back from the largest
-counts; ``analytic_jac=True`` offers the gradient they did not pass (faster and more accurate than their setting).
+Deviations, all in the peers' favour or needed to run: our greedy loops keep the marginal gains in a heap
+(O(log M) per unit) where the authors' code recomputes the whole objective per candidate (O(M^2) per unit); equal
+predictions are rounded alike (``vipalloc.authors``); ``lower`` is raised to ``1 + 1e-3`` for RLOO, whose
+objective is singular at their bound of 1; where the floors of a non-converged SLSQP point exceed the budget (their
+code raises) we take units back from the largest counts; ``analytic_jac=True`` offers the gradient they did not
+pass (faster and more accurate than their setting).
 """
 
 from __future__ import annotations
@@ -32,24 +35,11 @@ import numpy as np
 from scipy.optimize import minimize
 
 from vipalloc.allocation import _solve_dp, domain
+from vipalloc.authors import AUTHORS_GAMMA, authors_rounding, equal_classes, legacy_greedy_fill
 
 __all__ = ["GAMMA", "authors_bisection_allocate", "authors_slsqp_allocate", "knapsack_dp_allocate"]
 
-GAMMA = {"rloo": 7e-4, "drgrpo": 4e-4}  # the authors' hardness-bonus weights
-
-
-def _legacy_gain(a: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Decrease of the authors' rounding surrogate ``a (n+3)/(n+4)^2`` when ``n -> n+1``."""
-    return a * ((n + 3) / (n + 4) ** 2 - (n + 4) / (n + 5) ** 2)
-
-
-def _greedy_fill(a: np.ndarray, n: np.ndarray, left: int, upper: int) -> np.ndarray:
-    """Give ``left`` units one at a time to the prompt whose surrogate falls most (prompts at ``upper`` skipped)."""
-    n = n.copy()
-    for _ in range(left):
-        gain = np.where(n < upper, _legacy_gain(a, n), -np.inf)
-        n[int(np.argmax(gain))] += 1
-    return n
+GAMMA = AUTHORS_GAMMA  # the authors' hardness-bonus weights
 
 
 def authors_slsqp_allocate(
@@ -63,8 +53,10 @@ def authors_slsqp_allocate(
     analytic_jac: bool = False,
     return_result: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, Any]:
-    """The VIP authors' final allocator (SLSQP + rounding). Returns int64 counts in ``{0} U [min_keep, upper]``
-    summing to ``budget`` (and scipy's ``OptimizeResult``, or None on the uniform path, with ``return_result``)."""
+    """The VIP authors' final allocator with THEIR continuous stage (SLSQP) and the shared rounding
+    (:func:`vipalloc.authors.authors_rounding`, the one ``vip_authors`` uses). Returns int64 counts in
+    ``{0} U [min_keep, upper]`` summing to ``budget`` (and scipy's ``OptimizeResult``, or None on the uniform path,
+    with ``return_result``)."""
     p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
     m = len(p)
     if np.std(p) < 1e-6:  # their first-step rule: uniform
@@ -97,18 +89,11 @@ def authors_slsqp_allocate(
         bounds=[(lower, upper)] * m,
         constraints=[{"type": "eq", "fun": lambda n: np.sum(n) - budget}],
     )
-    n = np.clip(np.floor(res.x), 0, upper).astype(np.int64)  # used even when SLSQP did not converge, as theirs
-    n[n < min_keep] = 0
-    left = budget - int(n.sum())
-    if left > 0:
-        n = _greedy_fill(a, n, left, upper)
-    for _ in range(-left):  # only for a non-converged, over-budget SLSQP point (their code raises here)
-        n[int(np.argmax(n))] -= 1
-    small = (n > 0) & (n < min_keep)
-    freed = int(n[small].sum())
-    n[small] = 0
-    for _ in range(freed):
-        n[int(np.argmax(np.where(n < upper, n, -1)))] += 1
+    x = np.clip(np.asarray(res.x, np.float64), 0.0, upper)  # used even when SLSQP did not converge, as theirs
+    # A non-converged point can have floors above the budget (their code raises): take units off the largest.
+    while int(np.floor(x).sum()) > budget:
+        x[int(np.argmax(x))] -= 1.0
+    n = authors_rounding(x, a, budget, upper, min_keep=min_keep, classes=equal_classes(p))
     return (n, res) if return_result else n
 
 
@@ -141,7 +126,7 @@ def authors_bisection_allocate(p: np.ndarray, budget: int, *, upper: int = 32, m
         else:
             hi = lam
     n = np.floor(n_star(hi)).astype(np.int64)
-    n = _greedy_fill(a, n, max(total - int(n.sum()), 0), cap)
+    n = legacy_greedy_fill(a, n, max(total - int(n.sum()), 0), cap)
     return n + min_n
 
 
