@@ -144,6 +144,7 @@ def test_commit_domain_rules() -> None:
     assert commit_domain(2, 4, 8, allow_drop=False).tolist() == [2, 3, 4, 5, 6]
     assert commit_domain(4, 2, 8).tolist() == [0, 1, 2, 3, 4]  # pilot already at the minimum
     assert commit_domain(3, 4, 8).tolist() == [0, 1, 2, 3, 4, 5]
+    assert commit_domain(1, 4, 8).tolist() == [3, 4, 5, 6, 7]  # a pilot of 1 trains nothing: no stay-at-pilot
     with pytest.raises(ValueError, match="exceeds n_max"):
         commit_domain(9, 4, 8)
 

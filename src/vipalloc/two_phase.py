@@ -165,12 +165,19 @@ def expected_variance(a: ArrayLike, b: ArrayLike, n: ArrayLike, estimator: str =
 def commit_domain(pilot_n: int, n_min: int, n_max: int, *, allow_drop: bool = True, min_keep: int = 4) -> np.ndarray:
     """Allowed extra rollouts per prompt, sorted int64: ``{0} U [lo, n_max - pilot_n]`` with
     ``lo = max(n_min, min_keep, pilot_n) - pilot_n`` (with ``allow_drop``), or ``[max(n_min, pilot_n) - pilot_n,
-    n_max - pilot_n]`` without (every final group then has ``>= n_min`` rollouts)."""
+    n_max - pilot_n]`` without (every final group then has ``>= n_min`` rollouts).
+
+    With ``pilot_n = 1`` there is no ``{0}``: a group of one rollout has no baseline and trains nothing, so leaving a
+    prompt at its pilot would cost 0 in the objective while wasting the rollout (the degenerate free drop of
+    one-shot VIP, ``docs/strategies.md``); every piloted prompt then gets ``[max(n_min, min_keep) - 1, n_max - 1]``.
+    """
     hi = n_max - pilot_n
     if hi < 0:
         raise ValueError(f"pilot_n ({pilot_n}) exceeds n_max ({n_max}); lower pilot_n or raise n_max")
     if not allow_drop:
         return np.arange(max(n_min, pilot_n) - pilot_n, hi + 1, dtype=np.int64)
+    if pilot_n < 2:
+        return np.arange(min(max(n_min, min_keep) - pilot_n, hi), hi + 1, dtype=np.int64)
     lo = max(n_min, min_keep, pilot_n) - pilot_n
     if lo <= 1:
         return np.arange(0, hi + 1, dtype=np.int64)

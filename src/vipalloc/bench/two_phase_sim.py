@@ -59,11 +59,13 @@ def simulate_two_phase_run(
     embedder: str = "hashing",
     pilot_n: int = PILOT_N,
     pool_factor: float | None = None,
+    strategy_kwargs: dict[str, Any] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> SimRun:
     """Train the simulator's policy with a two-phase row until ``steps * batch * n_mean`` cumulative rollouts.
 
-    ``pool_factor`` (``pilot_commit`` only) defaults to :func:`pilot_commit_pool_factor`. Variances (``var_plan``
+    ``pool_factor`` (``pilot_commit`` only) defaults to :func:`pilot_commit_pool_factor`; ``strategy_kwargs`` go
+    to the strategy (e.g. ``{"skip": "none"}`` for ``vip_two_phase``). Variances (``var_plan``
     and the uniform / oracle references) are the allocator's estimator model under the TRUE p of the final groups;
     NaN for ``pilot_commit``, whose trained prompts are chosen after seeing rewards (as for DAPO).
     """
@@ -85,6 +87,7 @@ def simulate_two_phase_run(
     est = _alloc_estimator(cfg.estimator)
     common = {"estimator": est, "n_min": n_min, "n_max": n_max, "seed": seed, "embedder": embedder}
     kwargs: dict[str, Any] = {"pool_factor": pf} if is_pc else {}
+    kwargs.update(strategy_kwargs or {})
     alloc = Allocator(strategy=row.strategy, predictor=row.predictor, strategy_kwargs=kwargs, **common)
     shadow_uniform = Allocator(strategy="uniform", predictor="empirical", **common)
     shadow_oracle = Allocator(strategy="vip_pure", predictor="oracle", **common)
