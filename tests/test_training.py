@@ -434,3 +434,24 @@ def test_eval_metrics_consistent_per_level() -> None:
     assert eval_metrics(answers, ["1"] * len(probs), levels, seed=0) == m  # seeded: reproducible
     with pytest.raises(ValueError, match="same number"):
         eval_metrics([["1"], ["1", "2"]], ["1", "1"], [0, 0], seed=0)
+
+
+def test_per_level_label_noise_and_device_validation(tmp_path) -> None:
+    """label_noise per level must match the levels; device='cuda' without a GPU is a clear error, 'auto' falls back
+    to the CPU; a CPU warm-up keeps its cache key whatever the device option says."""
+    from vipalloc.training.trainer import resolve_device
+
+    cfg = TrainConfig(levels=[[2, 1], [3, 1]], warmup={"label_noise": [0.0, 0.6]})
+    assert cfg.level_noise == (0.0, 0.6)
+    assert TrainConfig(levels=[[2, 1], [3, 1]], warmup={"label_noise": 0.25}).level_noise == (0.25, 0.25)
+    with pytest.raises(ValueError, match="one per level"):
+        TrainConfig(levels=[[2, 1], [3, 1]], warmup={"label_noise": [0.1, 0.2, 0.3]})
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        TrainConfig(warmup={"label_noise": 1.0})
+    assert cfg.warmup_key("cpu") == cfg.warmup_key() != cfg.warmup_key("cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no GPU"):
+            resolve_device("cuda")
+        assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="tpu")

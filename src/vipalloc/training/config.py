@@ -42,8 +42,10 @@ class WarmupConfig(BaseModel):
     steps: int = Field(default=1500, ge=0)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=3e-3, gt=0)
-    label_noise: float = Field(
-        default=0.3, ge=0, lt=0.5, description="fraction of warm-up answers replaced by near misses"
+    label_noise: float | list[float] = Field(
+        default=0.3,
+        description="fraction of warm-up answers replaced by near misses, in [0, 1): one value, or one per level "
+        "(a clean level is learnt to near-certainty, a noisy one leaves the right answer the mode of a spread)",
     )
     seed: int = 12345
     threads: int = Field(
@@ -118,6 +120,12 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=10, ge=1)
     ckpt_every: int = Field(default=10, ge=1)
     threads: int = Field(default=1, ge=1, description="torch CPU threads; 1 is fastest when other jobs share the cores")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        default="cpu",
+        description="where the policy runs: cpu (default; the project never needs a GPU), cuda (refused with a "
+        "clear error when torch sees no GPU) or auto (cuda when available, else cpu); sampling draws stay on the "
+        "CPU generator, so a run is seeded the same way on either",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     warmup_cache: str = "runs/warmup"
@@ -143,9 +151,23 @@ class TrainConfig(BaseModel):
                     f"level ({terms}, {digits}) can have answers longer than max_new_tokens={self.max_new_tokens} "
                     "allows (digits + sign + end-of-sequence); raise max_new_tokens"
                 )
+        noise = self.warmup.label_noise
+        if isinstance(noise, list) and len(noise) != len(self.levels):
+            raise ValueError(
+                f"warmup.label_noise has {len(noise)} values for {len(self.levels)} levels: give one per level or "
+                "a single number"
+            )
+        if not all(0.0 <= x < 1.0 for x in self.level_noise):
+            raise ValueError(f"warmup.label_noise must lie in [0, 1), got {noise}")
         if self.loss == "rloo" and self.n_min < 2:
             raise ValueError("RLOO needs n_min >= 2")
         return self
+
+    @property
+    def level_noise(self) -> tuple[float, ...]:
+        """The warm-up's label noise of each level (``warmup.label_noise`` broadcast to the levels)."""
+        noise = self.warmup.label_noise
+        return tuple(float(x) for x in noise) if isinstance(noise, list) else (float(noise),) * len(self.levels)
 
     @property
     def level_tuples(self) -> tuple[tuple[int, int], ...]:
@@ -157,12 +179,18 @@ class TrainConfig(BaseModel):
         """Rollouts per step (identical for every strategy)."""
         return self.prompts_per_step * self.n_mean
 
-    def warmup_key(self) -> str:
-        """Hash of everything the warm-up model depends on (its cache key)."""
-        blob = json.dumps(
-            {"model": self.model.model_dump(), "warmup": self.warmup.model_dump(), "levels": self.level_tuples, "v": 2},
-            sort_keys=True,
-        )
+    def warmup_key(self, device: str = "cpu") -> str:
+        """Hash of everything the warm-up model depends on (its cache key); ``device`` is the resolved device the
+        warm-up runs on (a GPU warm-up is numerically different: it gets its own key, CPU keys are unchanged)."""
+        spec: dict[str, object] = {
+            "model": self.model.model_dump(),
+            "warmup": self.warmup.model_dump(),
+            "levels": self.level_tuples,
+            "v": 2,
+        }
+        if device != "cpu":
+            spec["device"] = device
+        blob = json.dumps(spec, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -19,8 +19,8 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, estimator: str)
     r = rewards.double()
     g = group.long()
     n_groups = int(g.max()) + 1 if g.numel() else 0
-    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, g, torch.ones_like(r))
-    total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, g, r)
+    count = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, g, torch.ones_like(r))
+    total = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, g, r)
     n = count[g]
     mean = total[g] / n
     if estimator == "drgrpo":
@@ -28,7 +28,7 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, estimator: str)
     elif estimator == "rloo":
         adv = torch.where(n > 1, r - (total[g] - r) / (n - 1).clamp(min=1), torch.zeros_like(r))
     elif estimator == "grpo":
-        sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, g, (r - mean) ** 2)
+        sq = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, g, (r - mean) ** 2)
         std = torch.sqrt(sq[g] / (n - 1).clamp(min=1))
         adv = (r - mean) / (std + GRPO_EPS)
     else:

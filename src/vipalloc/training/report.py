@@ -133,11 +133,12 @@ def write_report(
     strategies = list(runs)
     n_seeds = len(next(iter(runs.values())))
     ref = sm["reference"]
+    noise = "/".join(f"{x:.0%}" for x in cfg.level_noise)  # per level
     lines = [
         "# vipalloc demo: allocation strategies at equal rollout budget",
         "",
         f"Policy: char-level GPT-2 ({cfg.model.n_layer} layers, width {cfg.model.n_embd}), supervised warm-up of "
-        f"{cfg.warmup.steps} steps on the task generator with {cfg.warmup.label_noise:.0%} near-miss answers "
+        f"{cfg.warmup.steps} steps on the task generator with {noise} near-miss answers "
         f"({warm_s:.0f} s here, cached under {cfg.warmup_cache}/). Task: reasoning-gym chain_sum, levels "
         f"(terms, digits) {', '.join(str(tuple(x)) for x in cfg.levels)}; {cfg.pool_size}-prompt training pool, "
         f"{cfg.eval_size} held-out prompts x {cfg.eval_samples} samples at temperature {cfg.temperature}; exact-match "

@@ -48,6 +48,24 @@ CKPT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
 
+# ----------------------------------------------------------------------------------------------- device
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda when torch sees a GPU, else cpu) as a ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device='cuda' but torch sees no GPU (CPU-only build or no driver); use device='cpu' or 'auto'"
+        )
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; choose cpu, cuda or auto")
+    return torch.device(name)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 # ----------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def sample(
@@ -59,14 +77,18 @@ def sample(
     generator: torch.Generator,
     greedy: bool = False,
 ) -> list[list[int]]:
-    """Sample one completion per prompt (token ids, EOS included if produced). KV-cached, left-padded batch."""
+    """Sample one completion per prompt (token ids, EOS included if produced). KV-cached, left-padded batch.
+
+    The model may live on any device; the draws are made on the CPU ``generator`` (probabilities are copied to
+    the CPU, ``(N, vocab)`` float64 a token), so the seeding is the same on every device."""
     if not prompts:
         return []
-    ids, mask = tok.left_pad(prompts)
+    dev = _device_of(model)
+    ids, mask = (t.to(dev) for t in tok.left_pad(prompts))
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     past, logits = out.past_key_values, out.logits[:, -1]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
     cur_pos = pos[:, -1]
     gen: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
@@ -74,13 +96,13 @@ def sample(
             nxt = logits.argmax(-1)
         else:
             probs = torch.softmax(logits.double() / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(dev)
         nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
         gen.append(nxt)
         done |= nxt == EOS
         if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=dev)], 1)
         cur_pos = cur_pos + 1
         out = model(
             input_ids=nxt[:, None],
@@ -116,13 +138,14 @@ def token_logprobs(
     for r, s in enumerate(seqs):
         ids[r, : len(s)] = torch.tensor(s)
         attn[r, : len(s)] = 1
+    dev = _device_of(model)
+    ids, attn = ids.to(dev), attn.to(dev)
     logits = model(input_ids=ids, attention_mask=attn).logits.float()
     # completion token t of row r sits at position plen[r] + t and is predicted by the logits at plen[r] + t - 1
-    rows = torch.arange(len(seqs))[:, None]
-    cols = torch.tensor(plen)[:, None] - 1 + torch.arange(t_max)[None, :]
-    mask = torch.zeros((len(seqs), t_max), dtype=torch.float32)
-    for r, c in enumerate(completions):
-        mask[r, : len(c)] = 1.0
+    rows = torch.arange(len(seqs), device=dev)[:, None]
+    cols = torch.tensor(plen, device=dev)[:, None] - 1 + torch.arange(t_max, device=dev)[None, :]
+    lens = torch.tensor([len(c) for c in completions], device=dev)
+    mask = (torch.arange(t_max, device=dev)[None, :] < lens[:, None]).float()
     cols = cols.clamp(max=width - 2)  # padded positions are masked out; keep their index in range
     logprobs = torch.log_softmax(logits[rows, cols], -1)
     targets = ids[rows, cols + 1]
@@ -142,21 +165,24 @@ def sequence_logprobs(
 # ----------------------------------------------------------------------------------------------- warm-up
 def warmup_policy(cfg: TrainConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
     """Supervised warm-up on fresh problems of the task generator (cached by config hash under warmup_cache)."""
-    cache = Path(cfg.warmup_cache) / f"warmup-{cfg.warmup_key()}.pt"
+    device = resolve_device(cfg.device)
+    cache = Path(cfg.warmup_cache) / f"warmup-{cfg.warmup_key(device.type)}.pt"
     if cache.exists():
-        return torch.load(cache, weights_only=True)
+        return torch.load(cache, weights_only=True, map_location="cpu")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.warmup.threads)
     try:
-        return _warmup(cfg, cache, progress)
+        return _warmup(cfg, cache, progress, device)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _warmup(cfg: TrainConfig, cache: Path, progress: Callable[[int, int], None] | None) -> dict[str, torch.Tensor]:
+def _warmup(
+    cfg: TrainConfig, cache: Path, progress: Callable[[int, int], None] | None, device: torch.device
+) -> dict[str, torch.Tensor]:
     torch.manual_seed(cfg.warmup.seed)
     noise_rng = random.Random(cfg.warmup.seed)
-    model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
+    model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head).to(device)
     tok = CharTokenizer()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(cfg.warmup.steps, 1))
@@ -168,9 +194,8 @@ def _warmup(cfg: TrainConfig, cache: Path, progress: Callable[[int, int], None] 
             problems = make_problems(chunk, seed=cfg.warmup.seed + step, levels=cfg.level_tuples, tag="w")
             random.Random(step).shuffle(problems)
         batch = problems[lo : lo + cfg.warmup.batch_size]
-        answers = [
-            corrupt(p.answer, noise_rng) if noise_rng.random() < cfg.warmup.label_noise else p.answer for p in batch
-        ]
+        noise = cfg.level_noise
+        answers = [corrupt(p.answer, noise_rng) if noise_rng.random() < noise[p.level] else p.answer for p in batch]
         comps = [[*tok.encode(a), EOS] for a in answers]
         loss = -sequence_logprobs(model, tok, [p.prompt for p in batch], comps).sum() / sum(len(c) for c in comps)
         opt.zero_grad()
@@ -180,7 +205,7 @@ def _warmup(cfg: TrainConfig, cache: Path, progress: Callable[[int, int], None] 
         sched.step()
         if progress is not None:
             progress(step + 1, cfg.warmup.steps)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # CPU: shippable to workers
     cache.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
     os.close(fd)
@@ -241,12 +266,13 @@ class Trainer:
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.tok = CharTokenizer()
-        self.model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
+        self.device = resolve_device(cfg.device)
+        self.model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head).to(self.device)
         warm = warm_state if warm_state is not None else warmup_policy(cfg)
         self.model.load_state_dict(warm)
         self.ref_model: torch.nn.Module | None = None
         if cfg.kl_coef > 0:  # frozen copy of the warm-up policy, the KL anchor
-            self.ref_model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head)
+            self.ref_model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head).to(self.device)
             self.ref_model.load_state_dict(warm)
             self.ref_model.requires_grad_(False)
         self.opt: torch.optim.Optimizer
@@ -313,7 +339,7 @@ class Trainer:
         path = self.run_dir / CKPT_NAME
         if not path.exists():
             return False
-        payload = torch.load(path, weights_only=False)
+        payload = torch.load(path, weights_only=False, map_location="cpu")  # load_state_dict moves to the device
         if not same_run(TrainConfig.model_validate_json(payload["config"]), self.cfg):
             raise ValueError(f"{path} was written by a different configuration; use another run_dir or the same config")
         self.step = int(payload["step"])
@@ -436,9 +462,11 @@ class Trainer:
         wrong answers). Groups are split across minibatches whole, never by reshaping to a fixed width.
         """
         cfg = self.cfg
-        owners_t = torch.tensor(owners, dtype=torch.long)
+        dev = self.device
+        adv = adv.to(dev)
+        owners_t = torch.tensor(owners, dtype=torch.long, device=dev)
         n_groups = len(prompts)
-        n_per = torch.zeros(n_groups).index_add_(0, owners_t, torch.ones(len(owners)))
+        n_per = torch.zeros(n_groups, device=dev).index_add_(0, owners_t, torch.ones(len(owners), device=dev))
         row_prompts = [prompts[g] for g in owners]
         need_old = cfg.ppo_epochs * cfg.minibatches > 1
         with torch.no_grad():
@@ -447,17 +475,18 @@ class Trainer:
             if cfg.kl_coef > 0:
                 assert self.ref_model is not None  # built in __init__ whenever kl_coef > 0
                 ref = token_logprobs(self.ref_model, self.tok, row_prompts, comps)[0]
-        active = [g for g in range(n_groups) if n_per[g] > 0]
+        active = sorted(set(owners))  # groups with at least one rollout, ascending
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
         n_updates = 0
         for _ in range(cfg.ppo_epochs):
             order = [active[i] for i in self.rng.permutation(len(active))] if cfg.minibatches > 1 else active
             for chunk in np.array_split(np.array(order, dtype=np.int64), min(cfg.minibatches, len(order))):
-                in_mb = torch.zeros(n_groups, dtype=torch.bool)
-                in_mb[torch.from_numpy(chunk)] = True
+                in_mb = torch.zeros(n_groups, dtype=torch.bool, device=dev)
+                in_mb[torch.from_numpy(chunk).to(dev)] = True
                 rows = torch.nonzero(in_mb[owners_t]).squeeze(1)
+                rows_l = rows.tolist()
                 logp, mask, ent = token_logprobs(
-                    self.model, self.tok, [row_prompts[r] for r in rows], [comps[r] for r in rows]
+                    self.model, self.tok, [row_prompts[r] for r in rows_l], [comps[r] for r in rows_l]
                 )
                 t = logp.shape[1]
                 a = adv[rows].float()[:, None]
@@ -470,7 +499,7 @@ class Trainer:
                     surr = torch.exp(logp - logp.detach()) * a  # value = A, gradient = A * grad log pi
                     clipped = torch.zeros_like(logp)
                 loss = -(w * surr).sum()
-                kl = torch.zeros(())
+                kl = torch.zeros((), device=dev)
                 if ref is not None:
                     d = ref[rows, :t] - logp
                     kl = (w * (torch.exp(d) - d - 1)).sum()  # k3 estimator of KL(pi || pi_ref), >= 0
