@@ -1,5 +1,6 @@
-"""``vipalloc bench``: simulate | predictors | overhead | train. One command per benchmark; each writes a markdown
-report with PNG plots under ``--out`` (default ``reports/``). Heavy imports happen inside the commands."""
+"""``vipalloc bench``: simulate | predictors | overhead | train | budget. One command per benchmark; each writes a
+markdown report (with PNG plots where it has any) under ``--out`` (default ``reports/``). Heavy imports happen inside
+the commands."""
 
 from __future__ import annotations
 
@@ -243,3 +244,30 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             _fail(str(exc))
         typer.echo(f"wrote {out / 'train.md'}")
+
+    @bench.command()
+    def budget(
+        strategies: str = typer.Option(
+            "uniform,vip,vip_authors,vip_pure,knapsack", help="Comma-separated strategies (any STRATEGY_NAMES)."
+        ),
+        seeds: int = typer.Option(10, min=1, help="Draws of the issue-13 batch."),
+        trace: Path | None = typer.Option(None, help="A saved CPU-trainer trace (JSONL) to tabulate too."),
+        predictor: str = typer.Option("gp", help="Predictor replaying the trace: gp | beta | empirical | ridge."),
+        out: Path = typer.Option(Path("reports"), help="Report folder."),
+    ) -> None:
+        """Where the budget goes: mean rollouts per predicted-p bin and dropped prompts, per strategy."""
+        from vipalloc.bench.budget import run_budget
+
+        try:
+            _, text = run_budget(
+                out,
+                strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                seeds=seeds,
+                trace=trace,
+                predictor=predictor,
+                command=_command(),
+            )
+        except ValueError as exc:
+            _fail(str(exc))
+        typer.echo(text)
+        typer.echo(f"wrote {out / 'budget.md'}")
