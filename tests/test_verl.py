@@ -415,6 +415,17 @@ def test_start_up_check_names_missing_hooks_and_supported_range(monkeypatch) -> 
     with pytest.raises(UnsupportedVerlError, match="expands the generation batch with .repeat"):
         check_hook_points(False)
 
+    def fit_without_slice(self: Any) -> None:  # the text checks read the source: these calls are what they look for
+        # self._get_gen_batch( gen_batch.repeat( batch.repeat( self._update_actor(
+        # self.async_rollout_manager.generate_sequences(
+        return None
+
+    monkeypatch.setattr(RayPPOTrainer, "fit", fit_without_slice)
+    check_hook_points.cache_clear()
+    check_hook_points(False)  # enough for single-phase VIP
+    with pytest.raises(UnsupportedVerlError, match=r"keeps the first len\(gen_batch_output\) rows"):
+        check_hook_points(False, True)  # two-phase relies on fit keeping len(gen_batch_output) rows
+
     worker = agent_loop_tq.AgentLoopWorkerTQ.__ray_actor_class__
 
     async def _run_prompt(self: Any, prompt: dict, *args: Any, **kwargs: Any) -> None:
@@ -440,7 +451,7 @@ def test_refused_and_warned_setups() -> None:
     for overrides, match in (
         (["algorithm.filter_groups.enable=true"], "filter_groups.enable=true .* refused"),
         (["+async_training.staleness_threshold=0.1"], "verl.experimental trainer"),
-        (["vip.two_phase=true"], "two_phase=true is not supported"),
+        (["vip.two_phase=true", "vip.strategy=vip_two_phase"], "two_phase=true is supported in the legacy loop only"),
     ):
         cfg = compose(paper + overrides)
         with pytest.raises(ValueError, match=match):
@@ -481,9 +492,13 @@ def test_dapo_recipe_and_experimental_trainers_are_refused() -> None:
 
 def test_strategy_names_are_read_from_the_package_at_run_time(monkeypatch) -> None:
     import vipalloc.strategies as strategies
+    from vipalloc.two_phase import TWO_PHASE_STRATEGIES
 
-    for name in strategies.STRATEGY_NAMES:
-        assert VIPConfig.from_mapping({"strategy": name}).strategy == name
+    for name in strategies.STRATEGY_NAMES:  # two-phase strategies need vip.two_phase=true, and only they accept it
+        two = name in TWO_PHASE_STRATEGIES
+        assert VIPConfig.from_mapping({"strategy": name, "two_phase": two}).strategy == name
+        with pytest.raises(ValueError, match="two_phase=true|two-phase strategy"):
+            VIPConfig.from_mapping({"strategy": name, "two_phase": not two})
     with pytest.raises(ValueError, match=r"vip.strategy='nope' is unknown; choose one of \['uniform'"):
         VIPConfig.from_mapping({"strategy": "nope"})
     with pytest.raises(ValueError, match="vip.predictor='nope' is unknown"):

@@ -136,6 +136,7 @@ class StubRolloutManager:
             non_tensors={
                 "acc": out["reward"].astype(bool),
                 "multi_modal_inputs": np.array([{} for _ in range(r)], dtype=object),
+                "gen_uid": np.array(uids, dtype=object),  # lets tests check that rows meet their prompt after union
             },
             meta_info={"timing": {}, "reward_extra_keys": ["acc"]},
         )
@@ -163,17 +164,8 @@ class StubActorGroup:
         return None
 
 
-def test_legacy_fit_in_local_ray_with_stub_rollout_worker(ray_cluster, tmp_path, monkeypatch) -> None:
-    """verl's real ``RayPPOTrainer.fit`` (as ``RayVIPTrainer``) for 3 steps on the ``vip_trainer`` config."""
-    from verl.trainer.ppo.ray_trainer import Role
-    from verl.utils.dataset.rl_dataset import collate_fn
-    from verl.utils.tracking import Tracking
-
-    logged: list[tuple[int, dict]] = []
-    monkeypatch.setattr(Tracking, "__init__", lambda self, *a, **k: None)
-    monkeypatch.setattr(Tracking, "log", lambda self, data, step, **k: logged.append((step, dict(data))))
-    ckpt = str(tmp_path / "ckpt")
-    overrides = [
+def legacy_overrides(ckpt: str, extra: list[str] = ()) -> list[str]:  # type: ignore[assignment]
+    return [
         "trainer.use_v1=false",
         "trainer.logger=[console]",
         "trainer.val_before_train=false",
@@ -194,17 +186,23 @@ def test_legacy_fit_in_local_ray_with_stub_rollout_worker(ray_cluster, tmp_path,
         "vip.predictor=beta",
         "vip.n_min=2",
         "vip.n_max=8",
+        *extra,
     ]
-    config = compose(overrides)
 
-    seen_batches: list[dict[str, Any]] = []
+
+def legacy_trainer(config: Any, seen_batches: list[dict[str, Any]]) -> Any:
+    """Our ``RayVIPTrainer`` on ``config`` with a stub actor group (DP 2); records what reaches the actor update."""
+    from verl.trainer.ppo.ray_trainer import Role
+    from verl.utils.dataset.rl_dataset import collate_fn
 
     class Recording(plug.RayVIPTrainer):  # records what verl hands to the actor update
         def _update_actor(self, batch: DataProto) -> DataProto:
             out = super()._update_actor(batch)
+            ntb = batch.non_tensor_batch
             seen_batches.append(
                 {
-                    "uid": np.asarray(batch.non_tensor_batch["uid"], dtype=str),
+                    "uid": np.asarray(ntb["uid"], dtype=str),
+                    "gen_uid": np.asarray(ntb["gen_uid"], dtype=str),
                     "scores": batch.batch["token_level_scores"].sum(-1).numpy().astype(np.float64),
                     "adv": batch.batch["advantages"],
                     "mask": batch.batch["response_mask"],
@@ -213,20 +211,34 @@ def test_legacy_fit_in_local_ray_with_stub_rollout_worker(ray_cluster, tmp_path,
             )
             return out
 
+    pool = types.SimpleNamespace(get_n_gpus=lambda: 2)
+    t = Recording(
+        config=config,
+        tokenizer=None,
+        role_worker_mapping={Role.ActorRollout: object},
+        resource_pool_manager=pool,
+        train_dataset=PromptDataset(8),
+        val_dataset=PromptDataset(8),
+        collate_fn=collate_fn,
+    )
+    t.actor_rollout_wg = StubActorGroup(dp=2)
+    t.checkpoint_manager = types.SimpleNamespace(update_weights=lambda step: None, sleep_replicas=lambda: None)
+    return t
+
+
+def test_legacy_fit_in_local_ray_with_stub_rollout_worker(ray_cluster, tmp_path, monkeypatch) -> None:
+    """verl's real ``RayPPOTrainer.fit`` (as ``RayVIPTrainer``) for 3 steps on the ``vip_trainer`` config."""
+    from verl.utils.tracking import Tracking
+
+    logged: list[tuple[int, dict]] = []
+    monkeypatch.setattr(Tracking, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(Tracking, "log", lambda self, data, step, **k: logged.append((step, dict(data))))
+    ckpt = str(tmp_path / "ckpt")
+    config = compose(legacy_overrides(ckpt))
+    seen_batches: list[dict[str, Any]] = []
+
     def build() -> Any:
-        pool = types.SimpleNamespace(get_n_gpus=lambda: 2)
-        t = Recording(
-            config=config,
-            tokenizer=None,
-            role_worker_mapping={Role.ActorRollout: object},
-            resource_pool_manager=pool,
-            train_dataset=PromptDataset(8),
-            val_dataset=PromptDataset(8),
-            collate_fn=collate_fn,
-        )
-        t.actor_rollout_wg = StubActorGroup(dp=2)
-        t.checkpoint_manager = types.SimpleNamespace(update_weights=lambda step: None, sleep_replicas=lambda: None)
-        return t
+        return legacy_trainer(config, seen_batches)
 
     trainer = build()
     manager = StubRolloutManager(stub_rollout_worker_class(ray_cluster).remote(P_TABLE), ray_cluster)
@@ -238,6 +250,7 @@ def test_legacy_fit_in_local_ray_with_stub_rollout_worker(ray_cluster, tmp_path,
     for gen_groups, upd in zip(manager.seen, seen_batches):
         assert sum(gen_groups.values()) == 32  # budget = 8 prompts x rollout.n 4, a multiple of lcm(2, 16)
         assert group_sizes(upd["uid"]) == gen_groups  # the trained groups are the generated groups
+        np.testing.assert_array_equal(upd["uid"], upd["gen_uid"])  # every row met its own prompt in batch.union
         assert all(c >= 2 for c in gen_groups.values())
         ref = reference_advantage(upd["scores"], upd["uid"], "grpo", norm=False)
         first = upd["mask"].argmax(-1)
@@ -267,6 +280,49 @@ def test_legacy_fit_in_local_ray_with_stub_rollout_worker(ray_cluster, tmp_path,
     agg2 = resumed._vip().allocator.history.aggregates()
     np.testing.assert_array_equal(agg2.trials, agg.trials)
     np.testing.assert_array_equal(agg2.successes, agg.successes)
+
+
+def test_legacy_fit_two_phase_pilot_then_commit(ray_cluster, tmp_path, monkeypatch) -> None:
+    """``vip.two_phase=true`` in verl's real legacy ``fit``: fit's one generation call becomes a pilot round
+    (``pilot_n`` per piloted prompt), ``plan_commit`` on the pilot's rewards, and a commit round; the trained groups
+    are pilot + commit, rows aligned with their prompts, the budget exact, every rollout observed once."""
+    from verl.utils.tracking import Tracking
+
+    from vipalloc.integrations.verl_trainer import check_config
+
+    logged: list[tuple[int, dict]] = []
+    monkeypatch.setattr(Tracking, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(Tracking, "log", lambda self, data, step, **k: logged.append((step, dict(data))))
+    extra = ["trainer.save_freq=-1", "trainer.total_training_steps=2", "vip.two_phase=true",
+             "vip.strategy=vip_two_phase", "vip.pilot_n=2"]  # fmt: skip
+    config = compose(legacy_overrides(str(tmp_path / "ckpt"), extra))
+    assert check_config(config).two_phase
+    seen_batches: list[dict[str, Any]] = []
+    trainer = legacy_trainer(config, seen_batches)
+    manager = StubRolloutManager(stub_rollout_worker_class(ray_cluster).remote(P_TABLE), ray_cluster)
+    trainer.async_rollout_manager = manager
+    trainer.fit()
+
+    assert len(manager.seen) == 4 and len(seen_batches) == 2  # two generation rounds per step
+    for step, upd in enumerate(seen_batches):
+        pilot, commit = manager.seen[2 * step], manager.seen[2 * step + 1]
+        assert set(pilot.values()) == {2} and sum(pilot.values()) <= 16  # pilot_n each (skipped prompts absent)
+        final = {u: pilot.get(u, 0) + commit.get(u, 0) for u in {*pilot, *commit}}
+        assert sum(final.values()) == 32 and all(n >= 2 for n in final.values())  # the exact budget
+        assert group_sizes(upd["uid"]) == final  # trained groups = pilot + commit
+        np.testing.assert_array_equal(upd["uid"], upd["gen_uid"])  # rows of both rounds met their prompt
+        ref = reference_advantage(upd["scores"], upd["uid"], "grpo", norm=False)
+        first = upd["mask"].argmax(-1)
+        np.testing.assert_allclose(upd["adv"][torch.arange(len(ref)), first].numpy(), ref, atol=1e-6)
+    assert any(len(set(c.values())) > 1 for c in manager.seen[1::2])  # the commit is not uniform
+    agg = trainer._vip_hook.allocator.history.aggregates()
+    assert int(agg.trials.sum()) == 64  # pilot and commit rollouts, each observed once
+    assert int(agg.successes.sum()) == int(sum(b["scores"].sum() for b in seen_batches))
+    vip_logs = [d for _, d in logged if "vip/budget" in d]
+    assert len(vip_logs) == 2
+    for d, step_pilot in zip(vip_logs, manager.seen[::2]):
+        assert VIP_METRICS <= set(d) and d["vip/budget"] == 32 == d["vip/rollouts_generated"]
+        assert d["vip/pilot_rollouts"] == sum(step_pilot.values())
 
 
 # ------------------------------------------------------------------------------------------------ v1 trainer

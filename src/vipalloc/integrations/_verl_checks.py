@@ -46,6 +46,10 @@ _V0_PATHS = (
     ("fit", "batch.repeat(", "fit() expands the training batch with .repeat (the plan replaces it)"),
     ("fit", "self._update_actor(", "fit() calls _update_actor (where rewards are observed)"),
 )
+_V0_TWO_PHASE_PATHS = (
+    ("fit", "self.async_rollout_manager.generate_sequences(", "fit() generates through self.async_rollout_manager"),
+    ("fit", "combined_gen_output.slice(0, num_sampled_prompts)", "fit() keeps the first len(gen_batch_output) rows"),
+)
 _V1_PATHS = (
     ("_add_prompts_to_generate", "self._submit_batch_to_rollout(", "refills go through _submit_batch_to_rollout"),
     ("_step_once", "self._compute_advantage(", "each step calls _compute_advantage (where rewards are observed)"),
@@ -81,11 +85,12 @@ def check_verl_version(version: str | None = None) -> bool:
     return ok
 
 
-@functools.lru_cache(maxsize=2)
-def check_hook_points(use_v1: bool) -> None:
+@functools.lru_cache(maxsize=4)
+def check_hook_points(use_v1: bool, two_phase: bool = False) -> None:
     """Raise :class:`UnsupportedVerlError` if a method the plug-in hooks or a code path it relies on is missing.
 
-    ``use_v1``: check the v1 (TransferQueue) loop, else the legacy ``RayPPOTrainer`` loop. Cached per loop.
+    ``use_v1``: check the v1 (TransferQueue) loop, else the legacy ``RayPPOTrainer`` loop; ``two_phase``: also the
+    legacy code the two-phase rounds rely on. Cached per argument pair.
     """
     problems: list[str] = []
     if use_v1:
@@ -105,6 +110,8 @@ def check_hook_points(use_v1: bool) -> None:
 
         problems += _missing(RayPPOTrainer, V0_HOOKS, "RayPPOTrainer")
         problems += _missing_paths(RayPPOTrainer, _V0_PATHS, "RayPPOTrainer")
+        if two_phase:
+            problems += _missing_paths(RayPPOTrainer, _V0_TWO_PHASE_PATHS, "RayPPOTrainer")
     if problems:
         import verl
 
@@ -176,14 +183,23 @@ def config_refusals(config: Any, vip: VIPConfig) -> list[str]:
             "one_step_off_policy), whose loop the plug-in does not hook; use trainer.use_v1=true with "
             "trainer.v1.trainer_mode=colocate_async or separate_async"
         )
-    if vip.two_phase:
+    use_v1 = _get(config, "trainer", "use_v1")
+    if vip.two_phase and (use_v1 is None or bool(use_v1)):
         out.append(
-            "vip.two_phase=true is not supported by the verl plug-in: a second generation round needs a second "
-            "agent-loop submission for the same uid, whose sessions would overwrite the pilot's TransferQueue keys "
-            "({uid}_{session}_{index}, sessions numbered from 0 each time) in the v1 loop, and a second "
-            "generate_sequences call inside RayPPOTrainer.fit in the legacy loop; neither is possible without "
-            "copying verl code. Set vip.two_phase=false"
+            "vip.two_phase=true is supported in the legacy loop only (trainer.use_v1=false): in the v1 loop a second "
+            "generation round needs a second agent-loop submission of the same uid, whose sessions (numbered from 0 "
+            "each time) would overwrite the pilot's TransferQueue keys {uid}_{session}_{index}, and the replay "
+            "buffer may sample the group as soon as the pilot marks it finished; neither can be changed without "
+            "copying verl code. Set trainer.use_v1=false or vip.two_phase=false"
         )
+    reward_model = _get(config, "reward", "reward_model")
+    if vip.two_phase and reward_model is not None and bool(_get(reward_model, "enable") or False):
+        if not bool(_get(reward_model, "enable_resource_pool") or False):
+            out.append(
+                "vip.two_phase=true needs the pilot's rewards before the commit is planned, but a colocated reward "
+                "model (reward.reward_model.enable=true, enable_resource_pool=false) scores the batch only after "
+                "generation; use rule-based rewards or reward.reward_model.enable_resource_pool=true"
+            )
     return out
 
 

@@ -50,7 +50,8 @@ class VIPConfig:
     consistent with the prompt texts falls back to a hash of the prompt text. ``success_key``: a reward-extra-info
     column holding the per-rollout success (e.g. ``acc``); rows without it use the summed token-level score. A
     rollout succeeds when its value is ``>= success_threshold``. ``two_phase``: pilot-then-commit allocation
-    (refused by ``check_config`` in verl 0.9, see ``docs/verl.md``).
+    (``Allocator.plan_pilot`` / ``plan_commit``) with ``pilot_n`` pilot rollouts per prompt and a two-phase strategy
+    (``vip_two_phase``, ``pilot_commit``); legacy loop only (``docs/verl.md``).
     """
 
     enable: bool = True
@@ -68,6 +69,7 @@ class VIPConfig:
     prompt_text_key: str | None = "raw_prompt"
     save_allocator: bool = True
     two_phase: bool = False
+    pilot_n: int = 2
     predictor_kwargs: dict[str, Any] = field(default_factory=dict)
     strategy_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -111,6 +113,19 @@ class VIPConfig:
             raise ValueError(f"vip.success_threshold must be finite, got {self.success_threshold!r}")
         if not isinstance(self.two_phase, bool):
             raise ValueError(f"vip.two_phase must be true or false, got {self.two_phase!r}")
+        from vipalloc.two_phase import TWO_PHASE_STRATEGIES
+
+        if self.two_phase and self.strategy not in TWO_PHASE_STRATEGIES:
+            raise ValueError(
+                f"vip.two_phase=true needs a two-phase strategy {list(TWO_PHASE_STRATEGIES)}, got "
+                f"vip.strategy={self.strategy!r}"
+            )
+        if not self.two_phase and self.strategy in TWO_PHASE_STRATEGIES:
+            raise ValueError(f"vip.strategy={self.strategy!r} plans in two phases: set vip.two_phase=true")
+        if isinstance(self.pilot_n, bool) or not isinstance(self.pilot_n, int) or self.pilot_n < 2:
+            raise ValueError(
+                f"vip.pilot_n must be an integer >= 2, got {self.pilot_n!r} (a pilot group of 1 has no baseline)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -83,6 +83,9 @@ class VIPHook:
         )
         self._uids: dict[str, tuple[str, int]] = {}  # uid -> (prompt id, plan step)
         self._plans: dict[int, Plan] = {}
+        self._pilots: dict[int, Plan] = {}  # two-phase steps whose commit is not finished
+        self._final: dict[str, tuple[int, int]] = {}  # two-phase uid -> (plan step, pilot + commit group size)
+        self._final_metrics: dict[int, dict[str, float]] = {}
         self._last_plan_step = -1
         self._warned: set[str] = set()
 
@@ -179,12 +182,24 @@ class VIPHook:
     def observe(self, uids: Sequence[Any], success: np.ndarray, *, exact: bool, where: str) -> dict[str, float]:
         """Record one 0/1 outcome per row (rows grouped by uid) and return the ``vip/*`` metrics.
 
+        Rows of a two-phase step's uids (already recorded when they were generated) are only checked against the
+        final group sizes (pilot + commit) and return that step's metrics.
+
         Rows whose uid was not planned here (verl's padding rows, validation) are ignored; each planned prompt is
         observed once. Every planned uid's group size is checked against its plan first: rows for a dropped prompt,
         more rows than planned, or (``exact``: loops where generation cannot fail silently) fewer rows raise
         :class:`PlanNotAppliedError` naming ``where`` (the verl behaviour the plug-in relies on) and record nothing.
         With ``exact=False`` (v1: a failed session leaves its group short) fewer rows are recorded as they came.
         """
+        final = self._check_final_groups(uids, where)
+        by_step = self._record(uids, success, exact=exact, where=where)
+        metrics = self._metrics([self._plans[s] for s in sorted(by_step)], by_step)
+        return {**final, **metrics}
+
+    def _record(
+        self, uids: Sequence[Any], success: np.ndarray, *, exact: bool, where: str
+    ) -> dict[int, dict[str, np.ndarray]]:
+        """Check and record; returns the outcomes per plan step and prompt id (see :meth:`observe`)."""
         success = np.asarray(success, dtype=np.float64).reshape(-1)
         if len(uids) != len(success):
             raise ValueError(f"got {len(uids)} uids but {len(success)} outcomes")
@@ -219,10 +234,81 @@ class VIPHook:
             plan = self._plans[step]
             ids = [pid for pid in plan.prompt_ids if pid in groups]
             self.allocator.observe(ids, [groups[pid] for pid in ids], step=step)
-        metrics = self._metrics([self._plans[s] for s in sorted(by_step)], by_step)
         for u in by_uid:
             del self._uids[u]
-        return metrics
+        return by_step
+
+    # -- two-phase steps (legacy loop): pilot, commit, both recorded when generated; sizes checked at training
+    def plan_pilot(self, ids: list[str], texts: list[str] | None, uids: Sequence[Any], budget: int, step: int) -> Plan:
+        """Phase 1 (``Allocator.plan_pilot``): ``budget`` is the whole step's; counts are the pilot rollouts."""
+        if len(set(ids)) != len(ids):
+            raise ValueError(
+                "vip.two_phase needs distinct prompts within a batch (one pilot per prompt); this batch repeats a "
+                "prompt; give each dataset row a distinct extra_info.index or set vip.two_phase=false"
+            )
+        step = max(int(step), self._last_plan_step + 1)
+        t0 = time.perf_counter()
+        plan = self.allocator.plan_pilot(ids, prompts=texts, budget=int(budget), step=step, pilot_n=self.cfg.pilot_n)
+        plan.timings["overhead"] = time.perf_counter() - t0 - sum(plan.timings.values())
+        self._last_plan_step = step
+        for u, pid in zip(uids, ids):
+            self._uids[str(u)] = (pid, step)
+        self._plans[step] = plan
+        self._pilots[step] = plan
+        return plan
+
+    def observe_phase(self, uids: Sequence[Any], success: np.ndarray, where: str) -> dict[str, np.ndarray]:
+        """Record a phase's rows (sizes exactly as planned); returns the outcomes per prompt id."""
+        by_step = self._record(uids, success, exact=True, where=where)
+        return next(iter(by_step.values()), {})
+
+    def plan_commit(self, step: int, uids: Sequence[Any]) -> Plan:
+        """Phase 2 (``Allocator.plan_commit``): the EXTRA rollouts per prompt; ``uids`` aligned with the pilot."""
+        plan = self.allocator.plan_commit(step=step)
+        if np.any(plan.group_sizes == 1):
+            raise RuntimeError("the two-phase plan made a group of size 1; report this as a bug")
+        for u, pid in zip(uids, plan.prompt_ids):
+            self._uids[str(u)] = (pid, step)
+        self._plans[step] = plan
+        return plan
+
+    def finish_two_phase(
+        self, step: int, uids: Sequence[Any], pilot: Mapping[str, np.ndarray], commit: Mapping[str, np.ndarray]
+    ) -> None:
+        """Remember the final group size of every uid and the step's metrics (returned when it is trained)."""
+        plan, first = self._plans[step], self._pilots.pop(step)
+        for u, size in zip(uids, plan.group_sizes.tolist()):
+            self._final[str(u)] = (step, int(size))
+            self._uids.pop(str(u), None)  # prompts the commit gave no extra rollouts
+        timings = {k: first.timings.get(k, 0.0) + plan.timings.get(k, 0.0) for k in {*first.timings, *plan.timings}}
+        final = replace(plan, counts=plan.group_sizes, pilot_counts=None, budget=int(plan.group_sizes.sum()),
+                        timings=timings)  # fmt: skip
+        none = np.zeros(0)
+        rewards = [np.concatenate([pilot.get(pid, none), commit.get(pid, none)]) for pid in plan.prompt_ids]
+        metrics = {**final.metrics(), **self.allocator.outcome_metrics(rewards, plan=final)}
+        metrics["vip/pilot_rollouts"] = float(first.counts.sum())
+        self._final_metrics[step] = metrics
+
+    def _check_final_groups(self, uids: Sequence[Any], where: str) -> dict[str, float]:
+        sizes: dict[str, int] = {}
+        for u in uids:
+            if str(u) in self._final:
+                sizes[str(u)] = sizes.get(str(u), 0) + 1
+        steps = set()
+        for u, n in sizes.items():
+            step, planned = self._final[u]
+            if n != planned:
+                raise PlanNotAppliedError(
+                    f"uid {u} (two-phase step {step}) reached training with {n} rows but its pilot + commit group has "
+                    f"{planned}: verl did not apply the plan ({where}); supported verl: {SUPPORTED_VERL}"
+                )
+            steps.add(step)
+        for u in sizes:
+            del self._final[u]
+        out: dict[str, float] = {}
+        for step in sorted(steps):
+            out.update(self._final_metrics.pop(step, {}))
+        return out
 
     def _metrics(self, plans: list[Plan], outcomes: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, float]:
         """The shared ``vip/*`` names: ``Plan.metrics()`` of the plans whose prompts reached this batch (merged
@@ -258,6 +344,9 @@ class VIPHook:
         self.allocator = Allocator.load(path)
         self._uids.clear()
         self._plans.clear()
+        self._pilots.clear()
+        self._final.clear()
+        self._final_metrics.clear()
         # keep plan steps increasing across the resume (the allocator records the last step it planned or observed)
         self._last_plan_step = int(getattr(self.allocator, "_last_step", -1))
         return True

@@ -25,7 +25,7 @@ from vipalloc.integrations._verl_checks import (
 )
 from vipalloc.integrations._verl_core import VIPConfig, divisible_budget, expand_by_counts, required_multiple
 from vipalloc.integrations._verl_core import resolve_estimator as _resolve_estimator
-from vipalloc.integrations._verl_hook import VIPHook, _as_list
+from vipalloc.integrations._verl_hook import PlanNotAppliedError, VIPHook, _as_list
 
 __all__ = ["vip_trainer_class", "vip_v1_trainer_class"]
 
@@ -41,11 +41,13 @@ def make_hook(config: Any, use_v1: bool) -> VIPHook:
     if not cfg.enable:
         return VIPHook(cfg, cfg.estimator if cfg.estimator != "auto" else "drgrpo")
     refusals = config_refusals(config, cfg)
+    if use_v1 and cfg.two_phase and not any("two_phase" in r for r in refusals):
+        refusals.append("vip.two_phase=true is supported in the legacy loop only (trainer.use_v1=false)")
     if refusals:
         raise ValueError("; ".join(refusals))
     estimator = _resolve_estimator(cfg, str(config.algorithm.adv_estimator))
     check_verl_version()
-    check_hook_points(use_v1)
+    check_hook_points(use_v1, cfg.two_phase)
     emit_warnings(config_warnings(config, cfg))
     return VIPHook(cfg, estimator)
 
@@ -175,6 +177,8 @@ def vip_trainer_class(base: type | None = None) -> type:
             hook = self._vip()
             if not hook.cfg.enable or getattr(self, "_vip_validating", False):
                 return super()._get_gen_batch(batch)
+            if hook.cfg.two_phase:
+                return self._vip_two_phase(batch)
             counts = self._vip_plan(batch)  # before the parent moves the id / text columns out of `batch`
             gen_batch = super()._get_gen_batch(batch)
             _one_shot_plan(gen_batch, counts)  # fit(): gen_batch.repeat(n) before generation
@@ -186,6 +190,43 @@ def vip_trainer_class(base: type | None = None) -> type:
             m = len(batch)
             ntb = batch.non_tensor_batch
             ids, texts = hook.prompt_ids(ntb, m), hook.prompt_texts(ntb, m)
+            return hook.plan(ids, texts, ntb["uid"], self._vip_budget(m), int(self.global_steps)).counts
+
+        def _vip_two_phase(self, batch: DataProto) -> DataProto:
+            """Plan the pilot, and arrange for fit()'s one generation call to run pilot then commit (see
+            :class:`_TwoPhaseStep`) and for ``batch.repeat`` to expand by the final pilot + commit groups."""
+            hook = self._vip()
+            m, ntb = len(batch), batch.non_tensor_batch
+            ids, texts = hook.prompt_ids(ntb, m), hook.prompt_texts(ntb, m)
+            uids = [str(u) for u in ntb["uid"]]
+            pilot = hook.plan_pilot(ids, texts, uids, self._vip_budget(m), int(self.global_steps))
+            gen_batch = super()._get_gen_batch(batch)
+            state = _TwoPhaseStep(self, pilot.step, uids, gen_batch, pilot.counts, self._vip_budget(m))
+            self._vip_two_phase_step = state
+            manager: Any = getattr(self, "async_rollout_manager")  # noqa: B009 - set by verl's init_workers
+            if not isinstance(manager, _TwoPhaseRollout):
+                self.async_rollout_manager = _TwoPhaseRollout(self, manager)
+
+            def gen_repeat(repeat_times: int = 2, interleave: bool = True) -> DataProto:
+                del gen_batch.__dict__["repeat"]
+                state.pilot_batch = expand_by_counts(gen_batch, pilot.counts)
+                state.pilot_view = _PilotView.of(state.pilot_batch, final_rows=state.budget)
+                return state.pilot_view
+
+            def batch_repeat(repeat_times: int = 2, interleave: bool = True) -> DataProto:
+                del batch.__dict__["repeat"]
+                if state.group_sizes is None:
+                    raise PlanNotAppliedError(
+                        f"fit() expanded the batch before the two-phase generation ran ({_V0_WHERE})"
+                    )
+                return expand_by_counts(batch, state.group_sizes)
+
+            gen_batch.__dict__["repeat"] = gen_repeat
+            batch.__dict__["repeat"] = batch_repeat
+            return gen_batch
+
+        def _vip_budget(self, m: int) -> int:
+            hook = self._vip()
             n = int(self.config.actor_rollout_ref.rollout.n)
             fallback = int(self.config.trainer.n_gpus_per_node) * int(self.config.trainer.nnodes)
             dp = _dp_size(self.actor_rollout_wg, fallback)
@@ -194,7 +235,7 @@ def vip_trainer_class(base: type | None = None) -> type:
             budget = divisible_budget(requested, multiple, m, hook.cfg.n_min, hook.cfg.n_max)
             if budget != requested:
                 hook._warn_once("budget", f"budget {requested} rounded down to {budget} (a multiple of {multiple})")
-            return hook.plan(ids, texts, ntb["uid"], budget, int(self.global_steps)).counts
+            return budget
 
         def _vip_feedback(self, batch: DataProto) -> dict[str, float]:
             hook = self._vip()
@@ -228,6 +269,116 @@ def vip_trainer_class(base: type | None = None) -> type:
         RayVIPTrainer.__name__ = RayVIPTrainer.__qualname__ = f"VIP{base.__name__}"
     _V0_CLASSES[base] = RayVIPTrainer
     return RayVIPTrainer
+
+
+class _TwoPhaseStep:
+    """One legacy step with ``vip.two_phase``: fit() makes one ``generate_sequences`` call on the pilot batch; it
+    becomes pilot generation, pilot feedback, ``plan_commit``, commit generation and commit feedback, and returns the
+    rows of both rounds ordered prompt by prompt (pilot rows, then commit rows) as ``batch.repeat`` lays them out."""
+
+    def __init__(
+        self, trainer: Any, step: int, uids: list[str], gen_batch: DataProto, pilot: np.ndarray, budget: int
+    ) -> None:
+        self.trainer, self.step, self.uids, self.gen_batch, self.pilot = trainer, step, uids, gen_batch, pilot
+        self.budget = budget  # pilot + commit rows of the step (exact)
+        self.pilot_batch: DataProto | None = None
+        self.pilot_view: DataProto | None = None
+        self.group_sizes: np.ndarray | None = None
+
+    def run(self, manager: Any) -> DataProto:
+        hook: VIPHook = self.trainer._vip()
+        assert self.pilot_batch is not None
+        pilot_out = manager.generate_sequences(self.pilot_batch)
+        pilot_uids = np.repeat(self.uids, self.pilot).tolist()
+        pilot_res = hook.observe_phase(pilot_uids, self._successes(hook, pilot_out), _V0_WHERE)
+        commit = hook.plan_commit(self.step, self.uids)
+        parts, counts, commit_res = [pilot_out], [self.pilot], {}
+        if int(commit.counts.sum()) > 0:
+            # an extra count of 1 joins the pilot's group (never a singleton), so expand without expand_by_counts' guard
+            commit_batch = self.gen_batch.sample_level_repeat(commit.counts.astype(np.int64))
+            commit_batch.meta_info = dict(self.gen_batch.meta_info)
+            commit_out = manager.generate_sequences(commit_batch)
+            commit_uids = np.repeat(self.uids, commit.counts).tolist()
+            commit_res = hook.observe_phase(commit_uids, self._successes(hook, commit_out), _V0_WHERE)
+            parts.append(commit_out)
+            counts.append(commit.counts)
+        hook.finish_two_phase(self.step, self.uids, pilot_res, commit_res)
+        self.group_sizes = commit.group_sizes
+        out = _interleave_rounds(parts, counts)
+        if len(out) != self.budget:
+            raise RuntimeError(f"two-phase step generated {len(out)} rows, not its budget {self.budget}; report this")
+        return out
+
+    @staticmethod
+    def _successes(hook: VIPHook, out: DataProto) -> np.ndarray:
+        if "rm_scores" not in out.batch.keys():
+            raise ValueError(
+                "vip.two_phase needs rewards computed during generation (rm_scores in the rollout output) to plan "
+                "the commit; use rule-based rewards or reward.reward_model.enable_resource_pool=true"
+            )
+        scores = out.batch["rm_scores"].sum(-1).detach().cpu().double().numpy()
+        key = hook.cfg.success_key
+        return hook.successes(scores, out.non_tensor_batch.get(key) if key else None)
+
+
+class _TwoPhaseRollout:
+    """Wraps the trainer's rollout manager: the marked pilot batch runs both rounds, everything else passes."""
+
+    def __init__(self, trainer: Any, inner: Any) -> None:
+        self._vip_trainer, self._vip_inner = trainer, inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._vip_inner, name)
+
+    def generate_sequences(self, gen_batch: DataProto) -> DataProto:
+        state = self._vip_trainer.__dict__.get("_vip_two_phase_step")
+        if state is None or gen_batch is not state.pilot_view:
+            return self._vip_inner.generate_sequences(gen_batch)
+        self._vip_trainer._vip_two_phase_step = None
+        return state.run(self._vip_inner)
+
+
+class _PilotView(DataProto):
+    """The pilot batch as fit() sees it: same rows, but ``len`` is the step's final row count (pilot + commit).
+
+    verl's legacy fit() keeps the first ``len(gen_batch_output)`` rows of the generation output (taken before
+    generation, for REMAX's baseline rows), so the pilot batch must report the size both rounds will have. It is
+    only ever handed to :class:`_TwoPhaseRollout`, which generates from the real pilot batch.
+    """
+
+    _vip_final_rows = 0
+
+    @classmethod
+    def of(cls, data: DataProto, final_rows: int) -> _PilotView:
+        view = cls(batch=data.batch, non_tensor_batch=data.non_tensor_batch, meta_info=data.meta_info)
+        view._vip_final_rows = int(final_rows)
+        return view
+
+    def __len__(self) -> int:
+        return self._vip_final_rows
+
+
+def _interleave_rounds(parts: list[DataProto], counts: list[np.ndarray]) -> DataProto:
+    """Concatenate generation rounds and order the rows prompt by prompt: round 0's rows of prompt 0, round 1's rows
+    of prompt 0, ..., then prompt 1. ``counts[r]`` int ``(M,)``: rows of each prompt in round ``r``."""
+    timing: dict[str, float] = {}
+    for part in parts:
+        for k, v in dict(part.meta_info.pop("timing", {}) or {}).items():
+            timing[k] = timing.get(k, 0.0) + float(v)
+    merged = parts[0] if len(parts) == 1 else DataProto.concat(parts)
+    offsets = [0]
+    for c in counts[:-1]:
+        offsets.append(offsets[-1] + int(c.sum()))
+    starts = [off + np.concatenate([[0], np.cumsum(c)[:-1]]) for off, c in zip(offsets, counts)]
+    order = [
+        int(starts[r][i]) + j
+        for i in range(len(counts[0]))
+        for r in range(len(counts))
+        for j in range(int(counts[r][i]))
+    ]
+    merged.reorder(torch.as_tensor(order, dtype=torch.long))
+    merged.meta_info["timing"] = timing
+    return merged
 
 
 # ------------------------------------------------------------------------------------------------ v1 trainer

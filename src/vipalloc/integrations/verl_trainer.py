@@ -58,7 +58,7 @@ def check_config(config: Any) -> VIPConfig:
             f"({cfg.n_min}..{cfg.n_max}); set vip.budget or widen the bounds"
         )
     check_verl_version()
-    check_hook_points(bool(config.trainer.get("use_v1", True)))
+    check_hook_points(bool(config.trainer.get("use_v1", True)), cfg.two_phase)
     emit_warnings(config_warnings(config, cfg))
     return cfg
 
