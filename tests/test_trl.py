@@ -331,6 +331,15 @@ def test_trainer_rejects_unsupported_setups(tmp_path) -> None:
         VIPGRPOTrainer(model=model, reward_funcs=DigitReward(), args=plain, train_dataset=sums())
     with pytest.raises(NotImplementedError, match="tools"):
         VIPGRPOTrainer(model, DigitReward(), vip_args(tmp_path), sums(), tools=[len])
+    with pytest.raises(ValueError, match="cannot meet the budget of 3 rollouts per prompt"):
+        VIPGRPOTrainer(
+            model,
+            DigitReward(),
+            vip_args(tmp_path, beta=0.0),
+            sums(),
+            processing_class=tok,
+            allocator=Allocator(n_min=4, n_max=4, predictor="beta", embedder="hashing"),
+        )
     with pytest.raises(ValueError, match="success_reward 'accuracy' is not a reward function"):
         VIPGRPOTrainer(
             model, DigitReward(), vip_args(tmp_path, success_reward="accuracy", beta=0.0), sums(), processing_class=tok

@@ -183,6 +183,12 @@ class VIPGRPOTrainer(GRPOTrainer):
                 f"the allocator's n_max ({allocator.n_max}) exceeds VIPGRPOConfig.n_max ({self.num_generations}), "
                 "the TRL group width; set VIPGRPOConfig(n_max=...) to at least the allocator's n_max"
             )
+        mean = cfg.budget_per_generation / cfg.prompts_per_generation
+        if not allocator.n_min <= mean <= allocator.n_max:
+            raise ValueError(
+                f"the allocator's bounds [n_min={allocator.n_min}, n_max={allocator.n_max}] cannot meet the budget of "
+                f"{mean:g} rollouts per prompt (num_generations); give it n_min <= {mean:g} <= n_max"
+            )
         if not 0.0 < allocator.success_threshold <= 1.0:
             raise ValueError(
                 f"the allocator's success_threshold ({allocator.success_threshold}) must lie in (0, 1]: the trainer "
