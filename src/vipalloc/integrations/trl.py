@@ -298,15 +298,16 @@ class VIPGRPOTrainer(GRPOTrainer):
             group_prompt.append(index[key])
         groups = len(group_prompt)
         budget = int(round(args.budget_per_generation * groups / args.prompts_per_generation))
-        if budget > len(ids) * g:
+        most = len(ids) * int(self.allocator.n_max)
+        if budget > most:
             warnings.warn(
                 f"{groups - len(ids)} duplicate prompt(s) in one generation batch leave {len(ids)} distinct prompts, "
-                f"which take at most {len(ids) * g} of the {budget} budgeted rollouts (n_max={g}); give every "
-                f"prompt its own id in {args.prompt_id_column!r} or deduplicate the dataset",
+                f"which take at most {most} of the {budget} budgeted rollouts (n_max={self.allocator.n_max}); give "
+                f"every prompt its own id in {args.prompt_id_column!r} or deduplicate the dataset",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            budget = len(ids) * g
+            budget = most
         if self._vip_world == 1:
             plan = self.allocator.plan(ids, prompts=texts, budget=budget)
         else:  # one allocator decides for everyone: plan on the main process, send the plan to the others

@@ -22,6 +22,8 @@ STRATEGIES = (
     "vip_authors",
     "dynamo",
     "hora",
+    "vip_two_phase",
+    "pilot_commit",
     "dapo",
 )
 
@@ -73,6 +75,8 @@ class TrainConfig(BaseModel):
         "vip_authors",
         "dynamo",
         "hora",
+        "vip_two_phase",
+        "pilot_commit",
         "dapo",
     ] = "vip"
     predictor: Literal["gp", "beta", "empirical", "ridge", "oracle"] = "gp"
@@ -86,6 +90,13 @@ class TrainConfig(BaseModel):
     n_min: int = Field(default=2, ge=2)
     n_max: int = Field(default=32, ge=2)
     dapo_max_batches: int = Field(default=3, ge=1, description="DAPO: generation batches per step at most")
+    pilot_n: int = Field(default=2, ge=1, description="vip_two_phase / pilot_commit: pilot rollouts per prompt")
+    pool_factor: float | None = Field(
+        default=None,
+        ge=1.0,
+        description="pilot_commit: candidate prompts per batch slot; None = min(3, n_mean / (2 pilot_n)), the "
+        "recipe's half of the budget on the pilot (docs/two_phase.md)",
+    )
     optimizer: Literal["adamw", "sgd"] = Field(
         default="adamw",
         description="sgd: plain (momentum) SGD, whose step length scales with the gradient, unlike Adam's; used to "
@@ -178,6 +189,36 @@ class TrainConfig(BaseModel):
     def budget(self) -> int:
         """Rollouts per step (identical for every strategy)."""
         return self.prompts_per_step * self.n_mean
+
+    @property
+    def pilot_pool_factor(self) -> float:
+        """pilot_commit's candidates per batch slot: ``pool_factor``, or ``min(3, n_mean / (2 pilot_n))`` (>= 1)."""
+        if self.pool_factor is not None:
+            return float(self.pool_factor)
+        return max(1.0, min(3.0, self.n_mean / (2.0 * self.pilot_n)))
+
+    @property
+    def candidate_prompts(self) -> int:
+        """Prompts planned a step: ``prompts_per_step``, or pilot_commit's pool of ``pool_factor`` x that."""
+        if self.strategy != "pilot_commit":
+            return self.prompts_per_step
+        return max(self.prompts_per_step, int(round(self.prompts_per_step * self.pilot_pool_factor)))
+
+    @model_validator(mode="after")
+    def _two_phase_bounds(self) -> TrainConfig:
+        if self.strategy not in ("vip_two_phase", "pilot_commit"):
+            return self
+        m = self.candidate_prompts
+        if self.pilot_n > self.n_max:
+            raise ValueError(f"pilot_n ({self.pilot_n}) exceeds n_max ({self.n_max})")
+        if self.pilot_n * m > self.budget:
+            raise ValueError(
+                f"the pilot ({self.pilot_n} x {m} prompts = {self.pilot_n * m} rollouts) exceeds the step budget "
+                f"{self.budget} = prompts_per_step x n_mean: lower pilot_n or pool_factor, or raise n_mean"
+            )
+        if m > self.pool_size:
+            raise ValueError(f"pilot_commit's candidate pool ({m} prompts) exceeds pool_size ({self.pool_size})")
+        return self
 
     def warmup_key(self, device: str = "cpu") -> str:
         """Hash of everything the warm-up model depends on (its cache key); ``device`` is the resolved device the

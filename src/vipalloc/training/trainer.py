@@ -43,8 +43,10 @@ from vipalloc.training.evaluation import eval_metrics
 from vipalloc.training.losses import group_advantages
 from vipalloc.training.model import BOS, EOS, PAD, CharTokenizer, build_policy
 from vipalloc.training.tasks import Problem, corrupt, make_problems, reward
+from vipalloc.training.two_phase import two_phase_round
 
 CKPT_NAME = "checkpoint.pt"
+TWO_PHASE = ("vip_two_phase", "pilot_commit")  # strategies with two generation rounds a step
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -299,6 +301,7 @@ class Trainer:
             seed=cfg.seed,
             embedder=cfg.embedder,
             predictor_kwargs=cfg.predictor_kwargs if predictor == cfg.predictor else None,
+            strategy_kwargs={"pool_factor": cfg.pilot_pool_factor} if cfg.strategy == "pilot_commit" else None,
         )
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -378,24 +381,46 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        m = cfg.prompts_per_step
+        m = cfg.candidate_prompts  # prompts_per_step; pilot_commit: its candidate pool, pool_factor x that
         # linear lr ramp over the first lr_warmup_steps training steps (a function of the step: nothing to checkpoint)
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.lr_warmup_steps, 1))
         idx = self.rng.choice(len(self.pool), size=m, replace=False)
         problems = [self.pool[i] for i in idx]
         ids = [p.prompt_id for p in problems]
-        ta = time.perf_counter()
-        plan = self.alloc.plan(ids, prompts=[p.prompt for p in problems], budget=cfg.budget, step=self.step)
-        t_alloc = time.perf_counter() - ta
-        counts = plan.counts.copy()
-        owners, comps, rewards = self._rollouts(problems, counts)
-        used = len(owners)
-        per_prompt = [[r for o, r in zip(owners, rewards) if o == i] for i in range(m)]
-        ta = time.perf_counter()
-        self.alloc.observe(ids, per_prompt, step=self.step)
-        t_alloc += time.perf_counter() - ta
+        tp = None
+        if cfg.strategy in TWO_PHASE:  # pilot round, commit round (vipalloc.training.two_phase)
+            tp = two_phase_round(
+                self.alloc, problems, self._rollouts, budget=cfg.budget, step=self.step, pilot_n=cfg.pilot_n
+            )
+            plan, t_alloc = tp.pilot, tp.alloc_seconds  # plan = the prediction made before generating
+            counts, owners, comps, rewards, per_prompt = (
+                tp.commit.group_sizes,
+                tp.owners,
+                tp.comps,
+                tp.rewards,
+                tp.per_prompt,
+            )
+            used = len(owners)
+        else:
+            ta = time.perf_counter()
+            plan = self.alloc.plan(ids, prompts=[p.prompt for p in problems], budget=cfg.budget, step=self.step)
+            t_alloc = time.perf_counter() - ta
+            counts = plan.counts.copy()
+            owners, comps, rewards = self._rollouts(problems, counts)
+            used = len(owners)
+            per_prompt = [[r for o, r in zip(owners, rewards) if o == i] for i in range(m)]
+            ta = time.perf_counter()
+            self.alloc.observe(ids, per_prompt, step=self.step)
+            t_alloc += time.perf_counter() - ta
         train_probs, train_owners, train_comps, train_rewards = problems, owners, comps, rewards
+        if tp is not None:  # each trained prompt's whole group (pilot + commit); pilot_commit: committed prompts only
+            train_probs, train_owners, train_comps, train_rewards = (
+                tp.train_probs,
+                tp.train_owners,
+                tp.train_comps,
+                tp.train_rewards,
+            )
         if cfg.strategy == "dapo":
             train_probs, train_owners, train_comps, train_rewards, used = self._dapo_fill(
                 problems, per_prompt, comps, owners
@@ -430,13 +455,21 @@ class Trainer:
             "max_n": int(n_arr.max()),
             "dropped": int((~gen_mask).sum()),
             "pred_abs_err": float(np.nanmean(np.abs(plan.p_mean - rate))),
-            "expected_var_ratio": float(plan.variance_ratio),
-            "expected_variance": float(plan.expected_variance),
-            "uniform_variance": float(plan.uniform_variance),
+            "expected_var_ratio": float((tp.commit if tp else plan).variance_ratio),
+            "expected_variance": float((tp.commit if tp else plan).expected_variance),
+            "uniform_variance": float((tp.commit if tp else plan).uniform_variance),
             **upd,
             "alloc_seconds": t_alloc,
             "step_seconds": time.perf_counter() - t0,
         }
+        if tp is not None:  # two rounds: where the budget went, what trained, each round's generation time
+            rec.update(
+                pilot_rollouts=int(tp.pilot.counts.sum()),
+                commit_rollouts=int(tp.commit.counts.sum()),
+                trained_prompts=int(tp.commit.train_mask.sum()),
+                pilot_gen_seconds=tp.gen_seconds[0],
+                commit_gen_seconds=tp.gen_seconds[1],
+            )
         if not (np.isfinite(rec["loss"]) and np.isfinite(rec["grad_norm"])):
             raise FloatingPointError(f"non-finite loss at step {self.step}")
         self.plans.append(
@@ -445,6 +478,7 @@ class Trainer:
                 "counts": counts.tolist(),
                 "p_mean": plan.p_mean.round(5).tolist(),
                 "rate": rate.tolist(),
+                **({"pilot": tp.pilot.counts.tolist()} if tp is not None else {}),
             }
         )
         return rec
