@@ -32,7 +32,9 @@ Two trainer loops exist in verl 0.9 and both are supported (``docs/verl.md``):
   ``_update_actor``, where the batch holds final rewards.
 
 Start-up checks (``_verl_checks``) refuse setups the plug-in cannot serve (DAPO ``filter_groups``, the DAPO
-recipe's and ``verl.experimental`` trainers, ``vip.two_phase``) and verify that every hooked verl method exists.
+recipe's and ``verl.experimental`` trainers, ``vip.two_phase`` in the v1 loop) and verify that every hooked verl
+method exists. ``vip.two_phase=true`` (pilot then commit, ``Allocator.plan_pilot`` / ``plan_commit``) runs in the
+legacy loop.
 Use the entry point ``python -m vipalloc.integrations.verl_trainer`` (hydra, ``vip:`` config group).
 
 Layout: ``_verl_core`` (config, budget arithmetic, expansion), ``_verl_hook`` (:class:`VIPHook`), ``_verl_checks``
