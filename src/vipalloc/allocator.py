@@ -31,6 +31,7 @@ import numpy as np
 from vipalloc._io import StateFileError, atomic_write_json, read_json_checked
 from vipalloc.history import RolloutHistory, validate_rewards
 from vipalloc.telemetry import outcome_metrics, plan_metrics
+from vipalloc.two_phase import PilotState
 from vipalloc.variance import gradient_variance
 
 __all__ = ["Allocator", "Plan"]
@@ -118,52 +119,6 @@ class Plan:
             {"prompt_id": pid, "n": int(c), "p_mean": float(m), "p_std": float(s)}
             for pid, c, m, s in zip(self.prompt_ids, self.counts, self.p_mean, self.p_std)
         ]
-
-
-@dataclass
-class _Pilot:
-    """An outstanding two-phase step: the pilot planned at ``plan_pilot``, its outcomes so far, the commit."""
-
-    ids: list[str]
-    counts: np.ndarray  # int64 (M,), pilot rollouts planned
-    prior_mean: np.ndarray  # float64 (M,), the predictor's p before the pilot
-    prior_std: np.ndarray  # float64 (M,)
-    budget: int  # the whole step's budget (pilot + commit)
-    pilot_n: int
-    successes: np.ndarray  # int64 (M,), pilot successes observed so far
-    trials: np.ndarray  # int64 (M,), pilot rollouts observed so far
-    extra: np.ndarray | None = None  # int64 (M,), the commit once planned
-    index: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.index = {pid: i for i, pid in enumerate(self.ids)}
-
-    def to_state(self) -> dict[str, Any]:
-        return {
-            "ids": list(self.ids),
-            "counts": self.counts,
-            "prior_mean": self.prior_mean,
-            "prior_std": self.prior_std,
-            "budget": self.budget,
-            "pilot_n": self.pilot_n,
-            "successes": self.successes,
-            "trials": self.trials,
-            "extra": self.extra,
-        }
-
-    @classmethod
-    def from_state(cls, st: dict[str, Any]) -> _Pilot:
-        return cls(
-            ids=[str(p) for p in st["ids"]],
-            counts=np.asarray(st["counts"], np.int64),
-            prior_mean=np.asarray(st["prior_mean"], np.float64),
-            prior_std=np.asarray(st["prior_std"], np.float64),
-            budget=int(st["budget"]),
-            pilot_n=int(st["pilot_n"]),
-            successes=np.asarray(st["successes"], np.int64).copy(),
-            trials=np.asarray(st["trials"], np.int64).copy(),
-            extra=None if st["extra"] is None else np.asarray(st["extra"], np.int64),
-        )
 
 
 def _as_ids(prompt_ids: Sequence[Any], what: str = "prompt_ids") -> list[str]:
@@ -265,7 +220,7 @@ class Allocator:
         self._embedder: Any = None  # built lazily: loading MiniLM costs seconds
         self._cache: Any = None
         self._pending: dict[int, dict[str, int]] = {}  # step -> {prompt_id: planned count}
-        self._pilots: dict[int, _Pilot] = {}  # step -> outstanding two-phase pilot (see plan_pilot)
+        self._pilots: dict[int, PilotState] = {}  # step -> outstanding two-phase pilot (see plan_pilot)
         self._last_step = -1
 
     # ------------------------------------------------------------------ features
@@ -490,7 +445,7 @@ class Allocator:
         counts = counts[inv]
         t3 = time.perf_counter()
         total = int(counts.sum())
-        self._pilots[step] = _Pilot(
+        self._pilots[step] = PilotState(
             ids=ids,
             counts=counts,
             prior_mean=p_mean,
@@ -721,7 +676,7 @@ class Allocator:
             }
             alloc._last_step = int(state["last_step"])
             # version 1 files predate two-phase steps: no outstanding pilots
-            alloc._pilots = {int(rec["step"]): _Pilot.from_state(rec) for rec in state.get("pilots", [])}
+            alloc._pilots = {int(rec["step"]): PilotState.from_state(rec) for rec in state.get("pilots", [])}
         except StateFileError:
             raise
         except (KeyError, TypeError, ValueError) as exc:

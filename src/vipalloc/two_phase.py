@@ -35,7 +35,7 @@ This module is maths only: it imports :mod:`vipalloc.allocation`, :mod:`vipalloc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -53,6 +53,7 @@ __all__ = [
     "TWO_PHASE_STRATEGIES",
     "Commit",
     "PilotCommit",
+    "PilotState",
     "TwoPhaseStrategy",
     "VIPTwoPhase",
     "beta_mean_std",
@@ -263,6 +264,54 @@ def solve_commit(
         return np.full(m, int(vals[0]), np.int64), relaxed
     table = commit_cost_table(a_arr, b_arr, t, vals, estimator, bonus)
     return vals[minimize_separable(table, vals, budget)], relaxed
+
+
+# --------------------------------------------------------------------------------------------- state
+@dataclass
+class PilotState:
+    """An outstanding two-phase step (``Allocator`` state): the pilot planned at ``plan_pilot``, its outcomes so far,
+    and the commit once planned. Arrays are aligned with ``ids``."""
+
+    ids: list[str]
+    counts: np.ndarray  # int64 (M,), pilot rollouts planned
+    prior_mean: np.ndarray  # float64 (M,), the predictor's p before the pilot
+    prior_std: np.ndarray  # float64 (M,)
+    budget: int  # the whole step's budget (pilot + commit)
+    pilot_n: int
+    successes: np.ndarray  # int64 (M,), pilot successes observed so far
+    trials: np.ndarray  # int64 (M,), pilot rollouts observed so far
+    extra: np.ndarray | None = None  # int64 (M,), the commit once planned
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = {pid: i for i, pid in enumerate(self.ids)}
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "ids": list(self.ids),
+            "counts": self.counts,
+            "prior_mean": self.prior_mean,
+            "prior_std": self.prior_std,
+            "budget": self.budget,
+            "pilot_n": self.pilot_n,
+            "successes": self.successes,
+            "trials": self.trials,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_state(cls, st: dict[str, Any]) -> PilotState:
+        return cls(
+            ids=[str(p) for p in st["ids"]],
+            counts=np.asarray(st["counts"], np.int64),
+            prior_mean=np.asarray(st["prior_mean"], np.float64),
+            prior_std=np.asarray(st["prior_std"], np.float64),
+            budget=int(st["budget"]),
+            pilot_n=int(st["pilot_n"]),
+            successes=np.asarray(st["successes"], np.int64).copy(),
+            trials=np.asarray(st["trials"], np.int64).copy(),
+            extra=None if st["extra"] is None else np.asarray(st["extra"], np.int64),
+        )
 
 
 # --------------------------------------------------------------------------------------------- strategies
