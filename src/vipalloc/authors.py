@@ -242,13 +242,18 @@ def authors_rounding(
     freed = int(total[zero].sum() + excess.sum())
     total = np.where(zero, 0, total - excess)
     kept[zero] = 0
-    for _ in range(freed):
+    while freed > 0:
         tops = _top_counts(total, kept, upper)
         if (tops[~split] >= 0).any():
             tops[split] = -1  # split classes are topped up only when nothing else can take the unit
         if tops.max() < 0:
             raise _Infeasible("freed units with every kept prompt at upper")
-        total[int(np.argmax(tops))] += 1  # the earliest class on ties
+        # Unit by unit the same class keeps the largest count below upper (its top never falls and the others do
+        # not move) until it is full, so it takes its whole capacity at once. The earliest class on ties.
+        c = int(np.argmax(tops))
+        take = min(freed, int(kept[c]) * upper - int(total[c]))
+        total[c] += take
+        freed -= take
     kept[split] = np.minimum(k[split], total[split] // min_keep)  # a split class topped up may keep more members
     counts = np.zeros(m, np.int64)
     for g in np.flatnonzero(kept):

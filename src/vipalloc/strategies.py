@@ -138,12 +138,16 @@ def balance_ties(counts: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
     Keeps the sum and the bounds; for a discretely convex per-prompt cost it never raises the objective."""
     out = np.asarray(counts, np.int64).copy()
+    classes = np.asarray(classes, np.int64)
     k = np.bincount(classes)
-    for c in np.flatnonzero(k > 1):
-        members = np.flatnonzero(classes == c)
-        total = int(out[members].sum())
-        out[members] = total // len(members)
-        out[members[: total % len(members)]] += 1
+    if k.max() <= 1:
+        return out
+    order = np.argsort(classes, kind="stable")  # members of each class adjacent, in index order
+    total = np.bincount(classes, weights=out).astype(np.int64)
+    starts = np.r_[0, np.cumsum(k)[:-1]]
+    rank = np.arange(len(out)) - starts[classes[order]]  # position of each member within its class
+    c = classes[order]
+    out[order] = total[c] // k[c] + (rank < total[c] % k[c])
     return out
 
 
