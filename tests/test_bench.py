@@ -252,9 +252,9 @@ def test_train_report_from_metrics(tmp_path: Path) -> None:
                     "step": k - 1,
                     "cum_rollouts": k * per_step,
                     "eval_acc": a,
-                    "train_reward": a,
-                    "frac_mixed": 0.5,
-                    "mean_n": 8.0,
+                    "vip/rollout_accuracy": a,
+                    "vip/frac_zero_var_groups": 0.5,
+                    "vip/mean_n": 8.0,
                     "alloc_seconds": 0.01,
                 }
             )

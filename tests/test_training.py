@@ -70,7 +70,13 @@ def test_budget_rewards_loss(tmp_path, cache, strategy, loss) -> None:
         else:
             assert m["rollouts_used"] == cfg.budget  # the plan's budget, exactly, every step
         assert np.isfinite(m["loss"])
-        assert 0.0 <= m["train_reward"] <= 1.0
+        assert 0.0 <= m["vip/rollout_accuracy"] <= 1.0
+        assert m["vip/budget"] == cfg.budget and m["vip/prompts"] == cfg.prompts_per_step  # shared telemetry names
+        if strategy != "dapo":
+            assert m["vip/rollouts_generated"] == m["rollouts_used"]
+        zero_var = m["frac_all_correct"] + m["frac_all_wrong"]
+        assert m["vip/frac_zero_var_groups"] == pytest.approx(zero_var)
+        assert not {"train_reward", "mean_n", "dropped", "pred_abs_err", "expected_var_ratio"} & set(m)
     assert any(m["grad_norm"] > 0 for m in steps)  # some groups were mixed: real updates happened
     assert steps[-1]["cum_rollouts"] == sum(m["rollouts_used"] for m in steps)
     for p in res.plans:
@@ -253,11 +259,11 @@ def _fake_run(seed: int, slope: float, steps: int = 20, budget: int = 64) -> tup
             "rollouts_used": budget,
             "frac_all_correct": 0.1,
             "frac_all_wrong": 0.3,
-            "dropped": 1,
-            "mean_n": 4.2,
-            "max_n": 9,
-            "pred_abs_err": 0.1,
-            "expected_var_ratio": 0.9,
+            "vip/num_dropped": 1.0,
+            "vip/mean_n": 4.2,
+            "vip/max_n": 9.0,
+            "vip/pred_abs_err": 0.1,
+            "vip/expected_var_ratio_vs_uniform": 0.9,
             "alloc_seconds": 0.01,
             "step_seconds": 0.1,
         }
@@ -455,3 +461,24 @@ def test_per_level_label_noise_and_device_validation(tmp_path) -> None:
         assert resolve_device("auto").type == "cpu"
     with pytest.raises(ValueError, match="device"):
         TrainConfig(device="tpu")
+
+
+def test_tensorboard_logs_shared_telemetry(tmp_path, cache) -> None:
+    """TensorBoard gets the shared vip/... scalars every step, the counts histogram under vip/counts, and the
+    evaluation's pass@k / maj@k; metrics.jsonl carries the same names."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny(tmp_path / "tb", cache, strategy="vip", steps=3, eval_every=3, tensorboard=True)
+    res = train(cfg)
+    acc = EventAccumulator(str(tmp_path / "tb" / "tb"), size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "vip/counts" in tags["histograms"]
+    hist = acc.Histograms("vip/counts")
+    assert [h.step for h in hist] == [0, 1, 2]
+    assert all(h.histogram_value.num == cfg.prompts_per_step for h in hist)  # one entry per prompt of the plan
+    assert all(h.histogram_value.sum == cfg.budget for h in hist)
+    for name in ("vip/mean_n", "vip/share_hopeless", "vip/frac_zero_var_groups", "vip/pred_abs_err", "eval/pass@1"):
+        assert name in tags["scalars"], name
+    last = res.metrics[-1]
+    assert last["eval/pass@1"] == pytest.approx(last["eval_acc"]) and "eval/maj@1" in last

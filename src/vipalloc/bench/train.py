@@ -152,9 +152,9 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
             hit = np.flatnonzero(y >= target) if np.isfinite(target) else np.array([], int)
             reach.append(x[hit[0]] if hit.size else float("nan"))
             steps = [m for m in r["metrics"] if m.get("step", -1) >= 0]
-            reward.append(np.mean([m["train_reward"] for m in steps]))
-            mixed.append(np.mean([m["frac_mixed"] for m in steps]))
-            mean_n.append(np.mean([m["mean_n"] for m in steps]))
+            reward.append(np.mean([m["vip/rollout_accuracy"] for m in steps]))  # shared telemetry names
+            mixed.append(np.mean([1.0 - m["vip/frac_zero_var_groups"] for m in steps]))
+            mean_n.append(np.mean([m["vip/mean_n"] for m in steps]))
             alloc_s.append(np.mean([m["alloc_seconds"] for m in steps]))
         n_hit = int(np.isfinite(reach).sum())
         rows.append(

@@ -63,7 +63,7 @@ def _run_one(
     tr = Trainer(cfg, warm_state=warm_state)
 
     def on_step(step: int, total: int, rec: dict[str, Any]) -> None:
-        info = {"label": label, "step": step, "total": total, "train_reward": rec.get("train_reward", 0.0)}
+        info = {"label": label, "step": step, "total": total, "train_reward": rec.get("vip/rollout_accuracy", 0.0)}
         if "eval_acc" in rec:
             info["eval_acc"] = rec["eval_acc"]
             info["eval_k"] = cfg.eval_samples

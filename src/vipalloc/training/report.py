@@ -97,11 +97,11 @@ def summarize(runs: dict[str, list[Run]]) -> dict[str, Any]:
             "zero_var": [float(np.mean([m["frac_all_correct"] + m["frac_all_wrong"] for m in x])) for x in st],
             "all_correct": [float(np.mean([m["frac_all_correct"] for m in x])) for x in st],
             "all_wrong": [float(np.mean([m["frac_all_wrong"] for m in x])) for x in st],
-            "dropped": [float(np.mean([m["dropped"] for m in x])) for x in st],
-            "mean_n": [float(np.mean([m["mean_n"] for m in x])) for x in st],
-            "max_n": [int(max(m["max_n"] for m in x)) for x in st],
-            "pred_err": [float(np.mean([m["pred_abs_err"] for m in x])) for x in st],
-            "var_ratio": [float(np.mean([m["expected_var_ratio"] for m in x])) for x in st],
+            "dropped": [float(np.mean([m["vip/num_dropped"] for m in x])) for x in st],
+            "mean_n": [float(np.mean([m["vip/mean_n"] for m in x])) for x in st],
+            "max_n": [int(max(m["vip/max_n"] for m in x)) for x in st],
+            "pred_err": [float(np.mean([m["vip/pred_abs_err"] for m in x])) for x in st],
+            "var_ratio": [float(np.mean([m["vip/expected_var_ratio_vs_uniform"] for m in x])) for x in st],
             "wall_s": [wall_seconds(r) for r in rs],
             "alloc_share": [
                 sum(m["alloc_seconds"] for m in x) / max(sum(m["step_seconds"] for m in x), 1e-9) for x in st

@@ -38,6 +38,7 @@ import torch
 
 from vipalloc import Allocator
 from vipalloc._io import atomic_write_text
+from vipalloc.telemetry import COUNTS_TAG
 from vipalloc.training.config import TrainConfig
 from vipalloc.training.evaluation import eval_metrics
 from vipalloc.training.losses import group_advantages
@@ -443,19 +444,17 @@ class Trainer:
         n_arr = np.array([len(g) for g in per_prompt])
         gen_mask = n_arr > 0
         rate = np.where(gen_mask, succ / np.maximum(n_arr, 1), np.nan)
+        # where the budget went, under the names every trainer and plug-in logs (vipalloc.telemetry): the plan's
+        # vip/mean_n, vip/num_dropped, vip/expected_var_ratio_vs_uniform, ...; the outcome's vip/rollout_accuracy
+        # (the mean training reward), vip/frac_zero_var_groups, vip/pred_abs_err (against the pre-generation p)
         rec: dict[str, Any] = {
             "step": self.step,
-            "train_reward": float(np.mean(rewards)) if rewards else 0.0,
+            **(tp.commit if tp else plan).metrics(),
+            **self.alloc.outcome_metrics(per_prompt, plan),
             "rollouts_used": int(used),
             "cum_rollouts": int(self.cum_rollouts),
             "frac_all_correct": float(np.mean(succ[gen_mask] == n_arr[gen_mask])),
             "frac_all_wrong": float(np.mean(succ[gen_mask] == 0)),
-            "frac_mixed": float(np.mean((succ[gen_mask] > 0) & (succ[gen_mask] < n_arr[gen_mask]))),
-            "mean_n": float(n_arr[gen_mask].mean()),
-            "max_n": int(n_arr.max()),
-            "dropped": int((~gen_mask).sum()),
-            "pred_abs_err": float(np.nanmean(np.abs(plan.p_mean - rate))),
-            "expected_var_ratio": float((tp.commit if tp else plan).variance_ratio),
             "expected_variance": float((tp.commit if tp else plan).expected_variance),
             "uniform_variance": float((tp.commit if tp else plan).uniform_variance),
             **upd,
@@ -617,6 +616,7 @@ class Trainer:
                 for k, v in rec.items():
                     if k != "step" and isinstance(v, (int, float)):
                         writer.add_scalar(k, v, rec["step"])
+                writer.add_histogram(COUNTS_TAG, np.asarray(self.plans[-1]["counts"]), rec["step"])
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
                 self._write_metrics()
