@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("verl")
 
@@ -360,6 +362,28 @@ def test_same_prompt_twice_in_one_batch_gets_a_group_per_occurrence() -> None:
     ntb2 = make_batch(m, seed=5).non_tensor_batch
     ntb2["index"] = np.zeros(m, dtype=object)
     assert len(set(hook.prompt_ids(ntb2, m))) == m
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=5),
+    n_min=st.integers(2, 6),
+    extra=st.integers(0, 30),
+    frac=st.floats(0, 1),
+)
+def test_split_budget_over_occurrence_layers(sizes: list[int], n_min: int, extra: int, frac: float) -> None:
+    from vipalloc.integrations._verl_hook import _split_budget
+
+    n_max = n_min + extra
+    total = sum(sizes)
+    budget = total * n_min + int(frac * total * (n_max - n_min))
+    out = _split_budget(budget, np.array(sizes), n_min, n_max)
+    assert sum(out) == budget
+    for b, s in zip(out, sizes):
+        assert s * n_min <= b <= s * n_max  # every layer feasible on its own
+        assert abs(b - budget * s / total) < len(sizes) + 1  # in proportion, up to the rounding remainder
+    with pytest.raises(ValueError, match="infeasible"):
+        _split_budget(total * n_max + 1, np.array(sizes), n_min, n_max)
 
 
 # ------------------------------------------------------------------------ group sizes vs plan (issue 16.8)
