@@ -482,3 +482,39 @@ def test_tensorboard_logs_shared_telemetry(tmp_path, cache) -> None:
         assert name in tags["scalars"], name
     last = res.metrics[-1]
     assert last["eval/pass@1"] == pytest.approx(last["eval_acc"]) and "eval/maj@1" in last
+
+
+def test_gpu_preset_path_smoke_on_cpu(tmp_path) -> None:
+    """`bench train --device cuda`'s path (the gpu preset: 6 x 256 policy, 128-prompt batches) run on the CPU with
+    the batch and evaluation shrunk: the preset's policy is built, every run finishes at the equal budget, and the
+    report carries the device and the paper metrics. Unknown presets are refused."""
+    from vipalloc.bench.train import run_train
+    from vipalloc.training.config import PRESETS, preset
+
+    assert preset("gpu", model={"n_layer": 2})["model"] == {"n_layer": 2, "n_embd": 256, "n_head": 8}
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("tpu")
+    res = run_train(
+        tmp_path,
+        strategies=("uniform", "vip"),
+        seeds=1,
+        steps=2,
+        quick=True,
+        jobs=1,
+        device="cpu",
+        preset="gpu",
+        prompts_per_step=8,
+        pool_size=32,
+        eval_size=8,
+        eval_samples=4,
+        warmup={"steps": 3, "batch_size": 16},
+        warmup_cache=str(tmp_path / "warm"),
+    )
+    cfg = res["config"]
+    assert cfg["model"] == PRESETS["gpu"]["model"] and cfg["device"] == "cpu"
+    assert cfg["warmup"]["lr"] == PRESETS["gpu"]["warmup"]["lr"]  # nested preset options survive the overrides
+    for strat in ("uniform", "vip"):
+        (run,) = res["runs"][strat]
+        assert run["metrics"][-1]["cum_rollouts"] == res["total_rollouts"] == 2 * 8 * cfg["n_mean"]
+    text = (tmp_path / "train.md").read_text()
+    assert "device cpu" in text and "| uniform | end |" in text and "pass@4" in text

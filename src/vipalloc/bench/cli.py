@@ -219,6 +219,9 @@ def register(app: typer.Typer) -> None:
         jobs: int | None = typer.Option(
             None, min=1, help="Runs side by side in worker processes (default: one per CPU core)."
         ),
+        device: str = typer.Option(
+            "cpu", help="cpu | cuda | auto. cuda also selects the 'gpu' preset (larger policy and batch)."
+        ),
     ) -> None:
         """Real CPU training: strategies x seeds at equal cumulative rollouts, accuracy vs rollouts."""
         from vipalloc.bench.train import run_train
@@ -240,6 +243,7 @@ def register(app: typer.Typer) -> None:
                     jobs=jobs,
                     command=_command(),
                     progress=show,
+                    device=device,
                 )
         except ValueError as exc:
             _fail(str(exc))

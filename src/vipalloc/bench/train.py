@@ -16,6 +16,7 @@ import numpy as np
 
 from vipalloc.bench.progress import Progress, noop
 from vipalloc.reporting import fmt_ci, git_commit, md_table, plot_bands, provenance
+from vipalloc.training.evaluation import paper_metrics_lines, plot_paper_metrics
 
 __all__ = ["TRAIN_STRATEGIES", "run_train"]
 
@@ -33,13 +34,18 @@ def run_train(
     jobs: int | None = None,
     command: str = "vipalloc bench train",
     progress: Progress = noop,
+    device: str = "cpu",
+    preset: str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Real CPU training (``vipalloc.training``): every strategy x seed at equal cumulative rollouts
     (``steps * prompts_per_step * n_mean``; DAPO stops once its generated rollouts reach that). Writes
     ``train.md`` / ``train.json`` and accuracy-vs-rollouts PNGs; run folders go to ``<out_dir>/train_runs``.
-    ``jobs``: worker processes (default one per CPU core); results do not depend on it."""
+    ``jobs``: worker processes (default one per CPU core); results do not depend on it. ``device``: cpu, cuda or
+    auto; ``preset``: a :data:`vipalloc.training.config.PRESETS` name layered under ``overrides`` (default: ``gpu``
+    when ``device`` is cuda, none otherwise; ``preset="gpu", device="cpu"`` runs the GPU-sized path on the CPU)."""
 
+    from vipalloc.training.config import preset as preset_options
     from vipalloc.training.demo import demo_config
     from vipalloc.training.parallel import default_jobs, run_many
     from vipalloc.training.trainer import warmup_policy
@@ -50,6 +56,10 @@ def run_train(
     out.mkdir(parents=True, exist_ok=True)
     if not quick:  # the league keeps the roomier 8 rollouts a prompt (the demo runs the tight 4)
         overrides.setdefault("n_mean", 8)
+    chosen = preset if preset is not None else ("gpu" if device == "cuda" else None)
+    if chosen is not None:
+        overrides = preset_options(chosen, **overrides)
+    overrides["device"] = device
     base = demo_config(quick, steps=steps, tensorboard=False, **overrides)
     total = base.steps * base.budget
     commit = git_commit()
@@ -200,7 +210,7 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
                 "evaluation": f"{cfg['eval_size']} held-out prompts x {cfg['eval_samples']} samples every "
                 f"{cfg['eval_every']} steps",
                 "wall time": f"{res['elapsed_s'] / 60:.1f} min (warm-up {res['warmup_s']:.0f} s), "
-                f"{res.get('jobs', 1)} runs at a time (one torch thread each)",
+                f"{res.get('jobs', 1)} runs at a time (one torch thread each), device {cfg.get('device', 'cpu')}",
             },
             commit=res.get("commit"),
         ),
@@ -215,6 +225,10 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
         "![accuracy vs rollouts](train_accuracy.png)",
         "",
     ]
+    paper = {s: [r["metrics"] for r in rs] for s, rs in runs.items()}  # mean@k / pass@k / maj@k, per level
+    lines += paper_metrics_lines(paper)
+    if plot_paper_metrics(paper, out / "train_eval_metrics.png"):
+        lines += ["![mean@k, pass@k, maj@k vs rollouts](train_eval_metrics.png)", ""]
     path = out / "train.md"
     path.write_text("\n".join(lines))
     return path

@@ -235,6 +235,35 @@ class TrainConfig(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+#: Named option sets layered over the defaults. ``gpu``: the same league on one GPU with a larger policy and batch
+#: (``vipalloc bench train --device cuda``): 6 layers x 256 wide (~4.8 M parameters, 6x the CPU policy), 128
+#: prompts a step (4x), a 4096-prompt pool and 512 held-out prompts; the warm-up scales with it.
+PRESETS: dict[str, dict[str, object]] = {
+    "gpu": {
+        "device": "cuda",
+        "model": {"n_layer": 6, "n_embd": 256, "n_head": 8},
+        "prompts_per_step": 128,
+        "pool_size": 4096,
+        "eval_size": 512,
+        "eval_samples": 16,
+        "warmup": {"steps": 3000, "batch_size": 512, "lr": 1e-3},
+    },
+}
+
+
+def preset(name: str, **overrides: object) -> dict[str, object]:
+    """The options of preset ``name`` with ``overrides`` on top (nested ``model`` / ``warmup`` dicts merged)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    out = json.loads(json.dumps(PRESETS[name]))  # a deep copy
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        elif value is not None:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | Path, **overrides: object) -> TrainConfig:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a validated :class:`TrainConfig`."""
     p = Path(path)
