@@ -126,8 +126,13 @@ class TrainConfig(BaseModel):
     )
     pool_size: int = Field(default=1024, ge=1)
     pool_seed: int = 1
-    eval_size: int = Field(default=256, ge=1)
-    eval_samples: int = Field(default=8, ge=1)
+    eval_size: int = Field(default=128, ge=1, description="held-out prompts, spread evenly over the levels")
+    eval_samples: int = Field(
+        default=16,
+        ge=1,
+        description="samples per held-out prompt: 16 defines pass@k and maj@k up to k = 16; 128 x 16 samples give "
+        "mean@k a sampling error of about 0.008",
+    )
     eval_every: int = Field(default=10, ge=1)
     ckpt_every: int = Field(default=10, ge=1)
     threads: int = Field(default=1, ge=1, description="torch CPU threads; 1 is fastest when other jobs share the cores")
