@@ -30,6 +30,7 @@ from _trl_helpers import (  # noqa: E402
 )
 from trl import GRPOTrainer  # noqa: E402
 
+from vipalloc import Allocator  # noqa: E402
 from vipalloc.integrations.trl import VIPGRPOConfig, VIPGRPOTrainer  # noqa: E402
 
 torch.set_num_threads(1)
@@ -49,10 +50,13 @@ def run(out: Path, scenario: str) -> None:
     vllm = scenario.startswith("vllm")
     model_dir = out / f"model-{scenario}-rank{rank}"  # same weights on both ranks (seeded); a path for ref / vLLM
     (tiny_llama if vllm else tiny_gpt2)(len(tok)).save_pretrained(model_dir)
-    loss_type = "dapo" if vllm or scenario == "span" else scenario.removeprefix("loss-")
+    loss_type = "dapo" if vllm or scenario in ("span", "two-phase") else scenario.removeprefix("loss-")
     extra: dict = {}
     if scenario == "span":
         extra = dict(per_device_train_batch_size=3, num_generations=4, n_max=6)
+    if scenario == "two-phase":  # budget 12 over 4 prompts: a pilot of 2 each, then 4 committed rollouts
+        extra = dict(per_device_train_batch_size=3, num_generations=3, two_phase=True, pilot_n=2)
+        extra["allocation_strategy"] = "vip_two_phase"
     if vllm:
         install_vllm_standin()
         StandInLLM.instances.clear()
@@ -76,8 +80,10 @@ def run(out: Path, scenario: str) -> None:
         dataloader_num_workers=0,
     )
     reward = DigitReward(log_extra=True)
-    allocator = ScriptedAllocator(
-        script, strategy="uniform", predictor="beta", n_min=2, n_max=n_max, embedder="hashing"
+    allocator = (
+        Allocator(strategy="vip_two_phase", predictor="beta", n_min=2, n_max=n_max, embedder="hashing")
+        if scenario == "two-phase"
+        else ScriptedAllocator(script, strategy="uniform", predictor="beta", n_min=2, n_max=n_max, embedder="hashing")
     )
     trained: list[dict] = []
     base_loss = GRPOTrainer.compute_loss

@@ -30,6 +30,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from vipalloc import Allocator  # noqa: E402
 from vipalloc.integrations.trl import ALLOCATOR_FILE, VIPGRPOConfig, VIPGRPOTrainer  # noqa: E402
 from vipalloc.strategies import STRATEGY_NAMES  # noqa: E402
+from vipalloc.two_phase import TWO_PHASE_STRATEGIES  # noqa: E402
 from vipalloc.telemetry import COUNTS_TAG, OUTCOME_METRIC_NAMES, PLAN_METRIC_NAMES, outcome_metrics  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -309,8 +310,12 @@ def test_config_rejects_conflicting_or_infeasible_settings(tmp_path) -> None:
         VIPGRPOConfig(num_generations=4, predictor="nope", **common)
     with pytest.raises(ValueError, match="variance_estimator"):
         VIPGRPOConfig(num_generations=4, variance_estimator="grpo", **common)
-    with pytest.raises(ValueError, match="two_phase=True .* not supported by the TRL plug-in"):
+    with pytest.raises(ValueError, match="two_phase=True and allocation_strategy='vip' disagree"):
         VIPGRPOConfig(num_generations=4, two_phase=True, **common)
+    with pytest.raises(ValueError, match="two_phase=False and allocation_strategy='vip_two_phase' disagree"):
+        VIPGRPOConfig(num_generations=4, allocation_strategy="vip_two_phase", **common)
+    with pytest.raises(ValueError, match="pilot_n \\(5\\) exceeds num_generations \\(4\\)"):
+        VIPGRPOConfig(num_generations=4, allocation_strategy="vip_two_phase", two_phase=True, pilot_n=5, **common)
     with pytest.raises(ValueError, match="vllm_mode='server' is not supported"):
         VIPGRPOConfig(num_generations=4, use_vllm=True, vllm_mode="server", **common)
     with pytest.raises(ValueError, match="divisible by num_generations"):  # TRL's own check: whole prompts
@@ -320,7 +325,9 @@ def test_config_rejects_conflicting_or_infeasible_settings(tmp_path) -> None:
 def test_every_registered_strategy_is_selectable(tmp_path) -> None:
     common = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=16, report_to=[])
     for name in STRATEGY_NAMES:  # no whitelist of our own: whatever vipalloc.strategies registers
-        assert VIPGRPOConfig(num_generations=4, allocation_strategy=name, **common).allocation_strategy == name
+        two = name in TWO_PHASE_STRATEGIES
+        cfg = VIPGRPOConfig(num_generations=4, allocation_strategy=name, two_phase=two, **common)
+        assert cfg.allocation_strategy == name
 
 
 def test_trainer_rejects_unsupported_setups(tmp_path) -> None:

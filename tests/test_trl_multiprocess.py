@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from trl.trainer.utils import nanstd  # noqa: E402
 
 LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
-SCENARIOS = (*(f"loss-{t}" for t in LOSSES), "span", "vllm-tp1", "vllm-tp2")
+SCRIPTED = (*(f"loss-{t}" for t in LOSSES), "span", "vllm-tp1", "vllm-tp2")  # plans follow the worker's script
+SCENARIOS = (*SCRIPTED, "two-phase")
 # Real rows per process at steps 0 and 1 (worker's SCRIPT / SPAN_SCRIPT over TRL's process slices).
 REAL = {"default": ((8, 0), (6, 2)), "span": ((9, 3), (5, 7))}
 ROWS = {"default": 2, "span": 3}  # per_device_train_batch_size: rows every process trains on per micro-batch
@@ -53,7 +54,7 @@ def _real_pairs(d: dict, step: int, n_real: int) -> list[tuple[str, str]]:
     return [tuple(p) for p in d["reward_pairs"][step]] if n_real else []  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("scenario", SCRIPTED)
 def test_processes_train_equal_rows_and_exactly_the_real_ones(dumps, scenario) -> None:
     d0, d1 = dumps[scenario]
     assert d0["world"] == d1["world"] == 2
@@ -136,3 +137,27 @@ def test_vllm_colocate_generates_the_planned_rows(dumps, scenario) -> None:
             assert h["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-2)
             assert h["sampling/sampling_logp_difference/max"] < 1e-2
     assert np.isfinite([c["loss"] for c in d0["trained"]]).all()
+
+
+def test_two_phase_pilot_and_commit_on_two_processes(dumps) -> None:
+    """vip_two_phase, budget 12 over 4 prompts: a pilot of 2 rollouts each (4 rows per process), observed on the
+    main process, then the committed 4 rows; both rounds on both processes, 3 training rows per micro-batch."""
+    d0, d1 = dumps["two-phase"]
+    for step in range(2):
+        pilot = [len(d["reward_calls"][2 * step]) for d in (d0, d1)]
+        commit = [len(d["reward_calls"][2 * step + 1]) for d in (d0, d1)]
+        assert pilot == [4, 4]  # 2 pilot rollouts for each of the 4 prompts, 2 prompts per process
+        scored = [
+            tuple(p)
+            for d in (d0, d1)
+            for c in (d["reward_pairs"][2 * step], d["reward_pairs"][2 * step + 1])
+            for p in c
+        ]
+        trained = [tuple(r[:2]) for d in (d0, d1) for c in d["trained"][2 * step : 2 * step + 2] for r in c["real"]]
+        assert len(trained) == 12 and Counter(trained) <= Counter(scored)  # every rollout of the step trained once
+        assert sum(commit) >= 12 - 8  # (a process with nothing committed scores one throw-away row)
+        _, ids, _, trials = zip(*[h for h in d0["history"] if h[0] == step])
+        assert sum(sum(t) for t in trials) == 12  # the allocator observed the pilot, then the commit
+        for d in (d0, d1):
+            assert [c["rows"] for c in d["trained"][2 * step : 2 * step + 2]] == [3, 3]
+            assert d["logs"][step]["kl"] == pytest.approx(0.0, abs=1e-7)

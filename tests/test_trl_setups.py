@@ -8,6 +8,7 @@ import os
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("trl")
@@ -226,3 +227,80 @@ def test_duplicate_prompts_are_grouped_and_success_follows_the_named_reward(tmp_
         inert = [(t, a) for tokens, adv, _ in chunk for t, a in zip(tokens, adv) if t == 0]
         assert len(inert) >= 3 * per - int(rec.counts.sum()) and all(a == 0.0 for _, a in inert)
     assert all(math.isfinite(v) for _, _, v in trained)
+
+
+def test_two_phase_pilot_then_commit_inside_one_generation_batch(tmp_path, monkeypatch) -> None:
+    """vip_two_phase: each generation batch generates and scores the pilot (2 rollouts per prompt) with TRL's own
+    methods, the allocator observes it and commits the rest of the budget, then TRL's method generates only the
+    committed rows and computes the advantages over each prompt's whole group (pilot + commit)."""
+    from trl.trainer.utils import nanstd
+
+    tok = tiny_tokenizer()
+    reward = DigitReward(log_extra=True)
+    gen_rows, raw, records = [], [], []
+    base_gen, base_score = GRPOTrainer._generate_single_turn, GRPOTrainer._generate_and_score_completions
+    base_observe = VIPGRPOTrainer._vip_observe
+
+    def gen(self, prompt_ids, *a, **kw):
+        gen_rows.append(len(prompt_ids))
+        return base_gen(self, prompt_ids, *a, **kw)
+
+    def score(self, inputs):
+        out = base_score(self, inputs)
+        raw.append({k: v.clone() for k, v in out.items() if isinstance(v, torch.Tensor)})
+        return out
+
+    def observe(self, layout, rewards):
+        base_observe(self, layout, rewards)
+        records.append(self.vip_last)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", gen)
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", score)
+    monkeypatch.setattr(VIPGRPOTrainer, "_vip_observe", observe)
+    args = _args(
+        tmp_path / "run",
+        two_phase=True,
+        allocation_strategy="vip_two_phase",
+        pilot_n=2,
+        predictor="beta",
+        embedder="hashing",
+        loss_type="grpo",
+        learning_rate=1e-3,
+        max_steps=3,
+        log_completions=True,
+    )
+    trainer = VIPGRPOTrainer(
+        model=tiny_llama(len(tok)), reward_funcs=reward, args=args, train_dataset=sums(), processing_class=tok
+    )
+    trainer.train()
+    assert len(records) == 3
+    history = {step: trials for step, _, _, trials in trainer.allocator.history.iter_steps()}
+    for k, rec in enumerate(records):
+        pilot, commit = reward.calls[2 * k], reward.calls[2 * k + 1]
+        assert len(pilot) == 2 * 4  # every prompt's pilot
+        assert gen_rows[2 * k : 2 * k + 2] == [8, 12 - 8]  # the pilot, then only the committed rows
+        assert len(commit) == 12 - 8 and rec.counts.sum() == 12
+        counts = {pid: 0 for pid in rec.prompt_ids}
+        for pid, _, _ in pilot + commit:
+            counts[pid] += 1
+        assert [counts[p] for p in rec.prompt_ids] == rec.counts.tolist()
+        assert int(np.sum(history[rec.step])) == 12  # the allocator observed pilot and commit rows
+        # TRL's advantages are group statistics over each prompt's pilot and committed rewards together
+        by_prompt: dict[str, list[float]] = {}
+        for pid, _, r in pilot + commit:
+            by_prompt.setdefault(pid, []).append(r)
+        expected: dict[tuple[str, str], float] = {}
+        for (pid, completion, r), (prompt, _) in zip(pilot + commit, reward.pairs[2 * k] + reward.pairs[2 * k + 1]):
+            x = torch.tensor(by_prompt[pid])
+            expected[(prompt, completion)] = float((r - x.mean()) / (nanstd(x) + 1e-4)) if len(x) > 1 else 0.0
+        out, real = raw[k], torch.as_tensor(rec.real_rows)
+        assert int(real.sum()) == 12
+        for row in torch.nonzero(real).flatten().tolist():
+            p = tok.decode(out["prompt_ids"][row][out["prompt_mask"][row].bool()])
+            c = tok.decode(out["completion_ids"][row][out["completion_mask"][row].bool()], skip_special_tokens=True)
+            assert out["advantages"][row].item() == pytest.approx(expected[(p, c)], abs=1e-5)
+        # the completions table (with the log_extra column of both rounds) holds the 12 real rows
+    df = pd.read_parquet(sorted((tmp_path / "run" / "completions").glob("*.parquet"))[-1])
+    assert len(df) == 12 and df["digit_count"].notna().all()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)

@@ -18,13 +18,7 @@ from trl import GRPOConfig
 
 from vipalloc.predictors import PREDICTOR_NAMES
 from vipalloc.strategies import STRATEGY_NAMES
-
-TWO_PHASE_REASON = (
-    "two_phase=True (pilot rollouts, then a committed allocation inside one generation batch) is not supported by "
-    "the TRL plug-in: TRL 1.16 generates, scores and normalises a generation batch in one call "
-    "(GRPOTrainer._generate_and_score_completions), so a second generation round would need a copy of that "
-    "~600-line method; use the CPU trainer or verl for two-phase allocation, or set two_phase=False"
-)
+from vipalloc.two_phase import TWO_PHASE_STRATEGIES
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -44,6 +38,8 @@ class VIPGRPOConfig(GRPOConfig):
       The budget is feasible for every strategy because ``n_min <= num_generations <= n_max``.
     * ``per_device_train_batch_size``: completions per process per micro-batch, as in TRL (every process trains on
       exactly that many; the plug-in moves rows between processes when the plan leaves them uneven).
+    * ``two_phase`` with a two-phase strategy (``vip_two_phase``, ``pilot_commit``): ``pilot_n`` rollouts per prompt
+      first, then the rest of the budget committed from their outcomes, inside each generation batch.
     """
 
     n_max: int | None = field(
@@ -73,12 +69,15 @@ class VIPGRPOConfig(GRPOConfig):
         default="prompt_id", metadata={"help": "Dataset column with a stable prompt id (else a hash of the prompt)."}
     )
     two_phase: bool = field(
-        default=False, metadata={"help": "Pilot-then-commit allocation; not supported by the TRL plug-in."}
+        default=False,
+        metadata={
+            "help": "Pilot-then-commit allocation inside each generation batch (needs a two-phase strategy: "
+            f"{', '.join(TWO_PHASE_STRATEGIES)})."
+        },
     )
+    pilot_n: int = field(default=2, metadata={"help": "Pilot rollouts per prompt in a two-phase step."})
 
     def __post_init__(self) -> None:
-        if self.two_phase:
-            raise ValueError(TWO_PHASE_REASON)
         g = _positive_int("num_generations (the uniform group size VIP replaces)", self.num_generations, 2)
         if self.n_max is None:
             self.n_max = 2 * g
@@ -95,6 +94,20 @@ class VIPGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"unknown allocation_strategy {self.allocation_strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}"
             )
+        two_phase_strategy = self.allocation_strategy in TWO_PHASE_STRATEGIES
+        if bool(self.two_phase) != two_phase_strategy:
+            raise ValueError(
+                f"two_phase={self.two_phase} and allocation_strategy={self.allocation_strategy!r} disagree: the "
+                f"two-phase strategies ({', '.join(TWO_PHASE_STRATEGIES)}) run with two_phase=True, every other "
+                "strategy with two_phase=False"
+            )
+        if self.two_phase:
+            pilot = _positive_int("pilot_n", self.pilot_n, 1)
+            if pilot > g:
+                raise ValueError(
+                    f"pilot_n ({pilot}) exceeds num_generations ({g}): the pilot is part of the budget of "
+                    f"{g} rollouts per prompt; lower pilot_n to at most {g}"
+                )
         if self.predictor not in PREDICTOR_NAMES:
             raise ValueError(f"unknown predictor {self.predictor!r}; choose one of: {', '.join(PREDICTOR_NAMES)}")
         if self.variance_estimator not in ("drgrpo", "rloo"):

@@ -8,6 +8,9 @@ the unused rows are removed and the real rows are dealt out so that every proces
 (``per_device_train_batch_size`` per micro-batch), at the token positions of TRL's log-prob passes. Each prompt's
 binarised rewards then go to ``Allocator.observe`` (main process), and ``vip/*`` metrics to TRL's logs.
 
+Two-phase strategies (``two_phase=True``) run the pilot round with TRL's own ``_generate`` / ``_calculate_rewards``
+before TRL's method, which then reuses the pilot rows and generates only the committed ones.
+
 Scope: TRL's transformers generation path (plain ``generate`` or continuous batching) and vLLM colocate mode, text
 prompts, no tools, environments or ``rollout_func``. Unsupported settings raise at construction with the reason.
 """
@@ -15,6 +18,7 @@ prompts, no tools, environments or ``rollout_func``. Unsupported settings raise 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -43,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from packaging.version import Version
 
 from vipalloc.allocator import Allocator, Plan
-from vipalloc.integrations._trl_config import TWO_PHASE_REASON, VIPGRPOConfig
+from vipalloc.integrations._trl_config import VIPGRPOConfig
 from vipalloc.integrations._trl_layout import (
     SHIFT_KEY,
     accepts_position_ids,
@@ -51,11 +55,11 @@ from vipalloc.integrations._trl_layout import (
     training_layout,
 )
 from vipalloc.telemetry import COUNTS_TAG
+from vipalloc.two_phase import TWO_PHASE_STRATEGIES
 
 __all__ = [
     "ALLOCATOR_FILE",
     "SUPPORTED_TRL",
-    "TWO_PHASE_REASON",
     "VIPBatchRecord",
     "VIPGRPOConfig",
     "VIPGRPOTrainer",
@@ -101,10 +105,31 @@ class VIPBatchRecord:
 class _Layout:
     """Where a plan's rows sit in the gathered rectangular batch: ``groups`` consecutive blocks of ``n_max`` rows."""
 
-    plan: Plan
+    plan: Plan  # counts: rollouts generated per prompt (a two-phase step: pilot + commit)
     group_prompt: np.ndarray  # int (groups,): index into plan.prompt_ids of each block
     first_block: np.ndarray  # int (M,): the block whose first counts[i] rows are prompt i's real rows
     real_global: np.ndarray  # bool (groups * n_max,)
+    observed: np.ndarray | None = None  # int (M,): leading rows of each prompt already observed (the pilot)
+    train: np.ndarray | None = None  # bool (M,): prompts whose rows enter the update (default: counts > 0)
+
+    def train_rows(self, g: int) -> np.ndarray:
+        """Real rows of the gathered batch that are trained on, bool ``(groups * g,)``."""
+        if self.train is None:
+            return self.real_global
+        per_block = np.zeros(len(self.group_prompt), bool)
+        per_block[self.first_block] = self.train
+        return self.real_global & np.repeat(per_block, g)
+
+
+@dataclass
+class _PilotRound:
+    """This process's pilot rows of a two-phase step, reused when TRL's method generates the whole step."""
+
+    real: np.ndarray  # bool (L,): local rows generated in the pilot
+    completion_ids: list[Any]  # (L,) token id lists, as TRL's _generate returned them
+    logps: list[Any] | None  # (L,) sampling log-probs (vLLM) or None
+    rewards: torch.Tensor  # (L, reward functions): the pilot's rewards of the local slice (NaN elsewhere)
+    extra_logs: dict[str, list[Any]]  # log_extra columns of the pilot, one value per local row
 
 
 def _prompt_key(row: dict[str, Any], column: str) -> str:
@@ -183,6 +208,12 @@ class VIPGRPOTrainer(GRPOTrainer):
                 f"the allocator's n_max ({allocator.n_max}) exceeds VIPGRPOConfig.n_max ({self.num_generations}), "
                 "the TRL group width; set VIPGRPOConfig(n_max=...) to at least the allocator's n_max"
             )
+        if bool(getattr(allocator.strategy, "two_phase", False)) != bool(cfg.two_phase):
+            raise ValueError(
+                f"the allocator's strategy {allocator.strategy_name!r} and VIPGRPOConfig.two_phase={cfg.two_phase} "
+                f"disagree: two-phase strategies ({', '.join(TWO_PHASE_STRATEGIES)}) need two_phase=True, others "
+                "two_phase=False"
+            )
         mean = cfg.budget_per_generation / cfg.prompts_per_generation
         if not allocator.n_min <= mean <= allocator.n_max:
             raise ValueError(
@@ -210,6 +241,7 @@ class VIPGRPOTrainer(GRPOTrainer):
         # the real rows of this process's slice.
         self._vip_real: np.ndarray | None = None
         self._vip_rewards: torch.Tensor | None = None
+        self._vip_pilot: _PilotRound | None = None  # a two-phase step's pilot rows, while TRL generates the step
         self._vip_local_rows: np.ndarray | None = None  # global rows this process trains on (last step), -1-i inert
         # TRL sized its completion-log deques for generation_batch_size (the budget); they receive the sampled rows.
         rows = cfg.prompts_per_generation * self.num_generations
@@ -271,8 +303,8 @@ class VIPGRPOTrainer(GRPOTrainer):
         )
 
     # ------------------------------------------------------------------ planning
-    def _vip_layout(self, inputs: list[dict[str, Any]]) -> _Layout:
-        """Plan for the global rectangular batch (main process) and place each prompt's real rows."""
+    def _vip_groups(self, inputs: list[dict[str, Any]]) -> tuple[list[str], list[str], np.ndarray, int]:
+        """Distinct prompt ids and texts of the global rectangular batch, the prompt of each block, the budget."""
         args = cast(VIPGRPOConfig, self.args)
         g = self.num_generations
         rows = [(_prompt_key(x, args.prompt_id_column), x["prompt"]) for x in inputs]
@@ -308,24 +340,98 @@ class VIPGRPOTrainer(GRPOTrainer):
                 stacklevel=3,
             )
             budget = most
+        return ids, texts, np.asarray(group_prompt, np.int64), budget
+
+    def _vip_on_main(self, make: Any) -> Any:
+        """``make()`` on the main process (the one allocator that decides), its result sent to every process."""
         if self._vip_world == 1:
-            plan = self.allocator.plan(ids, prompts=texts, budget=budget)
-        else:  # one allocator decides for everyone: plan on the main process, send the plan to the others
-            box = [self.allocator.plan(ids, prompts=texts, budget=budget) if self.accelerator.is_main_process else None]
-            broadcast_object_list(box, from_process=0)
-            plan = cast(Plan, box[0])
-        gp = np.asarray(group_prompt, np.int64)
-        first_block = np.array([int(np.flatnonzero(gp == i)[0]) for i in range(len(ids))], np.int64)
-        per_block = np.zeros(groups, np.int64)
-        per_block[first_block] = plan.counts
-        real_global = (np.arange(g)[None, :] < per_block[:, None]).reshape(-1)
+            return make()
+        box = [make() if self.accelerator.is_main_process else None]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def _vip_place(self, counts: np.ndarray, group_prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """First block of each prompt and the real rows: the first ``counts[i]`` rows of prompt i's first block."""
+        m, g = len(counts), self.num_generations
+        first_block = np.array([int(np.flatnonzero(group_prompt == i)[0]) for i in range(m)], np.int64)
+        per_block = np.zeros(len(group_prompt), np.int64)
+        per_block[first_block] = counts
+        return first_block, (np.arange(g)[None, :] < per_block[:, None]).reshape(-1)
+
+    def _vip_layout(self, inputs: list[dict[str, Any]]) -> _Layout:
+        """Plan for the global rectangular batch (main process) and place each prompt's real rows."""
+        ids, texts, gp, budget = self._vip_groups(inputs)
+        plan = cast(Plan, self._vip_on_main(lambda: self.allocator.plan(ids, prompts=texts, budget=budget)))
+        first_block, real_global = self._vip_place(plan.counts, gp)
         return _Layout(plan=plan, group_prompt=gp, first_block=first_block, real_global=real_global)
+
+    def _vip_two_phase_layout(self, inputs: list[dict[str, Any]]) -> _Layout:
+        """A two-phase step: generate and score the pilot rows with TRL's own methods, observe them, plan the commit.
+
+        The pilot's completions, log-probs, rewards and ``log_extra`` values are kept (``self._vip_pilot``) and
+        handed back when TRL's method then generates the whole step, so its group statistics cover pilot and commit
+        rows alike. The pilot round's length metrics and token count are rolled back; the step reports them once.
+        """
+        args = cast(VIPGRPOConfig, self.args)
+        ids, texts, gp, budget = self._vip_groups(inputs)
+        pilot = cast(
+            Plan,
+            self._vip_on_main(
+                lambda: self.allocator.plan_pilot(ids, prompts=texts, budget=budget, pilot_n=int(args.pilot_n))
+            ),
+        )
+        first_block, pilot_global = self._vip_place(pilot.counts, gp)
+        rank, n_local = self.accelerator.process_index, len(inputs)
+        pilot_real = pilot_global[rank * n_local : (rank + 1) * n_local]
+        prompts = [x["prompt"] for x in inputs]
+        metrics = self._metrics["train"]
+        saved_metrics = {k: list(v) for k, v in metrics.items()}
+        saved_tokens = self.state.num_input_tokens_seen
+        self._vip_real = pilot_real
+        try:
+            generated = self._generate(prompts)
+            completion_ids, completions, logps = generated[1], generated[3], generated[4]
+            rewards = self._calculate_rewards(inputs, prompts, completions, completion_ids)
+        finally:
+            self._vip_real = None
+        metrics.clear()
+        metrics.update(saved_metrics)
+        self.state.num_input_tokens_seen = saved_tokens
+        extra_logs = {k: list(v) for k, v in self._pending_extra_logs.items()}
+        self._pending_extra_logs.clear()
+        g = self.num_generations
+        success = self._vip_success_rewards(rewards.detach().float().cpu())
+        pilot_ids, pilot_succ = [], []
+        for i, c in enumerate(pilot.counts):
+            if c > 0:
+                r = success[int(first_block[i]) * g : int(first_block[i]) * g + int(c)]
+                pilot_ids.append(ids[i])
+                pilot_succ.append((r[~np.isnan(r)] >= float(args.success_threshold)).astype(np.float64))
+
+        def commit() -> Plan:
+            self.allocator.observe(pilot_ids, pilot_succ, pilot.step)
+            return self.allocator.plan_commit(step=pilot.step)
+
+        plan = cast(Plan, self._vip_on_main(commit))
+        total = pilot.counts + plan.counts
+        self._vip_pilot = _PilotRound(
+            real=pilot_real,
+            completion_ids=list(completion_ids),
+            logps=None if logps is None else list(logps),
+            rewards=rewards[rank * n_local : (rank + 1) * n_local].detach().clone(),
+            extra_logs=extra_logs,
+        )
+        steps = dataclasses.replace(plan, counts=total, budget=int(total.sum()), pilot_counts=None, train=None)
+        _, real_global = self._vip_place(total, gp)
+        train = None if plan.train is None else np.asarray(plan.train, bool)
+        return _Layout(steps, gp, first_block, real_global, observed=pilot.counts.copy(), train=train)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         assert self.model is not None  # GRPOTrainer always has a model
         if not self.model.training:  # evaluation keeps TRL's plain rectangular groups
             return super()._generate_and_score_completions(inputs)
-        layout = self._vip_layout(inputs)
+        args = cast(VIPGRPOConfig, self.args)
+        layout = self._vip_two_phase_layout(inputs) if args.two_phase else self._vip_layout(inputs)
         rank, n_local = self.accelerator.process_index, len(inputs)
         real = layout.real_global[rank * n_local : (rank + 1) * n_local]  # TRL's process slice of the gathered batch
         self._vip_real, self._vip_rewards = real, None
@@ -333,14 +439,13 @@ class VIPGRPOTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
             rewards_per_func = self._vip_rewards
         finally:
-            self._vip_real, self._vip_rewards = None, None
+            self._vip_real, self._vip_rewards, self._vip_pilot = None, None, None
         if rewards_per_func is None:  # pragma: no cover - TRL always scores through _calculate_rewards
             raise RuntimeError("TRL did not call _calculate_rewards; this TRL version is not supported")
-        args = cast(VIPGRPOConfig, self.args)
         assert args.steps_per_generation is not None
         output, self._vip_local_rows = training_layout(
             output,
-            layout.real_global,
+            layout.train_rows(self.num_generations),
             rank=rank,
             world=self._vip_world,
             chunks=int(args.steps_per_generation),
@@ -375,9 +480,10 @@ class VIPGRPOTrainer(GRPOTrainer):
             )
         if (images is not None and any(im is not None for im in images)) or multimodal_fields:
             raise NotImplementedError("VIPGRPOTrainer supports text prompts only")
-        keep = np.flatnonzero(real)
-        # A process without real rows still generates one throw-away row: sharded models (FSDP, ZeRO-3) gather
-        # their weights collectively for generation, so every process must take part.
+        pilot = self._vip_pilot
+        keep = np.flatnonzero(real if pilot is None else real & ~pilot.real)  # pilot rows are generated already
+        # A process without rows to generate still generates one throw-away row: sharded models (FSDP, ZeRO-3)
+        # gather their weights collectively for generation, so every process must take part.
         todo = list(keep) if keep.size else [0]
         if self._vip_tp > 1:
             # TRL's colocated vLLM with tensor parallelism gathers the prompts of a TP group and slices the outputs
@@ -395,6 +501,11 @@ class VIPGRPOTrainer(GRPOTrainer):
             full[i] = completions[j]
             if full_logps is not None:
                 full_logps[i] = logps[j]
+        if pilot is not None:
+            for i in np.flatnonzero(pilot.real):
+                full[i] = pilot.completion_ids[i]
+                if full_logps is not None and pilot.logps is not None:
+                    full_logps[i] = pilot.logps[i]
         return full, full_logps
 
     def _generate(self, prompts: list):
@@ -438,7 +549,8 @@ class VIPGRPOTrainer(GRPOTrainer):
         real = self._vip_real
         if real is None:
             return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        keep = np.flatnonzero(real)
+        pilot = self._vip_pilot
+        keep = np.flatnonzero(real if pilot is None else real & ~pilot.real)  # pilot rows are scored already
         # Reward functions see real completions only; unused rows get NaN, which TRL treats as unscorable: excluded
         # from the NaN-aware group mean/std and given advantage 0 (they are removed right after).
         throwaway = keep.size == 0 and self._vip_world > 1
@@ -462,6 +574,10 @@ class VIPGRPOTrainer(GRPOTrainer):
             scored = scored[:0]
         local = scored.new_full((len(prompts), scored.shape[1]), float("nan"))
         local[torch.as_tensor(keep, device=scored.device, dtype=torch.long)] = scored
+        if pilot is not None:
+            rows = torch.as_tensor(np.flatnonzero(pilot.real), device=scored.device, dtype=torch.long)
+            local[rows] = pilot.rewards.to(local.device)[rows]
+            self._vip_merge_pilot_logs(pilot, len(prompts))
         full = gather(local) if self._vip_world > 1 else local
         self._vip_rewards = full.detach().float().cpu()
         return full
@@ -495,31 +611,50 @@ class VIPGRPOTrainer(GRPOTrainer):
                 if not self._pending_metrics[name]:
                     del self._pending_metrics[name]
 
+    def _vip_merge_pilot_logs(self, pilot: _PilotRound, n: int) -> None:
+        """Put the pilot's ``log_extra`` values back into the rows they belong to (TRL flushes one per row)."""
+        pending = self._pending_extra_logs
+        for column, values in pilot.extra_logs.items():
+            current = pending.get(column) or [None] * n
+            if len(current) != n or len(values) != n:
+                continue  # not one value per row: left as the reward function logged it
+            for i in np.flatnonzero(pilot.real):
+                current[i] = values[i]
+            pending[column] = current
+
+    def _vip_success_rewards(self, rewards_per_func: torch.Tensor) -> np.ndarray:
+        """Per row of the gathered batch, the reward that decides success (NaN: none), float64 ``(rows,)``."""
+        if self._vip_success_col is None:  # TRL's weighted reward per row; rows all reward functions declined: NaN
+            weights = self.reward_weights.detach().float().cpu().unsqueeze(0)
+            scorable = ~torch.isnan(rewards_per_func).all(dim=1).numpy()
+            total = (rewards_per_func * weights).nansum(dim=1).double().numpy()
+            total[~scorable] = np.nan
+            return total
+        # one named reward function defines success (e.g. accuracy, not format)
+        return rewards_per_func[:, self._vip_success_col].double().numpy()
+
     # ------------------------------------------------------------------ feedback, metrics, logs
     def _vip_observe(self, layout: _Layout, rewards_per_func: torch.Tensor) -> None:
         """Report each prompt's real, binarised rewards to the allocator (main process) and log ``vip/*`` metrics."""
         plan, real = layout.plan, layout.real_global
         g = self.num_generations
         args = cast(VIPGRPOConfig, self.args)
-        if self._vip_success_col is None:  # TRL's weighted reward per row; rows all reward functions declined: NaN
-            weights = self.reward_weights.detach().float().cpu().unsqueeze(0)
-            scorable = ~torch.isnan(rewards_per_func).all(dim=1).numpy()
-            total = (rewards_per_func * weights).nansum(dim=1).double().numpy()
-            total[~scorable] = np.nan
-        else:  # one named reward function defines success (e.g. accuracy, not format)
-            total = rewards_per_func[:, self._vip_success_col].double().numpy()
+        total = self._vip_success_rewards(rewards_per_func)
         thr = float(args.success_threshold)
-        rewards, successes = [], []
+        before = np.zeros(len(plan.counts), np.int64) if layout.observed is None else layout.observed
+        rewards, successes, new_ids, new_succ = [], [], [], []
         for i, c in enumerate(plan.counts):
             start = int(layout.first_block[i]) * g
             r = total[start : start + int(c)]
-            r = r[~np.isnan(r)]  # completions without a success reward are not observations
+            fresh = r[int(before[i]) :]  # a two-phase step's pilot rows were observed before the commit
+            r, fresh = r[~np.isnan(r)], fresh[~np.isnan(fresh)]  # rows without a success reward are no observations
             rewards.append(r)
             successes.append((r >= thr).astype(np.float64))
-        kept = plan.counts > 0
-        if self.accelerator.is_main_process:
-            observed = [i for i in range(len(plan.prompt_ids)) if kept[i]]
-            self.allocator.observe([plan.prompt_ids[i] for i in observed], [successes[i] for i in observed], plan.step)
+            if c > before[i]:
+                new_ids.append(plan.prompt_ids[i])
+                new_succ.append((fresh >= thr).astype(np.float64))
+        if self.accelerator.is_main_process and new_ids:
+            self.allocator.observe(new_ids, new_succ, plan.step)
         self.vip_last = VIPBatchRecord(
             step=plan.step,
             prompt_ids=list(plan.prompt_ids),
