@@ -245,3 +245,54 @@ def two_phase_report_lines(league: dict[str, list[SimRun]]) -> list[str]:
         md_table(headers, rows),
         "",
     ]
+
+
+def _auc(run: dict[str, Any]) -> float:
+    x = np.asarray(run["cum_rollouts"], np.float64)
+    y = np.asarray(run["success"], np.float64)
+    return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)) / x[-1]) if x[-1] > 0 else float(y[-1])
+
+
+def paired_differences(result: dict[str, Any], row: str, baseline: str) -> list[dict[str, Any]]:
+    """Per sigma of a ``simulate.json`` (league and sweep): the same-seed differences ``row - baseline`` of the
+    final mean success and of the mean success over the run (AUC), as ``fmt_ci`` strings with the seeds ahead."""
+    from vipalloc.reporting import fmt_ci
+
+    blocks: dict[float, dict[str, list[dict[str, Any]]]] = {float(result["config"]["sigma"]): result["league"]}
+    for sg, runs in result.get("sweep", {}).items():
+        blocks.setdefault(float(sg), runs)
+    out = []
+    for sg in sorted(blocks):
+        runs = blocks[sg]
+        if row not in runs or baseline not in runs:
+            continue
+        base = {r["seed"]: r for r in runs[baseline]}
+        pairs = [(r, base[r["seed"]]) for r in runs[row] if r["seed"] in base]
+        d_final = [a["success"][-1] - b["success"][-1] for a, b in pairs]
+        d_auc = [_auc(a) - _auc(b) for a, b in pairs]
+        out.append(
+            {
+                "sigma": sg,
+                "seeds": len(pairs),
+                "final": fmt_ci(d_final, signed=True),
+                "auc": fmt_ci(d_auc, signed=True),
+                "auc_ahead": sum(d > 0 for d in d_auc),
+            }
+        )
+    return out
+
+
+if (
+    __name__ == "__main__"
+):  # python -m vipalloc.bench.two_phase_sim simulate.json "row" "baseline" ["row" "baseline" ...]
+    import json
+    import sys
+
+    res = json.loads(open(sys.argv[1]).read())
+    names = sys.argv[2:]
+    for a, b in zip(names[::2], names[1::2]):
+        for d in paired_differences(res, a, b):
+            print(
+                f"{a} - {b} | sigma {d['sigma']:g} | final {d['final']} | AUC {d['auc']} "
+                f"({d['auc_ahead']}/{d['seeds']} seeds ahead)"
+            )
