@@ -68,3 +68,20 @@ def test_report_has_the_two_phase_section(tmp_path) -> None:
     assert "Two-phase rows: the predictor before and after the pilot" in text
     assert "| vip_two_phase (beta) | 2 / 1x |" in text and "| pilot_commit (beta) | 2 / 2x |" in text
     assert res["league"]["pilot_commit (beta)"][0]["pool_factor"] == 2.0
+
+
+def test_paired_differences_by_seed() -> None:
+    from vipalloc.bench.two_phase_sim import paired_differences
+
+    def run(seed: int, ys: list[float]) -> dict:
+        return {"seed": seed, "cum_rollouts": [0, 10, 20], "success": ys}
+
+    result = {
+        "config": {"sigma": 10.0},
+        "league": {"a": [run(0, [0.5, 0.6, 0.7]), run(1, [0.5, 0.5, 0.5])], "b": [run(1, [0.5, 0.4, 0.3])]},
+        "sweep": {"0.0": {"a": [run(0, [0.5, 0.5, 0.9])], "b": [run(0, [0.5, 0.5, 0.5])]}},
+    }
+    rows = paired_differences(result, "a", "b")
+    assert [r["sigma"] for r in rows] == [0.0, 10.0]
+    assert rows[0]["final"] == "+0.400 (n=1)" and rows[0]["auc"] == "+0.100 (n=1)"  # AUC: (0 + 0.4) / 2 / 2
+    assert rows[1]["seeds"] == 1 and rows[1]["final"] == "+0.200 (n=1)" and rows[1]["auc_ahead"] == 1
