@@ -54,6 +54,7 @@ from vipalloc.integrations._trl_layout import (
     install_position_hook,
     training_layout,
 )
+from vipalloc.integrations._trl_logs import fix_generation_metrics, merge_pilot_logs, spread_extra_logs, trim_logs
 from vipalloc.telemetry import COUNTS_TAG
 from vipalloc.two_phase import TWO_PHASE_STRATEGIES
 
@@ -456,7 +457,7 @@ class VIPGRPOTrainer(GRPOTrainer):
         )
         if not self._vip_positions:
             output.pop(SHIFT_KEY)
-        self._vip_trim_logs(layout.real_global)
+        trim_logs(self._logs, layout.real_global)
         self._vip_observe(layout, rewards_per_func)
         return output
 
@@ -511,7 +512,7 @@ class VIPGRPOTrainer(GRPOTrainer):
     def _generate(self, prompts: list):
         result = super()._generate(prompts)
         if self._vip_real is not None:
-            self._vip_fix_generation_metrics(result[0], result[1], self._vip_real)
+            fix_generation_metrics(self, result[0], result[1], self._vip_real)
         return result
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -569,7 +570,8 @@ class VIPGRPOTrainer(GRPOTrainer):
                 )
         else:
             scored = torch.zeros((0, len(self.reward_funcs)), device=self.accelerator.device)
-        self._vip_spread_extra_logs(before, metrics_before, keep, len(prompts), throwaway)
+        pending, pending_metrics = self._pending_extra_logs, self._pending_metrics
+        spread_extra_logs(pending, pending_metrics, before, metrics_before, keep, len(prompts), throwaway)
         if throwaway:
             scored = scored[:0]
         local = scored.new_full((len(prompts), scored.shape[1]), float("nan"))
@@ -577,50 +579,10 @@ class VIPGRPOTrainer(GRPOTrainer):
         if pilot is not None:
             rows = torch.as_tensor(np.flatnonzero(pilot.real), device=scored.device, dtype=torch.long)
             local[rows] = pilot.rewards.to(local.device)[rows]
-            self._vip_merge_pilot_logs(pilot, len(prompts))
+            merge_pilot_logs(self._pending_extra_logs, pilot.real, pilot.extra_logs, len(prompts))
         full = gather(local) if self._vip_world > 1 else local
         self._vip_rewards = full.detach().float().cpu()
         return full
-
-    def _vip_spread_extra_logs(
-        self, before: dict[str, int], metrics_before: dict[str, int], keep: np.ndarray, n: int, throwaway: bool
-    ) -> None:
-        """Align what reward functions logged with ``log_extra`` (one value per real row) to all ``n`` local rows.
-
-        TRL flushes one value per local row of the slice; unused rows get ``None`` (removed with the rows later).
-        A throw-away call's values and ``log_metric`` entries are discarded.
-        """
-        pending = self._pending_extra_logs
-        for column in list(pending):
-            old = before.get(column, 0)
-            new = pending[column][old:]
-            del pending[column][old:]
-            if throwaway:
-                if not pending[column]:
-                    del pending[column]
-                continue
-            if len(new) == keep.size:
-                spread: list[Any] = [None] * n
-                for j, i in enumerate(keep):
-                    spread[i] = new[j]
-                new = spread
-            pending[column].extend(new)
-        if throwaway:
-            for name in list(self._pending_metrics):
-                del self._pending_metrics[name][metrics_before.get(name, 0) :]
-                if not self._pending_metrics[name]:
-                    del self._pending_metrics[name]
-
-    def _vip_merge_pilot_logs(self, pilot: _PilotRound, n: int) -> None:
-        """Put the pilot's ``log_extra`` values back into the rows they belong to (TRL flushes one per row)."""
-        pending = self._pending_extra_logs
-        for column, values in pilot.extra_logs.items():
-            current = pending.get(column) or [None] * n
-            if len(current) != n or len(values) != n:
-                continue  # not one value per row: left as the reward function logged it
-            for i in np.flatnonzero(pilot.real):
-                current[i] = values[i]
-            pending[column] = current
 
     def _vip_success_rewards(self, rewards_per_func: torch.Tensor) -> np.ndarray:
         """Per row of the gathered batch, the reward that decides success (NaN: none), float64 ``(rows,)``."""
@@ -690,56 +652,6 @@ class VIPGRPOTrainer(GRPOTrainer):
             writer = getattr(callback, "tb_writer", None)
             if writer is not None and hasattr(writer, "add_histogram"):
                 writer.add_histogram(COUNTS_TAG, np.asarray(plan.counts), global_step=self.state.global_step)
-
-    def _vip_fix_generation_metrics(self, prompt_ids: list, completion_ids: list, real: np.ndarray) -> None:
-        """TRL's length metrics and token counter included the placeholders: recompute them over real rows."""
-        stop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        pad_tokens = sum(len(prompt_ids[i]) + len(completion_ids[i]) for i in np.flatnonzero(~real))
-        stats = [
-            (len(completion_ids[i]), len(completion_ids[i]) > 0 and completion_ids[i][-1] not in stop)
-            for i in np.flatnonzero(real)
-        ]
-        if self._vip_world > 1:  # TRL's metrics are over the gathered batch
-            pad_tokens = sum(gather_object([pad_tokens]))
-            stats = gather_object(stats)
-        self.state.num_input_tokens_seen -= pad_tokens
-        metrics = self._metrics["train"]
-        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
-        if not stats:  # pragma: no cover - budgets are >= 1
-            return
-        lengths = np.array([n for n, _ in stats], np.float64)
-        truncated = np.array([t for _, t in stats], bool)
-        term = lengths[~truncated] if (~truncated).any() else np.zeros(1)
-        fixes = {
-            "completions/mean_length": lengths.mean(),
-            "completions/min_length": lengths.min(),
-            "completions/max_length": lengths.max(),
-            "completions/clipped_ratio": truncated.mean(),
-            "completions/mean_terminated_length": term.mean(),
-            "completions/min_terminated_length": term.min(),
-            "completions/max_terminated_length": term.max(),
-        }
-        for key, value in fixes.items():
-            if metrics.get(key):
-                metrics[key][-1] = float(value)
-
-    def _vip_trim_logs(self, real: np.ndarray) -> None:
-        """Keep only the real rows of the generation batch TRL just appended to its completions table (prompt,
-        completion, rewards, advantages and ``log_extra`` columns; all gathered, one entry per sampled row)."""
-        n, keep = len(real), np.flatnonzero(real)
-
-        def trim(buf: deque) -> None:
-            if len(buf) < n:
-                return
-            last = [buf.pop() for _ in range(n)][::-1]
-            buf.clear()  # the table shows the latest generation batch, as TRL's deques of one batch do
-            buf.extend(last[i] for i in keep)
-
-        for key in ("prompt", "completion", "advantages"):
-            trim(cast(deque, self._logs[key]))
-        for group in ("rewards", "extra"):
-            for buf in cast("dict[str, deque]", self._logs[group]).values():
-                trim(buf)
 
     # ------------------------------------------------------------------ checkpoints
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
