@@ -181,8 +181,9 @@ class VIPGRPOTrainer(GRPOTrainer):
                     f"VIPGRPOTrainer does not support {name}: it generates single-turn completions for a "
                     "planned subset of rows"
                 )
-        super().__init__(*args, **kwargs)
         assert cfg.n_max is not None  # VIPGRPOConfig.__post_init__ sets it
+        allocator = self._vip_check_allocator(cfg, allocator)
+        super().__init__(*args, **kwargs)
         # From here on TRL's group width is n_max (the sampler, the advantage view and the logs use it); evaluation
         # keeps TRL's plain groups of num_generations_eval (default: num_generations).
         self.num_generations = int(cfg.n_max)
@@ -190,42 +191,6 @@ class VIPGRPOTrainer(GRPOTrainer):
         if cfg.success_reward is not None and cfg.success_reward not in names:
             raise ValueError(f"success_reward {cfg.success_reward!r} is not a reward function; choose one of {names}")
         self._vip_success_col = None if cfg.success_reward is None else names.index(cfg.success_reward)
-        if allocator is None:
-            allocator = Allocator(
-                strategy=cfg.allocation_strategy,
-                predictor=cfg.predictor,
-                estimator=cfg.variance_estimator,
-                n_min=cfg.n_min,
-                n_max=cfg.n_max,
-                seed=cfg.allocator_seed,
-                embedder=cfg.embedder,
-                # The trainer binarises rewards with cfg.success_threshold itself and reports 0/1 values.
-                success_threshold=0.5,
-            )
-        elif not isinstance(allocator, Allocator):
-            raise ValueError(f"allocator must be a vipalloc.Allocator, got {type(allocator)}")
-        if allocator.n_max > self.num_generations:
-            raise ValueError(
-                f"the allocator's n_max ({allocator.n_max}) exceeds VIPGRPOConfig.n_max ({self.num_generations}), "
-                "the TRL group width; set VIPGRPOConfig(n_max=...) to at least the allocator's n_max"
-            )
-        if bool(getattr(allocator.strategy, "two_phase", False)) != bool(cfg.two_phase):
-            raise ValueError(
-                f"the allocator's strategy {allocator.strategy_name!r} and VIPGRPOConfig.two_phase={cfg.two_phase} "
-                f"disagree: two-phase strategies ({', '.join(TWO_PHASE_STRATEGIES)}) need two_phase=True, others "
-                "two_phase=False"
-            )
-        mean = cfg.budget_per_generation / cfg.prompts_per_generation
-        if not allocator.n_min <= mean <= allocator.n_max:
-            raise ValueError(
-                f"the allocator's bounds [n_min={allocator.n_min}, n_max={allocator.n_max}] cannot meet the budget of "
-                f"{mean:g} rollouts per prompt (num_generations); give it n_min <= {mean:g} <= n_max"
-            )
-        if not 0.0 < allocator.success_threshold <= 1.0:
-            raise ValueError(
-                f"the allocator's success_threshold ({allocator.success_threshold}) must lie in (0, 1]: the trainer "
-                "reports binarised 0/1 rewards (set VIPGRPOConfig.success_threshold for the raw-reward threshold)"
-            )
         assert self.model is not None  # GRPOTrainer always has a model
         self._vip_positions = accepts_position_ids(self.model)
         if not self._vip_positions and self._vip_world > 1:
@@ -254,6 +219,48 @@ class VIPGRPOTrainer(GRPOTrainer):
             "advantages": deque(maxlen=rows),
             "extra": defaultdict(lambda: deque(maxlen=rows)),
         }
+
+    @staticmethod
+    def _vip_check_allocator(cfg: VIPGRPOConfig, allocator: Allocator | None) -> Allocator:
+        """The allocator to use (built from ``cfg`` when None), checked against the config before TRL starts."""
+        assert cfg.n_max is not None
+        if allocator is None:
+            return Allocator(
+                strategy=cfg.allocation_strategy,
+                predictor=cfg.predictor,
+                estimator=cfg.variance_estimator,
+                n_min=cfg.n_min,
+                n_max=cfg.n_max,
+                seed=cfg.allocator_seed,
+                embedder=cfg.embedder,
+                # The trainer binarises rewards with cfg.success_threshold itself and reports 0/1 values.
+                success_threshold=0.5,
+            )
+        if not isinstance(allocator, Allocator):
+            raise ValueError(f"allocator must be a vipalloc.Allocator, got {type(allocator)}")
+        if allocator.n_max > cfg.n_max:
+            raise ValueError(
+                f"the allocator's n_max ({allocator.n_max}) exceeds VIPGRPOConfig.n_max ({cfg.n_max}), the TRL "
+                "group width; set VIPGRPOConfig(n_max=...) to at least the allocator's n_max"
+            )
+        if bool(getattr(allocator.strategy, "two_phase", False)) != bool(cfg.two_phase):
+            raise ValueError(
+                f"the allocator's strategy {allocator.strategy_name!r} and VIPGRPOConfig.two_phase={cfg.two_phase} "
+                f"disagree: two-phase strategies ({', '.join(TWO_PHASE_STRATEGIES)}) need two_phase=True, others "
+                "two_phase=False"
+            )
+        mean = cfg.budget_per_generation / cfg.prompts_per_generation
+        if not allocator.n_min <= mean <= allocator.n_max:
+            raise ValueError(
+                f"the allocator's bounds [n_min={allocator.n_min}, n_max={allocator.n_max}] cannot meet the budget of "
+                f"{mean:g} rollouts per prompt (num_generations); give it n_min <= {mean:g} <= n_max"
+            )
+        if not 0.0 < allocator.success_threshold <= 1.0:
+            raise ValueError(
+                f"the allocator's success_threshold ({allocator.success_threshold}) must lie in (0, 1]: the trainer "
+                "reports binarised 0/1 rewards (set VIPGRPOConfig.success_threshold for the raw-reward threshold)"
+            )
+        return allocator
 
     @property
     def _vip_world(self) -> int:
