@@ -207,8 +207,53 @@ class StandInLLM:
         return outputs
 
 
+class StandInClient:
+    """Implements the ``trl.generation.vllm_client.VLLMClient`` surface TRL 1.16's server mode calls, over a
+    :class:`StandInLLM` loaded from ``StandInClient.model_path`` (set it before building the trainer).
+
+    ``generate`` returns what the server's ``/generate/`` endpoint returns: ``n`` completions per prompt, in order;
+    ``update_named_params`` consumes TRL's weight stream into the engine. ``calls``: prompt counts per request.
+    """
+
+    model_path = ""
+    instances: list[StandInClient] = []
+
+    def __init__(self, base_url: str | None = None, group_port: int = 0, connection_timeout: float = 0.0, **kw: Any):
+        self.engine = StandInLLM(StandInClient.model_path)
+        self.calls: list[int] = []
+        self.synced = self.engine.synced
+        StandInClient.instances.append(self)
+
+    def init_communicator(self, device: Any = 0) -> None:
+        pass
+
+    def get_server_info(self) -> dict:
+        return {"model_config": {"logprobs_mode": "processed_logprobs"}}  # the stand-in's log-probs are processed
+
+    def update_named_params(self, metadata: list, named_params: Any) -> None:
+        self.engine.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(list(named_params))
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+    def generate(self, prompts: list[list[int]], features: Any = None, n: int = 1, **kwargs: Any) -> dict:
+        self.calls.append(len(prompts))
+        params = _SamplingParams(
+            n=n, temperature=kwargs.get("temperature", 1.0), max_tokens=kwargs.get("max_tokens", 16), logprobs=0
+        )
+        outputs = self.engine.generate([{"prompt_token_ids": p} for p in prompts], params)
+        seqs = [o for out in outputs for o in out.outputs]
+        return {
+            "prompt_ids": [list(out.prompt_token_ids) for out in outputs],
+            "completion_ids": [list(o.token_ids) for o in seqs],
+            "logprobs": [[[next(iter(lp.values())).logprob] for lp in o.logprobs] for o in seqs],
+            "logprob_token_ids": [[[next(iter(lp))] for lp in o.logprobs] for o in seqs],
+        }
+
+
 def install_vllm_standin(monkeypatch: Any | None = None) -> None:
-    """Make TRL's vLLM backend use :class:`StandInLLM` (``monkeypatch``: a pytest MonkeyPatch, else set for good)."""
+    """Make TRL's vLLM backend use :class:`StandInLLM` / :class:`StandInClient` (``monkeypatch``: a pytest
+    MonkeyPatch, else set for good)."""
     import trl.generation.vllm_generation as vg
 
     values = {
@@ -216,6 +261,7 @@ def install_vllm_standin(monkeypatch: Any | None = None) -> None:
         "LLM": StandInLLM,
         "SamplingParams": _SamplingParams,
         "StructuredOutputsParams": lambda **kw: kw,
+        "VLLMClient": StandInClient,
     }
     for name, value in values.items():
         if monkeypatch is not None:

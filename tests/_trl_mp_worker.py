@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from _trl_helpers import (  # noqa: E402
     DigitReward,
     ScriptedAllocator,
+    StandInClient,
     StandInLLM,
     install_vllm_standin,
     sums,
@@ -60,7 +61,12 @@ def run(out: Path, scenario: str) -> None:
     if vllm:
         install_vllm_standin()
         StandInLLM.instances.clear()
-        extra = dict(use_vllm=True, vllm_mode="colocate", vllm_tensor_parallel_size=int(scenario[-1]))
+        StandInClient.instances.clear()
+        StandInClient.model_path = str(model_dir)
+        if scenario == "vllm-server":
+            extra = dict(use_vllm=True, vllm_mode="server")
+        else:
+            extra = dict(use_vllm=True, vllm_mode="colocate", vllm_tensor_parallel_size=int(scenario[-1]))
     n_max = int(extra.get("n_max", 4))
     args = VIPGRPOConfig(
         output_dir=str(out / f"run-{scenario}"),
@@ -127,6 +133,7 @@ def run(out: Path, scenario: str) -> None:
         "completions": list(trainer._logs["completion"]),
         "llm_calls": [len(c) for inst in StandInLLM.instances for c in inst.calls] if vllm else [],
         "llm_synced": len(StandInLLM.instances[0].synced) if vllm and StandInLLM.instances else 0,
+        "server_calls": [c for inst in StandInClient.instances for c in inst.calls],
     }
     if trainer.accelerator.is_main_process:
         dump["history"] = [

@@ -30,8 +30,8 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from vipalloc import Allocator  # noqa: E402
 from vipalloc.integrations.trl import ALLOCATOR_FILE, VIPGRPOConfig, VIPGRPOTrainer  # noqa: E402
 from vipalloc.strategies import STRATEGY_NAMES  # noqa: E402
-from vipalloc.two_phase import TWO_PHASE_STRATEGIES  # noqa: E402
 from vipalloc.telemetry import COUNTS_TAG, OUTCOME_METRIC_NAMES, PLAN_METRIC_NAMES, outcome_metrics  # noqa: E402
+from vipalloc.two_phase import TWO_PHASE_STRATEGIES  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -316,8 +316,6 @@ def test_config_rejects_conflicting_or_infeasible_settings(tmp_path) -> None:
         VIPGRPOConfig(num_generations=4, allocation_strategy="vip_two_phase", **common)
     with pytest.raises(ValueError, match="pilot_n \\(5\\) exceeds num_generations \\(4\\)"):
         VIPGRPOConfig(num_generations=4, allocation_strategy="vip_two_phase", two_phase=True, pilot_n=5, **common)
-    with pytest.raises(ValueError, match="vllm_mode='server' is not supported"):
-        VIPGRPOConfig(num_generations=4, use_vllm=True, vllm_mode="server", **common)
     with pytest.raises(ValueError, match="divisible by num_generations"):  # TRL's own check: whole prompts
         VIPGRPOConfig(num_generations=3, **common)
 

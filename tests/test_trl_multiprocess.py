@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from trl.trainer.utils import nanstd  # noqa: E402
 
 LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
-SCRIPTED = (*(f"loss-{t}" for t in LOSSES), "span", "vllm-tp1", "vllm-tp2")  # plans follow the worker's script
+SCRIPTED = (*(f"loss-{t}" for t in LOSSES), "span", "vllm-tp1", "vllm-tp2", "vllm-server")  # scripted plans
 SCENARIOS = (*SCRIPTED, "two-phase")
 # Real rows per process at steps 0 and 1 (worker's SCRIPT / SPAN_SCRIPT over TRL's process slices).
 REAL = {"default": ((8, 0), (6, 2)), "span": ((9, 3), (5, 7))}
@@ -119,24 +119,26 @@ def test_log_extra_columns_keep_only_real_rows(dumps) -> None:
     assert d0["extra"] == [sum(ch.isdigit() for ch in c) for c in d0["completions"]]
 
 
-@pytest.mark.parametrize("scenario", ["vllm-tp1", "vllm-tp2"])
-def test_vllm_colocate_generates_the_planned_rows(dumps, scenario) -> None:
-    tp = int(scenario[-1])
+@pytest.mark.parametrize("scenario", ["vllm-tp1", "vllm-tp2", "vllm-server"])
+def test_vllm_generates_the_planned_rows(dumps, scenario) -> None:
+    """Colocate mode (tensor parallel 1 or 2) and server mode, through stand-ins for ``vllm.LLM`` / ``VLLMClient``."""
     d0, d1 = dumps[scenario]
+    most = [max(max(1, a), max(1, b)) for a, b in REAL["default"]]  # largest rows to generate over the processes
+    if scenario == "vllm-server":  # one request per step from the main process, for every process's padded rows
+        assert d0["server_calls"] == [2 * m for m in most] and d1["server_calls"] == []
     for d, real in zip((d0, d1), zip(*REAL["default"])):
-        todo = [max(1, n) for n in real]  # one throw-away row on a process without real rows
-        if tp == 1:
-            assert d["llm_calls"] == todo
-        else:  # each rank of the TP group generates the group's prompts, padded to the largest count
-            most = [max(max(1, a), max(1, b)) for a, b in REAL["default"]]
-            assert d["llm_calls"] == [tp * m for m in most]
-        assert d["llm_synced"] > 0  # TRL pushed the policy's weights into the engine
+        if scenario == "vllm-tp1":
+            assert d["llm_calls"] == [max(1, n) for n in real]  # one throw-away row on a process without real rows
+        elif scenario == "vllm-tp2":  # each rank of the TP group generates the group's prompts, padded
+            assert d["llm_calls"] == [2 * m for m in most]
+    assert d0["llm_synced"] > 0  # TRL pushed the policy's weights into the engine
+    for d in (d0, d1):
         for h in d["logs"]:
             # vLLM's log-probs of the sampled tokens agree with TRL's recomputation row by row (a misaligned row
             # would differ by nats): the importance ratio stays at 1
             assert h["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-2)
             assert h["sampling/sampling_logp_difference/max"] < 1e-2
-    assert np.isfinite([c["loss"] for c in d0["trained"]]).all()
+        assert np.isfinite([c["loss"] for c in d["trained"]]).all()
 
 
 def test_two_phase_pilot_and_commit_on_two_processes(dumps) -> None:

@@ -121,13 +121,6 @@ class VIPGRPOConfig(GRPOConfig):
             raise ValueError(f"success_threshold must be a finite number, got {self.success_threshold!r}")
         if self.success_reward is not None and not (isinstance(self.success_reward, str) and self.success_reward):
             raise ValueError(f"success_reward must be a reward function's name or None, got {self.success_reward!r}")
-        if self.use_vllm and self.vllm_mode == "server":
-            raise ValueError(
-                "use_vllm=True with vllm_mode='server' is not supported: TRL's server path generates for the "
-                "gathered prompts and hands each process an equal slice (it assumes every process holds the same "
-                "number of rows), while VIP's planned rows differ per process; use vllm_mode='colocate' (supported) "
-                "or use_vllm=False"
-            )
         super().__post_init__()
         # GRPOConfig.__post_init__ has set the generation batch layout (and checked it holds full groups).
         assert self.generation_batch_size is not None and self.steps_per_generation is not None

@@ -493,9 +493,9 @@ class VIPGRPOTrainer(GRPOTrainer):
         # A process without rows to generate still generates one throw-away row: sharded models (FSDP, ZeRO-3)
         # gather their weights collectively for generation, so every process must take part.
         todo = list(keep) if keep.size else [0]
-        if self._vip_tp > 1:
-            # TRL's colocated vLLM with tensor parallelism gathers the prompts of a TP group and slices the outputs
-            # by equal per-rank counts: pad every rank to the largest count with throw-away copies.
+        if self._vip_world > 1 and self.use_vllm and (self._vip_tp > 1 or self.vllm_mode == "server"):
+            # TRL's vLLM server mode (and colocate mode with tensor parallelism) generates for the gathered prompts
+            # and hands each process an equal slice: pad every process to the largest count with throw-away copies.
             most = max(gather_object([len(todo)]))
             todo += [todo[0]] * (most - len(todo))
         # The rows handed over are no longer groups of num_generations copies: ask for one completion per row.
