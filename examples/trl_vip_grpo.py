@@ -24,8 +24,8 @@ On a GPU with a hub model and dataset the trainer code is the same; only the set
                          allocation_strategy="vip", predictor="gp", max_completion_length=4096)
     VIPGRPOTrainer(model=model, reward_funcs=math_verify_reward, args=args, train_dataset=ds).train()
 
-(any TRL loss type, one or several processes; vLLM in colocate mode, ``use_vllm=True, vllm_mode="colocate"``, is
-supported but so far tested only through a stand-in for ``vllm.LLM``: see docs/trl.md).
+(any TRL loss type, one or several processes; vLLM, ``use_vllm=True`` in colocate or server mode, is supported but
+so far tested only through stand-ins for ``vllm.LLM`` / TRL's ``VLLMClient``: see docs/trl.md).
 """
 
 from __future__ import annotations
