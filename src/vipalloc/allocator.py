@@ -359,6 +359,14 @@ class Allocator:
                 "before observe, with the same step"
             )
         unknown = [pid for pid in ids if pid not in planned]
+        two_phase_step = self._pilots.get(step)
+        again = [pid for pid in unknown if two_phase_step is not None and pid in two_phase_step.index]
+        if again:  # planned at this two-phase step, and its rewards of this phase were already recorded
+            raise ValueError(
+                f"rewards of {len(again)} prompt id(s) were already observed in this phase of step {step}: "
+                f"{again[:5]}; report each prompt's rollouts of a phase once (the pilot's before plan_commit, the "
+                "extra rollouts after it)"
+            )
         if unknown:
             raise ValueError(
                 f"rewards reported for {len(unknown)} prompt id(s) not planned at step {step}: {unknown[:5]}; "
@@ -432,6 +440,9 @@ class Allocator:
                 "it, or plan the next step"
             )
         m = len(ids)
+        two_phase: Any = self.strategy  # a vipalloc.two_phase.TwoPhaseStrategy (checked above)
+        # Refuse a bad request before embedding: the feature caches keep the first text given for an id.
+        two_phase.check_pilot(m, budget, self.n_min, self.n_max, pilot_n)
         t0 = time.perf_counter()
         self._register_features(ids, prompts)
         t1 = time.perf_counter()
@@ -440,11 +451,15 @@ class Allocator:
         p_std = np.asarray(p_std, np.float64)
         t2 = time.perf_counter()
         perm, inv = _permutation(self.seed, step, m)
-        two_phase: Any = self.strategy  # a vipalloc.two_phase.TwoPhaseStrategy (checked above)
         counts = np.asarray(two_phase.pilot(p_mean[perm], budget, self.n_min, self.n_max, pilot_n), np.int64)
         counts = counts[inv]
         t3 = time.perf_counter()
         total = int(counts.sum())
+        # A pilot group of one carries no gradient (RLOO's formula is undefined there): it counts 0, as in the
+        # commit's objective (vipalloc.two_phase._h). Computed before anything is recorded.
+        var = float(_plan_variance(p_mean, np.where(counts >= 2, counts, 0), self.estimator))
+        uni_counts = uniform_counts(m, total)
+        uni = float(_plan_variance(p_mean, np.where(uni_counts >= 2, uni_counts, 0), self.estimator))
         self._pilots[step] = PilotState(
             ids=ids,
             counts=counts,
@@ -456,8 +471,6 @@ class Allocator:
             trials=np.zeros(m, np.int64),
         )
         self._remember(step, dict(zip(ids, counts.tolist())))
-        var = float(_plan_variance(p_mean, counts, self.estimator))
-        uni = float(_plan_variance(p_mean, uniform_counts(m, total), self.estimator))
         return Plan(
             prompt_ids=ids,
             counts=counts,

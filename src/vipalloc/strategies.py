@@ -106,12 +106,18 @@ class AllocationContext:
         rows: dict[str, np.ndarray],
     ) -> AllocationContext:
         """Build it from a history's raw rows (``RolloutHistory.rows``: ``prompt_index`` into ``history_ids``,
-        ``successes``, ``trials``; one row = one group). Prompts absent from the history get 0 trials, NaN sigma."""
+        ``successes``, ``trials``, ``step``; the rows of one (step, prompt) are one group, as a two-phase step writes
+        its pilot and its commit in two rows). Prompts absent from the history get 0 trials, NaN sigma."""
         pos = {pid: i for i, pid in enumerate(history_ids)}
         h = len(history_ids)
         pid = np.asarray(rows["prompt_index"], np.int64)
         s = np.asarray(rows["successes"], np.float64)
         t = np.asarray(rows["trials"], np.float64)
+        if "step" in rows and pid.size:  # a two-phase step writes a group in two rows (pilot, commit): merge them
+            keys, inv = np.unique(np.stack([np.asarray(rows["step"], np.int64), pid], 1), axis=0, return_inverse=True)
+            inv = inv.reshape(-1)
+            pid = keys[:, 1]
+            s, t = np.bincount(inv, weights=s).astype(np.float64), np.bincount(inv, weights=t).astype(np.float64)
         succ = np.bincount(pid, weights=s, minlength=h)
         trials = np.bincount(pid, weights=t, minlength=h)
         grp = t >= 2

@@ -334,6 +334,8 @@ class TwoPhaseStrategy(Protocol):
 
     def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray: ...
 
+    def check_pilot(self, m: int, budget: int, n_min: int, n_max: int, pilot_n: int) -> None: ...
+
     def pilot(self, p_mean: np.ndarray, budget: int, n_min: int, n_max: int, pilot_n: int) -> np.ndarray: ...
 
     def commit(
@@ -424,6 +426,16 @@ class VIPTwoPhase:
     def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
         raise _not_single_phase(self.name)
 
+    def check_pilot(self, m: int, budget: int, n_min: int, n_max: int, pilot_n: int) -> None:
+        """Refuse a pilot request this strategy cannot serve (``ValueError`` naming the fix); needs no prediction,
+        so the ``Allocator`` calls it before it touches any state."""
+        check_pilot(m, budget, n_min, n_max, pilot_n)
+        if not self.allow_drop and budget < m * max(n_min, pilot_n):
+            raise ValueError(
+                f"without drops every prompt needs >= n_min = {n_min} rollouts in all: budget {budget} < "
+                f"{m * max(n_min, pilot_n)}; raise the budget or allow drops"
+            )
+
     def pilot(self, p_mean: np.ndarray, budget: int, n_min: int, n_max: int, pilot_n: int) -> np.ndarray:
         """``pilot_n`` rollouts for each piloted prompt, 0 for skipped ones (int64 ``(M,)``).
 
@@ -432,12 +444,7 @@ class VIPTwoPhase:
         prompts absorb all of it.
         """
         m = len(p_mean)
-        check_pilot(m, budget, n_min, n_max, pilot_n)
-        if not self.allow_drop and budget < m * max(n_min, pilot_n):
-            raise ValueError(
-                f"without drops every prompt needs >= n_min = {n_min} rollouts in all: budget {budget} < "
-                f"{m * max(n_min, pilot_n)}; raise the budget or allow drops"
-            )
+        self.check_pilot(m, budget, n_min, n_max, pilot_n)
         counts = np.full(m, pilot_n, np.int64)
         # (below M * n_min vip has no plan to copy: pilot everyone)
         if self.skip == "vip" and self.allow_drop and budget >= m * n_min:
@@ -524,9 +531,13 @@ class PilotCommit:
         """Prompts the commit trains on at most, for a pool of ``m`` candidates: ``max(1, round(m / pool_factor))``."""
         return max(1, int(round(m / self.pool_factor)))
 
+    def check_pilot(self, m: int, budget: int, n_min: int, n_max: int, pilot_n: int) -> None:
+        """Refuse a pilot request this strategy cannot serve (``ValueError`` naming the fix)."""
+        check_pilot(m, budget, n_min, n_max, pilot_n)
+
     def pilot(self, p_mean: np.ndarray, budget: int, n_min: int, n_max: int, pilot_n: int) -> np.ndarray:
         """``pilot_n`` rollouts on each of the ``M`` candidates (int64 ``(M,)``)."""
-        check_pilot(len(p_mean), budget, n_min, n_max, pilot_n)
+        self.check_pilot(len(p_mean), budget, n_min, n_max, pilot_n)
         return np.full(len(p_mean), pilot_n, np.int64)
 
     def commit(
