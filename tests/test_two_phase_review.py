@@ -376,3 +376,28 @@ def test_commit_expected_variance_matches_monte_carlo(estimator: str) -> None:
     per = gradient_variance(draws, groups[:, None], estimator).sum(axis=0)
     se = per.std() / np.sqrt(per.size)
     assert abs(per.mean() - commit.expected_variance) < 5 * se, (per.mean(), commit.expected_variance, se)
+
+
+def test_plans_do_not_alias_the_outstanding_pilot() -> None:
+    """Editing a returned plan's arrays in place (a trainer zeroing counts it could not generate, clipping p_mean)
+    must not change the stored pilot: the commit, the budget split and the saved state stay as planned."""
+    ids = [f"q{i}" for i in range(6)]
+
+    def cycle(mutate: bool) -> tuple[list[int], bytes, str]:
+        alloc = Allocator(
+            strategy="vip_two_phase", predictor="beta", n_min=2, n_max=8, strategy_kwargs={"skip": "none"}
+        )
+        pilot = alloc.plan_pilot(ids, budget=30, step=0, pilot_n=2)
+        if mutate:
+            pilot.counts[:3] = 0
+            pilot.p_mean[:] = 0.9
+            pilot.p_std[:] = 0.01
+        alloc.observe(ids, [[1.0, 0.0]] * 6, step=0)
+        commit = alloc.plan_commit(step=0)
+        planned = commit.counts.tolist()
+        if mutate:
+            commit.counts[:] = 0
+        return planned, commit.p_mean.tobytes(), _state(alloc)
+
+    ref, edited = cycle(False), cycle(True)
+    assert sum(ref[0]) == 18 and edited == ref

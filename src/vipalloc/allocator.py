@@ -460,11 +460,11 @@ class Allocator:
         var = float(_plan_variance(p_mean, np.where(counts >= 2, counts, 0), self.estimator))
         uni_counts = uniform_counts(m, total)
         uni = float(_plan_variance(p_mean, np.where(uni_counts >= 2, uni_counts, 0), self.estimator))
-        self._pilots[step] = PilotState(
+        self._pilots[step] = PilotState(  # copies: the caller may edit the returned plan's arrays in place
             ids=ids,
-            counts=counts,
-            prior_mean=p_mean,
-            prior_std=p_std,
+            counts=counts.copy(),
+            prior_mean=p_mean.copy(),
+            prior_std=p_std.copy(),
             budget=budget,
             pilot_n=int(pilot_n),
             successes=np.zeros(m, np.int64),
@@ -543,7 +543,7 @@ class Allocator:
         exp_var = float(expected_variance(a, b, groups, self.estimator).sum())
         uni = pilot.trials + uniform_extra(m, left, pilot.trials, self.n_max)
         uni_var = float(expected_variance(a, b, uni, self.estimator).sum())
-        pilot.extra = extra
+        pilot.extra = extra.copy()  # the returned plan's counts are the caller's to edit
         self._remember(step, dict(zip(pilot.ids, extra.tolist())))
         nu = a + b
         return Plan(
