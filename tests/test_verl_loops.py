@@ -164,9 +164,10 @@ class StubActorGroup:
         return None
 
 
-def legacy_overrides(ckpt: str, extra: list[str] = ()) -> list[str]:  # type: ignore[assignment]
+def fit_overrides(ckpt: str) -> list[str]:
+    """What both loops' fit tests share: 3 steps of 8 prompts x 4 on 2 stub GPUs, a checkpoint every 2 steps,
+    Dr.GRPO-style GRPO (no std), and VIP with the beta predictor."""
     return [
-        "trainer.use_v1=false",
         "trainer.logger=[console]",
         "trainer.val_before_train=false",
         "trainer.test_freq=-1",
@@ -175,10 +176,7 @@ def legacy_overrides(ckpt: str, extra: list[str] = ()) -> list[str]:  # type: ig
         "trainer.n_gpus_per_node=2",
         f"trainer.default_local_dir={ckpt}",
         "data.train_batch_size=8",
-        "data.dataloader_num_workers=0",
-        "data.val_batch_size=8",
         "actor_rollout_ref.rollout.n=4",
-        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
         "algorithm.adv_estimator=grpo",
         "algorithm.norm_adv_by_std_in_grpo=false",
         "algorithm.rollout_correction.bypass_mode=true",
@@ -186,6 +184,16 @@ def legacy_overrides(ckpt: str, extra: list[str] = ()) -> list[str]:  # type: ig
         "vip.predictor=beta",
         "vip.n_min=2",
         "vip.n_max=8",
+    ]
+
+
+def legacy_overrides(ckpt: str, extra: list[str] = ()) -> list[str]:  # type: ignore[assignment]
+    return [
+        "trainer.use_v1=false",
+        *fit_overrides(ckpt),
+        "data.dataloader_num_workers=0",
+        "data.val_batch_size=8",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
         *extra,
     ]
 
@@ -401,24 +409,9 @@ class StubActorGroupV1(StubActorGroup):
 def v1_config(ckpt: str, extra: list[str] = ()) -> Any:  # type: ignore[assignment]
     return compose(
         [
-            "data.train_batch_size=8",
-            "actor_rollout_ref.rollout.n=4",
+            *fit_overrides(ckpt),
             "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-            "algorithm.adv_estimator=grpo",
-            "algorithm.norm_adv_by_std_in_grpo=false",
-            "algorithm.rollout_correction.bypass_mode=true",
-            "trainer.logger=[console]",
-            "trainer.val_before_train=false",
-            "trainer.test_freq=-1",
-            "trainer.save_freq=2",
-            "trainer.total_training_steps=3",
-            "trainer.n_gpus_per_node=2",
-            f"trainer.default_local_dir={ckpt}",
             "trainer.v1.sampler.sync_refill_failed_groups=true",  # verl then fetches prompts one at a time
-            "vip.strategy=vip",
-            "vip.predictor=beta",
-            "vip.n_min=2",
-            "vip.n_max=8",
             *TQ_OVERRIDES,
             *extra,
         ]
