@@ -241,7 +241,7 @@ class TrainConfig(BaseModel):
 
 
 #: Named option sets layered over the defaults. ``gpu``: the same league on one GPU with a larger policy and batch
-#: (``vipalloc bench train --device cuda``): 6 layers x 256 wide (~4.8 M parameters, 6x the CPU policy), 128
+#: (the command ``bench train --device cuda``): 6 layers x 256 wide (~4.8 M parameters, 6x the CPU policy), 128
 #: prompts a step (4x), a 4096-prompt pool and 512 held-out prompts; the warm-up scales with it.
 PRESETS: dict[str, dict[str, object]] = {
     "gpu": {
