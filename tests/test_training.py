@@ -518,3 +518,42 @@ def test_gpu_preset_path_smoke_on_cpu(tmp_path) -> None:
         assert run["metrics"][-1]["cum_rollouts"] == res["total_rollouts"] == 2 * 8 * cfg["n_mean"]
     text = (tmp_path / "train.md").read_text()
     assert "device cpu" in text and "| uniform | end |" in text and "pass@4" in text
+
+
+def test_warmup_diagnostics_exact_and_restoring() -> None:
+    """success_probability is the sampler's success rate (Monte Carlo); the headroom at scale 1 and the line search
+    at step 0 are the exact success; a small exact-gradient step raises it; both leave the model unchanged."""
+    from vipalloc.training.diagnostics import (
+        gradient_line_search,
+        pool_profile,
+        sharpening_headroom,
+        success_probability,
+    )
+    from vipalloc.training.model import EOS, CharTokenizer, build_policy
+    from vipalloc.training.trainer import sample, sequence_logprobs
+
+    torch.manual_seed(0)
+    model, tok = build_policy(n_layer=1, n_embd=32, n_head=2), CharTokenizer()
+    probs = make_problems(4, seed=2, levels=((2, 1),))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):  # supervised steps until the gold answers are likely but not certain
+        loss = -sequence_logprobs(model, tok, [p.prompt for p in probs], [[*tok.encode(p.answer), EOS] for p in probs])
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+    exact = success_probability(model, probs).detach()
+    assert 0.05 < float(exact.mean()) < 0.95
+    gen = torch.Generator().manual_seed(0)
+    comps = sample(model, tok, [probs[0].prompt] * 4000, 6, 1.0, gen)
+    mc = np.mean([tok.decode(c) == probs[0].answer for c in comps])
+    p0 = float(exact[0])
+    assert abs(mc - p0) < 4 * np.sqrt(p0 * (1 - p0) / 4000) + 1e-3
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    head = sharpening_headroom(model, probs, scales=(1.0, 2.0))
+    assert head[1.0] == pytest.approx(float(exact.mean()), abs=1e-6)
+    line = gradient_line_search(model, probs, step_norms=(0.0, 1e-3))
+    assert line["line"][0][1] == pytest.approx(float(exact.mean()), abs=1e-6)  # type: ignore[index]
+    assert line["line"][1][1] > line["line"][0][1]  # type: ignore[index]  # first-order ascent
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    prof = pool_profile(model, probs, TrainConfig(levels=[[2, 1]]), samples=8)
+    assert 0.0 <= prof["eval/frac_below_0.05"] + prof["eval/frac_above_0.95"] <= 1.0 and "eval/maj@8" in prof

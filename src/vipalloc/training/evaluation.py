@@ -78,6 +78,7 @@ def eval_metrics(
     ``n`` for every prompt), ``golds[i]`` its gold answer, ``levels[i]`` its difficulty level.
 
     Keys: ``eval_acc`` (mean@k), ``eval/mean_se``, ``eval/prompt_se``, ``eval/samples`` (N * n), ``eval/prompts``,
+    ``eval/frac_below_0.05`` and ``eval/frac_above_0.95`` (shares of prompts by their n-sample success rate),
     ``eval/pass@{k}``, ``eval/pass@{k}_se``, ``eval/maj@{k}`` for each ``k <= n`` in ``ks``, and per level ``L``
     ``eval/level{L}/mean``, ``eval/level{L}/pass@{k}``, ``eval/level{L}/maj@{k}``.
     """
@@ -99,6 +100,9 @@ def eval_metrics(
         "eval/prompt_se": float(rate.std(ddof=1) / np.sqrt(big_n)) if big_n > 1 else float("nan"),
         "eval/samples": float(big_n * n),
         "eval/prompts": float(big_n),
+        # the U shape of RLVR: prompts (almost) never solved and (almost) always solved, by their n-sample rate
+        "eval/frac_below_0.05": float(np.mean(rate < 0.05)),
+        "eval/frac_above_0.95": float(np.mean(rate > 0.95)),
     }
     for k in ks_used:
         out[f"eval/pass@{k}"] = float(passk[k].mean())
