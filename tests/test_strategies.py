@@ -306,3 +306,36 @@ def test_min_keep_relaxation_is_flagged(name) -> None:
     plan = alloc.plan(ids, budget=6, step=0)
     assert plan.min_keep_relaxed is True and plan.metrics()["vip/min_keep_relaxed"] == 1.0
     assert alloc.plan(ids, budget=12, step=1).min_keep_relaxed is False
+
+
+def test_every_single_phase_strategy_is_selectable_everywhere(tmp_path) -> None:
+    """The trainer's config, the simulator's rows and the CLI accept every name (no stale whitelist)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vipalloc.bench.simulate import parse_rows
+    from vipalloc.cli import app
+    from vipalloc.history import RolloutHistory
+    from vipalloc.training.config import STRATEGIES, TrainConfig
+
+    for name in SINGLE_PHASE:
+        assert name in STRATEGIES and TrainConfig(strategy=name).strategy == name
+    rows = parse_rows(",".join(f"{name}:beta" for name in SINGLE_PHASE))
+    assert [r.strategy for r in rows] == list(SINGLE_PHASE)
+    hist = RolloutHistory()
+    ids = [f"q{i}" for i in range(6)]
+    rewards = [np.array([1.0, 0, 1, 0]), np.ones(4), np.zeros(4), np.array([1.0, 0, 0, 0]), np.ones(4), np.ones(4)]
+    hist.extend(0, ids, rewards)
+    hist.save(tmp_path / "hist.jsonl")
+    (tmp_path / "batch.jsonl").write_text("".join(json.dumps({"prompt_id": i}) + "\n" for i in ids))
+    for name in ("vip_authors", "dynamo", "hora"):
+        out = tmp_path / f"{name}.jsonl"
+        args = ["allocate", "--batch", str(tmp_path / "batch.jsonl"), "--history", str(tmp_path / "hist.jsonl")]
+        args += ["--budget", "36", "--out", str(out), "--strategy", name, "--predictor", "beta", "--n-min", "2", "-q"]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        counts = [json.loads(line)["n"] for line in out.read_text().splitlines()]
+        assert sum(counts) == 36
+        if name == "dynamo":  # the varied groups (q0, q3) get more than the constant ones
+            assert min(counts[0], counts[3]) > max(counts[1], counts[2], counts[4], counts[5])
