@@ -148,6 +148,7 @@ def trace_table(
     *,
     estimator: str = "rloo",
     predictor: str = "gp",
+    embedder: str = "hashing",
     n_min: int = 4,
     n_max: int = 32,
     skip_first: int = 1,
@@ -158,7 +159,10 @@ def trace_table(
     from vipalloc.bench.predictors import Trace
 
     trace = Trace.load(trace_path)
-    replay = Allocator(strategy="uniform", predictor=predictor, estimator=estimator, n_min=2, n_max=4096)
+    # the CPU trainer's default embedder (hashing) unless told otherwise
+    replay = Allocator(
+        strategy="uniform", predictor=predictor, estimator=estimator, n_min=2, n_max=4096, embedder=embedder
+    )
     planners = {s: _planner(s, estimator, n_min, n_max) for s in strategies}
     accs = {s: _Acc() for s in strategies}
     for st in trace.steps:
