@@ -190,7 +190,7 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
         curves_k,
         out / "train_accuracy.png",
         xlabel="cumulative rollouts (thousands)",
-        ylabel="held-out accuracy (mean of 8 samples a prompt)",
+        ylabel=f"held-out mean@k ({cfg['eval_samples']} samples a prompt)",
         title=f"CPU trainer: mean ± 95% CI over {res['seeds']} seeds",
         grid=grid,
     )
@@ -217,7 +217,7 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
         f"Mean ± 95% t-interval over {res['seeds']} seeds. *Δ vs uniform*: same seed (same warm-up model, prompt",
         f"pool and evaluation set). *rollouts to uniform's final acc*: first evaluation at or above {target:.3f}",
         "(uniform's mean final accuracy). *mean acc over run*: the accuracy curve averaged over cumulative rollouts",
-        "(area under the curve / budget; it averages out the evaluation noise of single points, about ±0.008 each).",
+        "(area under the curve / budget; it averages out single evaluations' noise: the sampling error below).",
         "*mixed groups*: generated groups with both outcomes. *mean n (kept)*: mean rollouts per generated prompt.",
         "",
         md_table(headers, rows),
