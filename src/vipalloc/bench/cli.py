@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -214,13 +214,23 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="A ~minutes smoke run of the same pipeline (1 seed)."),
         seeds: int | None = typer.Option(None, help="Seeds per strategy (default 3; quick 1)."),
         steps: int | None = typer.Option(None, help="Training steps (default: the demo's 150)."),
-        strategies: str = typer.Option("uniform,vip,knapsack,dapo", help="Comma-separated strategies."),
+        strategies: str = typer.Option(
+            "uniform,vip,vip_authors,knapsack,dynamo,hora,dapo",
+            help="Comma-separated strategies (the league: 3 seeds of these take ~20 min on 2 cores; the headline "
+            "league in docs/results.md uses --seeds 8).",
+        ),
         out: Path = typer.Option(Path("reports"), help="Report folder."),
         jobs: int | None = typer.Option(
             None, min=1, help="Runs side by side in worker processes (default: one per CPU core)."
         ),
         device: str = typer.Option(
             "cpu", help="cpu | cuda | auto. cuda also selects the 'gpu' preset (larger policy and batch)."
+        ),
+        n_mean: int | None = typer.Option(
+            None, "--n-mean", min=2, help="Mean rollouts a prompt (budget = prompts x n_mean; default 8, quick 4)."
+        ),
+        reuse: bool = typer.Option(
+            False, "--reuse", help="Keep runs in <out>/train_runs that finished with this exact configuration."
         ),
     ) -> None:
         """Real CPU training: strategies x seeds at equal cumulative rollouts, accuracy vs rollouts."""
@@ -231,6 +241,7 @@ def register(app: typer.Typer) -> None:
         bad = [s for s in strats if s not in STRATEGIES]
         if bad or not strats:
             _fail(f"unknown strategies {bad}; choose from {', '.join(STRATEGIES)}")
+        overrides: dict[str, Any] = {} if n_mean is None else {"n_mean": n_mean}
         try:
             console, show = _display("train")
             with console:
@@ -244,6 +255,8 @@ def register(app: typer.Typer) -> None:
                     command=_command(),
                     progress=show,
                     device=device,
+                    reuse=reuse,
+                    **overrides,
                 )
         except ValueError as exc:
             _fail(str(exc))

@@ -36,6 +36,7 @@ def run_train(
     progress: Progress = noop,
     device: str = "cpu",
     preset: str | None = None,
+    reuse: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Real CPU training (``vipalloc.training``): every strategy x seed at equal cumulative rollouts
@@ -43,11 +44,13 @@ def run_train(
     ``train.md`` / ``train.json`` and accuracy-vs-rollouts PNGs; run folders go to ``<out_dir>/train_runs``.
     ``jobs``: worker processes (default one per CPU core); results do not depend on it. ``device``: cpu, cuda or
     auto; ``preset``: a :data:`vipalloc.training.config.PRESETS` name layered under ``overrides`` (default: ``gpu``
-    when ``device`` is cuda, none otherwise; ``preset="gpu", device="cpu"`` runs the GPU-sized path on the CPU)."""
+    when ``device`` is cuda, none otherwise; ``preset="gpu", device="cpu"`` runs the GPU-sized path on the CPU).
+    ``reuse``: keep the runs of ``<out_dir>/train_runs`` that finished with exactly this configuration and budget
+    (an interrupted league, or a league that adds strategies or seeds, re-runs only what is missing)."""
 
     from vipalloc.training.config import preset as preset_options
     from vipalloc.training.demo import demo_config
-    from vipalloc.training.parallel import default_jobs, run_many
+    from vipalloc.training.parallel import default_jobs, finished_result, run_many
     from vipalloc.training.trainer import warmup_policy
 
     if seeds < 1:
@@ -69,15 +72,22 @@ def run_train(
     t_warm = time.perf_counter() - t_start
     progress("advance", {})
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
-    cfgs = []
+    cfgs: list[Any] = []  # TrainConfig, one per strategy x seed
+    done: dict[int, dict[str, Any]] = {}  # index in cfgs -> reused result
     for seed in range(seeds):
         for strat in strategies:
             run_dir = out / "train_runs" / f"{strat}-seed{seed}"
-            if run_dir.exists():
+            cfg = base.model_copy(update={"strategy": strat, "seed": seed, "run_dir": str(run_dir)})
+            old = finished_result(cfg, total) if reuse else None
+            if old is not None:
+                done[len(cfgs)] = old
+                progress("run", {"label": f"{strat} seed {seed}", "wall": old["wall_s"], "detail": "reused"})
+            elif run_dir.exists():
                 shutil.rmtree(run_dir)  # a fresh run: the budget stop is not resumable
-            cfgs.append(base.model_copy(update={"strategy": strat, "seed": seed, "run_dir": str(run_dir)}))
-    n_jobs = jobs if jobs is not None else default_jobs(len(cfgs))
-    progress("phase", {"name": f"training ({n_jobs} at a time)", "total": len(cfgs) * base.steps})
+            cfgs.append(cfg)
+    todo = [c for i, c in enumerate(cfgs) if i not in done]
+    n_jobs = jobs if jobs is not None else default_jobs(max(len(todo), 1))
+    progress("phase", {"name": f"training ({n_jobs} at a time)", "total": len(todo) * base.steps})
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind == "step":
@@ -93,7 +103,8 @@ def run_train(
             detail = None if acc is None else f"mean@{info.get('eval_k', base.eval_samples)} {acc:.3f}"
             progress("run", {"label": info["label"], "wall": info["wall_s"], "detail": detail})
 
-    results = run_many(cfgs, warm, jobs=n_jobs, on_event=on_event, stop_at_rollouts=total)
+    fresh = iter(run_many(todo, warm, jobs=n_jobs, on_event=on_event, stop_at_rollouts=total) if todo else [])
+    results = [done[i] if i in done else next(fresh) for i in range(len(cfgs))]
     for cfg, res in zip(cfgs, results):
         runs[cfg.strategy].append(
             {"seed": cfg.seed, "metrics": res["metrics"], "wall_s": res["wall_s"], "steps_done": res["steps_done"]}

@@ -9,19 +9,24 @@ report progress through a queue so the caller's progress bar keeps moving.
 
 from __future__ import annotations
 
+import json
 import os
 import queue as queue_mod
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from vipalloc._io import atomic_write_text
 from vipalloc.training.config import TrainConfig
 
-__all__ = ["default_jobs", "run_many"]
+__all__ = ["RESULT_FILE", "default_jobs", "finished_result", "run_many"]
+
+RESULT_FILE = "result.json"  # a finished run's whole result, beside its checkpoints
 
 #: progress callback: ``(kind, info)`` with kind ``"run"`` (a run started: label, steps), ``"step"`` (label, step,
 #: total, train_reward; eval_acc and eval_k, the samples a prompt behind that mean@k, when measured) or ``"done"``
@@ -84,7 +89,24 @@ def _run_one(
     wall = time.perf_counter() - t0
     final = {"eval_acc": metrics[-1]["eval_acc"], "eval_k": cfg.eval_samples} if "eval_acc" in metrics[-1] else {}
     emit("done", {"label": label, "wall_s": wall, "steps_done": tr.step, **final})
-    return {"metrics": metrics, "plans": list(tr.plans), "wall_s": wall, "steps_done": tr.step}
+    result = {"metrics": metrics, "plans": list(tr.plans), "wall_s": wall, "steps_done": tr.step}
+    # A finished run leaves its whole result beside its checkpoints, so a long league that is interrupted can
+    # reuse it (bench train --reuse) instead of re-running it; written atomically, keyed by config and stop.
+    doc = {"config": json.loads(cfg_json), "stop_at_rollouts": stop_at_rollouts, "result": result}
+    atomic_write_text(Path(cfg.run_dir) / RESULT_FILE, json.dumps(doc))
+    return result
+
+
+def finished_result(cfg: TrainConfig, stop_at_rollouts: int | None) -> dict[str, Any] | None:
+    """The saved result of a finished run of exactly ``cfg`` with the same stop, or ``None`` (absent, damaged,
+    or made by a different configuration). Same shape as one :func:`run_many` result."""
+    path = Path(cfg.run_dir) / RESULT_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, or cut short / damaged: run it again
+        return None
+    same_cfg = saved.get("config") == json.loads(cfg.model_dump_json())
+    return saved["result"] if same_cfg and saved.get("stop_at_rollouts") == stop_at_rollouts else None
 
 
 def _worker_init() -> None:
