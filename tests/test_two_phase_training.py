@@ -11,7 +11,14 @@ import pytest
 from vipalloc.training.config import TrainConfig
 from vipalloc.training.trainer import Trainer, train
 
-TIMING = {"alloc_seconds", "step_seconds", "eval_seconds", "pilot_gen_seconds", "commit_gen_seconds"}
+TIMING = {
+    "alloc_seconds",
+    "step_seconds",
+    "eval_seconds",
+    "pilot_gen_seconds",
+    "commit_gen_seconds",
+    "vip/plan_seconds",
+}
 
 
 def tiny(run_dir: Path, cache: Path, **kw) -> TrainConfig:
