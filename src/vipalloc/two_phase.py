@@ -2,7 +2,8 @@
 
 Per step and batch of ``M`` prompts with a total budget of ``B`` rollouts:
 
-1. **Pilot.** Every prompt gets ``pilot_n`` rollouts (``pilot_n * M <= B``).
+1. **Pilot.** Every prompt gets ``pilot_n`` rollouts (``pilot_n * M <= B``); ``vip_two_phase`` by default skips the
+   prompts plain ``vip`` would drop on the prior (0 rollouts in both phases).
 2. **Posterior.** The predictor's prediction ``(mu_i, sigma_i)``, made *before* the pilot, becomes a Beta prior
    by moment matching (:func:`beta_prior`); the pilot's ``k_i`` successes of ``t_i`` rollouts update it to
    ``Beta(a_i + k_i, b_i + t_i - k_i)`` (:func:`beta_posterior`).
@@ -30,7 +31,8 @@ they count as 2 pseudo-rollouts (``Beta(1, 1)`` at ``mu = 0.5``), so two pilot s
 
 This module is maths only: it imports :mod:`vipalloc.allocation`, :mod:`vipalloc.variance` and
 :mod:`vipalloc.strategies`. The stateful API (``Allocator.plan_pilot`` / ``plan_commit``) is in
-:mod:`vipalloc.allocator`.
+:mod:`vipalloc.allocator`; :class:`PilotState` is the outstanding-pilot record it keeps and saves.
+``pilot_n = 1`` has no stay-at-pilot option (a group of one trains nothing; :func:`commit_domain`).
 """
 
 from __future__ import annotations
