@@ -232,9 +232,19 @@ def register(app: typer.Typer) -> None:
         reuse: bool = typer.Option(
             False, "--reuse", help="Keep runs in <out>/train_runs that finished with this exact configuration."
         ),
+        report_only: bool = typer.Option(
+            False, "--report-only", help="Only write <out>/train.md again from <out>/train.json (no training)."
+        ),
     ) -> None:
         """Real CPU training: strategies x seeds at equal cumulative rollouts, accuracy vs rollouts."""
-        from vipalloc.bench.train import run_train
+        from vipalloc.bench.train import rewrite_report, run_train
+
+        if report_only:
+            try:
+                typer.echo(f"wrote {rewrite_report(out)}")
+            except ValueError as exc:
+                _fail(str(exc))
+            return
         from vipalloc.training.config import STRATEGIES
 
         strats = [s.strip() for s in strategies.split(",") if s.strip()]

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 
 from vipalloc.bench.progress import Progress, noop
-from vipalloc.reporting import fmt_ci, git_commit, md_table, plot_bands, provenance
+from vipalloc.reporting import fmt_ci, git_commit, league, md_table, plot_bands, provenance
 from vipalloc.training.evaluation import paper_metrics_lines, plot_paper_metrics
 
-__all__ = ["TRAIN_STRATEGIES", "run_train"]
+__all__ = ["TRAIN_STRATEGIES", "league_lines", "rewrite_report", "run_train"]
 
 
-TRAIN_STRATEGIES: tuple[str, ...] = ("uniform", "vip", "knapsack", "dapo")
+TRAIN_STRATEGIES: tuple[str, ...] = ("uniform", "vip", "vip_authors", "knapsack", "dynamo", "hora", "dapo")
 
 
 def run_train(
@@ -119,6 +119,7 @@ def run_train(
         "jobs": n_jobs,
         "elapsed_s": elapsed,
         "runs": runs,
+        "command": command,
     }
     (out / "train.json").write_text(json.dumps(result))
     _write_train_report(out, result, command)
@@ -236,6 +237,7 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
         "![accuracy vs rollouts](train_accuracy.png)",
         "",
     ]
+    lines[3:3] = league_lines(res)  # the primary figure first, right under the provenance header
     paper = {s: [r["metrics"] for r in rs] for s, rs in runs.items()}  # mean@k / pass@k / maj@k, per level
     lines += paper_metrics_lines(paper)
     if plot_paper_metrics(paper, out / "train_eval_metrics.png"):
@@ -243,3 +245,111 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
     path = out / "train.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _metric_curve(metrics: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(m["cum_rollouts"], m[key]) for m in metrics if key in m]
+    arr = np.asarray(pts, np.float64)
+    return arr[:, 0], arr[:, 1]
+
+
+def _hardest_levels(metrics: list[dict[str, Any]], count: int = 2) -> list[int]:
+    """The ``count`` highest difficulty levels evaluated (levels are numbered from easiest to hardest)."""
+    first = next(m for m in metrics if "eval_acc" in m)
+    levels = sorted({int(k.split("/")[1][5:]) for k in first if k.startswith("eval/level") and k.endswith("/mean")})
+    return levels[-count:]
+
+
+def league_lines(res: dict[str, Any], baseline: str = "uniform", n_boot: int = 2000) -> list[str]:
+    """Markdown section: the league at equal cumulative rollouts, paired by seed (issue 14's primary figure).
+
+    Primary: rollouts each strategy needs before its seed-mean mean@k curve reaches the baseline's final mean@k,
+    as a ratio to the baseline's own, with a paired seed bootstrap 95% interval (:func:`vipalloc.reporting.league`).
+    Secondary, at the budget (each run's final evaluation) and paired by seed against the baseline: mean@k,
+    pass@16 (the largest k evaluated), the same on the two hardest levels, and the AUC (curve averaged over
+    cumulative rollouts). Empty when the baseline did not run.
+    """
+    runs = res["runs"]
+    if baseline not in runs or not runs[baseline]:
+        return []
+    seeds = sorted(r["seed"] for r in runs[baseline])
+    by_seed = {s: {r["seed"]: r for r in rs} for s, rs in runs.items()}
+    strategies = [s for s in runs if all(seed in by_seed[s] for seed in seeds)]
+    unpaired = [s for s in runs if s not in strategies]
+    curves = {s: [_eval_curve(by_seed[s][seed]["metrics"]) for seed in seeds] for s in strategies}
+    target, rows = league(curves, baseline=baseline, n_boot=n_boot)
+    total = float(res["total_rollouts"])
+    first = next(m for m in runs[baseline][0]["metrics"] if "eval_acc" in m)
+    ks = sorted(int(k.split("@")[1]) for k in first if k.startswith("eval/pass@") and not k.endswith("_se"))
+    top = f"eval/pass@{ks[-1]}" if ks else None
+    hard = _hardest_levels(runs[baseline][0]["metrics"])
+    grid = np.linspace(0.0, total, 41)[1:]
+
+    def final(r: dict[str, Any], key: str) -> float:
+        return float(_metric_curve(r["metrics"], key)[1][-1])
+
+    def hard_final(r: dict[str, Any], what: str) -> float:
+        return float(np.mean([final(r, f"eval/level{lv}/{what}") for lv in hard]))
+
+    def auc(r: dict[str, Any]) -> float:
+        x, y = _eval_curve(r["metrics"])
+        return float(np.mean(np.interp(grid, x, y)))
+
+    stats: list[tuple[str, Any]] = [("mean@k", lambda r: final(r, "eval_acc"))]
+    if top is not None:
+        stats.append((f"pass@{ks[-1]}", lambda r: final(r, top)))
+    stats.append((f"mean@k, levels {'+'.join(map(str, hard))}", lambda r: hard_final(r, "mean")))
+    if top is not None:
+        stats.append((f"pass@{ks[-1]}, levels {'+'.join(map(str, hard))}", lambda r: hard_final(r, f"pass@{ks[-1]}")))
+    stats.append(("AUC (mean mean@k over the run)", auc))
+
+    def ratio_cell(row: Any) -> str:
+        if not np.isfinite(row.ratio):
+            base = next(r for r in rows if r.strategy == baseline).rollouts
+            return f"> {total / base:.2f} (not reached)"
+        hi = "inf" if not np.isfinite(row.ratio_hi) else f"{row.ratio_hi:.2f}"
+        return f"**{row.ratio:.2f}** [{row.ratio_lo:.2f}, {hi}]"
+
+    headers = ["strategy", f"rollouts to {target:.3f} (k)", "ratio vs uniform [95% CI]", "resamples reached"]
+    headers += [f"Δ {name} at budget" for name, _ in stats]
+    table = []
+    for row in rows:
+        cells = [
+            row.strategy,
+            "—" if not np.isfinite(row.rollouts) else f"{row.rollouts / 1e3:.1f}",
+            "1 (baseline)" if row.strategy == baseline else ratio_cell(row),
+            f"{row.frac_reached:.0%}",
+        ]
+        for _, fn in stats:
+            if row.strategy == baseline:
+                cells.append(fmt_ci([fn(by_seed[baseline][sd]) for sd in seeds]))
+            else:
+                diffs = [fn(by_seed[row.strategy][sd]) - fn(by_seed[baseline][sd]) for sd in seeds]
+                ahead = sum(d > 0 for d in diffs)
+                cells.append(f"{fmt_ci(diffs, signed=True)} ({ahead}/{len(diffs)})")
+        table.append(cells)
+    return [
+        f"## League: rollouts to reach {baseline}'s final mean@k ({len(seeds)} seeds, paired)",
+        "",
+        f"Target: {baseline}'s final mean@k, averaged over its last two evaluations and {len(seeds)} seeds = "
+        f"{target:.3f}. *rollouts*: where the seed-mean curve first reaches it (linear between evaluations); "
+        f"*ratio*: that over {baseline}'s own, below 1 = fewer rollouts to the same accuracy, with a paired "
+        "percentile bootstrap over seeds (2,000 resamples; *resamples reached*: share in which the strategy reached "
+        "the target within the budget, an upper bound of inf means some did not). The Δ columns: the strategy "
+        f"minus {baseline} on the same seed at the budget (its final evaluation), mean ± 95% t-interval, and "
+        f"(seeds ahead / seeds). The {baseline} row shows its own values.",
+        "",
+        md_table(headers, table),
+        "",
+        *([f"Left out (not run on every seed of {baseline}): {', '.join(unpaired)}.", ""] if unpaired else []),
+    ]
+
+
+def rewrite_report(out_dir: str | Path, command: str = "vipalloc bench train --report-only") -> Path:
+    """Write ``train.md`` again from ``<out_dir>/train.json`` (nothing is trained)."""
+    out = Path(out_dir)
+    path = out / "train.json"
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: run `vipalloc bench train --out {out}` first")
+    res = json.loads(path.read_text())
+    return _write_train_report(out, res, res.get("command", command))
