@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,31 @@ def test_version_and_help_subprocess() -> None:
     assert res.stdout.strip() == f"vipalloc {__version__}"
     res = subprocess.run([sys.executable, "-m", "vipalloc.cli", "--help"], capture_output=True, text=True, check=True)
     assert "allocate" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "predictor=beta"], {"predictor": "beta"}),  # used to raise TypeError: multiple values
+        (["--predictor", "ridge", "--set", "predictor=beta"], {"predictor": "ridge"}),  # the named option wins
+        (["--set", "threads=2", "--set", "lr=0.0002"], {"threads": 2, "lr": 0.0002}),
+    ],
+)
+def test_demo_set_overrides_reach_run_demo(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str], expected: dict
+) -> None:
+    import vipalloc.training.demo as demo
+
+    seen: dict = {}
+
+    def fake_run_demo(**kwargs):
+        seen.update(kwargs)
+        path = tmp_path / "report.md"
+        path.write_text("# report\n")
+        return path
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path), *args])
+    assert res.exit_code == 0, res.output
+    for key, value in expected.items():
+        assert seen[key] == value

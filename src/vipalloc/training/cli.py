@@ -126,10 +126,9 @@ def register(app: typer.Typer) -> None:
                     strategies=names,
                     steps=steps,
                     on_event=DemoEvents(console),
-                    predictor=predictor,
-                    threads=threads,
                     jobs=jobs,
-                    **extra,
+                    # --predictor/--threads win over --set predictor=/threads= only when given (no duplicate kwargs)
+                    **{**extra, **{k: v for k, v in (("predictor", predictor), ("threads", threads)) if v is not None}},
                 )
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
