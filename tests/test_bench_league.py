@@ -83,3 +83,22 @@ def test_finished_result_matches_config_and_stop(tmp_path: Path) -> None:
     assert finished_result(cfg.model_copy(update={"seed": 1}), 100) is None  # another configuration
     (tmp_path / "r" / RESULT_FILE).write_text('{"config": ')  # cut short
     assert finished_result(cfg, 100) is None
+
+
+def test_report_from_finished_runs_of_an_interrupted_league(tmp_path: Path) -> None:
+    cfg = TrainConfig()
+    for strat, seeds in (("uniform", (0, 1, 2)), ("fast", (0, 1))):  # fast's seed 2 never finished
+        for seed in seeds:
+            run = tmp_path / "train_runs" / f"{strat}-seed{seed}"
+            run.mkdir(parents=True)
+            c = cfg.model_copy(update={"strategy": "uniform" if strat == "uniform" else "vip", "seed": seed})
+            doc = json.loads(c.model_dump_json())
+            doc["strategy"] = strat
+            res = _run(seed, 1.0 if strat == "uniform" else 2.0)
+            body = {"metrics": res["metrics"], "wall_s": 1.0, "steps_done": 10}
+            (run / RESULT_FILE).write_text(json.dumps({"config": doc, "stop_at_rollouts": 8000, "result": body}))
+    (tmp_path / "train_runs" / "fast-seed2").mkdir()
+    (tmp_path / "train_runs" / "fast-seed2" / RESULT_FILE).write_text('{"config": {')  # killed mid-write
+    text = rewrite_report(tmp_path).read_text()
+    assert "(2 seeds, paired)" in text  # only the seeds every strategy finished
+    assert "interrupted league" in text

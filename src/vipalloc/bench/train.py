@@ -221,8 +221,13 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
                 f"{cfg['embedder']} embedder",
                 "evaluation": f"{cfg['eval_size']} held-out prompts x {cfg['eval_samples']} samples every "
                 f"{cfg['eval_every']} steps",
-                "wall time": f"{res['elapsed_s'] / 60:.1f} min (warm-up {res['warmup_s']:.0f} s), "
-                f"{res.get('jobs', 1)} runs at a time (one torch thread each), device {cfg.get('device', 'cpu')}",
+                "wall time": (
+                    f"interrupted league, reported from the runs that finished ({res['seeds']} seeds finished for "
+                    f"every strategy); {res['elapsed_s'] / 60:.1f} min of run time summed over runs"
+                    if res.get("partial")
+                    else f"{res['elapsed_s'] / 60:.1f} min (warm-up {res['warmup_s']:.0f} s), "
+                    f"{res.get('jobs', 1)} runs at a time (one torch thread each), device {cfg.get('device', 'cpu')}"
+                ),
             },
             commit=res.get("commit"),
         ),
@@ -345,11 +350,49 @@ def league_lines(res: dict[str, Any], baseline: str = "uniform", n_boot: int = 2
     ]
 
 
+def _collect_finished(out: Path) -> dict[str, Any] | None:
+    """A result dict like :func:`run_train`'s from the runs of ``<out>/train_runs`` that finished (their
+    ``result.json``), for a league that was interrupted; only seeds that finished for every strategy are kept, so
+    the comparison stays paired. ``None`` when no run finished."""
+    from vipalloc.training.parallel import RESULT_FILE
+
+    docs = []
+    for path in sorted((out / "train_runs").glob(f"*/{RESULT_FILE}")):
+        try:
+            docs.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # cut short while being written: that run did not finish
+    if not docs:
+        return None
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for d in docs:
+        cfg = d["config"]
+        runs.setdefault(cfg["strategy"], {})[cfg["seed"]] = {"seed": cfg["seed"], **d["result"]}
+    common = sorted(set.intersection(*(set(v) for v in runs.values())))
+    base = dict(docs[0]["config"])
+    return {
+        "commit": None,
+        "config": base,
+        "total_rollouts": docs[0]["stop_at_rollouts"],
+        "seeds": len(common),
+        "warmup_s": float("nan"),
+        "jobs": 0,
+        "elapsed_s": float(sum(d["result"]["wall_s"] for d in docs)),
+        "runs": {s: [v[sd] for sd in common] for s, v in runs.items()},
+        "partial": True,
+    }
+
+
 def rewrite_report(out_dir: str | Path, command: str = "vipalloc bench train --report-only") -> Path:
-    """Write ``train.md`` again from ``<out_dir>/train.json`` (nothing is trained)."""
+    """Write ``train.md`` again from ``<out_dir>/train.json`` (nothing is trained); without it (an interrupted
+    league), from the runs that finished, keeping the seeds every strategy finished."""
     out = Path(out_dir)
     path = out / "train.json"
-    if not path.exists():
-        raise ValueError(f"{path} does not exist: run `vipalloc bench train --out {out}` first")
-    res = json.loads(path.read_text())
+    if path.exists():
+        res = json.loads(path.read_text())
+    else:
+        collected = _collect_finished(out)
+        if collected is None:
+            raise ValueError(f"{path} does not exist and no run finished: run `vipalloc bench train --out {out}` first")
+        res = collected
     return _write_train_report(out, res, res.get("command", command))
