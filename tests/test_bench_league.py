@@ -102,3 +102,10 @@ def test_report_from_finished_runs_of_an_interrupted_league(tmp_path: Path) -> N
     text = rewrite_report(tmp_path).read_text()
     assert "(2 seeds, paired)" in text  # only the seeds every strategy finished
     assert "interrupted league" in text
+
+
+def test_league_lines_when_the_baseline_never_improves() -> None:
+    res = _res()
+    res["runs"] = {"uniform": [_run(s, 0.0) for s in range(3)], "fast": [_run(s, 2.0, noise_seed=1) for s in range(3)]}
+    text = "\n".join(league_lines(res, n_boot=50))  # used to raise ZeroDivisionError
+    assert "undefined (uniform did not improve on its first evaluation)" in text

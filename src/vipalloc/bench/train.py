@@ -308,10 +308,13 @@ def league_lines(res: dict[str, Any], baseline: str = "uniform", n_boot: int = 2
         stats.append((f"pass@{ks[-1]}, levels {'+'.join(map(str, hard))}", lambda r: hard_final(r, f"pass@{ks[-1]}")))
     stats.append(("AUC (mean mean@k over the run)", auc))
 
+    base_rollouts = next(r for r in rows if r.strategy == baseline).rollouts
+
     def ratio_cell(row: Any) -> str:
+        if not base_rollouts > 0:  # the baseline's final mean@k is no better than where it started
+            return f"undefined ({baseline} did not improve on its first evaluation)"
         if not np.isfinite(row.ratio):
-            base = next(r for r in rows if r.strategy == baseline).rollouts
-            return f"> {total / base:.2f} (not reached)"
+            return f"> {total / base_rollouts:.2f} (not reached)"
         hi = "inf" if not np.isfinite(row.ratio_hi) else f"{row.ratio_hi:.2f}"
         return f"**{row.ratio:.2f}** [{row.ratio_lo:.2f}, {hi}]"
 
