@@ -255,7 +255,7 @@ def test_commit_posterior_is_prior_plus_pilot() -> None:
     np.testing.assert_allclose(commit.p_std, beta_mean_std(a, b)[1])
     assert commit.pilot_counts.tolist() == [3] * 10
     assert commit.expected_variance <= commit.uniform_variance + 1e-15  # the exact commit beats a uniform one
-    assert commit.metrics()["vip/budget"] == 30.0
+    assert commit.metrics()["vip/budget"] == 60.0  # the step's groups: 30 pilot + 30 commit rollouts
 
 
 def test_skip_copies_vips_drops() -> None:

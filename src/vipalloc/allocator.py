@@ -104,9 +104,11 @@ class Plan:
         """Where the budget goes, as ``vip/...`` scalars (:func:`vipalloc.telemetry.plan_metrics`).
 
         Every trainer and plug-in logs exactly these names; log ``counts`` as a histogram under ``vip/counts``.
+        A commit plan describes the whole step: its groups (``group_sizes``, pilot + commit), so ``vip/budget`` is
+        the step's budget and the shares are of all its rollouts, as for a single-phase plan.
         """
         return plan_metrics(
-            self.counts,
+            self.group_sizes,
             self.p_mean,
             variance_ratio=self.variance_ratio,
             timings=self.timings,

@@ -179,6 +179,17 @@ class _SimRunKwargs(TypedDict):
     embedder: str
 
 
+def mean_telemetry(steps: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean over steps of each ``vip/*`` telemetry value (``Plan.metrics`` + ``Allocator.outcome_metrics``);
+    NaN entries (e.g. no generated group) are left out of their key's mean."""
+    keys = list(steps[0]) if steps else []
+    out = {}
+    for k in keys:
+        vals = np.array([st[k] for st in steps], np.float64)
+        out[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+    return out
+
+
 def simulate_run(
     row: RowSpec,
     cfg: SimConfig,
@@ -237,6 +248,7 @@ def simulate_run(
     kept_frac: list[float] = []
     alloc_s: list[float] = []
     dapo_batches: list[int] = []
+    tele: list[dict[str, float]] = []  # the shared vip/* telemetry of each step's (first) plan
     while cum < total:
         idx = stream.next(batch)
         ids = [sim.ids[i] for i in idx]
@@ -251,6 +263,7 @@ def simulate_run(
         t0 = time.perf_counter()
         alloc.observe(ids, rewards, step=t)
         a_s += time.perf_counter() - t0
+        tele.append({**plan.metrics(), **alloc.outcome_metrics(rewards, plan)})
         used = budget
         train_idx, train_rewards = idx, rewards
         generated = [r for r in rewards if len(r)]
@@ -302,7 +315,7 @@ def simulate_run(
         log_succ.append(sim.mean_success())
         if on_step is not None:
             on_step(t)
-    extra: dict[str, Any] = {"estimator": cfg.estimator}
+    extra: dict[str, Any] = {"estimator": cfg.estimator, "telemetry": mean_telemetry(tele)}
     if row.dapo:
         extra["dapo_batches_mean"] = float(np.mean(dapo_batches))
     return SimRun(
@@ -571,6 +584,7 @@ def _write_simulate_report(
         "Wall time per row (all seeds): " + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items()) + ".",
         "",
     ]
+    lines += _telemetry_lines(league)
     for lbl, rs in league.items():
         b = [r.extra["dapo_batches_mean"] for r in rs if "dapo_batches_mean" in r.extra]
         if b:
@@ -617,3 +631,38 @@ def _write_simulate_report(
     path = out / "simulate.md"
     path.write_text("\n".join(lines))
     return path
+
+
+_TELEMETRY_COLUMNS = (
+    ("vip/share_hopeless", "rollouts on p̂ < 0.05", "{:.1%}"),
+    ("vip/share_solved", "rollouts on p̂ > 0.95", "{:.1%}"),
+    ("vip/num_dropped", "dropped / step", "{:.1f}"),
+    ("vip/mean_n", "mean n (kept)", "{:.2f}"),
+    ("vip/max_n", "max n", "{:.1f}"),
+    ("vip/frac_zero_var_groups", "zero-var groups", "{:.3f}"),
+    ("vip/pred_abs_err", "|p̂ - rate|", "{:.3f}"),
+)
+
+
+def _telemetry_lines(league: dict[str, list[SimRun]]) -> list[str]:
+    """Where the budget goes, per row: the shared ``vip/*`` telemetry averaged over steps, then over seeds."""
+    rows = []
+    for lbl, rs in league.items():
+        tel = [r.extra["telemetry"] for r in rs if r.extra.get("telemetry")]
+        if not tel:
+            continue
+        cells = [lbl]
+        for key, _, fmt in _TELEMETRY_COLUMNS:
+            vals = [t[key] for t in tel if key in t and np.isfinite(t[key])]
+            cells.append(fmt.format(float(np.mean(vals))) if vals else "—")
+        rows.append(cells)
+    if not rows:
+        return []
+    return [
+        "",
+        "**Where the budget goes** (the `vip/*` telemetry every trainer and plug-in logs, mean over steps and seeds;",
+        "p̂ = the allocator's prediction before generating; a two-phase row counts each prompt's pilot + commit group):",
+        "",
+        md_table(["row", *(name for _, name, _ in _TELEMETRY_COLUMNS)], rows),
+        "",
+    ]

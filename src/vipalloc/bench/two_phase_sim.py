@@ -18,13 +18,14 @@ the rollout outcome), their mean absolute errors, and the allocator's wall time 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from vipalloc.bench.simulate import RowSpec, SimRun, _alloc_estimator
+from vipalloc.bench.simulate import RowSpec, SimRun, _alloc_estimator, mean_telemetry
 from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
 
 __all__ = ["PILOT_N", "pilot_commit_pool_factor", "simulate_two_phase_run", "two_phase_report_lines"]
@@ -109,6 +110,7 @@ def simulate_two_phase_run(
     mae_prior: list[float] = []
     mae_post: list[float] = []
     extra_zero: list[float] = []
+    tele: list[dict[str, float]] = []  # the shared vip/* telemetry of each step
     while cum < total:
         idx = stream.next(pool)
         ids = [sim.ids[i] for i in idx]
@@ -132,6 +134,9 @@ def simulate_two_phase_run(
         alloc_s.append(t2 - t0)
         groups = [np.concatenate([a, b]) for a, b in zip(r1, r2)]
         sizes = commit.group_sizes
+        # the step's telemetry: whole groups, predictions as planned before generating (the pilot's prior)
+        as_planned = dataclasses.replace(commit, p_mean=pilot.p_mean)
+        tele.append({**as_planned.metrics(), **alloc.outcome_metrics(groups, as_planned)})
         brier_prior.append(_expected_brier(pilot.p_mean, p_true))
         brier_post.append(_expected_brier(commit.p_mean, p_true))
         mae_prior.append(float(np.mean(np.abs(pilot.p_mean - p_true))))
@@ -169,6 +174,7 @@ def simulate_two_phase_run(
             on_step(t)
     extra: dict[str, Any] = {
         "estimator": cfg.estimator,
+        "telemetry": mean_telemetry(tele),
         "pilot_n": pilot_n,
         "pool_factor": pf,
         "brier_prior": float(np.mean(brier_prior)),
