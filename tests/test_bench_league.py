@@ -52,7 +52,7 @@ def test_league_lines_ratio_and_paired_deltas() -> None:
     assert 0.4 < fast_ratio < 0.6  # learns twice as fast per rollout: about half the rollouts
     assert "not reached" in rows["flat"]
     assert "(4/4)" in rows["fast"]  # ahead on every seed at the budget
-    assert "levels 1+2" in text  # the two hardest levels are named
+    assert "levels 1+2, at budget" in text  # the two hardest levels are named
     assert "unpaired" not in rows and "Left out (not run on every seed of uniform): unpaired." in text
 
 

@@ -300,13 +300,14 @@ def league_lines(res: dict[str, Any], baseline: str = "uniform", n_boot: int = 2
         x, y = _eval_curve(r["metrics"])
         return float(np.mean(np.interp(grid, x, y)))
 
-    stats: list[tuple[str, Any]] = [("mean@k", lambda r: final(r, "eval_acc"))]
+    lv = "+".join(map(str, hard))
+    stats: list[tuple[str, Any]] = [("mean@k at budget", lambda r: final(r, "eval_acc"))]
     if top is not None:
-        stats.append((f"pass@{ks[-1]}", lambda r: final(r, top)))
-    stats.append((f"mean@k, levels {'+'.join(map(str, hard))}", lambda r: hard_final(r, "mean")))
+        stats.append((f"pass@{ks[-1]} at budget", lambda r: final(r, top)))
+    stats.append((f"mean@k, levels {lv}, at budget", lambda r: hard_final(r, "mean")))
     if top is not None:
-        stats.append((f"pass@{ks[-1]}, levels {'+'.join(map(str, hard))}", lambda r: hard_final(r, f"pass@{ks[-1]}")))
-    stats.append(("AUC (mean mean@k over the run)", auc))
+        stats.append((f"pass@{ks[-1]}, levels {lv}, at budget", lambda r: hard_final(r, f"pass@{ks[-1]}")))
+    stats.append(("AUC (mean@k averaged over the run)", auc))
 
     base_rollouts = next(r for r in rows if r.strategy == baseline).rollouts
 
@@ -319,7 +320,7 @@ def league_lines(res: dict[str, Any], baseline: str = "uniform", n_boot: int = 2
         return f"**{row.ratio:.2f}** [{row.ratio_lo:.2f}, {hi}]"
 
     headers = ["strategy", f"rollouts to {target:.3f} (k)", "ratio vs uniform [95% CI]", "resamples reached"]
-    headers += [f"Δ {name} at budget" for name, _ in stats]
+    headers += [f"Δ {name}" for name, _ in stats]
     table = []
     for row in rows:
         cells = [
