@@ -109,3 +109,13 @@ def test_league_lines_when_the_baseline_never_improves() -> None:
     res["runs"] = {"uniform": [_run(s, 0.0) for s in range(3)], "fast": [_run(s, 2.0, noise_seed=1) for s in range(3)]}
     text = "\n".join(league_lines(res, n_boot=50))  # used to raise ZeroDivisionError
     assert "undefined (uniform did not improve on its first evaluation)" in text
+
+
+def test_finished_result_survives_a_move_to_another_folder(tmp_path: Path) -> None:
+    cfg = TrainConfig(run_dir=str(tmp_path / "a" / "r"))
+    (tmp_path / "a" / "r").mkdir(parents=True)
+    doc = {"config": json.loads(cfg.model_dump_json()), "stop_at_rollouts": 100, "result": {"wall_s": 3.0}}
+    (tmp_path / "a" / "r" / RESULT_FILE).write_text(json.dumps(doc))
+    moved = tmp_path / "b" / "r"
+    (tmp_path / "a").rename(tmp_path / "b")
+    assert finished_result(cfg.model_copy(update={"run_dir": str(moved)}), 100) == {"wall_s": 3.0}

@@ -105,7 +105,9 @@ def finished_result(cfg: TrainConfig, stop_at_rollouts: int | None) -> dict[str,
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent, or cut short / damaged: run it again
         return None
-    same_cfg = saved.get("config") == json.loads(cfg.model_dump_json())
+    # the folder is not part of what a run computes: a run copied or moved to another folder is the same run
+    mine = {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k != "run_dir"}
+    same_cfg = {k: v for k, v in (saved.get("config") or {}).items() if k != "run_dir"} == mine
     return saved["result"] if same_cfg and saved.get("stop_at_rollouts") == stop_at_rollouts else None
 
 
