@@ -177,6 +177,17 @@ def _check(p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> tuple[np.n
     return p, budget
 
 
+def check_vip_options(hardness_bonus: float | None, min_keep: int, allow_drop: bool | None = None) -> float | None:
+    """Validate the options the VIP-family strategies share; returns the checked ``hardness_bonus`` (None = the
+    authors' gamma for the estimator). ``allow_drop=None``: the strategy has no such option."""
+    bonus = None if hardness_bonus is None else _check_bonus(hardness_bonus)
+    if isinstance(min_keep, bool) or not isinstance(min_keep, (int, np.integer)) or min_keep < 2:
+        raise ValueError(f"min_keep must be an integer >= 2, got {min_keep!r}")
+    if allow_drop is not None and not isinstance(allow_drop, (bool, np.bool_)):
+        raise ValueError(f"allow_drop must be True or False, got {allow_drop!r}")
+    return bonus
+
+
 def uniform_counts(m: int, budget: int) -> np.ndarray:
     """``budget // m`` each; the remainder goes +1 to the first prompts. int64 ``(m,)``."""
     counts = np.full(m, budget // m, dtype=np.int64)
@@ -232,12 +243,7 @@ class VIP:
     last_min_keep_relaxed: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.hardness_bonus is not None:
-            self.hardness_bonus = _check_bonus(self.hardness_bonus)
-        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, (int, np.integer)) or self.min_keep < 2:
-            raise ValueError(f"min_keep must be an integer >= 2, got {self.min_keep!r}")
-        if not isinstance(self.allow_drop, (bool, np.bool_)):
-            raise ValueError(f"allow_drop must be True or False, got {self.allow_drop!r}")
+        self.hardness_bonus = check_vip_options(self.hardness_bonus, self.min_keep, self.allow_drop)
 
     def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
         p, budget = _check(p_hat, budget, n_min, n_max)
@@ -457,10 +463,7 @@ class VIPAuthors:
     last_min_keep_relaxed: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.hardness_bonus is not None:
-            self.hardness_bonus = _check_bonus(self.hardness_bonus)
-        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, (int, np.integer)) or self.min_keep < 2:
-            raise ValueError(f"min_keep must be an integer >= 2, got {self.min_keep!r}")
+        self.hardness_bonus = check_vip_options(self.hardness_bonus, self.min_keep)
         if isinstance(self.lower, bool) or not isinstance(self.lower, (int, float)) or not 1.0 <= self.lower:
             raise ValueError(f"lower (the continuous problem's lower bound) must be a number >= 1, got {self.lower!r}")
 

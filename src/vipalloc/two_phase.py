@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from vipalloc.allocation import _check_bonus, _reachable, minimize_separable
-from vipalloc.strategies import HARDNESS_BONUS, P_CLIP, VIP, uniform_counts
+from vipalloc.strategies import HARDNESS_BONUS, P_CLIP, VIP, check_vip_options, uniform_counts
 from vipalloc.variance import gradient_variance
 
 __all__ = [
@@ -412,12 +412,7 @@ class VIPTwoPhase:
     trains_pilot_only: bool = True  # a prompt with 0 extra still trains on its pilot group
 
     def __post_init__(self) -> None:
-        if self.hardness_bonus is not None:
-            self.hardness_bonus = _check_bonus(self.hardness_bonus)
-        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, (int, np.integer)) or self.min_keep < 2:
-            raise ValueError(f"min_keep must be an integer >= 2, got {self.min_keep!r}")
-        if not isinstance(self.allow_drop, (bool, np.bool_)):
-            raise ValueError(f"allow_drop must be True or False, got {self.allow_drop!r}")
+        self.hardness_bonus = check_vip_options(self.hardness_bonus, self.min_keep, self.allow_drop)
         if not (0.0 < float(self.prior_nu_min) <= float(self.prior_nu_max) < np.inf):
             raise ValueError(
                 f"need 0 < prior_nu_min <= prior_nu_max < inf, got {self.prior_nu_min}, {self.prior_nu_max}"
