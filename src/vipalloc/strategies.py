@@ -57,6 +57,7 @@ from vipalloc.authors import authors_allocate, equal_classes
 __all__ = [
     "HARDNESS_BONUS",
     "STRATEGY_NAMES",
+    "TWO_PHASE_STRATEGIES",
     "AllocationContext",
     "Strategy",
     "balance_ties",
@@ -503,6 +504,7 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "pilot_commit": lambda estimator, **kw: _two_phase("PilotCommit")(**kw),
 }
 STRATEGY_NAMES = tuple(_FACTORIES)
+TWO_PHASE_STRATEGIES = ("vip_two_phase", "pilot_commit")  # planned with plan_pilot / plan_commit
 
 
 def _peers(cls: str) -> Callable[..., Strategy]:
