@@ -92,7 +92,8 @@ def load_smollm2(cache: str | os.PathLike[str] | None = None, device: str = "cpu
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     _fix_special_tokens(model, tok)
     tok.padding_side = "left"
-    return model.to(device), tok
+    model = model.to(device)  # type: ignore[arg-type]
+    return model, tok
 
 
 @dataclass(frozen=True)
