@@ -10,7 +10,7 @@ import pytest
 from vipalloc.allocator import Allocator
 from vipalloc.history import RolloutHistory
 from vipalloc.strategies import AllocationContext, get_strategy
-from vipalloc.strategies_peers import beta_from_moments, p_at_least_one
+from vipalloc.strategies.peers import beta_from_moments, p_at_least_one
 
 
 def grid(m: int, n_min: int, n_max: int, budget: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _training_helpers import tiny
 
 from vipalloc.training.config import TrainConfig, load_config
 from vipalloc.training.losses import group_advantages
@@ -21,30 +22,6 @@ from vipalloc.training.tasks import make_problems, reward
 from vipalloc.training.trainer import Trainer, train
 
 TIMING = {"alloc_seconds", "step_seconds", "eval_seconds", "vip/plan_seconds"}  # wall-clock values
-
-
-def tiny(run_dir: Path, cache: Path, **kw) -> TrainConfig:
-    base = dict(
-        run_dir=str(run_dir),
-        steps=6,
-        prompts_per_step=8,
-        n_mean=4,
-        n_max=8,
-        pool_size=48,
-        eval_size=16,
-        eval_samples=2,
-        eval_every=3,
-        ckpt_every=2,
-        model={"n_layer": 2, "n_embd": 32, "n_head": 2},
-        levels=[[2, 1]],  # single-digit sums: the tiny warm-up model gets some right, so groups are mixed
-        warmup={"steps": 60, "batch_size": 32},
-        warmup_cache=str(cache),
-        predictor="beta",
-        tensorboard=False,
-        threads=1,
-    )
-    base.update(kw)
-    return TrainConfig.model_validate(base)
 
 
 def strip(metrics):

@@ -29,9 +29,11 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from vipalloc import Allocator  # noqa: E402
 from vipalloc.integrations.trl import ALLOCATOR_FILE, VIPGRPOConfig, VIPGRPOTrainer  # noqa: E402
-from vipalloc.strategies import STRATEGY_NAMES  # noqa: E402
+from vipalloc.strategies import (
+    STRATEGY_NAMES,  # noqa: E402
+    TWO_PHASE_STRATEGIES,  # noqa: E402
+)
 from vipalloc.telemetry import COUNTS_TAG, OUTCOME_METRIC_NAMES, PLAN_METRIC_NAMES, outcome_metrics  # noqa: E402
-from vipalloc.two_phase import TWO_PHASE_STRATEGIES  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)

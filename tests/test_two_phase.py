@@ -13,7 +13,7 @@ from vipalloc import Allocator
 from vipalloc._io import atomic_write_json
 from vipalloc.allocator import FORMAT
 from vipalloc.strategies import HARDNESS_BONUS, P_CLIP, get_strategy
-from vipalloc.two_phase import (
+from vipalloc.strategies.two_phase import (
     PRIOR_NU_MAX,
     PRIOR_NU_MIN,
     PilotCommit,

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from vipalloc import Allocator
 from vipalloc._io import encode
 from vipalloc.strategies import HARDNESS_BONUS, P_CLIP, AllocationContext
-from vipalloc.two_phase import beta_posterior, beta_prior
+from vipalloc.strategies.two_phase import beta_posterior, beta_prior
 from vipalloc.variance import gradient_variance
 
 HYP = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

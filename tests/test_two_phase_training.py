@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _training_helpers import tiny as tiny_config
 
 from vipalloc.training.config import TrainConfig
 from vipalloc.training.trainer import Trainer, train
@@ -22,27 +23,8 @@ TIMING = {
 
 
 def tiny(run_dir: Path, cache: Path, **kw) -> TrainConfig:
-    base = dict(
-        run_dir=str(run_dir),
-        steps=5,
-        prompts_per_step=8,
-        n_mean=8,
-        n_max=16,
-        pool_size=64,
-        eval_size=16,
-        eval_samples=2,
-        eval_every=5,
-        ckpt_every=2,
-        model={"n_layer": 2, "n_embd": 32, "n_head": 2},
-        levels=[[2, 1]],
-        warmup={"steps": 60, "batch_size": 32},
-        warmup_cache=str(cache),
-        predictor="beta",
-        tensorboard=False,
-        threads=1,
-    )
-    base.update(kw)
-    return TrainConfig.model_validate(base)
+    """The shared tiny config at n_mean 8: room for a pilot and a commit."""
+    return tiny_config(run_dir, cache, **{**dict(steps=5, n_mean=8, n_max=16, pool_size=64, eval_every=5), **kw})
 
 
 @pytest.fixture(scope="module")

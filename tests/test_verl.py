@@ -516,7 +516,7 @@ def test_dapo_recipe_and_experimental_trainers_are_refused() -> None:
 
 def test_strategy_names_are_read_from_the_package_at_run_time(monkeypatch) -> None:
     import vipalloc.strategies as strategies
-    from vipalloc.two_phase import TWO_PHASE_STRATEGIES
+    from vipalloc.strategies import TWO_PHASE_STRATEGIES
 
     for name in strategies.STRATEGY_NAMES:  # two-phase strategies need vip.two_phase=true, and only they accept it
         two = name in TWO_PHASE_STRATEGIES

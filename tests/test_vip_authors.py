@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from vipalloc.authors import authors_allocate, authors_rounding, continuous_optimum, equal_classes
 from vipalloc.bench.peers import authors_slsqp_allocate
 from vipalloc.strategies import get_strategy
+from vipalloc.strategies.authors import authors_allocate, authors_rounding, continuous_optimum
+from vipalloc.strategies.base import equal_classes
 
 GAMMA = {"rloo": 7e-4, "drgrpo": 4e-4}
 

@@ -6,7 +6,8 @@ Per training step::
     ... generate plan.counts[i] rollouts for prompt i (skip prompts with count 0), score them ...
     allocator.observe(prompt_ids, rewards, step=t)                       # one reward array per prompt
 
-Two-phase strategies (``vip_two_phase``, ``pilot_commit``; :mod:`vipalloc.two_phase`) split a step in two rounds::
+Two-phase strategies (``vip_two_phase``, ``pilot_commit``; :mod:`vipalloc.strategies.two_phase`) split a step
+in two rounds::
 
     pilot = allocator.plan_pilot(prompt_ids, prompts=texts, budget=B, step=t, pilot_n=2)   # counts: pilot rollouts
     allocator.observe(prompt_ids, pilot_rewards, step=t)
@@ -24,14 +25,15 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from vipalloc._io import StateFileError, atomic_write_json, read_json_checked
 from vipalloc.history import RolloutHistory, validate_rewards
+from vipalloc.strategies import AllocationContext, Strategy, TwoPhaseStrategy, get_strategy, uniform_counts
+from vipalloc.strategies.two_phase import PilotState, expected_variance, uniform_extra
 from vipalloc.telemetry import outcome_metrics, plan_metrics
-from vipalloc.two_phase import PilotState
 from vipalloc.variance import gradient_variance
 
 __all__ = ["Allocator", "Plan"]
@@ -196,7 +198,6 @@ class Allocator:
         history_window: int | None = None,
     ) -> None:
         from vipalloc.predictors import make_predictor
-        from vipalloc.strategies import get_strategy
 
         if estimator not in ("drgrpo", "rloo"):
             raise ValueError(
@@ -215,8 +216,7 @@ class Allocator:
         self.predictor_kwargs = dict(predictor_kwargs or {})
         self.strategy_kwargs = dict(strategy_kwargs or {})
         self.history_window = history_window
-        self.strategy = get_strategy(strategy, estimator=estimator, **self.strategy_kwargs)
-        self._uniform = get_strategy("uniform", estimator=estimator)
+        self.strategy: Strategy = get_strategy(strategy, estimator=estimator, **self.strategy_kwargs)
         self.predictor = make_predictor(predictor, **self.predictor_kwargs)
         self.history = RolloutHistory(success_threshold=success_threshold)
         self._embedder: Any = None  # built lazily: loading MiniLM costs seconds
@@ -272,7 +272,7 @@ class Allocator:
         to ``budget`` exactly. Raises ``ValueError`` for an empty batch, duplicate ids, or an infeasible budget
         (the message names the feasible range).
         """
-        if getattr(self.strategy, "two_phase", False):
+        if self.strategy.two_phase:
             raise ValueError(
                 f"strategy {self.strategy_name!r} is two-phase: call plan_pilot(ids, prompts, budget=B, step=t), "
                 "observe the pilot rewards, then plan_commit(step=t) and observe the extra rollouts; plan() cannot "
@@ -286,47 +286,76 @@ class Allocator:
         budget = _check_int("budget", budget, 0)
         step = self._last_step + 1 if step is None else _check_int("step", step, 0)
         m = len(ids)
+        # Refuse an infeasible budget before embedding: the feature caches keep the first text given for an id.
         if budget > m * self.n_max:
             raise ValueError(
                 f"budget {budget} is infeasible for {m} prompts with n_max={self.n_max}: at most {m * self.n_max}; "
                 "raise n_max or lower the budget"
             )
+        if budget < m * self.n_min:
+            raise ValueError(
+                f"budget {budget} is infeasible for {m} prompts with n in [{self.n_min}, {self.n_max}]: "
+                f"feasible budgets lie in [{m * self.n_min}, {m * self.n_max}]; change the budget or the bounds"
+            )
+        p_mean, p_std, timings = self._predict(ids, prompts, step)
         t0 = time.perf_counter()
-        self._register_features(ids, prompts)
-        t1 = time.perf_counter()
-        p_mean, p_std = self.predictor.predict(ids, step)
-        p_mean = np.asarray(p_mean, np.float64)
-        p_std = np.asarray(p_std, np.float64)
-        t2 = time.perf_counter()
-        # A seeded permutation per step makes tie-breaks (e.g. who gets the uniform remainder) fair across prompts
-        # while keeping the plan a deterministic function of (seed, step, inputs, state).
-        perm = np.random.default_rng([self.seed, step]).permutation(m)
-        inv = np.empty_like(perm)
-        inv[perm] = np.arange(m)
-        extra: dict[str, Any] = {}
-        if getattr(self.strategy, "uses_context", False):  # dynamo, hora: std and reward history (before step)
-            from vipalloc.strategies import AllocationContext
-
+        perm, inv = _permutation(self.seed, step, m)
+        ctx = None
+        if self.strategy.uses_context:  # dynamo, hora: std and reward history (before step)
             rows = self.history.rows(self.history_window, before_step=step)
-            ctx = AllocationContext.from_history(ids, p_std, self.history.prompt_ids, rows)
-            extra["context"] = ctx.take(perm)
-        counts = np.asarray(self.strategy.allocate(p_mean[perm], budget, self.n_min, self.n_max, **extra), np.int64)
-        counts = counts[inv]
-        relaxed = bool(getattr(self.strategy, "last_min_keep_relaxed", False))
-        uniform = np.asarray(self._uniform.allocate(p_mean[perm], budget, self.n_min, self.n_max), np.int64)[inv]
-        t3 = time.perf_counter()
+            ctx = AllocationContext.from_history(ids, p_std, self.history.prompt_ids, rows).take(perm)
+        counts = self.strategy.allocate(p_mean[perm], budget, self.n_min, self.n_max, context=ctx)
+        counts = np.asarray(counts, np.int64)[inv]
+        timings["solve"] = time.perf_counter() - t0
         if counts.shape != (m,) or int(counts.sum()) != budget:
             raise RuntimeError(
                 f"strategy {self.strategy_name!r} returned an invalid plan (sum {counts.sum()} != {budget})"
             )
-        exp_var = float(_plan_variance(p_mean, counts, self.estimator))
-        uni_var = float(_plan_variance(p_mean, uniform, self.estimator))
-        self._pending[step] = dict(zip(ids, counts.tolist()))
-        while len(self._pending) > _MAX_PENDING_STEPS:
-            self._pending.pop(min(self._pending))
-        self._last_step = max(self._last_step, step)
+        # The uniform plan at the same budget, with the remainder on the same (permuted) prompts.
+        uniform = uniform_counts(m, budget)[inv]
+        return self._issue(
+            step,
+            ids,
+            counts,
+            p_mean,
+            p_std,
+            budget=budget,
+            expected=_plan_variance(p_mean, counts, self.estimator),
+            uniform=_plan_variance(p_mean, uniform, self.estimator),
+            timings=timings,
+            min_keep_relaxed=bool(self.strategy.last_min_keep_relaxed),
+        )
+
+    def _predict(
+        self, ids: list[str], prompts: Sequence[str] | None, step: int
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """Features, then the predictor's ``(p_mean, p_std)`` (float64 ``(M,)`` each) and the stages' seconds."""
+        t0 = time.perf_counter()
+        self._register_features(ids, prompts)
+        t1 = time.perf_counter()
+        p_mean, p_std = self.predictor.predict(ids, step)
+        t2 = time.perf_counter()
+        return np.asarray(p_mean, np.float64), np.asarray(p_std, np.float64), {"embed": t1 - t0, "predict": t2 - t1}
+
+    def _issue(
+        self,
+        step: int,
+        ids: list[str],
+        counts: np.ndarray,
+        p_mean: np.ndarray,
+        p_std: np.ndarray,
+        *,
+        budget: int,
+        expected: float,
+        uniform: float,
+        timings: dict[str, float],
+        **fields: Any,
+    ) -> Plan:
+        """The one way a plan leaves the allocator: remember ``counts`` for ``observe`` at ``step`` (copied: the
+        caller may edit the returned arrays), then build the :class:`Plan` (``fields``: its optional fields)."""
+        self._remember(step, dict(zip(ids, counts.tolist())))
         return Plan(
-            prompt_ids=ids,
+            prompt_ids=list(ids),
             counts=counts,
             p_mean=p_mean,
             p_std=p_std,
@@ -334,10 +363,10 @@ class Allocator:
             step=step,
             strategy=self.strategy_name,
             estimator=self.estimator,
-            expected_variance=exp_var,
-            uniform_variance=uni_var,
-            timings={"embed": t1 - t0, "predict": t2 - t1, "solve": t3 - t2},
-            min_keep_relaxed=relaxed,
+            expected_variance=float(expected),
+            uniform_variance=float(uniform),
+            timings=timings,
+            **fields,
         )
 
     def observe(self, prompt_ids: Sequence[Any], rewards: Sequence[Any], step: int) -> None:
@@ -420,9 +449,8 @@ class Allocator:
         single-phase strategy, ``pilot_n * M > budget``, an infeasible budget, or a step whose pilot already has
         observed outcomes.
         """
-        from vipalloc.strategies import uniform_counts
-
-        if not getattr(self.strategy, "two_phase", False):
+        two_phase = self._two_phase_strategy()
+        if two_phase is None:
             raise ValueError(
                 f"plan_pilot needs a two-phase strategy ('vip_two_phase' or 'pilot_commit'), this allocator uses "
                 f"{self.strategy_name!r}: call plan() instead, or build Allocator(strategy='vip_two_phase')"
@@ -442,23 +470,17 @@ class Allocator:
                 "it, or plan the next step"
             )
         m = len(ids)
-        two_phase: Any = self.strategy  # a vipalloc.two_phase.TwoPhaseStrategy (checked above)
         # Refuse a bad request before embedding: the feature caches keep the first text given for an id.
         two_phase.check_pilot(m, budget, self.n_min, self.n_max, pilot_n)
-        t0 = time.perf_counter()
-        self._register_features(ids, prompts)
-        t1 = time.perf_counter()
-        p_mean, p_std = self.predictor.predict(ids, step)
-        p_mean = np.asarray(p_mean, np.float64)
-        p_std = np.asarray(p_std, np.float64)
+        p_mean, p_std, timings = self._predict(ids, prompts, step)
         t2 = time.perf_counter()
         perm, inv = _permutation(self.seed, step, m)
         counts = np.asarray(two_phase.pilot(p_mean[perm], budget, self.n_min, self.n_max, pilot_n), np.int64)
         counts = counts[inv]
-        t3 = time.perf_counter()
+        timings["solve"] = time.perf_counter() - t2
         total = int(counts.sum())
         # A pilot group of one carries no gradient (RLOO's formula is undefined there): it counts 0, as in the
-        # commit's objective (vipalloc.two_phase._h). Computed before anything is recorded.
+        # commit's objective (vipalloc.strategies.two_phase._h). Computed before anything is recorded.
         var = float(_plan_variance(p_mean, np.where(counts >= 2, counts, 0), self.estimator))
         uni_counts = uniform_counts(m, total)
         uni = float(_plan_variance(p_mean, np.where(uni_counts >= 2, uni_counts, 0), self.estimator))
@@ -472,20 +494,8 @@ class Allocator:
             successes=np.zeros(m, np.int64),
             trials=np.zeros(m, np.int64),
         )
-        self._remember(step, dict(zip(ids, counts.tolist())))
-        return Plan(
-            prompt_ids=ids,
-            counts=counts,
-            p_mean=p_mean,
-            p_std=p_std,
-            budget=total,
-            step=step,
-            strategy=self.strategy_name,
-            estimator=self.estimator,
-            expected_variance=var,
-            uniform_variance=uni,
-            timings={"embed": t1 - t0, "predict": t2 - t1, "solve": t3 - t2},
-            phase="pilot",
+        return self._issue(
+            step, ids, counts, p_mean, p_std, budget=total, expected=var, uniform=uni, timings=timings, phase="pilot"
         )
 
     def plan_commit(self, step: int | None = None) -> Plan:
@@ -499,8 +509,12 @@ class Allocator:
         extra rollouts' rewards with :meth:`observe` at the same step. Raises ``ValueError`` (nothing recorded)
         without a pilot at ``step``, when no pilot outcome was observed, or when the step was already committed.
         """
-        from vipalloc.two_phase import expected_variance, uniform_extra
-
+        two_phase = self._two_phase_strategy()
+        if two_phase is None:
+            raise ValueError(
+                f"plan_commit needs a two-phase strategy ('vip_two_phase' or 'pilot_commit'), this allocator uses "
+                f"{self.strategy_name!r}: call plan() instead"
+            )
         if step is None:
             open_steps = [s for s, p in self._pilots.items() if p.extra is None]
             if not open_steps:
@@ -524,7 +538,6 @@ class Allocator:
         left = pilot.budget - int(pilot.counts.sum())
         t0 = time.perf_counter()
         perm, inv = _permutation(self.seed, step, m)
-        two_phase: Any = self.strategy  # a vipalloc.two_phase.TwoPhaseStrategy (plan_pilot checked it)
         dec = two_phase.commit(
             pilot.prior_mean[perm],
             pilot.prior_std[perm],
@@ -546,25 +559,26 @@ class Allocator:
         uni = pilot.trials + uniform_extra(m, left, pilot.trials, self.n_max)
         uni_var = float(expected_variance(a, b, uni, self.estimator).sum())
         pilot.extra = extra.copy()  # the returned plan's counts are the caller's to edit
-        self._remember(step, dict(zip(pilot.ids, extra.tolist())))
         nu = a + b
-        return Plan(
-            prompt_ids=list(pilot.ids),
-            counts=extra,
-            p_mean=a / nu,
-            p_std=np.sqrt(a * b / (nu * nu * (nu + 1.0))),
+        return self._issue(
+            step,
+            pilot.ids,
+            extra,
+            a / nu,
+            np.sqrt(a * b / (nu * nu * (nu + 1.0))),
             budget=left,
-            step=step,
-            strategy=self.strategy_name,
-            estimator=self.estimator,
-            expected_variance=exp_var,
-            uniform_variance=uni_var,
+            expected=exp_var,
+            uniform=uni_var,
             timings={"solve": t1 - t0},
             min_keep_relaxed=bool(dec.min_keep_relaxed),
             phase="commit",
             pilot_counts=pilot.trials.copy(),
-            train=(groups > 0) if getattr(two_phase, "trains_pilot_only", True) else (extra > 0),
+            train=(groups > 0) if two_phase.trains_pilot_only else (extra > 0),
         )
+
+    def _two_phase_strategy(self) -> TwoPhaseStrategy | None:
+        """The strategy as a :class:`~vipalloc.strategies.TwoPhaseStrategy`, or None for a single-phase one."""
+        return cast(TwoPhaseStrategy, self.strategy) if self.strategy.two_phase else None
 
     def _remember(self, step: int, planned: dict[str, int]) -> None:
         """Make ``planned`` the counts ``observe`` validates at ``step``; forget the oldest steps beyond the cap."""

@@ -4,9 +4,10 @@ Written from the published descriptions (``shared/reference/vip-authors-code.md`
 Knapsack-RL paper), not copied from their code:
 
 * :func:`authors_slsqp_allocate`: the VIP authors' final pipeline with their own continuous stage (the library's
-  ``vip_authors``, :mod:`vipalloc.authors`, is the same pipeline with that stage solved exactly; both share one
-  rounding, :func:`vipalloc.authors.authors_rounding`). ``scipy.optimize.minimize(method="SLSQP")`` on the
-  continuous relaxation of ``sum a/(n-1) + gamma log(p) n`` (RLOO) or ``sum a (n-1)/n^2 + gamma log(p) n``
+  ``vip_authors``, :mod:`vipalloc.strategies.authors`, is the same pipeline with that stage solved exactly; both
+  share one rounding, :func:`vipalloc.strategies.authors.authors_rounding`).
+  ``scipy.optimize.minimize(method="SLSQP")`` on the continuous relaxation of ``sum a/(n-1) + gamma log(p) n``
+  (RLOO) or ``sum a (n-1)/n^2 + gamma log(p) n``
   (Dr.GRPO), box bounds ``[lower, upper]`` (their trainer passes ``lower=1``), the budget as an equality
   constraint, started at the uniform point, with scipy's defaults (finite-difference gradient, 100 iterations);
   the result is used whether or not SLSQP converged. Then their rounding: floor, set every ``n < 4`` to 0 (the
@@ -21,7 +22,7 @@ Knapsack-RL paper), not copied from their code:
 
 Deviations, all in the peers' favour or needed to run: our greedy loops keep the marginal gains in a heap
 (O(log M) per unit) where the authors' code recomputes the whole objective per candidate (O(M^2) per unit); equal
-predictions are rounded alike (``vipalloc.authors``); ``lower`` is raised to ``1 + 1e-3`` for RLOO, whose
+predictions are rounded alike (``vipalloc.strategies.authors``); ``lower`` is raised to ``1 + 1e-3`` for RLOO, whose
 objective is singular at their bound of 1; where the floors of a non-converged SLSQP point exceed the budget (their
 code raises) we take units back from the largest counts; ``analytic_jac=True`` offers the gradient they did not
 pass (faster and more accurate than their setting).
@@ -35,7 +36,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from vipalloc.allocation import _solve_dp, domain
-from vipalloc.authors import AUTHORS_GAMMA, authors_rounding, equal_classes, legacy_greedy_fill
+from vipalloc.strategies.authors import AUTHORS_GAMMA, authors_rounding, legacy_greedy_fill
+from vipalloc.strategies.base import equal_classes
 
 __all__ = ["GAMMA", "authors_bisection_allocate", "authors_slsqp_allocate", "knapsack_dp_allocate"]
 
@@ -54,7 +56,8 @@ def authors_slsqp_allocate(
     return_result: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, Any]:
     """The VIP authors' final allocator with THEIR continuous stage (SLSQP) and the shared rounding
-    (:func:`vipalloc.authors.authors_rounding`, the one ``vip_authors`` uses). Returns int64 counts in
+    (:func:`vipalloc.strategies.authors.authors_rounding`, the one ``vip_authors`` uses). Returns int64
+    counts in
     ``{0} U [min_keep, upper]`` summing to ``budget`` (and scipy's ``OptimizeResult``, or None on the uniform path,
     with ``return_result``)."""
     p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)

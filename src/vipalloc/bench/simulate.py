@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 
 from vipalloc.bench.progress import Progress, noop
+from vipalloc.bench.sim_runs import RowSpec, SimRun, StepLog, alloc_estimator, mean_telemetry, reference_variances
 from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
 from vipalloc.reporting import fmt_ci, git_commit, md_table, plot_bands, plot_lines, provenance
 
@@ -27,21 +27,11 @@ __all__ = [
     "SWEEP_ROWS",
     "RowSpec",
     "SimRun",
+    "mean_telemetry",
     "parse_rows",
     "run_simulate",
     "simulate_run",
 ]
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    """One league-table row: an allocation strategy with a predictor, or DAPO dynamic sampling (``dapo=True``:
-    uniform groups, only mixed groups kept, extra batches until the batch is full or ``dapo_max_batches``)."""
-
-    label: str
-    strategy: str
-    predictor: str
-    dapo: bool = False
 
 
 # Predictors: vip is run with the GP (the library default), the Beta posterior and the true p, so the predictor's
@@ -103,72 +93,6 @@ def parse_rows(spec: str | Sequence[str] | None) -> list[RowSpec]:
     return rows
 
 
-@dataclass
-class SimRun:
-    """One (row, seed) run. Curves have one entry per logged point (index 0 = before training); per-step arrays
-    one entry per training step. Variances are the allocator estimator's model under the TRUE p, summed over the
-    batch (NaN for DAPO, whose kept batch is chosen after seeing rewards)."""
-
-    label: str
-    seed: int
-    sigma: float
-    steps: np.ndarray  # int (T+1,)
-    cum_rollouts: np.ndarray  # int (T+1,)
-    success: np.ndarray  # float (T+1,), exact mean success over the pool
-    var_plan: np.ndarray  # float (T,)
-    var_uniform: np.ndarray  # float (T,), the uniform plan of the same batch
-    var_oracle: np.ndarray  # float (T,), the exact min-variance plan under the true p (vip_pure + oracle p)
-    zero_var_frac: np.ndarray  # float (T,), generated groups with all-equal rewards
-    kept_frac: np.ndarray  # float (T,), planned prompts with at least one rollout
-    alloc_seconds: np.ndarray  # float (T,), plan + observe wall time
-    total_rollouts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def final_success(self) -> float:
-        """Mean success at the end of the equal-rollout budget."""
-        return float(self.success[-1])
-
-    def auc(self) -> float:
-        """Mean success averaged over the cumulative-rollout axis (area under the curve / total rollouts): a
-        learning-speed summary that averages out the random walk of a single end point."""
-        x = np.asarray(self.cum_rollouts, np.float64)
-        if x[-1] <= 0:
-            return float(self.success[-1])
-        y = np.asarray(self.success, np.float64)
-        return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)) / x[-1])
-
-    def reach(self, target: float) -> tuple[float, float]:
-        """``(steps, cumulative rollouts)`` at which the mean success first reached ``target`` (NaN if never)."""
-        hit = np.flatnonzero(self.success >= target)
-        if not hit.size:
-            return float("nan"), float("nan")
-        k = int(hit[0])
-        return float(self.steps[k]), float(self.cum_rollouts[k])
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"label": self.label, "seed": self.seed, "sigma": self.sigma}
-        for k in (
-            "steps",
-            "cum_rollouts",
-            "success",
-            "var_plan",
-            "var_uniform",
-            "var_oracle",
-            "zero_var_frac",
-            "kept_frac",
-            "alloc_seconds",
-        ):
-            out[k] = [None if not np.isfinite(v) else float(v) for v in np.asarray(getattr(self, k), float)]
-        out["total_rollouts"] = self.total_rollouts
-        out.update(self.extra)
-        return out
-
-
-def _alloc_estimator(sim_estimator: str) -> str:
-    # GRPO is a valid training loss but no allocation target: its allocations use Dr.GRPO's variance
-    return "rloo" if sim_estimator == "rloo" else "drgrpo"
-
-
 class _SimRunKwargs(TypedDict):
     """The keyword arguments :func:`run_simulate` passes to every :func:`simulate_run` call."""
 
@@ -177,17 +101,6 @@ class _SimRunKwargs(TypedDict):
     n_mean: int
     dapo_max_batches: int
     embedder: str
-
-
-def mean_telemetry(steps: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Mean over steps of each ``vip/*`` telemetry value (``Plan.metrics`` + ``Allocator.outcome_metrics``);
-    NaN entries (e.g. no generated group) are left out of their key's mean."""
-    keys = list(steps[0]) if steps else []
-    out = {}
-    for k in keys:
-        vals = np.array([st[k] for st in steps], np.float64)
-        out[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-    return out
 
 
 def simulate_run(
@@ -211,7 +124,7 @@ def simulate_run(
     so its cumulative rollouts never exceed the budget: every row ends at exactly the same cumulative rollouts.
     """
     from vipalloc import Allocator
-    from vipalloc.two_phase import TWO_PHASE_STRATEGIES
+    from vipalloc.strategies import TWO_PHASE_STRATEGIES
 
     if row.strategy in TWO_PHASE_STRATEGIES:  # pilot round + commit round per step: vipalloc.bench.two_phase_sim
         from vipalloc.bench.two_phase_sim import simulate_two_phase_run
@@ -231,7 +144,7 @@ def simulate_run(
     rng_r = np.random.default_rng([seed, 1])  # rewards of the planned batch
     rng_g = np.random.default_rng([seed, 2])  # gradient noise
     rng_x = np.random.default_rng([seed, 3])  # rewards of DAPO's extra batches
-    est = _alloc_estimator(cfg.estimator)
+    est = alloc_estimator(cfg.estimator)
     common = {"estimator": est, "n_min": n_min, "n_max": n_max, "seed": seed, "embedder": embedder}
     alloc = Allocator(strategy=row.strategy, predictor=row.predictor, **common)
     shadow_uniform = Allocator(strategy="uniform", predictor="empirical", **common)
@@ -240,15 +153,8 @@ def simulate_run(
     total = steps * budget
     cum = 0
     t = 0
-    log_steps, log_cum, log_succ = [0], [0], [sim.mean_success()]
-    var_plan: list[float] = []
-    var_uni: list[float] = []
-    var_orc: list[float] = []
-    zero_var: list[float] = []
-    kept_frac: list[float] = []
-    alloc_s: list[float] = []
+    log = StepLog.start(sim.mean_success())
     dapo_batches: list[int] = []
-    tele: list[dict[str, float]] = []  # the shared vip/* telemetry of each step's (first) plan
     while cum < total:
         idx = stream.next(batch)
         ids = [sim.ids[i] for i in idx]
@@ -263,7 +169,7 @@ def simulate_run(
         t0 = time.perf_counter()
         alloc.observe(ids, rewards, step=t)
         a_s += time.perf_counter() - t0
-        tele.append({**plan.metrics(), **alloc.outcome_metrics(rewards, plan)})
+        log.telemetry.append({**plan.metrics(), **alloc.outcome_metrics(rewards, plan)})  # the (first) plan
         used = budget
         train_idx, train_rewards = idx, rewards
         generated = [r for r in rewards if len(r)]
@@ -291,49 +197,23 @@ def simulate_run(
                         train_rw.append(r)
             train_idx, train_rewards = np.asarray(train_idx_l, np.int64), train_rw
             dapo_batches.append(n_batches)
-            var_plan.append(float("nan"))
-            var_uni.append(float("nan"))
-            var_orc.append(float("nan"))
+            log.variances(float("nan"), float("nan"), float("nan"))
         else:
-            uni = shadow_uniform.plan(ids, prompts=texts, budget=budget, step=t).counts
-            shadow_oracle.predictor.set_true_p(ids, p_true)
-            orc = shadow_oracle.plan(ids, prompts=texts, budget=budget, step=t).counts
-            var_plan.append(alloc.expected_variance(p_true, plan.counts))
-            var_uni.append(alloc.expected_variance(p_true, uni))
-            var_orc.append(alloc.expected_variance(p_true, orc))
-        alloc_s.append(a_s)
-        zero_var.append(float(np.mean([r.min() == r.max() for r in generated])) if generated else float("nan"))
-        kept_frac.append(float(np.mean(plan.counts > 0)))
+            log.variances(*reference_variances(alloc, shadow_uniform, shadow_oracle, ids, texts, budget, t, p_true,
+                                               plan.counts))  # fmt: skip
+        log.alloc_seconds.append(a_s)
+        log.groups(generated, float(np.mean(plan.counts > 0)))
         if len(train_idx):
             sim.update(sim.gradient(train_idx, train_rewards, rng_g, p=sim.true_p(train_idx), batch_size=batch))
         else:  # DAPO found no mixed group: no update, but the noise generator still advances alike
             rng_g.standard_normal((0, cfg.dim))
         cum += used
         t += 1
-        log_steps.append(t)
-        log_cum.append(cum)
-        log_succ.append(sim.mean_success())
+        log.point(t, cum, sim.mean_success())
         if on_step is not None:
             on_step(t)
-    extra: dict[str, Any] = {"estimator": cfg.estimator, "telemetry": mean_telemetry(tele)}
-    if row.dapo:
-        extra["dapo_batches_mean"] = float(np.mean(dapo_batches))
-    return SimRun(
-        label=row.label,
-        seed=seed,
-        sigma=cfg.sigma,
-        steps=np.asarray(log_steps),
-        cum_rollouts=np.asarray(log_cum),
-        success=np.asarray(log_succ),
-        var_plan=np.asarray(var_plan),
-        var_uniform=np.asarray(var_uni),
-        var_oracle=np.asarray(var_orc),
-        zero_var_frac=np.asarray(zero_var),
-        kept_frac=np.asarray(kept_frac),
-        alloc_seconds=np.asarray(alloc_s),
-        total_rollouts=total,
-        extra=extra,
-    )
+    extra: dict[str, Any] = {"dapo_batches_mean": float(np.mean(dapo_batches))} if row.dapo else {}
+    return log.run(row, seed, cfg.sigma, cfg.estimator, total, **extra)
 
 
 def _ratio_mean(num: np.ndarray, den: np.ndarray) -> float:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vipalloc.bench.simulate import RowSpec, SimRun, _alloc_estimator, mean_telemetry
+from vipalloc.bench.sim_runs import RowSpec, SimRun, StepLog, alloc_estimator, reference_variances
 from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
 
 __all__ = ["PILOT_N", "pilot_commit_pool_factor", "simulate_two_phase_run", "two_phase_report_lines"]
@@ -85,7 +85,7 @@ def simulate_two_phase_run(
     stream = PromptStream(cfg.n_prompts, seed)
     rng_r = np.random.default_rng([seed, 1])  # rewards (the same stream the single-phase rows use)
     rng_g = np.random.default_rng([seed, 2])  # gradient noise
-    est = _alloc_estimator(cfg.estimator)
+    est = alloc_estimator(cfg.estimator)
     common = {"estimator": est, "n_min": n_min, "n_max": n_max, "seed": seed, "embedder": embedder}
     kwargs: dict[str, Any] = {"pool_factor": pf} if is_pc else {}
     kwargs.update(strategy_kwargs or {})
@@ -96,13 +96,7 @@ def simulate_two_phase_run(
     total = steps * budget
     cum = 0
     t = 0
-    log_steps, log_cum, log_succ = [0], [0], [sim.mean_success()]
-    var_plan: list[float] = []
-    var_uni: list[float] = []
-    var_orc: list[float] = []
-    zero_var: list[float] = []
-    kept_frac: list[float] = []
-    alloc_s: list[float] = []
+    log = StepLog.start(sim.mean_success())
     pilot_s: list[float] = []
     commit_s: list[float] = []
     brier_prior: list[float] = []
@@ -110,7 +104,6 @@ def simulate_two_phase_run(
     mae_prior: list[float] = []
     mae_post: list[float] = []
     extra_zero: list[float] = []
-    tele: list[dict[str, float]] = []  # the shared vip/* telemetry of each step
     while cum < total:
         idx = stream.next(pool)
         ids = [sim.ids[i] for i in idx]
@@ -131,32 +124,24 @@ def simulate_two_phase_run(
         t2 = time.perf_counter()
         pilot_s.append(t1 - t0)
         commit_s.append(t2 - t1)
-        alloc_s.append(t2 - t0)
+        log.alloc_seconds.append(t2 - t0)
         groups = [np.concatenate([a, b]) for a, b in zip(r1, r2)]
         sizes = commit.group_sizes
         # the step's telemetry: whole groups, predictions as planned before generating (the pilot's prior)
         as_planned = dataclasses.replace(commit, p_mean=pilot.p_mean)
-        tele.append({**as_planned.metrics(), **alloc.outcome_metrics(groups, as_planned)})
+        log.telemetry.append({**as_planned.metrics(), **alloc.outcome_metrics(groups, as_planned)})
         brier_prior.append(_expected_brier(pilot.p_mean, p_true))
         brier_post.append(_expected_brier(commit.p_mean, p_true))
         mae_prior.append(float(np.mean(np.abs(pilot.p_mean - p_true))))
         mae_post.append(float(np.mean(np.abs(commit.p_mean - p_true))))
         extra_zero.append(float(np.mean(commit.counts == 0)))
         if is_pc:
-            var_plan.append(float("nan"))
-            var_uni.append(float("nan"))
-            var_orc.append(float("nan"))
+            log.variances(float("nan"), float("nan"), float("nan"))
         else:
-            uni = shadow_uniform.plan(ids, prompts=texts, budget=budget, step=t).counts
-            shadow_oracle.predictor.set_true_p(ids, p_true)
-            orc = shadow_oracle.plan(ids, prompts=texts, budget=budget, step=t).counts
-            var_plan.append(alloc.expected_variance(p_true, sizes))
-            var_uni.append(alloc.expected_variance(p_true, uni))
-            var_orc.append(alloc.expected_variance(p_true, orc))
-        generated = [g for g in groups if len(g)]
-        zero_var.append(float(np.mean([g.min() == g.max() for g in generated])) if generated else float("nan"))
+            log.variances(*reference_variances(alloc, shadow_uniform, shadow_oracle, ids, texts, budget, t, p_true,
+                                               sizes))  # fmt: skip
         train = np.flatnonzero(commit.train_mask)
-        kept_frac.append(float(train.size / pool))
+        log.groups([g for g in groups if len(g)], train.size / pool)
         if train.size:
             t_idx = idx[train]
             grad = sim.gradient(t_idx, [groups[i] for i in train], rng_g, p=sim.true_p(t_idx), batch_size=batch)
@@ -167,40 +152,25 @@ def simulate_two_phase_run(
             sim.update(grad)
         cum += budget
         t += 1
-        log_steps.append(t)
-        log_cum.append(cum)
-        log_succ.append(sim.mean_success())
+        log.point(t, cum, sim.mean_success())
         if on_step is not None:
             on_step(t)
-    extra: dict[str, Any] = {
-        "estimator": cfg.estimator,
-        "telemetry": mean_telemetry(tele),
-        "pilot_n": pilot_n,
-        "pool_factor": pf,
-        "brier_prior": float(np.mean(brier_prior)),
-        "brier_post": float(np.mean(brier_post)),
-        "mae_prior": float(np.mean(mae_prior)),
-        "mae_post": float(np.mean(mae_post)),
-        "pilot_ms": 1e3 * float(np.mean(pilot_s)),
-        "commit_ms": 1e3 * float(np.mean(commit_s)),
-        "frac_zero_extra": float(np.mean(extra_zero)),
-        "generation_rounds": 2,
-    }
-    return SimRun(
-        label=row.label,
-        seed=seed,
-        sigma=cfg.sigma,
-        steps=np.asarray(log_steps),
-        cum_rollouts=np.asarray(log_cum),
-        success=np.asarray(log_succ),
-        var_plan=np.asarray(var_plan),
-        var_uniform=np.asarray(var_uni),
-        var_oracle=np.asarray(var_orc),
-        zero_var_frac=np.asarray(zero_var),
-        kept_frac=np.asarray(kept_frac),
-        alloc_seconds=np.asarray(alloc_s),
-        total_rollouts=total,
-        extra=extra,
+    return log.run(
+        row,
+        seed,
+        cfg.sigma,
+        cfg.estimator,
+        total,
+        pilot_n=pilot_n,
+        pool_factor=pf,
+        brier_prior=float(np.mean(brier_prior)),
+        brier_post=float(np.mean(brier_post)),
+        mae_prior=float(np.mean(mae_prior)),
+        mae_post=float(np.mean(mae_post)),
+        pilot_ms=1e3 * float(np.mean(pilot_s)),
+        commit_ms=1e3 * float(np.mean(commit_s)),
+        frac_zero_extra=float(np.mean(extra_zero)),
+        generation_rounds=2,
     )
 
 

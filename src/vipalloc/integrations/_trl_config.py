@@ -17,8 +17,7 @@ import numpy as np
 from trl import GRPOConfig
 
 from vipalloc.predictors import PREDICTOR_NAMES
-from vipalloc.strategies import STRATEGY_NAMES
-from vipalloc.two_phase import TWO_PHASE_STRATEGIES
+from vipalloc.strategies import STRATEGY_NAMES, TWO_PHASE_STRATEGIES
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:

@@ -113,7 +113,7 @@ class VIPConfig:
             raise ValueError(f"vip.success_threshold must be finite, got {self.success_threshold!r}")
         if not isinstance(self.two_phase, bool):
             raise ValueError(f"vip.two_phase must be true or false, got {self.two_phase!r}")
-        from vipalloc.two_phase import TWO_PHASE_STRATEGIES
+        from vipalloc.strategies import TWO_PHASE_STRATEGIES
 
         if self.two_phase and self.strategy not in TWO_PHASE_STRATEGIES:
             raise ValueError(

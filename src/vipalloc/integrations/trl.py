@@ -55,8 +55,8 @@ from vipalloc.integrations._trl_layout import (
     training_layout,
 )
 from vipalloc.integrations._trl_logs import fix_generation_metrics, merge_pilot_logs, spread_extra_logs, trim_logs
+from vipalloc.strategies import TWO_PHASE_STRATEGIES
 from vipalloc.telemetry import COUNTS_TAG
-from vipalloc.two_phase import TWO_PHASE_STRATEGIES
 
 __all__ = [
     "ALLOCATOR_FILE",

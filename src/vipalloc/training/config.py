@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vipalloc.training.tasks import LEVELS
 
-STRATEGIES = (
+# The strategies a run may use: the library's (vipalloc.strategies.STRATEGY_NAMES) plus DAPO dynamic sampling,
+# which is a trainer loop rather than an allocation. Written once: the config field's type and the tuple below.
+StrategyName = Literal[
     "uniform",
     "vip",
     "vip_pure",
@@ -25,7 +27,8 @@ STRATEGIES = (
     "vip_two_phase",
     "pilot_commit",
     "dapo",
-)
+]
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 
 
 class ModelConfig(BaseModel):
@@ -64,21 +67,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     run_dir: str = "runs/train"
-    strategy: Literal[
-        "uniform",
-        "vip",
-        "vip_pure",
-        "inverse_acc",
-        "inverse_var",
-        "knapsack",
-        "gvm",
-        "vip_authors",
-        "dynamo",
-        "hora",
-        "vip_two_phase",
-        "pilot_commit",
-        "dapo",
-    ] = "vip"
+    strategy: StrategyName = "vip"
     predictor: Literal["gp", "beta", "empirical", "ridge", "oracle"] = "gp"
     predictor_kwargs: dict = Field(default_factory=dict)
     embedder: Literal["auto", "minilm", "hashing"] = "hashing"

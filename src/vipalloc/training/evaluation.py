@@ -159,9 +159,9 @@ def paper_metrics_lines(runs: dict[str, list[list[dict[str, Any]]]]) -> list[str
         f"Each evaluation: {n_prompts} held-out prompts x {per_prompt} samples = {n_samples:,} samples. mean@k is the "
         "mean success of one sample (its expectation is the same for every k); pass@k the unbiased estimator "
         "1 - C(n-c, k)/C(n, k); maj@k the majority-vote accuracy of k samples (ties share the credit). Sampling "
-        f"error of one evaluation's mean@k on this prompt set: ±{np.nanmean(se):.4f} (1 s.e.; two evaluations of "
-        f"the same policy differ by about {np.sqrt(2) * np.nanmean(se):.4f}); against the task distribution (which "
-        f"prompts were drawn): ±{np.nanmean(pse):.4f} for mean@k and ±{np.nanmean(top_se):.4f} for {_label(top)}.",
+        f"error of one evaluation's mean@k on this prompt set: ±{_mean_or_nan(se):.4f} (1 s.e.; two evaluations of "
+        f"the same policy differ by about {np.sqrt(2) * _mean_or_nan(se):.4f}); against the task distribution (which "
+        f"prompts were drawn): ±{_mean_or_nan(pse):.4f} for mean@k and ±{_mean_or_nan(top_se):.4f} for {_label(top)}.",
         "",
         "| strategy | eval | " + " | ".join(_label(k) for k in keys) + " |",
         "|---|---|" + "---|" * len(keys),
@@ -191,6 +191,14 @@ def paper_metrics_lines(runs: dict[str, list[list[dict[str, Any]]]]) -> list[str
     return [*lines, ""]
 
 
+def _mean_or_nan(values: list[float]) -> float:
+    """Mean of the finite entries; NaN (printed as "nan") when there are none, e.g. a standard error that one
+    sample per prompt cannot give. ``np.nanmean`` would warn "Mean of empty slice" there."""
+    arr = np.asarray(values, np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
 def plot_paper_metrics(runs: dict[str, list[list[dict[str, Any]]]], path: Path) -> bool:
     """``path`` (PNG): mean@k, pass@k and maj@k of every strategy (mean over seeds) against cumulative rollouts,
     one panel per metric family. Returns False (and writes nothing) when the runs carry no such metrics."""
@@ -217,7 +225,8 @@ def plot_paper_metrics(runs: dict[str, list[list[dict[str, Any]]]], path: Path) 
         ax.set_title(title)
         ax.set_xlabel("cumulative rollouts")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if fam:  # a family the evaluation did not measure (e.g. maj@k with one sample) stays an empty panel
+            ax.legend(fontsize=7)
     axes[0].set_ylabel("held-out accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -30,7 +30,7 @@ unseen prompts, whose predictive std can exceed what any Beta with that mean all
 they count as 2 pseudo-rollouts (``Beta(1, 1)`` at ``mu = 0.5``), so two pilot successes do not make ``p = 1``.
 
 This module is maths only: it imports :mod:`vipalloc.allocation`, :mod:`vipalloc.variance` and
-:mod:`vipalloc.strategies`. The stateful API (``Allocator.plan_pilot`` / ``plan_commit``) is in
+:mod:`vipalloc.strategies.base` / ``vip``. The stateful API (``Allocator.plan_pilot`` / ``plan_commit``) is in
 :mod:`vipalloc.allocator`; :class:`PilotState` is the outstanding-pilot record it keeps and saves.
 ``pilot_n = 1`` has no stay-at-pilot option (a group of one trains nothing; :func:`commit_domain`).
 """
@@ -38,13 +38,21 @@ This module is maths only: it imports :mod:`vipalloc.allocation`, :mod:`vipalloc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from vipalloc.allocation import _check_bonus, _reachable, minimize_separable
-from vipalloc.strategies import HARDNESS_BONUS, P_CLIP, VIP, check_vip_options, uniform_counts
+from vipalloc.strategies.base import (
+    HARDNESS_BONUS,
+    P_CLIP,
+    AllocationContext,
+    StrategyBase,
+    check_vip_options,
+    uniform_counts,
+)
+from vipalloc.strategies.vip import VIP
 from vipalloc.variance import gradient_variance
 
 __all__ = [
@@ -52,7 +60,6 @@ __all__ = [
     "PRIOR_MEAN_CLIP",
     "PRIOR_NU_MAX",
     "PRIOR_NU_MIN",
-    "TWO_PHASE_STRATEGIES",
     "Commit",
     "PilotCommit",
     "PilotState",
@@ -63,7 +70,6 @@ __all__ = [
     "beta_prior",
     "commit_domain",
     "expected_variance",
-    "is_two_phase",
     "solve_commit",
     "uniform_extra",
 ]
@@ -72,7 +78,6 @@ PRIOR_NU_MAX = 32.0  # cap on a + b: a predictor never counts as more than 32 pi
 PRIOR_NU_MIN = 2.0  # floor on a + b: an unseen prompt's prior is worth 2 rollouts (Beta(1, 1) at mean 0.5)
 PRIOR_MEAN_CLIP = 1e-3  # the prior mean is clipped to [1e-3, 1 - 1e-3] so both pseudo-counts stay > 0
 PILOT_BAND = (0.125, 0.75)  # Pilot-Commit's kept pass-rate band (inclusive)
-TWO_PHASE_STRATEGIES = ("vip_two_phase", "pilot_commit")
 
 
 # --------------------------------------------------------------------------------------------- Beta maths
@@ -331,10 +336,14 @@ class TwoPhaseStrategy(Protocol):
     """A strategy that plans a pilot, then commits the rest of the budget given the pilot's outcomes."""
 
     name: str
-    two_phase: bool
-    trains_pilot_only: bool  # False: only prompts with extra rollouts enter the update
+    uses_context: ClassVar[bool]
+    two_phase: ClassVar[bool]
+    trains_pilot_only: ClassVar[bool]  # False: only prompts with extra rollouts enter the update
+    last_min_keep_relaxed: bool
 
-    def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray: ...
+    def allocate(
+        self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
+    ) -> np.ndarray: ...
 
     def check_pilot(self, m: int, budget: int, n_min: int, n_max: int, pilot_n: int) -> None: ...
 
@@ -352,11 +361,6 @@ class TwoPhaseStrategy(Protocol):
         n_max: int,
         pilot_n: int,
     ) -> Commit: ...
-
-
-def is_two_phase(strategy: Any) -> bool:
-    """True for strategies that must be driven by ``plan_pilot`` / ``plan_commit``."""
-    return bool(getattr(strategy, "two_phase", False))
 
 
 def check_pilot(m: int, budget: int, n_min: int, n_max: int, pilot_n: int) -> None:
@@ -385,7 +389,7 @@ def _not_single_phase(name: str) -> ValueError:
 
 
 @dataclass
-class VIPTwoPhase:
+class VIPTwoPhase(StrategyBase):
     """Two-phase VIP (VIP, arXiv 2602.01601, with in-step pilot evidence as in Pilot-Commit, arXiv 2605.26606):
     ``pilot_n`` rollouts on every prompt, then the rest of the budget committed exactly under each prompt's Beta
     posterior (prior from the predictor, evidence from the pilot). See the module docstring.
@@ -408,8 +412,8 @@ class VIPTwoPhase:
     prior_nu_min: float = PRIOR_NU_MIN
     skip: str = "vip"
     name: str = "vip_two_phase"
-    two_phase: bool = True
-    trains_pilot_only: bool = True  # a prompt with 0 extra still trains on its pilot group
+    two_phase: ClassVar[bool] = True
+    trains_pilot_only: ClassVar[bool] = True  # a prompt with 0 extra still trains on its pilot group
 
     def __post_init__(self) -> None:
         self.hardness_bonus = check_vip_options(self.hardness_bonus, self.min_keep, self.allow_drop)
@@ -420,7 +424,9 @@ class VIPTwoPhase:
         if self.skip not in ("vip", "none"):
             raise ValueError(f"skip must be 'vip' (skip what vip drops on the prior) or 'none', got {self.skip!r}")
 
-    def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
+    def allocate(
+        self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
+    ) -> np.ndarray:
         raise _not_single_phase(self.name)
 
     def check_pilot(self, m: int, budget: int, n_min: int, n_max: int, pilot_n: int) -> None:
@@ -489,7 +495,7 @@ class VIPTwoPhase:
 
 
 @dataclass
-class PilotCommit:
+class PilotCommit(StrategyBase):
     """The Pilot-Commit peer (arXiv 2605.26606, databricks/pilot-commit), in-step part only.
 
     The caller hands in a candidate pool of ``pool_factor`` x the batch (default 3). Rule: ``pilot_n`` rollouts on
@@ -508,8 +514,8 @@ class PilotCommit:
     pool_factor: float = 3.0
     band: tuple[float, float] = PILOT_BAND
     name: str = "pilot_commit"
-    two_phase: bool = True
-    trains_pilot_only: bool = False  # only committed prompts train; the peer defers the others' pilot groups
+    two_phase: ClassVar[bool] = True
+    trains_pilot_only: ClassVar[bool] = False  # only committed prompts train; the peer defers the others' pilot groups
 
     def __post_init__(self) -> None:
         pf = self.pool_factor
@@ -521,7 +527,9 @@ class PilotCommit:
             raise ValueError(f"band must be (lo, hi) with 0 <= lo <= hi <= 1, got {self.band!r}")
         self.band = (lo, hi)
 
-    def allocate(self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
+    def allocate(
+        self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
+    ) -> np.ndarray:
         raise _not_single_phase(self.name)
 
     def batch_size(self, m: int) -> int:

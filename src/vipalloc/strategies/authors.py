@@ -28,23 +28,33 @@ Deviations, each needed for a well-defined or tie-symmetric result (``docs/strat
 * Where their code raises (freed units with every kept prompt at ``upper``) we keep more prompts; where no plan
   with every kept prompt at ``>= max(n_min, min_keep)`` exists, the minimum is relaxed and flagged.
 
-Maths only: imports :mod:`vipalloc.allocation` (validation) and numpy.
+Maths only: imports :mod:`vipalloc.strategies.base` and numpy.
 """
 
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 
+from vipalloc.strategies.base import (
+    HARDNESS_BONUS,
+    AllocationContext,
+    StrategyBase,
+    check_call,
+    check_vip_options,
+    equal_classes,
+)
+
 __all__ = [
     "AUTHORS_GAMMA",
+    "VIPAuthors",
     "AuthorsResult",
     "authors_allocate",
     "authors_rounding",
     "continuous_optimum",
-    "equal_classes",
     "legacy_gain",
     "legacy_greedy_fill",
 ]
@@ -59,17 +69,6 @@ class AuthorsResult(NamedTuple):
     counts: np.ndarray  # int64 (M,)
     continuous: np.ndarray | None  # float64 (M,), the continuous optimum (None on the uniform path)
     min_keep_relaxed: bool
-
-
-def equal_classes(key: np.ndarray) -> np.ndarray:
-    """Class label per prompt (int64 ``(M,)``): prompts with equal ``key`` (a value, or a row of a 2-D ``key``)
-    share a label; labels are numbered by first occurrence."""
-    key = np.asarray(key)
-    _, first, inv = np.unique(key, return_index=True, return_inverse=True, axis=0 if key.ndim > 1 else None)
-    order = np.argsort(first, kind="stable")  # relabel classes in order of their first member
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return rank[inv.ravel()].astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------- continuous stage
@@ -317,3 +316,49 @@ def authors_allocate(
         kept = 0 if rounded is None else int((rounded > 0).sum())
         rounded = _keep_top(x, a, budget, min(max(kept, j_min), j_max), lo, n_max, cls)
     return AuthorsResult(rounded, x, False)
+
+
+@dataclass
+class VIPAuthors(StrategyBase):
+    """The VIP authors' complete allocation procedure (arXiv 2602.01601; their final code, ``allocate_rollout``),
+    with the continuous stage solved exactly instead of by SLSQP (:mod:`vipalloc.strategies.authors`).
+
+    Rule: ``p`` clipped to ``[1e-6, 1-1e-6]``; the continuous minimum of their objective (``a/(n-1) + gamma log(p)
+    n`` for RLOO with gamma 7e-4, ``a (n-1)/n^2 + gamma log(p) n`` for Dr.GRPO with 4e-4) on their bounds
+    ``[lower, n_max]`` = ``[1, n_max]``; floor; ``n < max(n_min, min_keep)`` -> 0; greedy fill on their legacy
+    surrogate ``sum a (n+3)/(n+4)^2``; counts left below the minimum zeroed, their units to the largest counts.
+    Uniform when ``std(p) < 1e-6``. Unlike ``vip``, the freed rollouts follow the surrogate, which has no hardness
+    bonus: mid-p prompts get more, never-solved prompts fewer (``docs/strategies.md``, "where the budget goes").
+    ``last_min_keep_relaxed`` as for ``vip``.
+    """
+
+    estimator: str = "drgrpo"
+    hardness_bonus: float | None = None
+    lower: float = 1.0
+    min_keep: int = 4
+    name: str = "vip_authors"
+    last_min_keep_relaxed: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.hardness_bonus = check_vip_options(self.hardness_bonus, self.min_keep)
+        if isinstance(self.lower, bool) or not isinstance(self.lower, (int, float)) or not 1.0 <= self.lower:
+            raise ValueError(f"lower (the continuous problem's lower bound) must be a number >= 1, got {self.lower!r}")
+
+    def allocate(
+        self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
+    ) -> np.ndarray:
+        p, budget = check_call(p_hat, budget, n_min, n_max)
+        if self.lower > n_max:
+            raise ValueError(f"lower ({self.lower}) must be <= n_max ({n_max}); the authors use lower=1")
+        res = authors_allocate(
+            p,
+            budget,
+            n_min,
+            n_max,
+            estimator=self.estimator,
+            gamma=HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus),
+            lower=float(self.lower),
+            min_keep=int(self.min_keep),
+        )
+        self.last_min_keep_relaxed = res.min_keep_relaxed
+        return res.counts

@@ -1,10 +1,17 @@
-"""The 2026 peers that need more than ``p_hat``: ``dynamo`` (reward-history variances) and ``hora`` (Beta posteriors).
+"""The peers' allocation rules, written from their papers (``shared/reference/peers.md``, ``peers-2026.md``).
 
-Both take the optional ``context`` (:class:`vipalloc.strategies.AllocationContext`) that ``Allocator.plan`` fills;
-called without it they fall back as documented per class. Written from the papers (``shared/reference/
-peers-2026.md``) and, for DynaMO, its public code (``GithubX-F/DynaMO-RL``, ``recipe/dynamo``), not copied.
+| name | rule | source |
+|---|---|---|
+| ``knapsack`` | max ``sum (1-p^n-(1-p)^n) p (1-p)^2``, exact; leftovers to p = 0 | Knapsack-RL, arXiv 2509.25849 |
+| ``gvm`` | ``n ~ 1/sqrt(p + a/p^(b-1))``, a=1e-3, b=2, clipped, exact-sum rounding | GVM-RAFT, arXiv 2505.02391 |
+| ``dynamo`` | ``n ~ sigma_i``, mean ``k(G-k)/(G(G-1))`` of the prompt's past groups, water-filled | arXiv 2602.19208 |
+| ``hora`` | max ``sum P(>= 1 success in n_i)`` under each prompt's Beta posterior, exact (concave) | arXiv 2605.07114 |
 
-Maths only: imports :mod:`vipalloc.allocation` and :mod:`vipalloc.strategies`.
+``dynamo`` and ``hora`` read the optional ``context`` (:class:`~vipalloc.strategies.base.AllocationContext`) that
+``Allocator.plan`` fills (``uses_context = True``); called without it they fall back as documented per class.
+DynaMO is also written from its public code (``GithubX-F/DynaMO-RL``, ``recipe/dynamo``), not copied.
+
+Maths only: imports :mod:`vipalloc.allocation` and :mod:`vipalloc.strategies.base`.
 """
 
 from __future__ import annotations
@@ -16,27 +23,133 @@ import numpy as np
 from scipy.special import gammaln
 
 from vipalloc.allocation import domain, minimize_separable
-from vipalloc.strategies import (
+from vipalloc.strategies.base import (
     P_CLIP,
     AllocationContext,
-    _check,
+    StrategyBase,
     balance_ties,
+    check_call,
     equal_classes,
-    proportional_counts,
+    uniform_counts,
 )
 
-__all__ = ["DynaMO", "HORA", "beta_from_moments", "p_at_least_one"]
+__all__ = [
+    "GVM",
+    "HORA",
+    "DynaMO",
+    "Knapsack",
+    "beta_from_moments",
+    "knapsack_value",
+    "p_at_least_one",
+    "proportional_counts",
+]
+
+
+def knapsack_value(p: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Knapsack-RL's value of ``n`` rollouts on a prompt: ``(1 - p^n - (1-p)^n) * p * (1-p)^2`` (broadcasts)."""
+    return (1.0 - p**n - (1.0 - p) ** n) * p * (1.0 - p) ** 2
 
 
 @dataclass
-class DynaMO:
+class Knapsack(StrategyBase):
+    """Knapsack-RL (Li et al., arXiv 2509.25849): maximise ``sum_i (1 - p^n - (1-p)^n) * p (1-p)^2`` (the chance of
+    a non-zero gradient times the information gain) subject to ``sum n = budget`` and the bounds, EXACTLY (the
+    shared solver of :mod:`vipalloc.allocation`; the paper uses a dynamic program).
+
+    Prompts whose value is 0 at every count (p in {0, 1}) get ``n_min`` while any valuable prompt can still take a
+    rollout (every valuable prompt's value strictly grows with n). Rollouts left once the valuable prompts are
+    at ``n_max`` go, as in the paper's fallback, to the p = 0 prompts (spread evenly, earlier prompts first), then
+    to the p = 1 prompts. This choice is among the exact optima, so it does not change the objective. Predictions
+    below 1e-6 (above 1 - 1e-6) count as 0 (1), so "never solved" prompts are one group whatever their exact p.
+    """
+
+    name: str = "knapsack"
+
+    def allocate(
+        self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
+    ) -> np.ndarray:
+        p, budget = check_call(p_hat, budget, n_min, n_max)
+        p = np.where(p < P_CLIP, 0.0, np.where(p > 1 - P_CLIP, 1.0, p))
+        vals = domain(n_min, n_max)
+        value = knapsack_value(p[:, None], vals[None, :].astype(np.float64))
+        counts = balance_ties(vals[minimize_separable(-value, vals, budget)], equal_classes(p))
+        # Zero-value prompts: any split of their rollouts is optimal, so place them by the paper's fallback rule.
+        zero = np.flatnonzero(~np.any(value != 0.0, axis=1))
+        if zero.size:
+            pool = int(counts[zero].sum()) - zero.size * n_min
+            counts[zero] = n_min
+            for group in (zero[p[zero] < 0.5], zero[p[zero] >= 0.5]):  # unsolved first, then solved
+                if pool == 0 or group.size == 0:
+                    continue
+                take = min(pool, group.size * (n_max - n_min))
+                counts[group] += uniform_counts(group.size, take)
+                pool -= take
+        return counts
+
+
+@dataclass
+class GVM(StrategyBase):
+    """GVM-RAFT (Yao et al., arXiv 2505.02391): ``n_i`` proportional to ``G_i / sqrt(p_i + a / p_i^(b-1))`` with
+    a = 1e-3, b = 2 and equal gradient norms ``G_i`` (we do not observe them), p clipped to >= 1e-6.
+
+    The proportional targets are clipped to ``[n_min, n_max]`` by water-filling (the scale is chosen so the clipped
+    targets sum to the budget exactly), then rounded with largest remainders (earlier prompts first on ties).
+    GVM gives p = 0 prompts no samples; here they get ``n_min``, since this interface does not drop.
+    """
+
+    a: float = 1e-3
+    b: float = 2.0
+    name: str = "gvm"
+
+    def allocate(
+        self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
+    ) -> np.ndarray:
+        p, budget = check_call(p_hat, budget, n_min, n_max)
+        pc = np.clip(p, P_CLIP, 1.0)
+        weight = 1.0 / np.sqrt(pc + self.a / pc ** (self.b - 1.0))
+        return proportional_counts(weight, budget, n_min, n_max)
+
+
+def proportional_counts(weight: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
+    """Integer counts in ``[n_min, n_max]`` summing to ``budget``, proportional to ``weight > 0`` where the bounds
+    allow (water-filling), rounded by largest remainder. ``weight``: float ``(M,)``; returns int64 ``(M,)``."""
+    m = len(weight)
+    if budget == m * n_min or n_min == n_max:
+        return np.full(m, n_min, np.int64) if budget == m * n_min else np.full(m, n_max, np.int64)
+    # sum_i clip(s * w_i, n_min, n_max) is continuous and nondecreasing in s: bisect to the exact budget.
+    lo, hi = 0.0, n_max / float(weight.min())
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if np.clip(mid * weight, n_min, n_max).sum() < budget:
+            lo = mid
+        else:
+            hi = mid
+    target = np.clip(hi * weight, n_min, n_max)
+    counts = np.floor(target).astype(np.int64)
+    left = budget - int(counts.sum())
+    frac = target - counts
+    # largest remainders first (stable: earlier prompts win ties); only prompts below n_max can take a unit
+    order = np.argsort(-frac, kind="stable")
+    order = order[counts[order] < n_max]
+    counts[order[:left]] += 1
+    if left < 0:  # floating round-off pushed the floors over budget: take back from the smallest remainders
+        order = np.argsort(frac, kind="stable")
+        order = order[counts[order] > n_min]
+        counts[order[:-left]] -= 1
+    return counts
+
+
+@dataclass
+class DynaMO(StrategyBase):
     """DynaMO's rollout allocation (Fang et al., arXiv 2602.19208): ``n_i = B sigma_i / sum_k sigma_k``.
 
     ``sigma_i`` is the paper's proxy of the prompt's gradient variance: the mean over its past groups (the history
     window, ``context.group_sigma``) of ``k (G - k) / (G (G - 1))``, the unbiased Bernoulli variance of a group with
     ``k`` successes of ``G >= 2`` rollouts, used as the paper's formula uses it (no square root). The proportional
     targets are water-filled into ``[n_min, n_max]`` (the scale is chosen so the clipped targets sum to the budget)
-    and rounded by largest remainders, so the sum is exact (:func:`vipalloc.strategies.proportional_counts`).
+    and rounded by largest remainders, so the sum is exact (:func:`proportional_counts`).
 
     Details we chose: prompts without a group of ``>= 2`` rollouts (unseen) get ``sigma_unseen = 0.25``, the largest
     Bernoulli variance, as DynaMO's code gives unseen prompts the top priority (1.0 = 4 x 0.25); every sigma is
@@ -69,7 +182,7 @@ class DynaMO:
     def allocate(
         self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
     ) -> np.ndarray:
-        p, budget = _check(p_hat, budget, n_min, n_max)
+        p, budget = check_call(p_hat, budget, n_min, n_max)
         # equal weights get counts within one (largest remainders, earlier first): ties are treated alike
         return proportional_counts(self.sigma(len(p), context), budget, n_min, n_max)
 
@@ -96,7 +209,7 @@ def p_at_least_one(alpha: np.ndarray, beta: np.ndarray, n: np.ndarray) -> np.nda
 
 
 @dataclass
-class HORA:
+class HORA(StrategyBase):
     """HORA (arXiv 2605.07114): maximise ``sum_i P(at least one correct among n_i rollouts)`` under each prompt's
     Beta posterior, ``P = 1 - E[(1 - p)^n] = 1 - B(alpha, beta + n) / B(alpha, beta)``, subject to ``sum n = budget``
     and the bounds, EXACTLY (:func:`vipalloc.allocation.minimize_separable`; the objective is concave in ``n``, so
@@ -156,7 +269,7 @@ class HORA:
     def allocate(
         self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
     ) -> np.ndarray:
-        p, budget = _check(p_hat, budget, n_min, n_max)
+        p, budget = check_call(p_hat, budget, n_min, n_max)
         vals = domain(n_min, n_max)
         value = self.value(p, context, vals)
         counts = vals[minimize_separable(-value, vals, budget)]

@@ -1,0 +1,130 @@
+"""VIP (Variance-Informed Predictive allocation, arXiv 2602.01601): the exact integer program over the estimator's
+variance.
+
+| name | rule |
+|---|---|
+| ``vip`` | exact min of variance + ``gamma log(p) n``, authors' two-stage drop, kept n >= 4 |
+| ``vip_pure`` | exact min of the estimator's variance only, no bonus, no drop |
+
+Both return the uniform plan when the predictions carry no information (``std(p_hat) < 1e-6``, as on the first
+step), like the authors' code. Details and a worked example: ``docs/strategies.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vipalloc.allocation import solve
+from vipalloc.strategies.base import (
+    HARDNESS_BONUS,
+    P_CLIP,
+    AllocationContext,
+    StrategyBase,
+    balance_ties,
+    check_call,
+    check_vip_options,
+    equal_classes,
+    no_information,
+    tie_classes,
+    uniform_counts,
+)
+
+__all__ = ["VIP", "VIPPure"]
+
+
+@dataclass
+class VIP(StrategyBase):
+    """VIP (Variance-Informed Predictive allocation, arXiv 2602.01601) with the authors' final settings.
+
+    Rule: minimise ``sum_i Var(p_i, n_i) + gamma * log(clip(p_i, 1e-6, 1-1e-6)) * n_i`` (``Var`` of the chosen
+    estimator; ``gamma`` = 7e-4 for RLOO, 4e-4 for Dr.GRPO, their hardness bonus) exactly in integers, with
+    ``sum n = budget``. With ``allow_drop`` (default) prompts may be dropped and kept ones get at least
+    ``max(n_min, min_keep)`` (``min_keep`` = 4). Uniform when all predictions are equal (``std < 1e-6``). ``p`` is
+    clipped to ``[1e-6, 1-1e-6]`` before anything (as the authors do), so ``a = p (1 - p) > 0``.
+
+    Where no plan keeps every kept prompt at ``>= max(n_min, min_keep)`` (``ceil(budget / n_max) >
+    budget // max(n_min, min_keep)``, e.g. ``allocate([.1, .5, .9], 6, 2, 4)``), the minimum is relaxed: one exact
+    solve on ``[n_min, n_max]`` without drops, and ``last_min_keep_relaxed`` is set (``Plan.min_keep_relaxed``).
+
+    Dropping follows the authors' two-stage structure (their SLSQP solution, then "any n < 4 -> 0" and the budget
+    handed back), each stage solved exactly: (1) the optimum with every prompt kept on ``[2, n_max]``; (2) prompts
+    whose stage-1 count is below ``max(n_min, min_keep)`` are dropped (a group of equal prompts as one: dropped when
+    its mean stage-1 count is below; fewer if the rest could not absorb the budget) and the budget is re-solved
+    exactly over the kept prompts on ``[max(n_min, min_keep), n_max]``. The
+    one-shot program with 0 in every prompt's domain (``solve(..., allow_drop=True)``) is degenerate here: a dropped
+    prompt costs 0 while a kept one costs its positive variance, so it drops the informative mid-p prompts (on a
+    Beta(0.6, 0.6) batch it drops 75% of them, every prompt with p >= 0.2; docs/strategies.md).
+    """
+
+    estimator: str = "drgrpo"
+    hardness_bonus: float | None = None
+    allow_drop: bool = True
+    min_keep: int = 4
+    name: str = "vip"
+    last_min_keep_relaxed: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.hardness_bonus = check_vip_options(self.hardness_bonus, self.min_keep, self.allow_drop)
+
+    def allocate(
+        self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
+    ) -> np.ndarray:
+        p, budget = check_call(p_hat, budget, n_min, n_max)
+        self.last_min_keep_relaxed = False
+        m = len(p)
+        if no_information(p):
+            return uniform_counts(m, budget)
+        bonus = HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus)
+        pc = np.clip(p, P_CLIP, 1 - P_CLIP)
+        cls = equal_classes(pc)
+
+        def exact(idx: np.ndarray, lo: int, hi: int) -> np.ndarray:
+            out = solve(pc[idx], budget, n_min=lo, n_max=hi, estimator=self.estimator, hardness_bonus=bonus)
+            return balance_ties(out, cls[idx])
+
+        every = np.arange(m)
+        if not self.allow_drop:
+            return exact(every, n_min, n_max)
+        lo = min(max(n_min, int(self.min_keep)), n_max)
+        # Keep j prompts; j must let the kept prompts absorb the budget within [lo, n_max]:
+        # ceil(budget / n_max) <= j <= budget // lo.
+        j_min, j_max = -(-budget // n_max), min(m, budget // lo)
+        if j_min > j_max:  # no kept set fits [lo, n_max] (lo close to n_max): keep everyone on [n_min, n_max]
+            self.last_min_keep_relaxed = True
+            return exact(every, n_min, n_max)
+        stage1 = exact(every, 2, n_max)
+        # A group of equal prompts is kept or dropped as one, by its mean stage-1 count (a singleton: its count).
+        k = np.bincount(cls)
+        mean1 = np.bincount(cls, weights=stage1) / k
+        keep_mask = (mean1 >= lo)[cls]
+        j = int(keep_mask.sum())
+        if not (j_min <= j <= j_max):  # the budget forces more or fewer: the most-served groups first
+            order = np.lexsort((every, cls, -mean1[cls]))  # members of a group adjacent; earlier groups on ties
+            keep_mask = np.zeros(m, bool)
+            keep_mask[order[: min(max(j, j_min), j_max)]] = True
+        keep = np.flatnonzero(keep_mask)
+        counts = np.zeros(m, np.int64)
+        counts[keep] = exact(keep, lo, n_max)
+        return counts
+
+
+@dataclass
+class VIPPure(StrategyBase):
+    """VIP's variance objective alone (arXiv 2602.01601, Sec. 3): the exact integer minimiser of
+    ``sum_i Var(p_i, n_i)`` for the chosen estimator, no hardness bonus, no dropping; uniform when all predictions
+    are equal (``std < 1e-6``). ``p`` is clipped to ``[1e-6, 1-1e-6]`` first, so predictions of 0 or 1 keep a
+    (tiny) variance that decreases with ``n`` instead of a flat zero whose split would be arbitrary."""
+
+    estimator: str = "drgrpo"
+    name: str = "vip_pure"
+
+    def allocate(
+        self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
+    ) -> np.ndarray:
+        p, budget = check_call(p_hat, budget, n_min, n_max)
+        if no_information(p):
+            return uniform_counts(len(p), budget)
+        pc = np.clip(p, P_CLIP, 1 - P_CLIP)
+        return balance_ties(solve(pc, budget, n_min=n_min, n_max=n_max, estimator=self.estimator), tie_classes(pc))
