@@ -168,7 +168,7 @@ def _register_subcommands() -> None:
     import importlib
     import importlib.util
 
-    for module in ("vipalloc.training.cli", "vipalloc.bench.cli"):
+    for module in ("vipalloc.training.cli", "vipalloc.bench.cli", "vipalloc.replay.cli"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register(app)
 

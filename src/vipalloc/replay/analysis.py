@@ -1,0 +1,502 @@
+"""What a logged run spent, how well predictors would have forecast it, and model-based counterfactual plans.
+
+Input: the per-(step, prompt) groups of :class:`~vipalloc.replay.readers.GroupTable` (``G`` groups: ``trials``
+rollouts of which ``successes`` succeeded, ``tokens`` generated tokens summed over the group).
+
+* **Waste** (measured): a group whose rollouts all succeeded (*solved*) or all failed (*hopeless*) has zero reward
+  variance, so every group-relative estimator (GRPO, Dr.GRPO, RLOO) gives it zero advantage: its rollouts and
+  tokens bought no gradient. Reported overall and per step.
+* **Predictors** (measured forecast quality): each predictor is trained on steps ``< t`` and scored on step ``t``'s
+  outcomes (Brier, :func:`vipalloc.predictors.metrics.calibration_metrics`), from the second step on.
+* **Counterfactuals** (model-based estimates, not training outcomes): one :class:`~vipalloc.Allocator` per
+  strategy is replayed through the log step by step. At step ``t`` it plans the step's real prompts at the step's
+  real total rollouts, then ingests the real outcomes. The policy, and so the outcomes, are the logged run's: the
+  plans say what the allocator would have *asked for* at each point of that run, and the variance ratio is the
+  engine's gradient-variance model evaluated at the predicted ``p``.
+
+Everything reaches the engine through ``Allocator.plan`` / ``Allocator.ingest_history`` (the log's groups are not
+plans this allocator made, so ``observe`` cannot take them) and ``Allocator.expected_variance``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from vipalloc import Allocator
+from vipalloc.history import RolloutHistory
+from vipalloc.predictors.metrics import calibration_metrics
+from vipalloc.replay.readers import GroupTable
+
+__all__ = ["CounterfactualConfig", "StepData", "replay_engine", "split_steps", "waste", "waste_per_step"]
+
+_CAL_BINS = 10
+
+
+def _share(part: float, whole: float) -> float | None:
+    return float(part / whole) if whole > 0 else None
+
+
+def waste(trials: np.ndarray, successes: np.ndarray, tokens: np.ndarray) -> dict[str, Any]:
+    """Rollouts and tokens in zero-variance groups for groups ``(G,)``; shares are ``None`` when undefined.
+
+    ``tokens`` (float64, NaN = unknown): token fields are ``None`` unless every group has a token count.
+    """
+    t = np.asarray(trials, np.int64)
+    s = np.asarray(successes, np.int64)
+    tok = np.asarray(tokens, np.float64)
+    solved = (s == t) & (t > 0)
+    hopeless = s == 0
+    zero = solved | hopeless
+    g = len(t)
+    rollouts = int(t.sum())
+    out: dict[str, Any] = {
+        "rollouts": rollouts,
+        "prompt_steps": g,
+        "successes": int(s.sum()),
+        "accuracy": _share(float(s.sum()), rollouts),
+        "zero_variance_rollouts": int(t[zero].sum()),
+        "all_correct_rollouts": int(t[solved].sum()),
+        "all_wrong_rollouts": int(t[hopeless].sum()),
+        "zero_variance_share": _share(float(t[zero].sum()), rollouts),
+        "zero_variance_groups": int(zero.sum()),
+        "solved_share": _share(float(solved.sum()), g),  # share of (prompt, step) groups all-correct
+        "hopeless_share": _share(float(hopeless.sum()), g),  # share of (prompt, step) groups all-wrong
+        "singleton_groups": int((t == 1).sum()),  # one rollout: zero advantage whatever its reward
+    }
+    known = bool(g) and bool(np.all(np.isfinite(tok)))
+    total = float(tok.sum()) if known else None
+    out.update(
+        {
+            "tokens": total,
+            "zero_variance_tokens": float(tok[zero].sum()) if known else None,
+            "all_correct_tokens": float(tok[solved].sum()) if known else None,
+            "all_wrong_tokens": float(tok[hopeless].sum()) if known else None,
+            "zero_variance_tokens_share": _share(float(tok[zero].sum()), total) if known and total else None,
+        }
+    )
+    return out
+
+
+def split_steps(arrays: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]]:
+    """``(step, group indices)`` per step, steps increasing (``arrays`` sorted by step, as ``GroupTable`` gives)."""
+    steps = arrays["step"]
+    if not len(steps):
+        return []
+    bounds = np.flatnonzero(np.diff(steps)) + 1
+    return [(int(steps[c[0]]), c) for c in np.split(np.arange(len(steps)), bounds)]
+
+
+def waste_per_step(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """:func:`waste` for each step, with its ``step``."""
+    return [
+        {"step": step, **waste(arrays["trials"][idx], arrays["successes"][idx], arrays["tokens"][idx])}
+        for step, idx in split_steps(arrays)
+    ]
+
+
+def prompts_over_run(arrays: dict[str, np.ndarray], n_prompts: int) -> dict[str, int]:
+    """Prompts never solved / always solved in every rollout they got over the whole log."""
+    pid = arrays["prompt_index"]
+    t = np.bincount(pid, weights=arrays["trials"], minlength=n_prompts)
+    s = np.bincount(pid, weights=arrays["successes"], minlength=n_prompts)
+    seen = t > 0
+    return {
+        "prompts": int(seen.sum()),
+        "never_solved": int((seen & (s == 0)).sum()),
+        "always_solved": int((seen & (s == t)).sum()),
+    }
+
+
+@dataclass
+class StepData:
+    """One step of the log as the allocators see it; arrays ``(M,)`` aligned with ``ids``."""
+
+    step: int
+    ids: list[str]  # allocator prompt ids
+    texts: list[str]
+    trials: np.ndarray  # int64: rollouts the log generated per prompt
+    successes: np.ndarray  # int64
+    tokens: np.ndarray  # float64: generated tokens per group (NaN unknown)
+
+    @property
+    def mean_tokens(self) -> np.ndarray:
+        """Realised tokens per rollout of each prompt this step, float64 ``(M,)``."""
+        return self.tokens / np.maximum(self.trials, 1)
+
+    @property
+    def zero(self) -> np.ndarray:
+        """Groups whose outcomes were all-equal (bool ``(M,)``)."""
+        return (self.successes == 0) | (self.successes == self.trials)
+
+
+def allocator_ids(table: GroupTable) -> list[str]:
+    """Short, stable allocator ids: the log's id when it has one, else ``t:`` + a hash of the prompt text."""
+    out = []
+    for key, text in zip(table.prompt_ids, table.texts):
+        if key == text and len(key) > 40:  # keyed by its text: keep plans files and state readable
+            out.append("t:" + hashlib.sha1(key.encode()).hexdigest()[:16])
+        else:
+            out.append(key)
+    return out
+
+
+def iter_step_data(table: GroupTable, arrays: dict[str, np.ndarray]) -> list[StepData]:
+    """The log cut into :class:`StepData`, steps increasing."""
+    ids = allocator_ids(table)
+    out = []
+    for step, idx in split_steps(arrays):
+        pid = arrays["prompt_index"][idx]
+        out.append(
+            StepData(
+                step=step,
+                ids=[ids[i] for i in pid],
+                texts=[table.texts[i] or table.prompt_ids[i] for i in pid],
+                trials=arrays["trials"][idx],
+                successes=arrays["successes"][idx],
+                tokens=arrays["tokens"][idx],
+            )
+        )
+    return out
+
+
+@dataclass
+class CounterfactualConfig:
+    """What to replay: strategies (one allocator each), the predictor they use, the predictors scored."""
+
+    strategies: list[str] = field(default_factory=lambda: ["vip", "vip_authors", "inverse_acc"])
+    predictor: str = "gp"
+    predictors: list[str] = field(default_factory=lambda: ["gp", "beta", "empirical"])
+    estimator: str = "drgrpo"
+    n_min: int | None = None  # None: min(4, the log's smallest mean group size), at least 2
+    n_max: int | None = None  # None: max(32, 2 x the log's largest group)
+    embedder: str = "auto"
+    seed: int = 0
+
+
+def default_bounds(steps: Sequence[StepData], cfg: CounterfactualConfig) -> tuple[int, int]:
+    """``(n_min, n_max)``: a log with groups of 2 must stay feasible, and no logged group may exceed ``n_max``."""
+    n_min = cfg.n_min
+    if n_min is None:
+        smallest = min((int(s.trials.sum()) // len(s.ids) for s in steps), default=4)
+        n_min = max(2, min(4, smallest))
+    n_max = cfg.n_max if cfg.n_max is not None else max(32, 2 * max((int(s.trials.max()) for s in steps), default=16))
+    return n_min, n_max
+
+
+def _ingest(alloc: Allocator, sd: StepData) -> None:
+    """Feed the step's real outcomes to ``alloc`` as a one-step history (0/1 rewards: success already decided)."""
+    h = RolloutHistory(success_threshold=0.5)
+    rewards = [np.r_[np.ones(s), np.zeros(t - s)] for s, t in zip(sd.successes, sd.trials)]
+    h.extend(sd.step, sd.ids, rewards, prompts=sd.texts)
+    alloc.ingest_history(h)
+
+
+def _token_budget_supported() -> bool:
+    return "token_budget" in inspect.signature(Allocator.plan).parameters
+
+
+class _LengthModel:
+    """Predicted tokens per rollout from earlier steps only: the prompt's own mean, else the mean over all
+    earlier rollouts, else (first step) the step's own mean (flagged as hindsight)."""
+
+    def __init__(self) -> None:
+        self.sum: dict[str, float] = {}
+        self.n: dict[str, int] = {}
+        self.total = 0.0
+        self.count = 0
+
+    def predict(self, sd: StepData) -> np.ndarray:
+        fallback = self.total / self.count if self.count else float(np.nansum(sd.tokens) / max(sd.trials.sum(), 1))
+        return np.array([self.sum[i] / self.n[i] if i in self.n else fallback for i in sd.ids], np.float64)
+
+    def update(self, sd: StepData) -> None:
+        for pid, tok, t in zip(sd.ids, sd.tokens, sd.trials):
+            if math.isfinite(tok):
+                self.sum[pid] = self.sum.get(pid, 0.0) + float(tok)
+                self.n[pid] = self.n.get(pid, 0) + int(t)
+                self.total += float(tok)
+                self.count += int(t)
+
+
+@dataclass
+class _Totals:
+    """Running sums of one strategy's counterfactual over the steps it planned."""
+
+    exp_var: float = 0.0
+    uni_var: float = 0.0
+    logged_var: float = 0.0
+    rollouts: int = 0
+    rollouts_moved: int = 0
+    tokens_moved: float = 0.0
+    tokens_hindsight: float = 0.0
+    dropped: int = 0
+    steps: int = 0
+    skipped: list[str] = field(default_factory=list)
+    tok_rollouts: int = 0
+    tok_exp_var: float = 0.0
+    tok_pred_tokens: float = 0.0
+    tok_target_tokens: float = 0.0
+    tok_hindsight: float = 0.0
+    tok_moved: float = 0.0
+    per_step: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a / b) if b > 0 else None
+
+
+def replay_engine(
+    steps: Sequence[StepData],
+    cfg: CounterfactualConfig,
+    *,
+    tokens_known: bool,
+    plans_dir: Path | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Replay the log into the allocators: ``(predictors, strategies, info)``.
+
+    ``predictors``: name -> next-step scores and calibration bins; ``strategies``: name -> counterfactual summary
+    with a ``per_step`` list; ``info``: the bounds and methods used. ``plans_dir``: where to write one
+    ``<strategy>.jsonl`` of per-(step, prompt) counts. ``on_step(done, total)`` reports progress.
+    """
+    n_min, n_max = default_bounds(steps, cfg)
+    info: dict[str, Any] = {
+        "n_min": n_min,
+        "n_max": n_max,
+        "estimator": cfg.estimator,
+        "predictor": cfg.predictor,
+        "token_budget_method": (
+            "Allocator.plan(token_budget=...)"
+            if _token_budget_supported()
+            else "rollout budget scaled so the plan's predicted tokens match the logged allocation's (one rescale; "
+            "predicted tokens per rollout: the prompt's mean over earlier steps, else the mean of all earlier "
+            "rollouts)"
+        ),
+    }
+    kw = {"estimator": cfg.estimator, "n_min": n_min, "n_max": n_max, "seed": cfg.seed, "embedder": cfg.embedder}
+    strat_allocs = {s: Allocator(strategy=s, predictor=cfg.predictor, **kw) for s in cfg.strategies}
+    # A predictor that the strategies already use is scored from their plans' p_mean (same predictor, same data):
+    # no second GP fit. The others get a cheap uniform allocator that only predicts.
+    shared = cfg.predictor if cfg.strategies and cfg.predictor in cfg.predictors else None
+    pred_allocs = {p: Allocator(strategy="uniform", predictor=p, **kw) for p in cfg.predictors if p != shared}
+    scored: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {p: [] for p in cfg.predictors}
+    totals = {s: _Totals() for s in cfg.strategies}
+    lengths = _LengthModel()
+    seen: set[str] = set()
+    files: dict[str, TextIO] = {}
+    if plans_dir is not None:
+        plans_dir.mkdir(parents=True, exist_ok=True)
+        files = {s: (plans_dir / f"{s}.jsonl").open("w", encoding="utf-8") for s in cfg.strategies}
+    try:
+        for k, sd in enumerate(steps):
+            m = len(sd.ids)
+            budget = int(sd.trials.sum())
+            is_seen = np.array([pid in seen for pid in sd.ids])
+            if k > 0:  # the first step has no history: a prediction there is the prior, a plan near-uniform
+                for name, alloc in pred_allocs.items():
+                    plan = alloc.plan(sd.ids, prompts=sd.texts, budget=m * n_min, step=sd.step)
+                    scored[name].append((plan.p_mean, sd.successes, sd.trials, is_seen))
+                l_hat = lengths.predict(sd) if tokens_known else None
+                for name, alloc in strat_allocs.items():
+                    p_mean = _counterfactual_step(name, alloc, sd, budget, l_hat, totals[name], files.get(name), n_max)
+                    if shared is not None and name == cfg.strategies[0]:
+                        if p_mean is None:  # this step's budget is infeasible for it: predict at n_min each
+                            p_mean = alloc.plan(sd.ids, prompts=sd.texts, budget=m * n_min, step=sd.step).p_mean
+                        scored[shared].append((p_mean, sd.successes, sd.trials, is_seen))
+            for alloc in (*strat_allocs.values(), *pred_allocs.values()):
+                _ingest(alloc, sd)
+            if tokens_known:
+                lengths.update(sd)
+            seen.update(sd.ids)
+            if on_step is not None:
+                on_step(k + 1, len(steps))
+    finally:
+        for f in files.values():
+            f.close()
+    predictors = {name: _score(parts) for name, parts in scored.items()}
+    strategies = {name: _summary(t, tokens_known) for name, t in totals.items()}
+    return predictors, strategies, info
+
+
+def _counterfactual_step(
+    name: str,
+    alloc: Allocator,
+    sd: StepData,
+    budget: int,
+    l_hat: np.ndarray | None,
+    tot: _Totals,
+    sink: TextIO | None,
+    n_max: int,
+) -> np.ndarray | None:
+    """Plan one step for one strategy at the logged budget (and at the logged tokens); add to ``tot``.
+
+    Returns the plan's ``p_mean`` (``None`` when the strategy cannot plan this step; the reason is kept)."""
+    try:
+        plan = alloc.plan(sd.ids, prompts=sd.texts, budget=budget, step=sd.step)
+    except ValueError as exc:
+        tot.skipped.append(f"step {sd.step}: {exc}")
+        return None
+    counts = plan.counts
+    logged = sd.trials
+    zero = sd.zero
+    real_len = sd.mean_tokens
+    logged_var = alloc.expected_variance(plan.p_mean, logged)
+    moved = int((logged[zero] - counts[zero]).sum())
+    tok_moved = float(((logged - counts) * real_len)[zero].sum()) if l_hat is not None else 0.0
+    tot.exp_var += plan.expected_variance
+    tot.uni_var += plan.uniform_variance
+    tot.logged_var += logged_var
+    tot.rollouts += int(counts.sum())
+    tot.rollouts_moved += moved
+    tot.tokens_moved += tok_moved
+    tot.dropped += int((counts == 0).sum())
+    tot.steps += 1
+    row: dict[str, Any] = {
+        "step": sd.step,
+        "prompts": len(sd.ids),
+        "budget": budget,
+        "variance_ratio": plan.variance_ratio,
+        "variance_ratio_vs_logged": _ratio(plan.expected_variance, logged_var),
+        "rollouts_moved_from_zero_variance": moved,
+        "dropped": int((counts == 0).sum()),
+    }
+    tok_counts = None
+    if l_hat is not None:
+        hind = float((counts * real_len).sum())
+        tot.tokens_hindsight += hind
+        target = float((logged * l_hat).sum())  # predicted cost of the logged allocation
+        tok_counts = _token_plan(alloc, sd, budget, plan, l_hat, target, n_max)
+        row["tokens_moved_from_zero_variance"] = tok_moved
+        if tok_counts is not None:
+            tv = alloc.expected_variance(plan.p_mean, tok_counts)
+            tot.tok_rollouts += int(tok_counts.sum())
+            tot.tok_exp_var += tv
+            tot.tok_pred_tokens += float((tok_counts * l_hat).sum())
+            tot.tok_target_tokens += target
+            tot.tok_hindsight += float((tok_counts * real_len).sum())
+            tm = float(((logged - tok_counts) * real_len)[zero].sum())
+            tot.tok_moved += tm
+            row.update(
+                {
+                    "same_tokens_rollouts": int(tok_counts.sum()),
+                    "same_tokens_variance_ratio": _ratio(tv, plan.uniform_variance),
+                    "same_tokens_tokens_moved_from_zero_variance": tm,
+                }
+            )
+    tot.per_step.append(row)
+    if sink is not None:
+        for i, pid in enumerate(sd.ids):
+            rec = {
+                "step": sd.step,
+                "prompt_id": pid,
+                "n_logged": int(logged[i]),
+                "successes_logged": int(sd.successes[i]),
+                "n_same_rollouts": int(counts[i]),
+                "n_same_tokens": None if tok_counts is None else int(tok_counts[i]),
+                "p_mean": round(float(plan.p_mean[i]), 6),
+            }
+            sink.write(json.dumps(rec) + "\n")
+    return plan.p_mean
+
+
+def _token_plan(
+    alloc: Allocator,
+    sd: StepData,
+    budget: int,
+    plan: Any,
+    l_hat: np.ndarray,
+    target: float,
+    n_max: int,
+) -> np.ndarray | None:
+    """Counts at the logged allocation's predicted token cost, or ``None`` if no such plan is feasible."""
+    cost = float((plan.counts * l_hat).sum())
+    if cost <= 0 or target <= 0:
+        return None
+    scaled = int(round(budget * target / cost))
+    scaled = min(max(scaled, 1), len(sd.ids) * n_max)
+    if scaled == budget:
+        return np.asarray(plan.counts, np.int64)
+    try:
+        return np.asarray(alloc.plan(sd.ids, prompts=sd.texts, budget=scaled, step=sd.step).counts, np.int64)
+    except ValueError:
+        return None
+
+
+def _summary(t: _Totals, tokens_known: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "steps_planned": t.steps,
+        "steps_skipped": len(t.skipped),
+        "skip_reasons": t.skipped[:3],
+        "rollouts": t.rollouts,
+        "variance_ratio": _ratio(t.exp_var, t.uni_var),
+        "variance_ratio_vs_logged": _ratio(t.exp_var, t.logged_var),
+        "rollouts_moved_from_zero_variance": t.rollouts_moved,
+        "tokens_moved_from_zero_variance": t.tokens_moved if tokens_known else None,
+        "tokens_at_realised_lengths": t.tokens_hindsight if tokens_known else None,
+        "dropped_prompt_steps": t.dropped,
+        "same_token_budget": None,
+    }
+    if tokens_known and t.tok_target_tokens > 0:
+        out["same_token_budget"] = {
+            "rollouts": t.tok_rollouts,
+            "variance_ratio": _ratio(t.tok_exp_var, t.uni_var),
+            "predicted_tokens": t.tok_pred_tokens,
+            "target_tokens": t.tok_target_tokens,
+            "tokens_at_realised_lengths": t.tok_hindsight,
+            "tokens_moved_from_zero_variance": t.tok_moved,
+        }
+    out["per_step"] = t.per_step
+    return out
+
+
+def _score(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Next-step scores over every scored group, split by prompts seen before / new, and calibration bins."""
+    if not parts:
+        return {"brier": None, "count": 0, "note": "needs at least two steps"}
+    p = np.concatenate([x[0] for x in parts])
+    s = np.concatenate([x[1] for x in parts])
+    n = np.concatenate([x[2] for x in parts])
+    seen = np.concatenate([x[3] for x in parts])
+
+    def metrics(mask: np.ndarray) -> dict[str, Any]:
+        r = calibration_metrics(p[mask], s[mask], n[mask])
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+
+    allm = metrics(np.ones(len(p), bool))
+    out: dict[str, Any] = {
+        "brier": allm["brier"],
+        "log_loss": allm["log_loss"],
+        "mae_rate": allm["mae_rate"],
+        "spearman_rate": allm["spearman_rate"],
+        "count": allm["count"],
+        "brier_seen": metrics(seen)["brier"],
+        "count_seen": int(seen.sum()),
+        "brier_new": metrics(~seen)["brier"],
+        "count_new": int((~seen).sum()),
+    }
+    edges = np.linspace(0.0, 1.0, _CAL_BINS + 1)
+    b = np.clip(np.digitize(p, edges[1:-1]), 0, _CAL_BINS - 1)
+    bins = []
+    for i in range(_CAL_BINS):
+        sel = b == i
+        if sel.any():  # rollout-weighted: a bin's observed rate is its successes over its rollouts
+            bins.append(
+                {
+                    "lo": float(edges[i]),
+                    "hi": float(edges[i + 1]),
+                    "groups": int(sel.sum()),
+                    "p_mean": float(np.average(p[sel], weights=n[sel])),
+                    "observed": float(s[sel].sum() / n[sel].sum()),
+                }
+            )
+    out["calibration"] = bins
+    return out
