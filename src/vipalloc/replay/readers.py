@@ -233,7 +233,10 @@ def detect_format(paths: Sequence[Path], fmt: str | None = None) -> tuple[str, l
             )
         fmt = found.pop() if found else "history"
     if fmt == "trl":
-        files = [f for f in files if f.suffix == ".parquet"]
+        parquet = [f for f in files if f.suffix == ".parquet"]
+        if files and not parquet:
+            raise ReplayInputError(f"{files[0]}: --format trl reads TRL's completions_*.parquet files, not JSON Lines")
+        files = parquet
     elif files and any(f.suffix == ".parquet" for f in files):
         raise ReplayInputError(f"{next(f for f in files if f.suffix == '.parquet')}: a parquet file in a {fmt} log")
 
