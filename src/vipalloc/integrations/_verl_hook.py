@@ -88,6 +88,8 @@ class VIPHook:
         self._final_metrics: dict[int, dict[str, float]] = {}
         self._last_plan_step = -1
         self._warned: set[str] = set()
+        # (plan step, prompt id) -> generated tokens of each observed episode (int64 (k,)), newest plan steps only
+        self.episode_tokens: dict[tuple[int, str], np.ndarray] = {}
 
     # -- prompt identity
     def prompt_ids(self, columns: Mapping[str, Sequence[Any]], m: int) -> list[str]:
@@ -179,7 +181,15 @@ class VIPHook:
             del self._uids[u]
 
     # -- feedback
-    def observe(self, uids: Sequence[Any], success: np.ndarray, *, exact: bool, where: str) -> dict[str, float]:
+    def observe(
+        self,
+        uids: Sequence[Any],
+        success: np.ndarray,
+        *,
+        exact: bool,
+        where: str,
+        lengths: np.ndarray | Sequence[int] | None = None,
+    ) -> dict[str, float]:
         """Record one 0/1 outcome per row (rows grouped by uid) and return the ``vip/*`` metrics.
 
         Rows of a two-phase step's uids (already recorded when they were generated) are only checked against the
@@ -190,23 +200,39 @@ class VIPHook:
         more rows than planned, or (``exact``: loops where generation cannot fail silently) fewer rows raise
         :class:`PlanNotAppliedError` naming ``where`` (the verl behaviour the plug-in relies on) and record nothing.
         With ``exact=False`` (v1: a failed session leaves its group short) fewer rows are recorded as they came.
+
+        ``lengths``: optional int ``(R,)`` aligned with ``uids``, each episode's generated tokens (verl's
+        ``response_mask`` summed: tool output and padding excluded); grouped like the outcomes, kept in
+        :attr:`episode_tokens` and passed to ``Allocator.observe(lengths=...)`` when the engine accepts it.
         """
         final = self._check_final_groups(uids, where)
-        by_step = self._record(uids, success, exact=exact, where=where)
+        by_step = self._record(uids, success, exact=exact, where=where, lengths=lengths)
         metrics = self._metrics([self._plans[s] for s in sorted(by_step)], by_step)
         return {**final, **metrics}
 
     def _record(
-        self, uids: Sequence[Any], success: np.ndarray, *, exact: bool, where: str
+        self,
+        uids: Sequence[Any],
+        success: np.ndarray,
+        *,
+        exact: bool,
+        where: str,
+        lengths: np.ndarray | Sequence[int] | None = None,
     ) -> dict[int, dict[str, np.ndarray]]:
         """Check and record; returns the outcomes per plan step and prompt id (see :meth:`observe`)."""
         success = np.asarray(success, dtype=np.float64).reshape(-1)
         if len(uids) != len(success):
             raise ValueError(f"got {len(uids)} uids but {len(success)} outcomes")
+        tokens = None if lengths is None else np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if tokens is not None and len(tokens) != len(success):
+            raise ValueError(f"got {len(success)} outcomes but {len(tokens)} episode lengths")
         by_uid: dict[str, list[float]] = {}
-        for u, s in zip(uids, success):
+        len_uid: dict[str, list[int]] = {}
+        for r, (u, s) in enumerate(zip(uids, success)):
             if str(u) in self._uids:
                 by_uid.setdefault(str(u), []).append(float(s))
+                if tokens is not None:
+                    len_uid.setdefault(str(u), []).append(int(tokens[r]))
         short = 0
         counts_of: dict[int, dict[str, int]] = {}  # plan step -> prompt id -> planned rollouts
         for u, rows in by_uid.items():
@@ -227,13 +253,26 @@ class VIPHook:
         if short:
             self._warn_once("short", f"{short} group(s) came back with fewer rollouts than planned (failed sessions)")
         by_step: dict[int, dict[str, np.ndarray]] = {}
+        lens_by_step: dict[int, dict[str, np.ndarray]] = {}
         for u, rows in by_uid.items():
             pid, step = self._uids[u]
             by_step.setdefault(step, {})[pid] = np.asarray(rows)
+            if tokens is not None:
+                lens_by_step.setdefault(step, {})[pid] = np.asarray(len_uid[u], dtype=np.int64)
         for step, groups in sorted(by_step.items()):
             plan = self._plans[step]
             ids = [pid for pid in plan.prompt_ids if pid in groups]
-            self.allocator.observe(ids, [groups[pid] for pid in ids], step=step)
+            extra: dict[str, Any] = {}
+            if tokens is not None:
+                lens = [lens_by_step[step][pid] for pid in ids]
+                for pid, n_tok in zip(ids, lens):
+                    self.episode_tokens[(step, pid)] = n_tok
+                if _observe_takes_lengths():  # the engine's token-budget API, once it has landed
+                    extra["lengths"] = lens
+            self.allocator.observe(ids, [groups[pid] for pid in ids], step=step, **extra)
+        for old in sorted({s for s, _ in self.episode_tokens})[:-_MAX_PLANS]:  # bounded like the plans
+            for key in [k for k in self.episode_tokens if k[0] == old]:
+                del self.episode_tokens[key]
         for u in by_uid:
             del self._uids[u]
         return by_step
@@ -355,6 +394,13 @@ class VIPHook:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning("vipalloc: %s", msg)
+
+
+def _observe_takes_lengths() -> bool:
+    """Whether ``Allocator.observe`` accepts per-episode ``lengths`` (the engine's token-budget API)."""
+    import inspect
+
+    return "lengths" in inspect.signature(Allocator.observe).parameters
 
 
 def _as_list(col: Any) -> list[Any]:

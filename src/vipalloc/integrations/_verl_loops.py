@@ -8,7 +8,7 @@ Both are built on first use (importing verl's trainer stack is slow) by :func:`v
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from vipalloc.integrations._verl_checks import (
 from vipalloc.integrations._verl_core import VIPConfig, divisible_budget, expand_by_counts, required_multiple
 from vipalloc.integrations._verl_core import resolve_estimator as _resolve_estimator
 from vipalloc.integrations._verl_hook import PlanNotAppliedError, VIPHook, _as_list
+from vipalloc.integrations._verl_multiturn import episode_rows, generated_tokens, row_generated_tokens
 
 __all__ = ["vip_trainer_class", "vip_v1_trainer_class"]
 
@@ -246,7 +247,8 @@ def vip_trainer_class(base: type | None = None) -> type:
             key = hook.cfg.success_key
             extra = batch.non_tensor_batch.get(key) if key else None
             success = hook.successes(scores, extra)
-            return hook.observe(batch.non_tensor_batch["uid"], success, exact=True, where=_V0_WHERE)
+            lengths = row_generated_tokens(batch.batch["response_mask"]) if "response_mask" in batch.batch else None
+            return hook.observe(batch.non_tensor_batch["uid"], success, exact=True, where=_V0_WHERE, lengths=lengths)
 
         def _vip_attach(self, output: DataProto, metrics: dict[str, float]) -> DataProto:
             if metrics:
@@ -439,7 +441,7 @@ def vip_v1_trainer_class(base: type) -> type:
             import transfer_queue as tq
 
             hook = self._vip()
-            rows = _final_rows(batch.keys, batch.tags)
+            rows, members = episode_rows(batch.keys, batch.tags)  # one success per session: its last output
             if not rows:
                 return {}
             keys = [batch.keys[i] for i in rows]
@@ -453,24 +455,17 @@ def vip_v1_trainer_class(base: type) -> type:
             scores = np.array([float(t.sum()) for t in data["rm_scores"].unbind()], dtype=np.float64)
             extra = _v1_success_column(data, key, len(keys)) if key else None
             uids = [k.rsplit("_", 2)[0] for k in keys]
-            return hook.observe(uids, hook.successes(scores, extra), exact=False, where=_V1_WHERE)
+            # generated tokens per episode: response_mask (tool output excluded) over all of the session's outputs
+            all_rows = sorted(r for m in members for r in m)
+            masks = tq.kv_batch_get(
+                keys=[batch.keys[i] for i in all_rows], partition_id=batch.partition_id, select_fields=["response_mask"]
+            )["response_mask"]
+            lengths = generated_tokens(row_generated_tokens(masks), members, all_rows)
+            return hook.observe(uids, hook.successes(scores, extra), exact=False, where=_V1_WHERE, lengths=lengths)
 
     VIPTrainerV1.__name__ = VIPTrainerV1.__qualname__ = f"VIP{base.__name__}"
     _V1_CLASSES[base] = VIPTrainerV1
     return VIPTrainerV1
-
-
-def _final_rows(keys: Sequence[str], tags: Sequence[Mapping[str, Any]]) -> list[int]:
-    """Indices of one row per ``{uid}_{session}`` (its last output), skipping verl's padding rows."""
-    best: dict[str, tuple[int, int]] = {}
-    for i, (k, tag) in enumerate(zip(keys, tags)):
-        if tag.get("is_padding", False):
-            continue
-        uid, session, index = k.rsplit("_", 2)
-        sk = f"{uid}_{session}"
-        if sk not in best or best[sk][0] < int(index):
-            best[sk] = (int(index), i)
-    return sorted(i for _, i in best.values())
 
 
 def _v1_success_column(data: Any, key: str, n: int) -> list[float] | None:
