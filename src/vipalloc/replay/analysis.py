@@ -21,7 +21,6 @@ plans this allocator made, so ``observe`` cannot take them) and ``Allocator.expe
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -200,10 +199,6 @@ def _ingest(alloc: Allocator, sd: StepData) -> None:
     alloc.ingest_history(h)
 
 
-def _token_budget_supported() -> bool:
-    return "token_budget" in inspect.signature(Allocator.plan).parameters
-
-
 class _LengthModel:
     """Predicted tokens per rollout from earlier steps only: the prompt's own mean, else the mean over all
     earlier rollouts, else (first step) the step's own mean (flagged as hindsight)."""
@@ -274,10 +269,9 @@ def replay_engine(
         "n_max": n_max,
         "estimator": cfg.estimator,
         "predictor": cfg.predictor,
+        # Allocator.plan(token_budget=...) (issue 20) is not in the engine yet: scale the rollout budget instead.
         "token_budget_method": (
-            "Allocator.plan(token_budget=...)"
-            if _token_budget_supported()
-            else "rollout budget scaled so the plan's predicted tokens match the logged allocation's (one rescale; "
+            "rollout budget scaled so the plan's predicted tokens match the logged allocation's (one rescale; "
             "predicted tokens per rollout: the prompt's mean over earlier steps, else the mean of all earlier "
             "rollouts)"
         ),
