@@ -276,3 +276,18 @@ def test_trl_log_completions(trl_dir: Path, tmp_path: Path) -> None:
     words = df["completion"].map(lambda c: len(c.split()))
     assert r["tokens"] == float(words.sum())
     assert r["success"] == "has_digit >= 1"
+
+
+def test_tokenizer_counts_tokens(verl_dir: Path, tmp_path: Path) -> None:
+    from _trl_helpers import tiny_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(tok_dir)  # one token per character
+    code, text = replay(str(verl_dir), "--out", str(tmp_path / "o"), "--tokenizer", str(tok_dir), *FAST)
+    assert code == 0, text
+    r = load(tmp_path / "o")
+    # "w w" = 3 tokens, "w w w" = 5, "w" = 1, "w w w w w" = 9: step 1 12+20+4, step 2 12+20+18
+    assert r["tokens"] == 86 and r["zero_variance_tokens"] == 12 + 4 + 18
+    assert r["tokens_method"] == f"tokenizer {tok_dir}"
+    code, text = replay(str(verl_dir), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "nope"), *FAST)
+    assert code == 2 and "--tokenizer" in text
