@@ -336,8 +336,8 @@ def test_trainer_rejects_unsupported_setups(tmp_path) -> None:
     plain = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8, num_generations=4)
     with pytest.raises(ValueError, match="VIPGRPOConfig"):
         VIPGRPOTrainer(model=model, reward_funcs=DigitReward(), args=plain, train_dataset=sums())
-    with pytest.raises(NotImplementedError, match="tools"):
-        VIPGRPOTrainer(model, DigitReward(), vip_args(tmp_path), sums(), tools=[len])
+    with pytest.raises(NotImplementedError, match="rollout_func"):  # tools: tests/test_trl_tools.py
+        VIPGRPOTrainer(model, DigitReward(), vip_args(tmp_path), sums(), rollout_func=lambda prompts, trainer: {})
     with pytest.raises(ValueError, match="cannot meet the budget of 3 rollouts per prompt"):
         VIPGRPOTrainer(
             model,

@@ -149,3 +149,16 @@ class VIPGRPOConfig(GRPOConfig):
         """Rows of width ``n_max`` each process receives per generation batch (``prompts x n_max / processes``)."""
         assert self.n_max is not None
         return self.prompts_per_generation * int(self.n_max) // int(self.world_size)
+
+
+def default_config(model: Any) -> VIPGRPOConfig:
+    """The config ``VIPGRPOTrainer(args=None)`` uses: TRL's default, built as ``GRPOTrainer.__init__`` builds its own.
+
+    TRL 1.16 names the output directory ``<model name>-GRPO`` (the last path part of the model id, or of
+    ``model.config``'s ``_name_or_path`` for a model object) and keeps every ``GRPOConfig`` default; VIP's fields keep
+    theirs (``n_max = 2 x num_generations``, strategy ``vip``, predictor ``gp``).
+    """
+    from trl.trainer.utils import get_config_model_id
+
+    name = model if isinstance(model, str) else get_config_model_id(model.config)
+    return VIPGRPOConfig(f"{str(name).split('/')[-1]}-GRPO")

@@ -34,6 +34,7 @@ _COMPLETION_KEYS: dict[str, float | None] = {
     "ref_per_token_logps": 0.0,
     "sampling_per_token_logps": 0.0,
     "importance_sampling_ratio": 1.0,
+    "tool_mask": 1,  # multi-turn tool episodes: 0 on tool-output tokens (TRL pads it with 1; completion_mask masks)
 }
 _ROW_KEYS = ("advantages",)
 
@@ -148,7 +149,7 @@ def training_layout(
     if n_inert:
         out["completion_mask"] = out["completion_mask"] * live_t.unsqueeze(1).to(out["completion_mask"].dtype)
         out["advantages"] = torch.where(live_t, out["advantages"], torch.zeros_like(out["advantages"]))
-        if "tool_mask" in out:  # pragma: no cover - tools are refused
+        if "tool_mask" in out:
             out["tool_mask"] = out["tool_mask"] * live_t.unsqueeze(1).to(out["tool_mask"].dtype)
 
     origin_width = torch.as_tensor(widths[rows // n_local, 0], device=device, dtype=torch.long)
@@ -163,8 +164,10 @@ def training_layout(
                 out[key] = out[key][:, :last]
     # Row r's tokens sat origin_width[r] - (final prompt width) columns further right in the pass-time layout.
     out[SHIFT_KEY] = origin_width - int(out["prompt_ids"].size(1))
-    # dapo/cispo/vespo normalise by the global token count: the real tokens of every process's training rows.
-    tokens = out["completion_mask"].sum().to(torch.float32)
+    # dapo/cispo/vespo normalise by the global token count: the real tokens of every process's training rows
+    # (TRL's loss mask: completion_mask x tool_mask, so tool output is not counted).
+    loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+    tokens = loss_mask.sum().to(torch.float32)
     out["num_items_in_batch"] = (gather(tokens.reshape(1)).sum() if world > 1 else tokens).to(
         output["num_items_in_batch"].dtype
     )

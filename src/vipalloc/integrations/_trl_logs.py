@@ -66,16 +66,26 @@ def merge_pilot_logs(
         pending[column] = current
 
 
-def fix_generation_metrics(trainer: Any, prompt_ids: list, completion_ids: list, real: np.ndarray) -> None:
+def fix_generation_metrics(
+    trainer: Any, prompt_ids: list, completion_ids: list, real: np.ndarray, tool_mask: list | None = None
+) -> None:
     """TRL's length metrics and token counter included the placeholders: recompute them over the real rows.
 
     ``prompt_ids`` / ``completion_ids``: token id lists of the local slice (as ``GRPOTrainer._generate`` returns
-    them); ``real``: bool ``(L,)``. With several processes the statistics are over the gathered batch, as TRL's.
+    them); ``real``: bool ``(L,)``; ``tool_mask``: TRL's per-row 0/1 lists of a tool episode (0 on tool output),
+    whose model tokens are the lengths TRL reports. With several processes the statistics are over the gathered
+    batch, as TRL's.
     """
     stop = {*trainer.eos_token_ids, trainer._tokenizer.pad_token_id}
-    pad_tokens = sum(len(prompt_ids[i]) + len(completion_ids[i]) for i in np.flatnonzero(~real))
+    unused = np.flatnonzero(~real)
+    pad_tokens = sum(
+        len(prompt_ids[i]) + (len(completion_ids[i]) if tool_mask is None else sum(tool_mask[i])) for i in unused
+    )
     stats = [
-        (len(completion_ids[i]), len(completion_ids[i]) > 0 and completion_ids[i][-1] not in stop)
+        (
+            len(completion_ids[i]) if tool_mask is None else int(sum(tool_mask[i])),
+            len(completion_ids[i]) > 0 and completion_ids[i][-1] not in stop,
+        )
         for i in np.flatnonzero(real)
     ]
     if int(trainer.accelerator.num_processes) > 1:

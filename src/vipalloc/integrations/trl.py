@@ -11,8 +11,12 @@ binarised rewards then go to ``Allocator.observe`` (main process), and ``vip/*``
 Two-phase strategies (``two_phase=True``) run the pilot round with TRL's own ``_generate`` / ``_calculate_rewards``
 before TRL's method, which then reuses the pilot rows and generates only the committed ones.
 
-Scope: TRL's transformers generation path (plain ``generate`` or continuous batching) and vLLM colocate mode, text
-prompts, no tools, environments or ``rollout_func``. Unsupported settings raise at construction with the reason.
+Multi-turn tool rollouts (``tools=[...]``, ``environment_factory``): only the first turn is restricted to the planned
+rows; TRL's ``_tool_call_loop`` then continues exactly those episodes (``_trl_tools.py``), so a prompt planned ``n_i``
+rows gets ``n_i`` whole episodes, scored at the end, with TRL's ``tool_mask`` kept through the training layout.
+
+Scope: TRL's transformers generation path (plain ``generate`` or continuous batching), vLLM colocate and server
+mode, text prompts, no ``rollout_func``. Unsupported settings raise at construction with the reason.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 from packaging.version import Version
 
-from vipalloc.allocator import Allocator, Plan
-from vipalloc.integrations._trl_config import VIPGRPOConfig
+from vipalloc import Allocator, Plan
+from vipalloc.integrations._trl_config import VIPGRPOConfig, default_config
 from vipalloc.integrations._trl_layout import (
     SHIFT_KEY,
     accepts_position_ids,
@@ -55,6 +59,7 @@ from vipalloc.integrations._trl_layout import (
     training_layout,
 )
 from vipalloc.integrations._trl_logs import fix_generation_metrics, merge_pilot_logs, spread_extra_logs, trim_logs
+from vipalloc.integrations._trl_tools import check_tool_setup, environments_of, episode_tokens, fix_tool_metrics
 from vipalloc.strategies import TWO_PHASE_STRATEGIES
 from vipalloc.telemetry import COUNTS_TAG
 
@@ -100,6 +105,9 @@ class VIPBatchRecord:
     successes: list[np.ndarray]
     plan: Plan
     real_rows: np.ndarray  # bool (groups * n_max,): rows of the gathered rectangular batch that were generated
+    # int64 arrays aligned with rewards: tokens the policy generated in each scored episode (every turn, tool output
+    # excluded), for token-budget accounting
+    lengths: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -168,22 +176,26 @@ class VIPGRPOTrainer(GRPOTrainer):
     num_generations: int
 
     def __init__(self, *args: Any, allocator: Allocator | None = None, **kwargs: Any) -> None:
-        bound = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
+        bound = dict(inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments)
+        bound.pop("self")
         cfg = bound.get("args")
+        if cfg is None:  # as GRPOTrainer does: a default config named after the model, with VIP's defaults
+            cfg = bound["args"] = default_config(bound["model"])
         if not isinstance(cfg, VIPGRPOConfig):
             raise ValueError(
                 f"VIPGRPOTrainer needs args=VIPGRPOConfig(...) (it carries the allocation settings), got {type(cfg)}"
             )
         # Checked before GRPOTrainer.__init__ so that nothing heavy (vLLM, models, process groups) starts for nothing.
-        for name in ("tools", "rollout_func", "environment_factory"):
-            if bound.get(name) is not None:
-                raise NotImplementedError(
-                    f"VIPGRPOTrainer does not support {name}: it generates single-turn completions for a "
-                    "planned subset of rows"
-                )
+        if bound.get("rollout_func") is not None:
+            raise NotImplementedError(
+                "VIPGRPOTrainer does not support rollout_func: the function generates every row of the batch itself "
+                "(TRL 1.16's _generate hands it all prompts and skips _generate_single_turn), so the plan's row "
+                "selection cannot be applied; use tools=[...] or environment_factory for multi-turn rollouts"
+            )
+        check_tool_setup(cfg, bound)
         assert cfg.n_max is not None  # VIPGRPOConfig.__post_init__ sets it
         allocator = self._vip_check_allocator(cfg, allocator)
-        super().__init__(*args, **kwargs)
+        super().__init__(**bound)
         # From here on TRL's group width is n_max (the sampler, the advantage view and the logs use it); evaluation
         # keeps TRL's plain groups of num_generations_eval (default: num_generations).
         self.num_generations = int(cfg.n_max)
@@ -209,6 +221,10 @@ class VIPGRPOTrainer(GRPOTrainer):
         self._vip_rewards: torch.Tensor | None = None
         self._vip_pilot: _PilotRound | None = None  # a two-phase step's pilot rows, while TRL generates the step
         self._vip_local_rows: np.ndarray | None = None  # global rows this process trains on (last step), -1-i inert
+        self._vip_in_tool_loop = False  # True while TRL's _tool_call_loop generates later turns of the episodes
+        self._vip_tool_calls = 0  # tool calls of this process's episodes in the current generation
+        self._vip_lengths: np.ndarray | None = None  # int64 (L,): generated tokens per local row's episode
+        self._vip_batch_lengths = np.zeros(0, np.int64)  # the same for the gathered batch, (world * L,)
         # TRL sized its completion-log deques for generation_batch_size (the budget); they receive the sampled rows.
         rows = cfg.prompts_per_generation * self.num_generations
         self._logs = {
@@ -442,10 +458,11 @@ class VIPGRPOTrainer(GRPOTrainer):
         layout = self._vip_two_phase_layout(inputs) if args.two_phase else self._vip_layout(inputs)
         rank, n_local = self.accelerator.process_index, len(inputs)
         real = layout.real_global[rank * n_local : (rank + 1) * n_local]  # TRL's process slice of the gathered batch
-        self._vip_real, self._vip_rewards = real, None
+        self._vip_real, self._vip_rewards, self._vip_lengths = real, None, None
         try:
             output = super()._generate_and_score_completions(inputs)
             rewards_per_func = self._vip_rewards
+            self._vip_batch_lengths = self._vip_gather_lengths(n_local)
         finally:
             self._vip_real, self._vip_rewards, self._vip_pilot = None, None, None
         if rewards_per_func is None:  # pragma: no cover - TRL always scores through _calculate_rewards
@@ -468,6 +485,14 @@ class VIPGRPOTrainer(GRPOTrainer):
         self._vip_observe(layout, rewards_per_func)
         return output
 
+    def _vip_gather_lengths(self, n_local: int) -> np.ndarray:
+        """Generated tokens per episode for every row of the gathered batch, int64 ``(world * L,)`` (0: unused)."""
+        local = self._vip_lengths if self._vip_lengths is not None else np.zeros(n_local, np.int64)
+        if self._vip_world == 1:
+            return local
+        t = torch.as_tensor(local, device=self.accelerator.device, dtype=torch.long)
+        return self.accelerator.gather(t).cpu().numpy().astype(np.int64)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Training rows carry the position shift of their log-prob passes; the forward hook applies it. The dict is
         # copied, not popped: with num_iterations > 1 TRL feeds the same buffered micro-batch again.
@@ -482,7 +507,8 @@ class VIPGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ generation and scoring of real rows only
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         real = self._vip_real
-        if real is None or len(prompt_ids) != len(real):
+        # TRL's tool loop generates the later turns of the episodes already started (rows that called a tool).
+        if real is None or self._vip_in_tool_loop or len(prompt_ids) != len(real):
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -517,9 +543,28 @@ class VIPGRPOTrainer(GRPOTrainer):
         return full, full_logps
 
     def _generate(self, prompts: list):
+        self._vip_tool_calls = 0
         result = super()._generate(prompts)
-        if self._vip_real is not None:
-            fix_generation_metrics(self, result[0], result[1], self._vip_real)
+        real = self._vip_real
+        if real is not None:
+            prompt_ids, completion_ids, tool_mask = result[0], result[1], result[2]
+            fix_generation_metrics(self, prompt_ids, completion_ids, real, tool_mask)
+            self._vip_lengths = np.where(real, episode_tokens(completion_ids, tool_mask), 0)
+            if self.tools:
+                fix_tool_metrics(self, self._vip_tool_calls, real)
+        return result
+
+    def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields):
+        # Later turns of the planned episodes: generated by TRL as is (one completion per row that called a tool);
+        # unused rows hold a placeholder that calls no tool, so they never enter the loop.
+        self._vip_in_tool_loop = True
+        try:
+            result = super()._tool_call_loop(
+                prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields
+            )
+        finally:
+            self._vip_in_tool_loop = False
+        self._vip_tool_calls = int(result[4])
         return result
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -568,7 +613,8 @@ class VIPGRPOTrainer(GRPOTrainer):
         before = {k: len(v) for k, v in self._pending_extra_logs.items()}
         metrics_before = {k: len(v) for k, v in self._pending_metrics.items()}
         if todo.size:
-            with _local_reward_gather(self._vip_world > 1):  # gather the NaN-padded full slice below instead
+            # gather the NaN-padded full slice below instead; reward functions see the scored rows' environments
+            with _local_reward_gather(self._vip_world > 1), environments_of(self, todo):
                 scored = super()._calculate_rewards(
                     [inputs[i] for i in todo],
                     [prompts[i] for i in todo],
@@ -604,18 +650,24 @@ class VIPGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ feedback, metrics, logs
     def _vip_observe(self, layout: _Layout, rewards_per_func: torch.Tensor) -> None:
-        """Report each prompt's real, binarised rewards to the allocator (main process) and log ``vip/*`` metrics."""
+        """Report each prompt's real, binarised rewards to the allocator (main process) and log ``vip/*`` metrics.
+
+        ``self._vip_batch_lengths``: int64 ``(rows,)`` of the gathered batch, tokens the policy generated in each
+        row's episode; kept per prompt in ``vip_last.lengths``, aligned with its rewards.
+        """
+        lengths = self._vip_batch_lengths
         plan, real = layout.plan, layout.real_global
         g = self.num_generations
         args = cast(VIPGRPOConfig, self.args)
         total = self._vip_success_rewards(rewards_per_func)
         thr = float(args.success_threshold)
         before = np.zeros(len(plan.counts), np.int64) if layout.observed is None else layout.observed
-        rewards, successes, new_ids, new_succ = [], [], [], []
+        rewards, successes, new_ids, new_succ, tokens = [], [], [], [], []
         for i, c in enumerate(plan.counts):
             start = int(layout.first_block[i]) * g
             r = total[start : start + int(c)]
             fresh = r[int(before[i]) :]  # a two-phase step's pilot rows were observed before the commit
+            tokens.append(lengths[start : start + int(c)][~np.isnan(r)])
             r, fresh = r[~np.isnan(r)], fresh[~np.isnan(fresh)]  # rows without a success reward are no observations
             rewards.append(r)
             successes.append((r >= thr).astype(np.float64))
@@ -632,6 +684,7 @@ class VIPGRPOTrainer(GRPOTrainer):
             successes=successes,
             plan=plan,
             real_rows=real.copy(),
+            lengths=tokens,
         )
         metrics = self._metrics["train"]
         values = {**plan.metrics(), **self.allocator.outcome_metrics(successes, plan)}
