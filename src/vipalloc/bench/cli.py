@@ -273,6 +273,46 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {out / 'train.md'}")
 
     @bench.command()
+    def lm(
+        parts: str = typer.Option("variance,league", help="Comma-separated parts: variance (a), league (b and c)."),
+        preset: str | None = typer.Option(None, help="cpu | gpu (default: gpu with --device cuda, else cpu)."),
+        device: str = typer.Option("cpu", help="cpu | cuda."),
+        seeds: int | None = typer.Option(None, min=1, help="League seeds (default: the preset's, cpu 3, gpu 8)."),
+        strategies: str = typer.Option("uniform,vip", help="League strategies (uniform first; vip_two_phase too)."),
+        resamples: int | None = typer.Option(None, min=10, help="Variance resamples per allocation."),
+        steps: int | None = typer.Option(None, min=1, help="League steps (default: the preset's)."),
+        prompts: int | None = typer.Option(None, min=2, help="Pool prompts (default: the preset's)."),
+        out: Path = typer.Option(Path("reports"), help="Report folder (work files under <out>/lm, resumable)."),
+        threads: int = typer.Option(1, min=1, help="torch CPU threads."),
+    ) -> None:
+        """A real pretrained LM (SmolLM2-135M-Instruct, LoRA): measured vs modelled variance, Brier, GRPO league."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch
+
+        from vipalloc.bench.lm import run_lm
+
+        torch.set_num_threads(threads)
+        _limit_threads()
+        try:
+            path = run_lm(
+                out,
+                parts=[p.strip() for p in parts.split(",") if p.strip()],
+                preset=preset or ("gpu" if device == "cuda" else "cpu"),
+                device=device,
+                seeds=seeds,
+                strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                resamples=resamples,
+                steps=steps,
+                prompts=prompts,
+                command=_command(),
+                progress=lambda msg: typer.echo(f"[bench lm] {msg}"),
+            )
+        except (ValueError, RuntimeError) as exc:
+            _fail(str(exc))
+        typer.echo(f"wrote {path}")
+
+    @bench.command()
     def budget(
         strategies: str = typer.Option(
             "uniform,vip,vip_authors,vip_pure,knapsack", help="Comma-separated strategies (any STRATEGY_NAMES)."
