@@ -755,3 +755,15 @@ def _local_reward_gather(active: bool) -> Iterator[None]:
         yield
     finally:
         _grpo_module.gather = original
+
+
+def __getattr__(name: str) -> Any:
+    # VIPAsyncGRPOTrainer (TRL's experimental AsyncGRPOTrainer with VIP's rollout worker, _trl_async.py) is built on
+    # first access, so importing this module does not import trl.experimental.
+    if name == "VIPAsyncGRPOTrainer":
+        from vipalloc.integrations._trl_async import build_async_trainer_class
+
+        cls = build_async_trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
