@@ -25,7 +25,7 @@ from vipalloc.history import RolloutHistory
 
 __all__ = ["VarianceRow", "group_gradient", "measure_variance"]
 
-SINGLE = ("uniform", "vip", "knapsack")
+SINGLE = ("uniform", "vip", "vip_pure", "knapsack")
 TWO_PHASE = ("vip_two_phase",)
 
 

@@ -1,0 +1,99 @@
+"""`vipalloc bench lm` part (a) without a model: the estimators and the resampling on synthetic pools.
+
+With score vectors that are i.i.d. standard normal and independent of the rewards -- exactly the variance model's
+assumptions -- the measured variance ratio must match the modelled one; that checks the measurement pipeline that
+the real-LM pool then runs through.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vipalloc.bench.lm_pool import Pool
+from vipalloc.bench.lm_variance import group_gradient, measure_variance
+
+
+def test_group_gradient_drgrpo_and_rloo_by_hand():
+    r = np.array([1.0, 0.0, 0.0])
+    s = np.eye(3)
+    # Dr.GRPO: A = r - mean = (2/3, -1/3, -1/3), g = A s / n
+    assert np.allclose(group_gradient(r, s, "drgrpo"), np.array([2 / 3, -1 / 3, -1 / 3]) / 3)
+    # RLOO: A_j = r_j - mean of the others = (1, -1/2, -1/2)
+    assert np.allclose(group_gradient(r, s, "rloo"), np.array([1.0, -0.5, -0.5]) / 3)
+    assert np.allclose(group_gradient(np.ones(4), np.ones((4, 2)), "drgrpo"), 0.0)  # constant group: no signal
+    assert np.allclose(group_gradient(np.ones(1), np.ones((1, 2)), "rloo"), 0.0)  # one rollout: no estimate
+    with pytest.raises(ValueError):
+        group_gradient(r, s, "grpo")
+
+
+def _pool(p: np.ndarray, pool_n: int, dim: int, seed: int) -> Pool:
+    rng = np.random.default_rng(seed)
+    m = p.size
+    rewards = np.zeros((m, pool_n))
+    for i, pi in enumerate(p):  # exact rates: round(p * pool_n) successes
+        rewards[i, : int(round(pi * pool_n))] = 1.0
+    return Pool(
+        prompt_ids=[f"q{i}" for i in range(m)],
+        questions=[f"What is {i} + 1?" for i in range(m)],
+        levels=np.zeros(m, int),
+        prior_rewards=rewards[:, :4].copy(),
+        rewards=rewards,
+        sketches=rng.standard_normal((m, pool_n, dim)).astype(np.float32),
+        seconds={"sample": 0.0, "grad": 0.0},
+    )
+
+
+def test_measured_ratio_matches_the_model_under_its_assumptions():
+    p = np.array([0.0, 0.05, 0.1, 0.25, 0.5, 0.5, 0.8, 1.0])
+    pool = _pool(p, pool_n=400, dim=48, seed=0)
+    rows = measure_variance(
+        pool,
+        mean_n=4,
+        n_min=2,
+        n_max=16,
+        resamples=600,
+        boots=100,
+        seed=1,
+        predictors=("oracle",),
+        strategies=("uniform", "vip", "knapsack"),
+        progress=lambda _: None,
+    )
+    assert [(r.estimator, r.strategy) for r in rows] == [
+        (e, s) for e in ("drgrpo", "rloo") for s in ("uniform", "vip", "knapsack")
+    ]
+    for r in rows:
+        assert r.trace > 0 and r.trace_ci[0] <= r.trace <= r.trace_ci[1]
+        assert r.ratio_ci[0] <= r.ratio <= r.ratio_ci[1]
+        if r.strategy == "uniform":
+            assert r.ratio == pytest.approx(1.0) and r.modelled == pytest.approx(1.0)
+            continue
+        assert r.modelled == pytest.approx(r.modelled_pool_p)  # the oracle predicts the pool's rates
+        assert r.modelled < 1.0  # p = 0 and p = 1 prompts waste uniform's rollouts
+        assert r.ratio == pytest.approx(r.modelled, rel=0.2)  # the measurement reproduces the model
+        assert r.ratio_ci[0] < r.modelled < r.ratio_ci[1] or abs(r.ratio / r.modelled - 1) < 0.1
+    knap = next(r for r in rows if r.strategy == "knapsack" and r.estimator == "drgrpo")
+    assert sum(knap.counts) == pytest.approx(32.0) and knap.counts[-1] == 2  # p = 1: the minimum
+
+
+def test_two_phase_resamples_its_pilot_and_commit():
+    p = np.array([0.0, 0.2, 0.5, 0.9])
+    pool = _pool(p, pool_n=100, dim=16, seed=2)
+    rows = measure_variance(
+        pool,
+        mean_n=4,
+        n_min=2,
+        n_max=12,
+        resamples=40,
+        boots=20,
+        seed=0,
+        predictors=("oracle",),
+        estimators=("drgrpo",),
+        strategies=("uniform", "vip_two_phase"),
+        progress=lambda _: None,
+    )
+    two = rows[-1]
+    assert two.strategy == "vip_two_phase"
+    assert sum(two.counts) == pytest.approx(16.0)  # pilot + commit = the budget, every resample
+    assert np.isfinite(two.ratio) and 0 < two.ratio < 1.5
+    assert 0 < two.modelled < 1.5 and -1 <= two.cosine <= 1
