@@ -126,10 +126,11 @@ def check_trainer_base(base: type, use_v1: bool) -> None:
     """Refuse (``ValueError``) a trainer class whose loop the plug-in's overrides would not reach.
 
     verl's own trainers are accepted (``RayPPOTrainer``; the v1 ``sync`` / ``colocate_async`` /
-    ``separate_async`` trainers, which keep ``PPOTrainer``'s loop). Refused: the DAPO recipe's ``RayDAPOTrainer``
-    (its own ``fit`` truncates the batch to ``train_batch_size x n`` rows and keeps singleton groups) and the
-    ``verl.experimental`` trainers (``fully_async_policy``, ``one_step_off_policy``, ``separation``: own ``fit``
-    and generation paths), and any subclass overriding a hooked method.
+    ``separate_async`` trainers, which keep ``PPOTrainer``'s loop) and ``one_step_off_policy``'s
+    ``OneStepOffRayTrainer`` (its own ``fit`` keeps the legacy seam; ``_verl_async``). Refused: the DAPO recipe's
+    ``RayDAPOTrainer`` (its own ``fit`` truncates the batch to ``train_batch_size x n`` rows and keeps singleton
+    groups), ``fully_async_policy`` (``_verl_async.FULLY_ASYNC_REFUSAL``) and ``separation``'s trainer (own loop),
+    and any subclass overriding a hooked method.
     """
     root: type
     hooks: tuple[str, ...]
@@ -141,6 +142,7 @@ def check_trainer_base(base: type, use_v1: bool) -> None:
         from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
         root, hooks = RayPPOTrainer, V0_HOOKS
+    base = getattr(base, "__ray_actor_class__", base)  # verl declares some trainers as Ray actors (fully_async)
     name = f"{base.__module__}.{base.__qualname__}"
     if not (isinstance(base, type) and issubclass(base, root)):
         raise ValueError(f"{name} is not a verl {root.__name__} subclass; the VIP plug-in hooks verl's own trainers")
@@ -148,17 +150,29 @@ def check_trainer_base(base: type, use_v1: bool) -> None:
                   and getattr(base, m, None) is not getattr(root, m, None)]  # fmt: skip
     if not overridden:
         return
+    if not use_v1 and overridden == ["fit"] and _is_one_step_off(base):
+        # its own asyncio fit keeps the legacy seam (_get_gen_batch, .repeat, _update_actor): _verl_async checks it
+        from vipalloc.integrations._verl_async import check_one_step_off
+
+        check_one_step_off(base)
+        return
     if "dapo" in name.lower() or base.__module__.startswith("recipe"):
         why = (
             "the DAPO recipe's own fit() truncates the batch to train_batch_size x rollout.n rows and keeps "
             "singleton groups, so variable group sizes would be cut and mis-scored; run verl's trainer with "
             "vip (python -m vipalloc.integrations.verl_trainer) instead"
         )
+    elif base.__module__.startswith("verl.experimental.fully_async_policy"):
+        from vipalloc.integrations._verl_async import FULLY_ASYNC_REFUSAL
+
+        why = FULLY_ASYNC_REFUSAL
     elif base.__module__.startswith("verl.experimental"):
         why = (
-            "verl.experimental trainers (fully_async_policy, one_step_off_policy, separation) run their own fit() "
-            "and generation paths, which the plug-in does not hook; use trainer.use_v1=true with "
-            "trainer.v1.trainer_mode=colocate_async or separate_async for asynchronous training with VIP"
+            "verl.experimental trainers other than one_step_off_policy (e.g. separation's SeparateRayPPOTrainer, "
+            "whose fit_step/_fit_generate replace fit) run their own loop, which the plug-in does not hook; "
+            "one_step_off_policy is supported "
+            "(vipalloc.integrations.verl.vip_one_step_off_trainer_class), and trainer.use_v1=true with "
+            "trainer.v1.trainer_mode=colocate_async or separate_async gives asynchronous training with VIP"
         )
     else:
         why = "the plug-in's overrides would not be on its training path"
@@ -178,11 +192,10 @@ def config_refusals(config: Any, vip: VIPConfig) -> list[str]:
             "prompts replace the filter. Set algorithm.filter_groups.enable=false"
         )
     if _get(config, "async_training") is not None:
-        out.append(
-            "an async_training config section means a verl.experimental trainer (fully_async_policy / "
-            "one_step_off_policy), whose loop the plug-in does not hook; use trainer.use_v1=true with "
-            "trainer.v1.trainer_mode=colocate_async or separate_async"
-        )
+        from vipalloc.integrations._verl_async import FULLY_ASYNC_REFUSAL
+
+        out.append(f"an async_training config section means the verl.experimental trainer fully_async_policy: "
+                   f"{FULLY_ASYNC_REFUSAL}")  # fmt: skip
     use_v1 = _get(config, "trainer", "use_v1")
     if vip.two_phase and (use_v1 is None or bool(use_v1)):
         out.append(
@@ -240,6 +253,14 @@ def _get(node: Any, *keys: str) -> Any:
             return None
         node = node.get(key, None) if hasattr(node, "get") else getattr(node, key, None)
     return node
+
+
+def _is_one_step_off(base: type) -> bool:
+    try:
+        from verl.experimental.one_step_off_policy.ray_trainer import OneStepOffRayTrainer
+    except ImportError:  # pragma: no cover - ships with verl 0.9
+        return False
+    return issubclass(base, OneStepOffRayTrainer) and base.fit is OneStepOffRayTrainer.fit
 
 
 def _missing(cls: type, names: tuple[str, ...], label: str) -> list[str]:

@@ -53,6 +53,11 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError('vipalloc.integrations.verl needs verl and ray: pip install "vipalloc[verl]"') from exc
 
+from vipalloc.integrations._verl_async import (
+    FULLY_ASYNC_REFUSAL,
+    one_step_off_task_runner_class,
+    vip_one_step_off_trainer_class,
+)
 from vipalloc.integrations._verl_checks import (
     UnsupportedVerlError,
     check_hook_points,
@@ -77,6 +82,7 @@ from vipalloc.integrations._verl_loops import _one_shot_plan, vip_trainer_class,
 __all__ = [
     "ALLOCATOR_FILE",
     "ADV_ESTIMATOR_TARGETS",
+    "FULLY_ASYNC_REFUSAL",
     "SUPPORTED_VERL",
     "BatchPlan",
     "PlanNotAppliedError",
@@ -91,8 +97,10 @@ __all__ = [
     "divisible_budget",
     "expand_by_counts",
     "install_vip_trainers",
+    "one_step_off_task_runner_class",
     "required_multiple",
     "resolve_estimator",
+    "vip_one_step_off_trainer_class",
     "vip_trainer_class",
     "vip_v1_trainer_class",
 ]
