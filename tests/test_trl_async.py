@@ -152,7 +152,8 @@ def test_chunks_are_planned_observed_out_of_order_and_sized(tmp_path) -> None:
         k = int(r.prompt_id[1:])
         if r.step >= 4:  # the dataset (16 prompts, 4 per chunk) has been seen once
             by_level[min(k % 4, 2)].append(r.planned)
-    assert by_level[2] and np.mean(by_level[2]) > max(np.mean(by_level[0] or [0]), np.mean(by_level[1] or [0]))
+    certain = by_level[0] + by_level[1]  # pooled: a prompt seen all-right or all-wrong (zero-variance groups)
+    assert by_level[2] and (not certain or np.mean(by_level[2]) > np.mean(certain))
     # the allocator was saved after each fully observed chunk; it plans exactly as the live one
     saved = Allocator.load(str(tmp_path / "vip_allocator.json"))
     assert {s for s, *_ in saved.history.iter_steps()} <= history_steps and list(saved.history.iter_steps())
