@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pool_levels": ((2, 1), (3, 1)),
         "variance": dict(mean_n=4, n_min=2, n_max=16, resamples=300, boots=300),
         "league": LeagueConfig(
-            steps=8,
+            steps=6,
             batch=8,
             mean_n=4,
             n_min=2,
@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             train_prompts=24,
             eval_prompts=16,
             eval_k=4,
-            eval_every=4,
+            eval_every=6,
             max_new_tokens=24,
             temperature=1.0,
             lr=5e-4,
