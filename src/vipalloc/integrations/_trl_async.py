@@ -33,6 +33,7 @@ import numpy as np
 from trl.experimental.async_grpo.async_rollout_worker import AsyncRolloutWorker, RolloutGroup, _AsyncRolloutLoop
 
 from vipalloc import Allocator, Plan
+from vipalloc.integrations._trl_config import _prompt_key, _prompt_text  # the plug-in's prompt id rule
 
 SKIP_KEY = "vip_skip"  # set on the last message of a skip row's prompt (TRL keeps extra keys when it rebuilds it)
 
@@ -120,13 +121,9 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
             self._dataset_iter = iter(self.dataset)
 
     def _vip_key(self, row: dict[str, Any]) -> str:
-        from vipalloc.integrations.trl import _prompt_key  # the TRL plug-in's id rule (id column, else prompt hash)
-
         return _prompt_key(row, self.vip_column)
 
     def _repeat_iterator(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        from vipalloc.integrations.trl import _prompt_text
-
         group_id = 0
         while True:
             rows: list[dict[str, Any]] = []

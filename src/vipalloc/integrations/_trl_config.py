@@ -9,6 +9,8 @@ the trainer samples each prompt ``n_max`` times (TRL's group width) and generate
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,3 +164,23 @@ def default_config(model: Any) -> VIPGRPOConfig:
 
     name = model if isinstance(model, str) else get_config_model_id(model.config)
     return VIPGRPOConfig(f"{str(name).split('/')[-1]}-GRPO")
+
+
+def _prompt_key(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    if value is not None:
+        return str(value)
+    blob = json.dumps(row["prompt"], sort_keys=True, default=str)
+    return "h" + hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _prompt_text(prompt: Any) -> str:
+    """Text the allocator embeds: the prompt string, or the last user turn of a conversational prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        for msg in reversed(prompt):
+            content = msg.get("content") if isinstance(msg, dict) else None
+            if isinstance(content, str):
+                return content
+    return json.dumps(prompt, default=str)

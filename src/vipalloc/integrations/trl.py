@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import inspect
-import json
 import os
 import warnings
 from collections import defaultdict, deque
@@ -51,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from packaging.version import Version
 
 from vipalloc import Allocator, Plan
-from vipalloc.integrations._trl_config import VIPGRPOConfig, default_config
+from vipalloc.integrations._trl_config import VIPGRPOConfig, _prompt_key, _prompt_text, default_config
 from vipalloc.integrations._trl_layout import (
     SHIFT_KEY,
     accepts_position_ids,
@@ -139,26 +137,6 @@ class _PilotRound:
     logps: list[Any] | None  # (L,) sampling log-probs (vLLM) or None
     rewards: torch.Tensor  # (L, reward functions): the pilot's rewards of the local slice (NaN elsewhere)
     extra_logs: dict[str, list[Any]]  # log_extra columns of the pilot, one value per local row
-
-
-def _prompt_key(row: dict[str, Any], column: str) -> str:
-    value = row.get(column)
-    if value is not None:
-        return str(value)
-    blob = json.dumps(row["prompt"], sort_keys=True, default=str)
-    return "h" + hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-
-def _prompt_text(prompt: Any) -> str:
-    """Text the allocator embeds: the prompt string, or the last user turn of a conversational prompt."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list):
-        for msg in reversed(prompt):
-            content = msg.get("content") if isinstance(msg, dict) else None
-            if isinstance(content, str):
-                return content
-    return json.dumps(prompt, default=str)
 
 
 class VIPGRPOTrainer(GRPOTrainer):
