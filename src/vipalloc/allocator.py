@@ -6,6 +6,11 @@ Per training step::
     ... generate plan.counts[i] rollouts for prompt i (skip prompts with count 0), score them ...
     allocator.observe(prompt_ids, rewards, step=t)                       # one reward array per prompt
 
+Under a token budget (what users pay: generated tokens), report the rollouts' lengths and plan by tokens::
+
+    plan = allocator.plan(prompt_ids, prompts=texts, step=t, token_budget=T)   # sum_i n_i c_i <= T
+    allocator.observe(prompt_ids, rewards, step=t, lengths=token_counts)       # one length array per prompt
+
 Two-phase strategies (``vip_two_phase``, ``pilot_commit``; :mod:`vipalloc.strategies.two_phase`) split a step
 in two rounds::
 
@@ -24,16 +29,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
 
+from vipalloc._args import as_ids, check_int, check_lengths_arg, check_tokens_arg
 from vipalloc._io import StateFileError, atomic_write_json, read_json_checked
-from vipalloc.history import RolloutHistory, validate_rewards
+from vipalloc.history import RolloutHistory, validate_lengths, validate_rewards
+from vipalloc.plan import Plan
+from vipalloc.predictors.length import LengthModel, LengthPrediction
 from vipalloc.strategies import AllocationContext, Strategy, TwoPhaseStrategy, get_strategy, uniform_counts
 from vipalloc.strategies.two_phase import PilotState, expected_variance, uniform_extra
-from vipalloc.telemetry import outcome_metrics, plan_metrics
+from vipalloc.strategies.uniform import uniform_token_counts
+from vipalloc.telemetry import outcome_metrics
 from vipalloc.variance import gradient_variance
 
 __all__ = ["Allocator", "Plan"]
@@ -41,115 +49,9 @@ __all__ = ["Allocator", "Plan"]
 FORMAT = "vipalloc.allocator"
 # Version 2 adds outstanding two-phase pilots ("pilots"); version 1 files (no pilots) still load.
 VERSION = 2
+_TOKEN_COLS = ("tokens_success", "tokens_fail", "lengths_success", "lengths_fail")  # RolloutHistory.rows
 # Plans kept for validating observe(); older ones are forgotten (a trainer observes the step it planned).
 _MAX_PENDING_STEPS = 16
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Rollout counts for one batch, with the predictions they came from.
-
-    Arrays have shape ``(M,)`` aligned with ``prompt_ids``. Variances are the estimator's model
-    (:func:`vipalloc.variance.gradient_variance`) evaluated at ``p_mean``, summed over the batch.
-    """
-
-    prompt_ids: list[str]
-    counts: np.ndarray  # int64, rollouts per prompt; 0 = dropped (do not generate)
-    p_mean: np.ndarray  # float64 in [0, 1], predicted success probability
-    p_std: np.ndarray  # float64 >= 0, predictive uncertainty of p
-    budget: int
-    step: int
-    strategy: str
-    estimator: str
-    expected_variance: float  # sum_i Var_i(p_mean_i, counts_i) of this plan
-    uniform_variance: float  # the same for the uniform plan at the same budget
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: embed, predict, solve
-    # True when no plan with every kept prompt at >= the strategy's minimum existed and the minimum was relaxed.
-    min_keep_relaxed: bool = False
-    # Two-phase steps (plan_pilot / plan_commit): "pilot" or "commit"; "single" for plan(). A commit plan's counts
-    # are EXTRA rollouts and pilot_counts (int64 (M,)) the pilot rollouts that came back, so a prompt's training
-    # group is pilot_counts + counts (group_sizes); its variances are posterior expectations for those groups.
-    phase: str = "single"
-    pilot_counts: np.ndarray | None = None
-    # Commit plans: which prompts' groups enter the update (bool (M,)); None = every prompt with rollouts.
-    # pilot_commit trains only on its committed prompts (the peer defers the other candidates' pilots).
-    train: np.ndarray | None = None
-
-    @property
-    def group_sizes(self) -> np.ndarray:
-        """Rollouts in each prompt's training group: ``counts``, plus the pilot's for a commit plan (int64 ``(M,)``)."""
-        return self.counts if self.pilot_counts is None else self.pilot_counts + self.counts
-
-    @property
-    def train_mask(self) -> np.ndarray:
-        """Prompts whose whole group (``group_sizes``) enters the policy update, bool ``(M,)``."""
-        return self.group_sizes > 0 if self.train is None else self.train
-
-    @property
-    def dropped(self) -> np.ndarray:
-        """Boolean mask of prompts that get no rollouts (``counts == 0``)."""
-        return self.counts == 0
-
-    @property
-    def kept_ids(self) -> list[str]:
-        """Prompt ids with at least one rollout, in batch order."""
-        return [pid for pid, c in zip(self.prompt_ids, self.counts) if c > 0]
-
-    @property
-    def variance_ratio(self) -> float:
-        """``expected_variance / uniform_variance`` (1.0 when both are 0): below 1 means better than uniform."""
-        if self.uniform_variance <= 0.0:
-            return 1.0 if self.expected_variance <= 0.0 else float("inf")
-        return self.expected_variance / self.uniform_variance
-
-    def metrics(self) -> dict[str, float]:
-        """Where the budget goes, as ``vip/...`` scalars (:func:`vipalloc.telemetry.plan_metrics`).
-
-        Every trainer and plug-in logs exactly these names; log ``counts`` as a histogram under ``vip/counts``.
-        A commit plan describes the whole step: its groups (``group_sizes``, pilot + commit), so ``vip/budget`` is
-        the step's budget and the shares are of all its rollouts, as for a single-phase plan.
-        """
-        return plan_metrics(
-            self.group_sizes,
-            self.p_mean,
-            variance_ratio=self.variance_ratio,
-            timings=self.timings,
-            min_keep_relaxed=self.min_keep_relaxed,
-        )
-
-    def to_records(self) -> list[dict[str, Any]]:
-        """One JSON-ready dict per prompt: ``prompt_id``, ``n``, ``p_mean``, ``p_std``."""
-        return [
-            {"prompt_id": pid, "n": int(c), "p_mean": float(m), "p_std": float(s)}
-            for pid, c, m, s in zip(self.prompt_ids, self.counts, self.p_mean, self.p_std)
-        ]
-
-
-def _as_ids(prompt_ids: Sequence[Any], what: str = "prompt_ids") -> list[str]:
-    if isinstance(prompt_ids, (str, bytes)):
-        raise ValueError(f"{what} must be a sequence of ids, not a single string")
-    ids = [str(p) for p in prompt_ids]
-    if not ids:
-        raise ValueError(f"empty batch: {what} has no prompts; pass at least one prompt")
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dups = sorted({p for p in ids if p in seen or seen.add(p)})  # type: ignore[func-returns-value]
-        raise ValueError(
-            f"duplicate prompt ids in one batch: {dups[:5]}; give each prompt one entry and let the plan's "
-            "count decide how many rollouts it gets"
-        )
-    return ids
-
-
-def _check_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, (float, np.floating)) and float(value).is_integer():
-            value = int(value)
-        else:
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 class Allocator:
@@ -180,6 +82,9 @@ class Allocator:
         A rollout succeeds when its reward is ``>= success_threshold``.
     history_window:
         Steps of history kept for :meth:`history_aggregates` (``None``: all). The history itself keeps every row.
+    length_kwargs:
+        Options of the response-length model (:class:`~vipalloc.predictors.length.LengthModel`:
+        ``prior_strength``, ``ridge``, ``min_prompts``).
     """
 
     def __init__(
@@ -196,6 +101,7 @@ class Allocator:
         predictor_kwargs: dict[str, Any] | None = None,
         strategy_kwargs: dict[str, Any] | None = None,
         history_window: int | None = None,
+        length_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from vipalloc.predictors import make_predictor
 
@@ -204,11 +110,11 @@ class Allocator:
                 f"estimator must be 'drgrpo' or 'rloo', got {estimator!r} (for GRPO training allocate with 'drgrpo': "
                 "the std-normalised GRPO variance is not monotone in n and is no allocation target)"
             )
-        self.n_min = _check_int("n_min", n_min, 2)
-        self.n_max = _check_int("n_max", n_max, 2)
+        self.n_min = check_int("n_min", n_min, 2)
+        self.n_max = check_int("n_max", n_max, 2)
         if self.n_min > self.n_max:
             raise ValueError(f"n_min ({n_min}) must be <= n_max ({n_max})")
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         self.estimator = estimator
         self.strategy_name = strategy
         self.predictor_name = predictor
@@ -216,6 +122,11 @@ class Allocator:
         self.predictor_kwargs = dict(predictor_kwargs or {})
         self.strategy_kwargs = dict(strategy_kwargs or {})
         self.history_window = history_window
+        self.length_kwargs = dict(length_kwargs or {})
+        try:
+            self.length_model = LengthModel(**self.length_kwargs)
+        except TypeError as exc:
+            raise ValueError(f"bad length_kwargs: {exc}") from None
         self.strategy: Strategy = get_strategy(strategy, estimator=estimator, **self.strategy_kwargs)
         self.predictor = make_predictor(predictor, **self.predictor_kwargs)
         self.history = RolloutHistory(success_threshold=success_threshold)
@@ -264,13 +175,25 @@ class Allocator:
         prompts: Sequence[str] | None = None,
         budget: int | None = None,
         step: int | None = None,
+        *,
+        token_budget: float | None = None,
+        expected_lengths: Sequence[float] | np.ndarray | None = None,
     ) -> Plan:
-        """Allocate ``budget`` rollouts over the batch ``prompt_ids`` at training ``step``.
+        """Allocate ``budget`` rollouts, or ``token_budget`` generated tokens, over the batch ``prompt_ids`` at
+        training ``step``.
 
         ``prompts`` are the prompt texts (needed the first time a prompt is seen by feature-based predictors).
-        ``step`` defaults to one past the last step planned or observed. Returns a :class:`Plan` whose counts sum
-        to ``budget`` exactly. Raises ``ValueError`` for an empty batch, duplicate ids, or an infeasible budget
-        (the message names the feasible range).
+        ``step`` defaults to one past the last step planned or observed.
+
+        * ``budget`` alone: the counts sum to ``budget`` exactly (feasible: ``[M n_min, M n_max]``).
+        * ``token_budget`` (tokens): the counts satisfy ``sum_i n_i c_i <= token_budget`` where ``c_i`` is the
+          expected tokens per rollout (``plan.expected_lengths``: from the lengths given to :meth:`observe`, see
+          :class:`~vipalloc.predictors.length.LengthModel`, or ``expected_lengths`` when given); ``budget``, when
+          given too, caps the rollouts (``sum n <= budget``). ``plan.optimality_gap`` is the certified relative gap
+          (0.0 when exact); strategies without a token mode refuse (``ValueError`` with the reason).
+
+        Raises ``ValueError`` for an empty batch, duplicate ids, an infeasible budget (the message names the
+        feasible range) or a token budget without any length to predict from; nothing is recorded then.
         """
         if self.strategy.two_phase:
             raise ValueError(
@@ -278,52 +201,117 @@ class Allocator:
                 "observe the pilot rewards, then plan_commit(step=t) and observe the extra rollouts; plan() cannot "
                 "run it"
             )
-        ids = _as_ids(prompt_ids)
-        if budget is None:
-            raise ValueError(
-                f"budget is required: total rollouts for this batch, e.g. {len(ids)} prompts x 8 = {8 * len(ids)}"
-            )
-        budget = _check_int("budget", budget, 0)
-        step = self._last_step + 1 if step is None else _check_int("step", step, 0)
+        ids = as_ids(prompt_ids)
         m = len(ids)
-        # Refuse an infeasible budget before embedding: the feature caches keep the first text given for an id.
-        if budget > m * self.n_max:
+        if budget is None and token_budget is None:
             raise ValueError(
-                f"budget {budget} is infeasible for {m} prompts with n_max={self.n_max}: at most {m * self.n_max}; "
-                "raise n_max or lower the budget"
+                f"budget is required: total rollouts for this batch, e.g. {m} prompts x 8 = {8 * m} (or "
+                "token_budget=T, generated tokens)"
             )
-        if budget < m * self.n_min:
-            raise ValueError(
-                f"budget {budget} is infeasible for {m} prompts with n in [{self.n_min}, {self.n_max}]: "
-                f"feasible budgets lie in [{m * self.n_min}, {m * self.n_max}]; change the budget or the bounds"
-            )
+        step = self._last_step + 1 if step is None else check_int("step", step, 0)
+        tokens = None if token_budget is None else check_tokens_arg(token_budget)
+        if budget is not None:
+            budget = check_int("budget", budget, 0)
+            # Refuse an infeasible budget before embedding: the feature caches keep the first text given for an id.
+            if tokens is None and budget > m * self.n_max:
+                raise ValueError(
+                    f"budget {budget} is infeasible for {m} prompts with n_max={self.n_max}: at most "
+                    f"{m * self.n_max}; raise n_max or lower the budget"
+                )
+            if budget < m * self.n_min:
+                raise ValueError(
+                    f"budget {budget} is infeasible for {m} prompts with n in [{self.n_min}, {self.n_max}]: "
+                    f"feasible budgets lie in [{m * self.n_min}, {m * self.n_max}]; change the budget or the bounds"
+                )
+        given = None if expected_lengths is None else check_lengths_arg(expected_lengths, m)
+        if tokens is not None:
+            if self.strategy.token_refusal is not None:
+                raise ValueError(
+                    f"strategy {self.strategy_name!r} cannot plan under a token budget: {self.strategy.token_refusal}"
+                )
+            if given is None and not self.history.has_lengths:
+                raise ValueError(
+                    "a token budget needs the expected tokens per rollout: report lengths with observe(..., "
+                    "lengths=[...]) on earlier steps, pass expected_lengths=[...] (e.g. the maximum completion "
+                    "length), or plan this first step by rollouts (budget=...)"
+                )
         p_mean, p_std, timings = self._predict(ids, prompts, step)
         t0 = time.perf_counter()
+        c = given if given is not None else self._expected_lengths(ids, p_mean, step)
         perm, inv = _permutation(self.seed, step, m)
         ctx = None
         if self.strategy.uses_context:  # dynamo, hora: std and reward history (before step)
             rows = self.history.rows(self.history_window, before_step=step)
             ctx = AllocationContext.from_history(ids, p_std, self.history.prompt_ids, rows).take(perm)
-        counts = self.strategy.allocate(p_mean[perm], budget, self.n_min, self.n_max, context=ctx)
-        counts = np.asarray(counts, np.int64)[inv]
-        timings["solve"] = time.perf_counter() - t0
-        if counts.shape != (m,) or int(counts.sum()) != budget:
-            raise RuntimeError(
-                f"strategy {self.strategy_name!r} returned an invalid plan (sum {counts.sum()} != {budget})"
+        gap = 0.0
+        if tokens is None:
+            assert budget is not None
+            counts = self.strategy.allocate(p_mean[perm], budget, self.n_min, self.n_max, context=ctx)
+            counts = np.asarray(counts, np.int64)[inv]
+            if counts.shape != (m,) or int(counts.sum()) != budget:
+                raise RuntimeError(
+                    f"strategy {self.strategy_name!r} returned an invalid plan (sum {counts.sum()} != {budget})"
+                )
+            # The uniform plan at the same budget, with the remainder on the same (permuted) prompts.
+            uniform = uniform_counts(m, budget)[inv]
+        else:
+            assert c is not None
+            res = self.strategy.allocate_tokens(
+                p_mean[perm], tokens, c[perm], self.n_min, self.n_max, max_rollouts=budget, context=ctx
             )
-        # The uniform plan at the same budget, with the remainder on the same (permuted) prompts.
-        uniform = uniform_counts(m, budget)[inv]
+            counts, gap = np.asarray(res.counts, np.int64)[inv], float(res.gap)
+            if counts.shape != (m,) or float(counts @ c) > tokens * (1 + 1e-9) + 1e-6:
+                raise RuntimeError(f"strategy {self.strategy_name!r} returned a plan over the token budget")
+            # The uniform plan at the same tokens (and rollout cap), its remainder on the same permuted prompts.
+            uniform = uniform_token_counts(c[perm], tokens, self.n_max, budget)[inv]
+        timings["solve"] = time.perf_counter() - t0
         return self._issue(
             step,
             ids,
             counts,
             p_mean,
             p_std,
-            budget=budget,
+            budget=int(counts.sum()),
             expected=_plan_variance(p_mean, counts, self.estimator),
             uniform=_plan_variance(p_mean, uniform, self.estimator),
             timings=timings,
             min_keep_relaxed=bool(self.strategy.last_min_keep_relaxed),
+            expected_lengths=c,
+            expected_tokens=None if c is None else float(counts @ c),
+            token_budget=tokens,
+            optimality_gap=gap,
+        )
+
+    def expected_lengths(self, prompt_ids: Sequence[Any], step: int | None = None) -> LengthPrediction | None:
+        """The length model's prediction for a batch (tokens per rollout, by outcome and expected, each float64
+        ``(M,)``) at ``step``, from the history before it; None before any length was observed. Uses the current
+        success predictions (and the prompts' features when the predictor has them)."""
+        ids = as_ids(prompt_ids)
+        step = self._last_step + 1 if step is None else check_int("step", step, 0)
+        p_mean, _ = self.predictor.predict(ids, step)
+        return self._length_prediction(ids, np.asarray(p_mean, np.float64), step)
+
+    def _expected_lengths(self, ids: list[str], p_mean: np.ndarray, step: int) -> np.ndarray | None:
+        pred = self._length_prediction(ids, p_mean, step)
+        return None if pred is None else pred.expected
+
+    def _length_prediction(self, ids: list[str], p_mean: np.ndarray, step: int) -> LengthPrediction | None:
+        if not self.history.has_lengths:
+            return None
+        rows = self.history.rows(self.history_window, before_step=step)
+        index = {pid: i for i, pid in enumerate(self.history.prompt_ids)}
+        at = np.array([index.get(pid, -1) for pid in ids], np.int64)
+        features = batch = None
+        if self._cache is not None:  # the predictor's features, when it uses them: a feature-based length prior
+            cache = self._cache
+            hist_ids = self.history.prompt_ids
+            batch = cache.lookup(ids)
+
+            def features(idx: np.ndarray) -> np.ndarray:
+                return np.asarray(cache.lookup([hist_ids[i] for i in idx]), np.float64)
+
+        return self.length_model.predict(
+            p_mean, at, rows, len(self.history.prompt_ids), features=features, batch_features=batch
         )
 
     def _predict(
@@ -369,8 +357,14 @@ class Allocator:
             **fields,
         )
 
-    def observe(self, prompt_ids: Sequence[Any], rewards: Sequence[Any], step: int) -> None:
-        """Record the rewards of the rollouts generated for a plan made at ``step``.
+    def observe(
+        self, prompt_ids: Sequence[Any], rewards: Sequence[Any], step: int, lengths: Sequence[Any] | None = None
+    ) -> None:
+        """Record the rewards (and, optionally, the lengths) of the rollouts generated for a plan made at ``step``.
+
+        ``lengths``: None, or one entry per prompt aligned with ``rewards``: None (unknown) or the generated tokens
+        of each of its rollouts, whole numbers >= 0 in the order of its rewards. Lengths feed the length model
+        that token budgets plan with (``plan(..., token_budget=T)``); a wrong count raises and records nothing.
 
         ``rewards`` holds one 1-D array per prompt with as many entries as rollouts came back, each finite and in
         ``[0, 1]``. Rules for degraded input: fewer rewards than planned is accepted (failed generations are simply
@@ -378,8 +372,8 @@ class Allocator:
         dropped, NaN/inf or out-of-range values raise ``ValueError`` and record nothing. Prompts with no rewards
         (empty arrays) are skipped.
         """
-        ids = _as_ids(prompt_ids)
-        step = _check_int("step", step, 0)
+        ids = as_ids(prompt_ids)
+        step = check_int("step", step, 0)
         if len(rewards) != len(ids):
             raise ValueError(f"got {len(ids)} prompt ids but {len(rewards)} reward arrays; pass one array per prompt")
         planned = self._pending.get(step)
@@ -404,6 +398,14 @@ class Allocator:
                 "report only prompts of that step's plan"
             )
         arrs = [validate_rewards(pid, r) for pid, r in zip(ids, rewards)]
+        if lengths is not None:
+            if isinstance(lengths, (str, bytes)) or len(lengths) != len(ids):
+                raise ValueError(
+                    f"got {len(ids)} prompt ids but {len(lengths)} length arrays; pass one per prompt (None = unknown)"
+                )
+            lens: list[np.ndarray | None] = [
+                None if ln is None else validate_lengths(pid, ln, a.size) for pid, ln, a in zip(ids, lengths, arrs)
+            ]
         for pid, a in zip(ids, arrs):
             if a.size > planned[pid]:
                 raise ValueError(
@@ -415,12 +417,13 @@ class Allocator:
             return
         kept_ids = [ids[i] for i in keep]
         kept = [arrs[i] for i in keep]
+        kept_lens = None if lengths is None else [lens[i] for i in keep]
         thr = self.success_threshold
         successes = np.array([int(np.count_nonzero(a >= thr)) for a in kept], np.int64)
         trials = np.array([a.size for a in kept], np.int64)
         # The predictor validates and may raise; do it before touching the history so a failure records nothing.
         self.predictor.observe(kept_ids, successes, trials, step)
-        self.history.extend(step, kept_ids, kept)
+        self.history.extend(step, kept_ids, kept, lengths=kept_lens)
         for pid in kept_ids:  # each planned prompt is observed once (per phase, for a two-phase step)
             del planned[pid]
         pilot = self._pilots.get(step)
@@ -455,14 +458,14 @@ class Allocator:
                 f"plan_pilot needs a two-phase strategy ('vip_two_phase' or 'pilot_commit'), this allocator uses "
                 f"{self.strategy_name!r}: call plan() instead, or build Allocator(strategy='vip_two_phase')"
             )
-        ids = _as_ids(prompt_ids)
+        ids = as_ids(prompt_ids)
         if budget is None:
             raise ValueError(
                 f"budget is required: total rollouts of the step, pilot included, e.g. {len(ids)} prompts x 8 = "
                 f"{8 * len(ids)}"
             )
-        budget = _check_int("budget", budget, 0)
-        step = self._last_step + 1 if step is None else _check_int("step", step, 0)
+        budget = check_int("budget", budget, 0)
+        step = self._last_step + 1 if step is None else check_int("step", step, 0)
         old = self._pilots.get(step)
         if old is not None and (old.trials.any() or old.extra is not None):
             raise ValueError(
@@ -520,7 +523,7 @@ class Allocator:
             if not open_steps:
                 raise ValueError("no pilot is waiting for a commit; call plan_pilot(...) first")
             step = max(open_steps)
-        step = _check_int("step", step, 0)
+        step = check_int("step", step, 0)
         pilot = self._pilots.get(step)
         if pilot is None:
             known = sorted(self._pilots)
@@ -641,6 +644,7 @@ class Allocator:
                     rows["successes"][sel],
                     rows["trials"][sel],
                     rows["reward_sum"][sel],
+                    np.stack([rows[k][sel] for k in _TOKEN_COLS]),
                 )
 
     # ------------------------------------------------------------------ persistence
@@ -658,6 +662,7 @@ class Allocator:
             "predictor_kwargs": self.predictor_kwargs,
             "strategy_kwargs": self.strategy_kwargs,
             "history_window": self.history_window,
+            "length_kwargs": self.length_kwargs,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -693,7 +698,8 @@ class Allocator:
         try:
             cfg = dict(state["config"])
             history_window = cfg.pop("history_window", None)
-            alloc = cls(**cfg, history_window=history_window)
+            length_kwargs = cfg.pop("length_kwargs", None)  # absent in files written before token budgets
+            alloc = cls(**cfg, history_window=history_window, length_kwargs=length_kwargs)
             alloc.predictor.load_state_dict(state["predictor"])
             alloc.history = RolloutHistory.from_state_dict(state["history"])
             if state.get("embeddings") is not None:

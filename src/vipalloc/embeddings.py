@@ -234,6 +234,16 @@ class EmbeddingCache:
             self._n = need
         return self._vecs[[self._index[p] for p in ids]].astype(np.float64)
 
+    def lookup(self, prompt_ids: Sequence[str]) -> np.ndarray:
+        """Cached vectors for ``prompt_ids`` without embedding anything: float64 ``(N, dim)``, NaN rows for ids
+        not cached (e.g. prompts known only from an ingested history)."""
+        out = np.full((len(prompt_ids), self._vecs.shape[1]), np.nan)
+        rows = [(k, self._index[str(p)]) for k, p in enumerate(prompt_ids) if str(p) in self._index]
+        if rows:
+            at, idx = (list(x) for x in zip(*rows))
+            out[at] = self._vecs[idx]
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "embedder": self.embedder.name,

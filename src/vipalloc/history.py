@@ -1,7 +1,10 @@
 """Rollout history: one row per (training step, prompt) with that group's rollout outcomes.
 
 A row holds the number of rollouts (``trials``), how many of them succeeded (``successes``: reward >= the
-store's ``success_threshold``) and the sum of the raw rewards. Rows are kept in growable numpy columns, so a
+store's ``success_threshold``), the sum of the raw rewards and, when the caller reported them, the generated tokens
+of the successful and of the failed rollouts (``tokens_success`` / ``tokens_fail``, summed) with how many rollouts
+of each kind had a length (``lengths_success`` / ``lengths_fail``; rollouts reported without a length count in
+neither). Rows are kept in growable numpy columns, so a
 store of millions of rows costs ~40 bytes a row and windowed aggregates are vectorised.
 
 File format (``save``/``load``): JSON Lines. The first line is a header::
@@ -9,9 +12,12 @@ File format (``save``/``load``): JSON Lines. The first line is a header::
     {"format": "vipalloc.history", "version": 1, "rows": N, "success_threshold": 0.5, "sha256": "..."}
 
 followed by one row per line: ``{"step": 3, "prompt_id": "q17", "trials": 8, "successes": 5, "reward_sum": 5.0}``
-(optionally ``"prompt": "<text>"`` the first time a prompt appears). The checksum covers every row line, so a
+(optionally ``"prompt": "<text>"`` the first time a prompt appears, and, in version 2, ``"tokens_success"``,
+``"tokens_fail"``, ``"lengths_success"``, ``"lengths_fail"`` when lengths were recorded; version 1 files load with
+no lengths). The checksum covers every row line, so a
 truncated or edited file is detected. ``load`` also accepts hand-written files without a header whose rows give
-either ``"rewards": [1, 0, 1]`` or ``"trials"``/``"successes"``; every problem is reported with its line number.
+either ``"rewards": [1, 0, 1]`` (optionally with ``"lengths": [212, 80, 130]``, generated tokens per rollout) or
+``"trials"``/``"successes"``; every problem is reported with its line number.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ import numpy as np
 
 from vipalloc._io import StateFileError, atomic_write_text
 
-__all__ = ["HistoryAggregates", "RolloutHistory", "validate_rewards"]
+__all__ = ["HistoryAggregates", "RolloutHistory", "validate_lengths", "validate_rewards"]
 
 FORMAT = "vipalloc.history"
-VERSION = 1
+VERSION = 2  # 2 adds the token columns; version 1 files still load
+_TOKEN_COLS = ("tokens_success", "tokens_fail", "lengths_success", "lengths_fail")
 
 
 def validate_rewards(prompt_id: str, rewards: Any) -> np.ndarray:
@@ -57,6 +64,27 @@ def validate_rewards(prompt_id: str, rewards: Any) -> np.ndarray:
         raise ValueError(
             f"rewards for prompt {prompt_id!r} are outside [0, 1] ({arr.min():g}..{arr.max():g}); "
             "verifiable rewards must be in [0, 1]: rescale or binarise them first"
+        )
+    return arr
+
+
+def validate_lengths(prompt_id: str, lengths: Any, n: int) -> np.ndarray:
+    """Return ``lengths`` (generated tokens per rollout, aligned with that prompt's ``n`` rewards) as float64
+    ``(n,)``, or raise ``ValueError`` naming the prompt and the problem."""
+    try:
+        arr = np.asarray(lengths, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"lengths for prompt {prompt_id!r} are not numeric: {lengths!r}") from None
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.shape != (n,):
+        raise ValueError(
+            f"prompt {prompt_id!r} has {n} rewards but {arr.size} lengths; give one length (generated tokens) per "
+            "rollout, in the order of its rewards"
+        )
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(np.mod(arr, 1) != 0):
+        raise ValueError(
+            f"lengths for prompt {prompt_id!r} must be whole numbers of tokens >= 0, got {arr.tolist()[:8]}"
         )
     return arr
 
@@ -100,6 +128,11 @@ class RolloutHistory:
         self._trials = np.zeros(cap, np.int64)
         self._succ = np.zeros(cap, np.int64)
         self._rsum = np.zeros(cap, np.float64)
+        # token columns: summed tokens of successful / failed rollouts, and how many of each had a length
+        self._tok_s = np.zeros(cap, np.float64)
+        self._tok_f = np.zeros(cap, np.float64)
+        self._len_s = np.zeros(cap, np.int64)
+        self._len_f = np.zeros(cap, np.int64)
 
     # ------------------------------------------------------------------ writing
     def __len__(self) -> int:
@@ -126,7 +159,7 @@ class RolloutHistory:
             return
         while cap < need:
             cap *= 2
-        for name in ("_step", "_pid", "_trials", "_succ", "_rsum"):
+        for name in ("_step", "_pid", "_trials", "_succ", "_rsum", "_tok_s", "_tok_f", "_len_s", "_len_f"):
             old = getattr(self, name)
             new = np.zeros(cap, old.dtype)
             new[: self._n] = old[: self._n]
@@ -140,9 +173,21 @@ class RolloutHistory:
             self._index[prompt_id] = idx
         return idx
 
-    def append(self, step: int, prompt_id: str, rewards: Any, prompt: str | None = None) -> None:
-        """Record one prompt's rollout rewards at ``step`` (rewards: 1-D, finite, in [0, 1])."""
-        self.extend(step, [prompt_id], [rewards], prompts=None if prompt is None else [prompt])
+    def append(self, step: int, prompt_id: str, rewards: Any, prompt: str | None = None, lengths: Any = None) -> None:
+        """Record one prompt's rollout rewards at ``step`` (rewards: 1-D, finite, in [0, 1]; ``lengths``:
+        generated tokens per rollout, aligned with ``rewards``, or None)."""
+        self.extend(
+            step,
+            [prompt_id],
+            [rewards],
+            prompts=None if prompt is None else [prompt],
+            lengths=None if lengths is None else [lengths],
+        )
+
+    @property
+    def has_lengths(self) -> bool:
+        """True once any rollout was recorded with its length."""
+        return bool(self._n and (self._len_s[: self._n].any() or self._len_f[: self._n].any()))
 
     def extend(
         self,
@@ -150,8 +195,11 @@ class RolloutHistory:
         prompt_ids: Sequence[str],
         rewards: Sequence[Any],
         prompts: Sequence[str | None] | None = None,
+        lengths: Sequence[Any] | None = None,
     ) -> None:
-        """Record several prompts' rewards at ``step``. Validates everything before writing anything."""
+        """Record several prompts' rewards at ``step``. ``lengths``: None, or one entry per prompt, each None
+        (unknown) or the generated tokens of its rollouts aligned with its rewards. Validates everything before
+        writing anything."""
         step = _check_step(step)
         ids = [str(p) for p in prompt_ids]
         if len(ids) != len(rewards):
@@ -162,16 +210,34 @@ class RolloutHistory:
         trials = np.array([a.size for a in arrs], np.int64)
         succ = np.array([int(np.count_nonzero(a >= self.success_threshold)) for a in arrs], np.int64)
         rsum = np.array([float(a.sum()) for a in arrs], np.float64)
-        self._write_rows(np.full(len(ids), step, np.int64), ids, trials, succ, rsum)
+        tok = np.zeros((4, len(ids)))  # tokens of successes, of failures; lengths known among successes, failures
+        if lengths is not None:
+            if len(lengths) != len(ids):
+                raise ValueError(f"got {len(ids)} prompt ids but {len(lengths)} length arrays; pass one per prompt")
+            for j, (pid, a, ln) in enumerate(zip(ids, arrs, lengths)):
+                if ln is None:
+                    continue
+                ln = validate_lengths(pid, ln, a.size)
+                ok = a >= self.success_threshold
+                tok[:, j] = ln[ok].sum(), ln[~ok].sum(), ok.sum(), (~ok).sum()
+        self._write_rows(np.full(len(ids), step, np.int64), ids, trials, succ, rsum, tok)
         if prompts is not None:
             for pid, text in zip(ids, prompts):
                 if text is not None and pid not in self._texts:
                     self._texts[pid] = str(text)
 
     def extend_counts(
-        self, step: int, prompt_ids: Sequence[str], successes: Any, trials: Any, reward_sum: Any = None
+        self,
+        step: int,
+        prompt_ids: Sequence[str],
+        successes: Any,
+        trials: Any,
+        reward_sum: Any = None,
+        tokens: Any = None,
     ) -> None:
-        """Record pre-aggregated groups (``successes`` of ``trials`` rollouts per prompt) at ``step``."""
+        """Record pre-aggregated groups (``successes`` of ``trials`` rollouts per prompt) at ``step``. ``tokens``:
+        None, or float ``(4, M)``: summed tokens of the successful and of the failed rollouts, and how many
+        successful and failed rollouts had a length (as :meth:`rows` returns them)."""
         step = _check_step(step)
         ids = [str(p) for p in prompt_ids]
         s = np.asarray(successes)
@@ -188,9 +254,22 @@ class RolloutHistory:
         rs = s.astype(np.float64) if reward_sum is None else np.asarray(reward_sum, np.float64)
         if rs.shape != (len(ids),) or not np.all(np.isfinite(rs)) or np.any(rs < 0) or np.any(rs > t):
             raise ValueError("reward_sum must be finite and within [0, trials] for every prompt")
-        self._write_rows(np.full(len(ids), step, np.int64), ids, t, s, rs)
+        tok = np.zeros((4, len(ids))) if tokens is None else np.asarray(tokens, np.float64)
+        if tok.shape != (4, len(ids)) or not np.all(np.isfinite(tok)) or np.any(tok < 0):
+            raise ValueError(f"tokens must be finite, >= 0, shape (4, {len(ids)})")
+        if np.any(tok[2] > s) or np.any(tok[3] > t - s):
+            raise ValueError("more rollouts with a length than rollouts of that outcome")
+        self._write_rows(np.full(len(ids), step, np.int64), ids, t, s, rs, tok)
 
-    def _write_rows(self, steps: np.ndarray, ids: list[str], trials: np.ndarray, succ: np.ndarray, rsum: np.ndarray):
+    def _write_rows(
+        self,
+        steps: np.ndarray,
+        ids: list[str],
+        trials: np.ndarray,
+        succ: np.ndarray,
+        rsum: np.ndarray,
+        tok: np.ndarray,
+    ) -> None:
         k = len(ids)
         self._grow(k)
         sl = slice(self._n, self._n + k)
@@ -199,19 +278,28 @@ class RolloutHistory:
         self._trials[sl] = trials
         self._succ[sl] = succ
         self._rsum[sl] = rsum
+        self._tok_s[sl], self._tok_f[sl] = tok[0], tok[1]
+        self._len_s[sl], self._len_f[sl] = tok[2], tok[3]
         self._n += k
 
     # ------------------------------------------------------------------ reading
     def rows(self, window: int | None = None, *, before_step: int | None = None) -> dict[str, np.ndarray]:
         """Raw rows (copies) in the window: ``step``, ``prompt_index`` (into :attr:`prompt_ids`), ``trials``,
-        ``successes``, ``reward_sum``. ``window`` counts steps back from the newest step kept (``None``: all)."""
+        ``successes``, ``reward_sum`` and the token columns ``tokens_success``, ``tokens_fail`` (float64 sums),
+        ``lengths_success``, ``lengths_fail`` (int64 counts). ``window`` counts steps back from the newest step
+        kept (``None``: all)."""
         mask = self._window_mask(window, before_step)
+        n = self._n
         return {
-            "step": self._step[: self._n][mask].copy(),
-            "prompt_index": self._pid[: self._n][mask].copy(),
-            "trials": self._trials[: self._n][mask].copy(),
-            "successes": self._succ[: self._n][mask].copy(),
-            "reward_sum": self._rsum[: self._n][mask].copy(),
+            "step": self._step[:n][mask].copy(),
+            "prompt_index": self._pid[:n][mask].copy(),
+            "trials": self._trials[:n][mask].copy(),
+            "successes": self._succ[:n][mask].copy(),
+            "reward_sum": self._rsum[:n][mask].copy(),
+            "tokens_success": self._tok_s[:n][mask].copy(),
+            "tokens_fail": self._tok_f[:n][mask].copy(),
+            "lengths_success": self._len_s[:n][mask].copy(),
+            "lengths_fail": self._len_f[:n][mask].copy(),
         }
 
     def _window_mask(self, window: int | None, before_step: int | None) -> np.ndarray:
@@ -276,6 +364,10 @@ class RolloutHistory:
             "trials": self._trials[: self._n].copy(),
             "successes": self._succ[: self._n].copy(),
             "reward_sum": self._rsum[: self._n].copy(),
+            "tokens_success": self._tok_s[: self._n].copy(),
+            "tokens_fail": self._tok_f[: self._n].copy(),
+            "lengths_success": self._len_s[: self._n].copy(),
+            "lengths_fail": self._len_f[: self._n].copy(),
         }
 
     @classmethod
@@ -285,10 +377,13 @@ class RolloutHistory:
             h = cls(success_threshold=float(state["success_threshold"]))
             ids = [str(p) for p in state["prompt_ids"]]
             cols = [np.asarray(state[k]) for k in ("step", "prompt_index", "trials", "successes", "reward_sum")]
+            n0 = len(cols[0])
+            # states written before lengths were recorded have no token columns: no lengths known
+            tok = [np.asarray(state[k]) if k in state else np.zeros(n0) for k in _TOKEN_COLS]
         except (KeyError, TypeError, ValueError) as exc:
             raise StateFileError(f"history state is malformed ({exc})") from None
         n = len(cols[0])
-        if any(len(c) != n for c in cols):
+        if any(len(c) != n for c in (*cols, *tok)):
             raise StateFileError("history state columns have different lengths")
         if n and (cols[1].min() < 0 or cols[1].max() >= len(ids)):
             raise StateFileError("history state refers to unknown prompt indices")
@@ -300,6 +395,7 @@ class RolloutHistory:
             raise StateFileError("history state has duplicate prompt ids")
         h._grow(n)
         h._step[:n], h._pid[:n], h._trials[:n], h._succ[:n], h._rsum[:n] = cols
+        h._tok_s[:n], h._tok_f[:n], h._len_s[:n], h._len_f[:n] = tok
         h._n = n
         h._texts = dict(zip(state.get("text_ids", []), state.get("texts", [])))
         return h
@@ -317,6 +413,11 @@ class RolloutHistory:
                 "successes": int(self._succ[i]),
                 "reward_sum": float(self._rsum[i]),
             }
+            if self._len_s[i] or self._len_f[i]:
+                row["tokens_success"] = float(self._tok_s[i])
+                row["tokens_fail"] = float(self._tok_f[i])
+                row["lengths_success"] = int(self._len_s[i])
+                row["lengths_fail"] = int(self._len_f[i])
             if pid in self._texts and pid not in seen_text:
                 row["prompt"] = self._texts[pid]
                 seen_text.add(pid)
@@ -410,7 +511,10 @@ def _ingest_row(h: RolloutHistory, path: Path, lineno: int, row: dict[str, Any])
         if "rewards" in row:
             if not isinstance(row["rewards"], list):
                 raise ValueError("'rewards' must be a list of numbers")
-            h.extend(row["step"], [str(pid)], [row["rewards"]], prompts=[prompt])
+            lengths = row.get("lengths")
+            if lengths is not None and not isinstance(lengths, list):
+                raise ValueError("'lengths' must be a list of token counts, one per reward")
+            h.extend(row["step"], [str(pid)], [row["rewards"]], prompts=[prompt], lengths=[lengths])
         elif "trials" in row and "successes" in row:
             t, s = row["trials"], row["successes"]
             rs = row.get("reward_sum", s)
@@ -419,7 +523,12 @@ def _ingest_row(h: RolloutHistory, path: Path, lineno: int, row: dict[str, Any])
                     raise ValueError(f"'{name}' must be an integer, got {v!r}")
             if isinstance(rs, bool) or not isinstance(rs, (int, float)) or not math.isfinite(rs):
                 raise ValueError(f"'reward_sum' must be a finite number, got {rs!r}")
-            h.extend_counts(row["step"], [str(pid)], np.array([s]), np.array([t]), np.array([float(rs)]))
+            tok = [row.get(k, 0) for k in _TOKEN_COLS]
+            for name, v in zip(_TOKEN_COLS, tok):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                    raise ValueError(f"'{name}' must be a finite number >= 0, got {v!r}")
+            tokens = np.array(tok, np.float64).reshape(4, 1)
+            h.extend_counts(row["step"], [str(pid)], np.array([s]), np.array([t]), np.array([float(rs)]), tokens)
             if prompt is not None and str(pid) not in h._texts:
                 h._texts[str(pid)] = prompt
         else:

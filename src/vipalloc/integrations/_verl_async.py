@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vipalloc.integrations._verl_checks import UnsupportedVerlError, _missing_paths
+from vipalloc.integrations._verl_checks import FULLY_ASYNC_REFUSAL, ONE_STEP_OFF_PATHS, check_one_step_off
 
 __all__ = [
     "FULLY_ASYNC_REFUSAL",
@@ -33,45 +33,6 @@ __all__ = [
     "one_step_off_task_runner_class",
     "vip_one_step_off_trainer_class",
 ]
-
-FULLY_ASYNC_REFUSAL = (
-    "verl.experimental.fully_async_policy is refused with VIP: (1) FullyAsyncTrainer._get_samples_from_queue "
-    "(fully_async_trainer.py) builds every optimizer step from the first required_samples = "
-    "ppo_mini_batch_size x async_training.require_batches prompt groups (RolloutSamples) to arrive on the message "
-    "queue, in arrival order, after the rollouter dropped stale ones, and assemble_batch_from_rollout_samples "
-    "(detach_utils.py) concatenates them as they are; with per-prompt counts the rows of a step are the sum of the "
-    "counts of whichever groups arrived, which no plan can make a multiple of the DP size x mini-batch rows that "
-    "train_mini_batch (workers/engine_workers.py) asserts, unless every count equals rollout.n; (2) the count is "
-    "fixed before the rollouter sees a prompt: FullyAsyncRollouter._feed_samples calls the module function "
-    "prepare_single_generation_data (detach_utils.py), which repeats every prompt rollout.n times. Supporting it "
-    "would mean copying _get_samples_from_queue and _feed_samples. What would unlock it: a verl hook that collects "
-    "samples until a row budget is met (or pads a step to the required multiple, as the v1 trainer's "
-    "_get_required_batch_multiple does) and a per-sample rollout count such as the v1 agent loop's __rollout_n__. "
-    "Use trainer.use_v1=true with trainer.v1.trainer_mode=colocate_async or separate_async (asynchronous, "
-    "supported), or verl.experimental.one_step_off_policy"
-)
-# Code of OneStepOffRayTrainer the legacy hooks rely on: (method, text that must appear in its source, meaning).
-ONE_STEP_OFF_PATHS = (
-    ("_async_gen_next_batch", "self._get_gen_batch(", "_async_gen_next_batch builds the batch with _get_gen_batch"),
-    ("_async_gen_next_batch", "gen_batch.repeat(", "_async_gen_next_batch expands the generation batch with .repeat"),
-    ("_async_gen_next_batch", "batch.repeat(", "_async_gen_next_batch expands the training batch with .repeat"),
-    ("_fit_update_actor", "self._update_actor(", "_fit_update_actor calls _update_actor (where rewards are observed)"),
-)
-
-
-def check_one_step_off(base: type) -> None:
-    """Raise :class:`UnsupportedVerlError` when ``base`` (``OneStepOffRayTrainer`` or a subclass keeping its loop)
-    lacks a code path the legacy hooks rely on (:data:`ONE_STEP_OFF_PATHS`)."""
-    problems = _missing_paths(base, ONE_STEP_OFF_PATHS, base.__name__)
-    if problems:
-        from vipalloc.integrations._verl_core import SUPPORTED_VERL
-
-        raise UnsupportedVerlError(
-            f"{base.__name__} does not provide what the VIP plug-in hooks in one_step_off_policy: "
-            + "; ".join(problems)
-            + f". Supported: verl {SUPPORTED_VERL}, or set vip.enable=false"
-        )
-
 
 _CLASSES: dict[type, type] = {}
 

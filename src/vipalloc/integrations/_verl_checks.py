@@ -21,10 +21,13 @@ from typing import Any
 from vipalloc.integrations._verl_core import SUPPORTED_VERL, VIPConfig
 
 __all__ = [
+    "FULLY_ASYNC_REFUSAL",
+    "ONE_STEP_OFF_PATHS",
     "UnsupportedVerlError",
     "V0_HOOKS",
     "V1_HOOKS",
     "check_hook_points",
+    "check_one_step_off",
     "check_trainer_base",
     "check_verl_version",
     "config_refusals",
@@ -152,8 +155,6 @@ def check_trainer_base(base: type, use_v1: bool) -> None:
         return
     if not use_v1 and overridden == ["fit"] and _is_one_step_off(base):
         # its own asyncio fit keeps the legacy seam (_get_gen_batch, .repeat, _update_actor): _verl_async checks it
-        from vipalloc.integrations._verl_async import check_one_step_off
-
         check_one_step_off(base)
         return
     if "dapo" in name.lower() or base.__module__.startswith("recipe"):
@@ -163,8 +164,6 @@ def check_trainer_base(base: type, use_v1: bool) -> None:
             "vip (python -m vipalloc.integrations.verl_trainer) instead"
         )
     elif base.__module__.startswith("verl.experimental.fully_async_policy"):
-        from vipalloc.integrations._verl_async import FULLY_ASYNC_REFUSAL
-
         why = FULLY_ASYNC_REFUSAL
     elif base.__module__.startswith("verl.experimental"):
         why = (
@@ -192,8 +191,6 @@ def config_refusals(config: Any, vip: VIPConfig) -> list[str]:
             "prompts replace the filter. Set algorithm.filter_groups.enable=false"
         )
     if _get(config, "async_training") is not None:
-        from vipalloc.integrations._verl_async import FULLY_ASYNC_REFUSAL
-
         out.append(f"an async_training config section means the verl.experimental trainer fully_async_policy: "
                    f"{FULLY_ASYNC_REFUSAL}")  # fmt: skip
     use_v1 = _get(config, "trainer", "use_v1")
@@ -284,3 +281,41 @@ def _source(fn: Callable[..., Any]) -> str | None:
     except (OSError, TypeError):
         logger.info("vipalloc: no source for %r; skipping the code-path check", fn)
         return None
+
+
+# --- verl.experimental.one_step_off_policy / fully_async_policy (decided in _verl_async's docstring)
+FULLY_ASYNC_REFUSAL = (
+    "verl.experimental.fully_async_policy is refused with VIP: (1) FullyAsyncTrainer._get_samples_from_queue "
+    "(fully_async_trainer.py) builds every optimizer step from the first required_samples = "
+    "ppo_mini_batch_size x async_training.require_batches prompt groups (RolloutSamples) to arrive on the message "
+    "queue, in arrival order, after the rollouter dropped stale ones, and assemble_batch_from_rollout_samples "
+    "(detach_utils.py) concatenates them as they are; with per-prompt counts the rows of a step are the sum of the "
+    "counts of whichever groups arrived, which no plan can make a multiple of the DP size x mini-batch rows that "
+    "train_mini_batch (workers/engine_workers.py) asserts, unless every count equals rollout.n; (2) the count is "
+    "fixed before the rollouter sees a prompt: FullyAsyncRollouter._feed_samples calls the module function "
+    "prepare_single_generation_data (detach_utils.py), which repeats every prompt rollout.n times. Supporting it "
+    "would mean copying _get_samples_from_queue and _feed_samples. What would unlock it: a verl hook that collects "
+    "samples until a row budget is met (or pads a step to the required multiple, as the v1 trainer's "
+    "_get_required_batch_multiple does) and a per-sample rollout count such as the v1 agent loop's __rollout_n__. "
+    "Use trainer.use_v1=true with trainer.v1.trainer_mode=colocate_async or separate_async (asynchronous, "
+    "supported), or verl.experimental.one_step_off_policy"
+)
+# Code of OneStepOffRayTrainer the legacy hooks rely on: (method, text that must appear in its source, meaning).
+ONE_STEP_OFF_PATHS = (
+    ("_async_gen_next_batch", "self._get_gen_batch(", "_async_gen_next_batch builds the batch with _get_gen_batch"),
+    ("_async_gen_next_batch", "gen_batch.repeat(", "_async_gen_next_batch expands the generation batch with .repeat"),
+    ("_async_gen_next_batch", "batch.repeat(", "_async_gen_next_batch expands the training batch with .repeat"),
+    ("_fit_update_actor", "self._update_actor(", "_fit_update_actor calls _update_actor (where rewards are observed)"),
+)
+
+
+def check_one_step_off(base: type) -> None:
+    """Raise :class:`UnsupportedVerlError` when ``base`` (``OneStepOffRayTrainer`` or a subclass keeping its loop)
+    lacks a code path the legacy hooks rely on (:data:`ONE_STEP_OFF_PATHS`)."""
+    problems = _missing_paths(base, ONE_STEP_OFF_PATHS, base.__name__)
+    if problems:
+        raise UnsupportedVerlError(
+            f"{base.__name__} does not provide what the VIP plug-in hooks in one_step_off_policy: "
+            + "; ".join(problems)
+            + f". Supported: verl {SUPPORTED_VERL}, or set vip.enable=false"
+        )

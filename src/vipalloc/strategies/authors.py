@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -337,6 +337,10 @@ class VIPAuthors(StrategyBase):
     lower: float = 1.0
     min_keep: int = 4
     name: str = "vip_authors"
+    token_refusal: ClassVar[str | None] = (
+        "the authors' procedure is defined by its rollout-count steps (floor, n < 4 -> 0, greedy fill to the exact "
+        "count budget); use 'vip' or 'vip_two_phase', which solve the same objective under a token budget"
+    )
     last_min_keep_relaxed: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

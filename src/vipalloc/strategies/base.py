@@ -19,11 +19,12 @@ Maths only: imports :mod:`vipalloc.allocation` and numpy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
 from vipalloc.allocation import N_MAX_LIMIT, _check_bonus, _check_budget, _check_p
+from vipalloc.allocation_tokens import solve_tokens
 
 __all__ = [
     "HARDNESS_BONUS",
@@ -32,11 +33,14 @@ __all__ = [
     "AllocationContext",
     "Strategy",
     "StrategyBase",
+    "TokenCounts",
     "balance_ties",
     "check_call",
+    "check_tokens",
     "check_vip_options",
     "equal_classes",
     "no_information",
+    "table_tokens",
     "tie_classes",
     "uniform_counts",
 ]
@@ -56,11 +60,14 @@ class Strategy(Protocol):
     * ``two_phase``: planned by ``Allocator.plan_pilot`` / ``plan_commit``
       (:class:`vipalloc.strategies.two_phase.TwoPhaseStrategy`); ``allocate`` raises.
     * ``last_min_keep_relaxed``: set by the last ``allocate`` when the kept prompts' minimum had to be relaxed.
+    * ``token_refusal``: None when :meth:`allocate_tokens` plans under a token budget; else the one-line reason
+      it cannot.
     """
 
     name: str
     uses_context: ClassVar[bool]
     two_phase: ClassVar[bool]
+    token_refusal: ClassVar[str | None]
     last_min_keep_relaxed: bool
 
     def allocate(
@@ -73,14 +80,53 @@ class Strategy(Protocol):
         context: AllocationContext | None = None,
     ) -> np.ndarray: ...
 
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        """Counts under ``sum_i n_i lengths_i <= token_budget`` (and ``sum_i n_i <= max_rollouts``); ``lengths``:
+        expected tokens per rollout, float ``(M,)`` > 0."""
+        ...
+
+
+class TokenCounts(NamedTuple):
+    """A plan under a token budget: int64 counts ``(M,)`` and the certified relative optimality gap of the
+    program that chose them (0.0 when exact; NaN for rules that optimise nothing, e.g. ``uniform``)."""
+
+    counts: np.ndarray
+    gap: float
+
 
 class StrategyBase:
-    """The flags' defaults (a single-phase rule of ``p_hat`` alone that never relaxes a minimum); strategies
-    inherit it and override what differs."""
+    """The flags' defaults (a single-phase rule of ``p_hat`` alone that never relaxes a minimum and has no token
+    mode); strategies inherit it and override what differs."""
 
+    name: str
     uses_context: ClassVar[bool] = False
     two_phase: ClassVar[bool] = False
+    token_refusal: ClassVar[str | None] = "it has no token-budget mode"
     last_min_keep_relaxed: bool = False
+
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        """Refuse: this strategy cannot plan under a token budget (``token_refusal`` says why)."""
+        raise ValueError(f"strategy {self.name!r} cannot plan under a token budget: {self.token_refusal}")
 
 
 @dataclass(frozen=True)
@@ -193,6 +239,36 @@ def check_call(p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> tuple[
     return p, budget
 
 
+def check_tokens(
+    p_hat: np.ndarray, token_budget: float, lengths: np.ndarray, n_min: int, n_max: int, max_rollouts: int | None
+) -> tuple[np.ndarray, np.ndarray, float, int | None]:
+    """Validate a token-budget call; returns ``(p, lengths, token_budget, max_rollouts)``. Raises ``ValueError``
+    naming the problem and the fix (the smallest feasible token budget when it is too small)."""
+    p = _check_p(p_hat)
+    m = len(p)
+    check_call(p, m * n_min, n_min, n_max)  # the bounds themselves
+    c = np.asarray(lengths, np.float64)
+    if c.shape != (m,) or not np.all(np.isfinite(c)) or np.any(c <= 0):
+        raise ValueError(f"expected lengths must be finite token counts > 0, one per prompt ({m}), got {c.shape}")
+    if isinstance(token_budget, bool) or not isinstance(token_budget, (int, float, np.integer, np.floating)):
+        raise ValueError(f"token_budget must be a number of tokens, got {token_budget!r}")
+    t = float(token_budget)
+    need = float(n_min * c.sum())
+    if not np.isfinite(t) or t < need * (1 - 1e-12):
+        raise ValueError(
+            f"token budget {t:,.0f} is infeasible for {m} prompts with n_min={n_min}: every prompt at n_min needs "
+            f"{need:,.0f} tokens at the predicted lengths; raise the token budget or lower n_min"
+        )
+    if max_rollouts is not None:
+        r = max_rollouts
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < m * n_min:
+            raise ValueError(
+                f"the rollout cap next to a token budget must be an integer >= M * n_min = {m * n_min}, got {r!r}"
+            )
+        max_rollouts = int(r)
+    return p, c, t, max_rollouts
+
+
 def check_vip_options(hardness_bonus: float | None, min_keep: int, allow_drop: bool | None = None) -> float | None:
     """Validate the options the VIP-family strategies share; returns the checked ``hardness_bonus`` (None = the
     authors' gamma for the estimator). ``allow_drop=None``: the strategy has no such option."""
@@ -214,3 +290,25 @@ def uniform_counts(m: int, budget: int) -> np.ndarray:
 def no_information(p: np.ndarray) -> bool:
     """True when every prediction looks the same (``std(p) < 1e-6``, the authors' first-step rule)."""
     return float(np.std(p)) < NO_INFO_STD
+
+
+def table_tokens(
+    cost: np.ndarray,
+    vals: np.ndarray,
+    lengths: np.ndarray,
+    token_budget: float,
+    max_rollouts: int | None,
+    classes: np.ndarray | None = None,
+) -> TokenCounts:
+    """The token-budget program on a cost table (:func:`vipalloc.allocation_tokens.solve_tokens`); ``classes``
+    (equal predictions AND equal lengths) are spread evenly afterwards when the domain ``vals`` is contiguous,
+    which keeps the tokens and the caps (members share a length); it is kept only where it costs no more."""
+    sol = solve_tokens(cost, vals, lengths, token_budget, max_rollouts=max_rollouts)
+    counts = vals[sol.idx].astype(np.int64)
+    if classes is not None and np.all(np.diff(vals) == 1):
+        even = balance_ties(counts, classes)
+        rows = np.arange(len(counts))
+        # keep the even split only where it costs no more (the Dr.GRPO variance is not convex below n = 4)
+        if cost[rows, even - vals[0]].sum() <= cost[rows, sol.idx].sum() + 1e-15:
+            counts = even
+    return TokenCounts(counts, sol.gap)

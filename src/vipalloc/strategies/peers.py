@@ -27,9 +27,12 @@ from vipalloc.strategies.base import (
     P_CLIP,
     AllocationContext,
     StrategyBase,
+    TokenCounts,
     balance_ties,
     check_call,
+    check_tokens,
     equal_classes,
+    table_tokens,
     uniform_counts,
 )
 
@@ -42,6 +45,7 @@ __all__ = [
     "knapsack_value",
     "p_at_least_one",
     "proportional_counts",
+    "proportional_token_counts",
 ]
 
 
@@ -64,6 +68,7 @@ class Knapsack(StrategyBase):
     """
 
     name: str = "knapsack"
+    token_refusal: ClassVar[str | None] = None
 
     def allocate(
         self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
@@ -86,6 +91,24 @@ class Knapsack(StrategyBase):
                 pool -= take
         return counts
 
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        """The same value, maximised exactly (or with a certified gap) under ``sum_i n_i c_i <= token_budget``."""
+        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
+        p = np.where(p < P_CLIP, 0.0, np.where(p > 1 - P_CLIP, 1.0, p))
+        vals = domain(n_min, n_max)
+        value = knapsack_value(p[:, None], vals[None, :].astype(np.float64))
+        return table_tokens(-value, vals, c, t, cap, equal_classes(np.stack([p, c], axis=1)))
+
 
 @dataclass
 class GVM(StrategyBase):
@@ -100,6 +123,7 @@ class GVM(StrategyBase):
     a: float = 1e-3
     b: float = 2.0
     name: str = "gvm"
+    token_refusal: ClassVar[str | None] = None
 
     def allocate(
         self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
@@ -108,6 +132,23 @@ class GVM(StrategyBase):
         pc = np.clip(p, P_CLIP, 1.0)
         weight = 1.0 / np.sqrt(pc + self.a / pc ** (self.b - 1.0))
         return proportional_counts(weight, budget, n_min, n_max)
+
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        """Counts proportional to the same weights, water-filled so their predicted tokens meet the budget."""
+        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
+        pc = np.clip(p, P_CLIP, 1.0)
+        weight = 1.0 / np.sqrt(pc + self.a / pc ** (self.b - 1.0))
+        return TokenCounts(proportional_token_counts(weight, c, t, n_min, n_max, cap), float("nan"))
 
 
 def proportional_counts(weight: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
@@ -141,6 +182,43 @@ def proportional_counts(weight: np.ndarray, budget: int, n_min: int, n_max: int)
     return counts
 
 
+def proportional_token_counts(
+    weight: np.ndarray, c: np.ndarray, token_budget: float, n_min: int, n_max: int, max_rollouts: int | None
+) -> np.ndarray:
+    """Integer counts in ``[n_min, n_max]`` proportional to ``weight > 0`` where the bounds allow, scaled so their
+    predicted tokens ``sum_i n_i c_i`` meet ``token_budget`` (and their sum ``max_rollouts``) as closely as the
+    integers allow without exceeding them; floors first, then +1 by largest remainder while it fits. int64
+    ``(M,)``; ``c``: expected tokens per rollout ``(M,)``."""
+    cap = np.inf if max_rollouts is None else float(max_rollouts)
+
+    def fits(n: np.ndarray) -> bool:
+        return float(n @ c) <= token_budget * (1 + 1e-12) + 1e-9 and float(n.sum()) <= cap
+
+    lo, hi = 0.0, n_max / float(weight.min())
+    if fits(np.clip(hi * weight, n_min, n_max)):
+        target = np.clip(hi * weight, n_min, n_max)
+    else:  # the largest scale whose clipped targets fit both caps (the clipped sum grows with the scale)
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
+            if fits(np.clip(mid * weight, n_min, n_max)):
+                lo = mid
+            else:
+                hi = mid
+        target = np.clip(lo * weight, n_min, n_max)
+    counts = np.floor(target + 1e-9).astype(np.int64)
+    counts = np.clip(counts, n_min, n_max)
+    left_t = token_budget - float(counts @ c)
+    left_n = cap - float(counts.sum())
+    for i in np.argsort(-(target - counts), kind="stable"):  # largest remainders first, earlier prompts on ties
+        if counts[i] < n_max and c[i] <= left_t * (1 + 1e-12) + 1e-9 and left_n >= 1:
+            counts[i] += 1
+            left_t -= c[i]
+            left_n -= 1
+    return counts
+
+
 @dataclass
 class DynaMO(StrategyBase):
     """DynaMO's rollout allocation (Fang et al., arXiv 2602.19208): ``n_i = B sigma_i / sum_k sigma_k``.
@@ -161,6 +239,7 @@ class DynaMO(StrategyBase):
     sigma_unseen: float = 0.25
     sigma_floor: float = 0.0025
     name: str = "dynamo"
+    token_refusal: ClassVar[str | None] = None
     uses_context: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -185,6 +264,23 @@ class DynaMO(StrategyBase):
         p, budget = check_call(p_hat, budget, n_min, n_max)
         # equal weights get counts within one (largest remainders, earlier first): ties are treated alike
         return proportional_counts(self.sigma(len(p), context), budget, n_min, n_max)
+
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        """Counts proportional to ``sigma_i``, water-filled so their predicted tokens meet the budget."""
+        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
+        return TokenCounts(
+            proportional_token_counts(self.sigma(len(p), context), c, t, n_min, n_max, cap), float("nan")
+        )
 
 
 def beta_from_moments(mean: np.ndarray, std: np.ndarray, nu_min: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +325,7 @@ class HORA(StrategyBase):
     posterior: str = "predictor"
     nu_min: float = 2.0
     name: str = "hora"
+    token_refusal: ClassVar[str | None] = None
     uses_context: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -275,3 +372,20 @@ class HORA(StrategyBase):
         counts = vals[minimize_separable(-value, vals, budget)]
         # equal posteriors (equal rows of the value table) form one class, spread evenly: exact, the cost is convex
         return balance_ties(counts, equal_classes(value))
+
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        """``P(>= 1 success)`` maximised exactly (or with a certified gap) under ``sum_i n_i c_i <= token_budget``."""
+        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
+        vals = domain(n_min, n_max)
+        value = self.value(p, context, vals)
+        return table_tokens(-value, vals, c, t, cap, equal_classes(np.column_stack([value, c])))

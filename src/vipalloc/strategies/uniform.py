@@ -10,26 +10,57 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from vipalloc.strategies.base import P_CLIP, AllocationContext, StrategyBase, check_call, uniform_counts
+from vipalloc.allocation import domain
+from vipalloc.strategies.base import (
+    P_CLIP,
+    AllocationContext,
+    StrategyBase,
+    TokenCounts,
+    check_call,
+    check_tokens,
+    table_tokens,
+    uniform_counts,
+)
 
-__all__ = ["InverseAcc", "InverseVar", "Uniform"]
+__all__ = ["InverseAcc", "InverseVar", "Uniform", "uniform_token_counts"]
 
 
 @dataclass
 class Uniform(StrategyBase):
     """The same number of rollouts for every prompt: the group size of GRPO (Shao et al., arXiv 2402.03300),
-    RLOO and Dr.GRPO. Rule: ``budget // M`` each, the remainder +1 to the first ``budget % M`` prompts."""
+    RLOO and Dr.GRPO. Rule: ``budget // M`` each, the remainder +1 to the first ``budget % M`` prompts.
+
+    Under a token budget: the largest common ``n`` whose predicted tokens fit (``n sum_i c_i <= T``, within the
+    rollout cap and ``n_max``), then one pass over the prompts in order giving +1 to each prompt whose extra rollout
+    still fits (the ``Allocator`` permutes the order per step, so no prompt is favoured systematically).
+    """
 
     name: str = "uniform"
+    token_refusal: ClassVar[str | None] = None
 
     def allocate(
         self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
     ) -> np.ndarray:
         p, budget = check_call(p_hat, budget, n_min, n_max)
         return uniform_counts(len(p), budget)
+
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
+        return TokenCounts(uniform_token_counts(c, t, n_max, cap), float("nan"))
 
 
 def _linear_allocate(score: np.ndarray, budget: int, n_min: int, n_max: int) -> np.ndarray:
@@ -58,12 +89,29 @@ class InverseAcc(StrategyBase):
     prompt in between."""
 
     name: str = "inverse_acc"
+    token_refusal: ClassVar[str | None] = None
 
     def allocate(
         self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
     ) -> np.ndarray:
         p, budget = check_call(p_hat, budget, n_min, n_max)
         return _linear_allocate(np.log(np.clip(p, P_CLIP, 1 - P_CLIP)), budget, n_min, n_max)
+
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
+        vals = domain(n_min, n_max)
+        score = np.log(np.clip(p, P_CLIP, 1 - P_CLIP))
+        return table_tokens(score[:, None] * vals[None, :], vals, c, t, cap)
 
 
 @dataclass
@@ -73,6 +121,7 @@ class InverseVar(StrategyBase):
     get ``n_max``, the rest ``n_min``, one prompt in between."""
 
     name: str = "inverse_var"
+    token_refusal: ClassVar[str | None] = None
 
     def allocate(
         self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
@@ -80,3 +129,38 @@ class InverseVar(StrategyBase):
         p, budget = check_call(p_hat, budget, n_min, n_max)
         pc = np.clip(p, P_CLIP, 1 - P_CLIP)
         return _linear_allocate(np.log(pc * (1 - pc)), budget, n_min, n_max)
+
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
+        vals = domain(n_min, n_max)
+        score = np.log(np.clip(p, P_CLIP, 1 - P_CLIP) * (1 - np.clip(p, P_CLIP, 1 - P_CLIP)))
+        return table_tokens(score[:, None] * vals[None, :], vals, c, t, cap)
+
+
+def uniform_token_counts(c: np.ndarray, token_budget: float, n_max: int, max_rollouts: int | None) -> np.ndarray:
+    """The uniform plan under a token budget (see :class:`Uniform`): int64 ``(M,)``; ``c`` float ``(M,)``."""
+    m = len(c)
+    total = float(c.sum())
+    n = min(n_max, int(np.floor(token_budget / total * (1 + 1e-12))))
+    if max_rollouts is not None:
+        n = min(n, max_rollouts // m)
+    counts = np.full(m, n, np.int64)
+    left_t = token_budget - n * total
+    left_n = np.inf if max_rollouts is None else max_rollouts - n * m
+    if n < n_max:
+        for i in range(m):  # one pass in order: the remainder goes to prompts whose extra rollout fits
+            if c[i] <= left_t * (1 + 1e-12) + 1e-9 and left_n >= 1:
+                counts[i] += 1
+                left_t -= c[i]
+                left_n -= 1
+    return counts

@@ -13,23 +13,29 @@ step), like the authors' code. Details and a worked example: ``docs/strategies.m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
-from vipalloc.allocation import solve
+from vipalloc.allocation import domain, solve
 from vipalloc.strategies.base import (
     HARDNESS_BONUS,
     P_CLIP,
     AllocationContext,
     StrategyBase,
+    TokenCounts,
     balance_ties,
     check_call,
+    check_tokens,
     check_vip_options,
     equal_classes,
     no_information,
+    table_tokens,
     tie_classes,
     uniform_counts,
 )
+from vipalloc.strategies.uniform import uniform_token_counts
+from vipalloc.variance import gradient_variance
 
 __all__ = ["VIP", "VIPPure"]
 
@@ -63,6 +69,7 @@ class VIP(StrategyBase):
     allow_drop: bool = True
     min_keep: int = 4
     name: str = "vip"
+    token_refusal: ClassVar[str | None] = None
     last_min_keep_relaxed: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +116,72 @@ class VIP(StrategyBase):
         counts[keep] = exact(keep, lo, n_max)
         return counts
 
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        """The same objective and drop rule under ``sum_i n_i c_i <= token_budget`` (``c = lengths``, expected
+        tokens per rollout; optionally ``sum n <= max_rollouts``), each stage solved by
+        :func:`vipalloc.allocation_tokens.solve_tokens` (exact or with a certified gap, returned).
+
+        Stage 1 keeps every prompt on ``[2, n_max]``; prompts whose stage-1 count is below the kept minimum are
+        dropped (equal prompts, same prediction and length, as one group), as under a rollout budget. The kept set
+        must be able to spend the tokens (``sum_kept n_max c >= token_budget``, the token analogue of "absorb the
+        budget") and to afford its minimum; the most-served dropped groups are added back, or the least-served
+        kept ones dropped, until it does. Uniform (:class:`~vipalloc.strategies.uniform.Uniform`) when the
+        predictions carry no information."""
+        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
+        self.last_min_keep_relaxed = False
+        m = len(p)
+        if no_information(p):
+            return TokenCounts(uniform_token_counts(c, t, n_max, cap), float("nan"))
+        bonus = HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus)
+        pc = np.clip(p, P_CLIP, 1 - P_CLIP)
+        cls = equal_classes(np.stack([pc, c], axis=1))
+
+        def exact(idx: np.ndarray, lo: int, hi: int) -> TokenCounts:
+            vals = domain(lo, hi)
+            cost = gradient_variance(pc[idx, None], vals[None, :], self.estimator) + bonus * np.log(
+                pc[idx, None]
+            ) * vals[None, :].astype(np.float64)
+            return table_tokens(cost, vals, c[idx], t, cap, equal_classes(cls[idx]))
+
+        every = np.arange(m)
+        if not self.allow_drop:
+            return exact(every, n_min, n_max)
+        lo = min(max(n_min, int(self.min_keep)), n_max)
+        stage1 = exact(every, 2, n_max).counts
+        k = np.bincount(cls)
+        mean1 = np.bincount(cls, weights=stage1) / k
+        order = np.lexsort((every, cls, -mean1[cls]))  # the most-served groups first, a group's members adjacent
+        keep_mask = (mean1 >= lo)[cls]
+        j = int(keep_mask.sum())
+        # the kept prompts must afford lo each and be able to spend the tokens (n_max each)
+        afford = np.cumsum(lo * c[order]) <= t * (1 + 1e-12) + 1e-9
+        if cap is not None:
+            afford &= lo * np.arange(1, m + 1) <= cap
+        spend = np.cumsum(n_max * c[order]) >= t * (1 - 1e-12)
+        j_max = int(afford.sum())
+        j_min = int(np.argmax(spend)) + 1 if spend.any() else m
+        if j_max == 0:  # not even one prompt can have the kept minimum: keep everyone on [n_min, n_max]
+            self.last_min_keep_relaxed = True
+            return exact(every, n_min, n_max)
+        if not (j_min <= j <= j_max):
+            keep_mask = np.zeros(m, bool)
+            keep_mask[order[: min(max(j, j_min), j_max)]] = True
+        keep = np.flatnonzero(keep_mask)
+        counts = np.zeros(m, np.int64)
+        sol = exact(keep, lo, n_max)
+        counts[keep] = sol.counts
+        return TokenCounts(counts, sol.gap)
+
 
 @dataclass
 class VIPPure(StrategyBase):
@@ -119,6 +192,7 @@ class VIPPure(StrategyBase):
 
     estimator: str = "drgrpo"
     name: str = "vip_pure"
+    token_refusal: ClassVar[str | None] = None
 
     def allocate(
         self, p_hat: np.ndarray, budget: int, n_min: int, n_max: int, *, context: AllocationContext | None = None
@@ -128,3 +202,24 @@ class VIPPure(StrategyBase):
             return uniform_counts(len(p), budget)
         pc = np.clip(p, P_CLIP, 1 - P_CLIP)
         return balance_ties(solve(pc, budget, n_min=n_min, n_max=n_max, estimator=self.estimator), tie_classes(pc))
+
+    def allocate_tokens(
+        self,
+        p_hat: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        *,
+        max_rollouts: int | None = None,
+        context: AllocationContext | None = None,
+    ) -> TokenCounts:
+        """The variance objective on ``[n_min, n_max]`` under ``sum_i n_i c_i <= token_budget`` (exact or with a
+        certified gap); uniform under the same tokens when the predictions carry no information."""
+        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
+        if no_information(p):
+            return TokenCounts(uniform_token_counts(c, t, n_max, cap), float("nan"))
+        pc = np.clip(p, P_CLIP, 1 - P_CLIP)
+        vals = domain(n_min, n_max)
+        cost = gradient_variance(pc[:, None], vals[None, :], self.estimator)
+        return table_tokens(cost, vals, c, t, cap, equal_classes(np.stack([pc, c], axis=1)))
