@@ -593,11 +593,20 @@ class Allocator:
         self._last_step = max(self._last_step, step)
 
     # ------------------------------------------------------------------ helpers
-    def outcome_metrics(self, rewards: Sequence[Any], plan: Plan | None = None) -> dict[str, float]:
+    def outcome_metrics(
+        self,
+        rewards: Sequence[Any],
+        plan: Plan | None = None,
+        *,
+        lengths: Sequence[Any] | None = None,
+        max_length: int | None = None,
+    ) -> dict[str, float]:
         """What came back, as ``vip/...`` scalars (:func:`vipalloc.telemetry.outcome_metrics`).
 
         ``rewards``: one array per prompt, as passed to :meth:`observe`; with ``plan`` (same prompt order) the
-        prediction error ``vip/pred_abs_err`` is filled in. Uses this allocator's success threshold.
+        prediction error ``vip/pred_abs_err`` is filled in. ``lengths`` (as passed to :meth:`observe`) adds the
+        token metrics (``vip/tokens_generated``, tokens in zero-variance groups, on prompts predicted hopeless or
+        solved), ``max_length`` (tokens) the share of rollouts cut there. Uses this allocator's success threshold.
         """
         if plan is not None and len(plan.prompt_ids) != len(rewards):
             raise ValueError(
@@ -608,7 +617,16 @@ class Allocator:
             rewards,
             success_threshold=self.success_threshold,
             p_mean=None if plan is None else plan.p_mean,
+            lengths=lengths,
+            max_length=max_length,
         )
+
+    def uniform_tokens(self, prompt_ids: Sequence[Any], n: int, step: int | None = None) -> float | None:
+        """The tokens the uniform plan of ``n`` rollouts per prompt is predicted to spend on this batch,
+        ``n * sum_i c_i`` (the length model's expected tokens per rollout), or None before any length was observed:
+        the default token budget of the plug-ins' token mode ("spend what uniform would have spent")."""
+        pred = self.expected_lengths(prompt_ids, step)
+        return None if pred is None else float(check_int("n", n, 1) * pred.expected.sum())
 
     def expected_variance(self, p: Any, counts: Any) -> float:
         """Summed estimator variance of ``counts`` under success probabilities ``p`` (e.g. the true p)."""
