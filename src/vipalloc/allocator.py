@@ -282,12 +282,18 @@ class Allocator:
             optimality_gap=gap,
         )
 
-    def expected_lengths(self, prompt_ids: Sequence[Any], step: int | None = None) -> LengthPrediction | None:
+    def expected_lengths(
+        self, prompt_ids: Sequence[Any], step: int | None = None, *, prompts: Sequence[str] | None = None
+    ) -> LengthPrediction | None:
         """The length model's prediction for a batch (tokens per rollout, by outcome and expected, each float64
         ``(M,)``) at ``step``, from the history before it; None before any length was observed. Uses the current
-        success predictions (and the prompts' features when the predictor has them)."""
+        success predictions (and the prompts' features when the predictor has them: ``prompts``, the texts, are
+        needed for prompts it has never seen, as in :meth:`plan`)."""
         ids = as_ids(prompt_ids)
         step = self._last_step + 1 if step is None else check_int("step", step, 0)
+        if not self.history.has_lengths:
+            return None
+        self._register_features(ids, prompts)
         p_mean, _ = self.predictor.predict(ids, step)
         return self._length_prediction(ids, np.asarray(p_mean, np.float64), step)
 
@@ -621,11 +627,14 @@ class Allocator:
             max_length=max_length,
         )
 
-    def uniform_tokens(self, prompt_ids: Sequence[Any], n: int, step: int | None = None) -> float | None:
+    def uniform_tokens(
+        self, prompt_ids: Sequence[Any], n: int, step: int | None = None, *, prompts: Sequence[str] | None = None
+    ) -> float | None:
         """The tokens the uniform plan of ``n`` rollouts per prompt is predicted to spend on this batch,
         ``n * sum_i c_i`` (the length model's expected tokens per rollout), or None before any length was observed:
-        the default token budget of the plug-ins' token mode ("spend what uniform would have spent")."""
-        pred = self.expected_lengths(prompt_ids, step)
+        the default token budget of the plug-ins' token mode ("spend what uniform would have spent"). ``prompts``:
+        the texts, for prompts a feature-based predictor has never seen (as in :meth:`plan`)."""
+        pred = self.expected_lengths(prompt_ids, step, prompts=prompts)
         return None if pred is None else float(check_int("n", n, 1) * pred.expected.sum())
 
     def expected_variance(self, p: Any, counts: Any) -> float:
