@@ -97,3 +97,27 @@ def test_two_phase_resamples_its_pilot_and_commit():
     assert sum(two.counts) == pytest.approx(16.0)  # pilot + commit = the budget, every resample
     assert np.isfinite(two.ratio) and 0 < two.ratio < 1.5
     assert 0 < two.modelled < 1.5 and -1 <= two.cosine <= 1
+
+
+def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
+    import dataclasses
+    import json
+
+    from vipalloc.bench.lm import PRESETS, _league_section
+    from vipalloc.bench.lm_league import RunResult, load_runs
+
+    cfg = PRESETS["cpu"]["league"]
+    for seed, (u, v) in enumerate([(0.20, 0.25), (0.10, 0.18), (0.30, 0.31)]):
+        for strat, end in (("uniform", u), ("vip", v)):
+            run = RunResult(strat, seed, steps=[1], rollouts=[32], tokens=[500], train_success=[0.1])
+            run.eval_steps, run.eval_mean_at_k = [0, cfg.steps], [0.1, end]
+            run.brier = {"gp": [0.1], "beta": [0.2], "empirical": [float("nan")]}
+            run.brier_n = [8]
+            (tmp_path / f"{strat}-seed{seed}.json").write_text(json.dumps(dataclasses.asdict(run)))
+    (tmp_path / "vip-seedx.json").write_text("{}")  # not a run: ignored
+    runs = load_runs(tmp_path, ["uniform", "vip"])
+    assert [(r.seed, r.strategy) for r in runs] == [(s, k) for s in range(3) for k in ("uniform", "vip")]
+    text = _league_section(runs, cfg, ["uniform", "vip"])
+    assert "paired over seeds [0, 1, 2]" in text
+    assert "3/3 seeds ahead" in text  # vip's final mean@4 is above uniform's on every seed
+    assert "| gp | 6 | 0.1000" in text and "| empirical | 0 | —" in text

@@ -278,6 +278,9 @@ def register(app: typer.Typer) -> None:
         preset: str | None = typer.Option(None, help="cpu | gpu (default: gpu with --device cuda, else cpu)."),
         device: str = typer.Option("cpu", help="cpu | cuda."),
         seeds: int | None = typer.Option(None, min=1, help="League seeds (default: the preset's, cpu 3, gpu 8)."),
+        first_seed: int = typer.Option(
+            0, min=0, help="First league seed (runs seeds first_seed.. in a second process; the report reads all)."
+        ),
         strategies: str = typer.Option("uniform,vip", help="League strategies (uniform first; vip_two_phase too)."),
         resamples: int | None = typer.Option(None, min=10, help="Variance resamples per allocation."),
         steps: int | None = typer.Option(None, min=1, help="League steps (default: the preset's)."),
@@ -301,6 +304,7 @@ def register(app: typer.Typer) -> None:
                 preset=preset or ("gpu" if device == "cuda" else "cpu"),
                 device=device,
                 seeds=seeds,
+                first_seed=first_seed,
                 strategies=[s.strip() for s in strategies.split(",") if s.strip()],
                 resamples=resamples,
                 steps=steps,

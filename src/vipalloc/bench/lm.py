@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vipalloc.bench.lm_league import BRIER_PREDICTORS, LeagueConfig, RunResult, run_league
+from vipalloc.bench.lm_league import BRIER_PREDICTORS, LeagueConfig, RunResult, load_runs, run_league
 from vipalloc.reporting import fmt_ci, git_commit, md_table, paired_verdict, provenance
 
 __all__ = ["PRESETS", "run_lm"]
@@ -205,6 +205,7 @@ def run_lm(
     preset: str = "cpu",
     device: str = "cpu",
     seeds: int | None = None,
+    first_seed: int = 0,
     strategies: Sequence[str] = ("uniform", "vip"),
     resamples: int | None = None,
     steps: int | None = None,
@@ -261,7 +262,10 @@ def run_lm(
         if steps is not None:
             lc = dataclasses.replace(lc, steps=steps, eval_every=max(1, min(lc.eval_every, steps)))
         n_seeds = cfg["seeds"] if seeds is None else seeds
-        results = run_league(work / f"league-{preset}-{lc.steps}", strategies, range(n_seeds), lc, device, progress)
+        folder = work / f"league-{preset}-{lc.steps}"
+        results = run_league(folder, strategies, range(first_seed, first_seed + n_seeds), lc, device, progress)
+        # the report covers every finished run in the folder (other processes may have run other seeds)
+        results = load_runs(folder, strategies)
         written = out / "lm_league.md"
         written.write_text(_TITLE + "\n" + head + "\n" + _league_section(results, lc, strategies))
         summary = {"commit": commit, "preset": preset, "device": device, "config": asdict(lc)}

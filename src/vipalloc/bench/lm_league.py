@@ -24,7 +24,7 @@ from vipalloc import Allocator
 from vipalloc.bench.lm_model import LMProblem, answer_reward, chain_sum_problems
 from vipalloc.bench.lm_pool import LMPolicy
 
-__all__ = ["LeagueConfig", "RunResult", "run_league", "run_one"]
+__all__ = ["LeagueConfig", "RunResult", "load_runs", "run_league", "run_one"]
 
 BRIER_PREDICTORS = ("gp", "beta", "empirical")
 
@@ -140,7 +140,8 @@ def run_one(
         probs = [train[(start + i) % len(train)] for i in range(cfg.batch)]
         ids, texts = [p.prompt_id for p in probs], [p.question for p in probs]
         budget = cfg.batch * cfg.mean_n
-        preds = {k: a.plan(ids, texts, budget, step=step).p_mean for k, a in shadows.items()}
+        # the shadows plan n_max each (they only predict), so that any group the run generates can be observed
+        preds = {k: a.plan(ids, texts, cfg.batch * cfg.n_max, step=step).p_mean for k, a in shadows.items()}
         torch.manual_seed(1_000_000 * seed + 1000 * step + 7)
         if two_phase:
             pilot = alloc.plan_pilot(ids, texts, budget, step=step, pilot_n=2)
@@ -213,3 +214,14 @@ def run_league(
             path.write_text(json.dumps(asdict(res)))
             results.append(res)
     return results
+
+
+def load_runs(folder: Path, strategies: Sequence[str]) -> list[RunResult]:
+    """Every finished run of ``strategies`` in ``folder``, by seed then strategy."""
+    found = []
+    for strat in strategies:
+        for path in folder.glob(f"{strat}-seed*.json"):
+            seed = path.stem.rsplit("-seed", 1)[1]
+            if seed.isdigit():
+                found.append((int(seed), strategies.index(strat), RunResult(**json.loads(path.read_text()))))
+    return [r for _, _, r in sorted(found, key=lambda t: (t[0], t[1]))]
