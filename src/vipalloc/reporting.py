@@ -273,8 +273,12 @@ class LeagueRow:
     frac_reached: float  # share of bootstrap resamples in which the target was reached
 
 
-def _target(curves: Sequence[Curve], final_points: int) -> float:
-    return float(np.mean([np.mean(y[-final_points:]) for _, y in curves]))
+def _target(curves: Sequence[Curve], final_points: int, level: float = 1.0) -> float:
+    final = float(np.mean([np.mean(y[-final_points:]) for _, y in curves]))
+    if level == 1.0:  # the final value itself (not start + 1.0 * gain, which may differ in the last bit)
+        return final
+    start = float(np.mean([y[0] for _, y in curves]))
+    return start + level * (final - start)
 
 
 def league(
@@ -285,12 +289,17 @@ def league(
     grid_points: int = 401,
     n_boot: int = 2000,
     seed: int = 0,
+    level: float = 1.0,
 ) -> tuple[float, list[LeagueRow]]:
     """Rollouts-to-target ratio of every strategy against ``baseline``, with a paired seed bootstrap.
 
     ``curves[strategy][s]`` is seed ``s``'s evaluation curve; every strategy must have the same number of seeds in
     the same seed order (pairing). Returns ``(target, rows)``: the target value (baseline's mean final metric) and
     one :class:`LeagueRow` per strategy, baseline included (its ratio is 1 by construction).
+
+    ``level``: the target as a share of the baseline's gain, ``start + level * (final - start)`` with ``start``
+    the baseline's seed-mean first point (1.0 = its final value; 0.5 = half its gain). The x axis may be any
+    cumulative cost (rollouts, tokens, seconds); "rollouts" below is that cost.
     """
     if baseline not in curves:
         raise ValueError(f"baseline {baseline!r} has no runs; strategies with runs: {sorted(curves)}")
@@ -299,12 +308,14 @@ def league(
         raise ValueError(f"every strategy needs the same number (>= 1) of seeds to pair them, got {n_seeds}")
     if final_points < 1:
         raise ValueError(f"final_points must be >= 1, got {final_points}")
+    if not 0.0 < level <= 1.0:
+        raise ValueError(f"level must lie in (0, 1], got {level}")
     s = n_seeds[baseline]
     end = max(float(np.max(x)) for runs in curves.values() for x, _ in runs)
     grid = np.linspace(0.0, end, grid_points)
 
     def rollouts(idx: np.ndarray) -> tuple[float, dict[str, float]]:
-        tgt = _target([curves[baseline][i] for i in idx], final_points)
+        tgt = _target([curves[baseline][i] for i in idx], final_points, level)
         out = {}
         for name, runs in curves.items():
             sub = [runs[i] for i in idx]
