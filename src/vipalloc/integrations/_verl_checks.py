@@ -23,6 +23,7 @@ from vipalloc.integrations._verl_core import SUPPORTED_VERL, VIPConfig
 __all__ = [
     "FULLY_ASYNC_REFUSAL",
     "ONE_STEP_OFF_PATHS",
+    "TWO_PHASE_TOKEN_REFUSAL",
     "UnsupportedVerlError",
     "V0_HOOKS",
     "V1_HOOKS",
@@ -33,6 +34,7 @@ __all__ = [
     "config_refusals",
     "config_warnings",
     "emit_warnings",
+    "token_refusals",
 ]
 
 logger = logging.getLogger("vipalloc.integrations.verl")
@@ -209,6 +211,33 @@ def config_refusals(config: Any, vip: VIPConfig) -> list[str]:
                 "vip.two_phase=true needs the pilot's rewards before the commit is planned, but a colocated reward "
                 "model (reward.reward_model.enable=true, enable_resource_pool=false) scores the batch only after "
                 "generation; use rule-based rewards or reward.reward_model.enable_resource_pool=true"
+            )
+    out.extend(token_refusals(vip))
+    return out
+
+
+TWO_PHASE_TOKEN_REFUSAL = (
+    "vip.token_budget with vip.two_phase=true is refused: Allocator.plan_pilot has no token budget yet (the pilot's "
+    "tokens would have to count against it and the commit spend what is left), so the step could not honour the "
+    "cap; set vip.token_budget=null or vip.two_phase=false"
+)
+
+
+def token_refusals(vip: VIPConfig) -> list[str]:
+    """Reasons token mode (``vip.token_budget``) cannot run with this ``vip`` group (empty: accepted or not asked)."""
+    if vip.token_budget is None:
+        return []
+    from vipalloc.strategies import get_strategy
+
+    out = []
+    if vip.two_phase:
+        out.append(TWO_PHASE_TOKEN_REFUSAL)
+    else:
+        reason = get_strategy(vip.strategy).token_refusal
+        if reason is not None:
+            out.append(
+                f"vip.token_budget with vip.strategy={vip.strategy!r} is refused: {reason}; set vip.token_budget=null "
+                "or choose a strategy with a token mode"
             )
     return out
 

@@ -22,6 +22,7 @@ __all__ = [
     "expand_by_counts",
     "required_multiple",
     "resolve_estimator",
+    "trim_to_multiple",
 ]
 
 ALLOCATOR_FILE = "vip_allocator.json"
@@ -51,7 +52,11 @@ class VIPConfig:
     column holding the per-rollout success (e.g. ``acc``); rows without it use the summed token-level score. A
     rollout succeeds when its value is ``>= success_threshold``. ``two_phase``: pilot-then-commit allocation
     (``Allocator.plan_pilot`` / ``plan_commit``) with ``pilot_n`` pilot rollouts per prompt and a two-phase strategy
-    (``vip_two_phase``, ``pilot_commit``); legacy loop only (``docs/verl.md``).
+    (``vip_two_phase``, ``pilot_commit``); legacy loop only (``docs/verl.md``). ``token_budget`` (token mode,
+    ``docs/verl.md`` "Token budgets"): ``None`` plans rollouts (``budget``); ``"uniform"`` spends per step the
+    generated tokens uniform ``rollout.n`` would have spent (``Allocator.uniform_tokens``, predicted from recent
+    lengths); a number is an absolute cap in generated tokens per training batch. In token mode ``budget`` (or its
+    default) caps the rollouts, and steps before any length was observed are planned by rollouts.
     """
 
     enable: bool = True
@@ -70,6 +75,7 @@ class VIPConfig:
     save_allocator: bool = True
     two_phase: bool = False
     pilot_n: int = 2
+    token_budget: str | float | None = None
     predictor_kwargs: dict[str, Any] = field(default_factory=dict)
     strategy_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -126,6 +132,14 @@ class VIPConfig:
             raise ValueError(
                 f"vip.pilot_n must be an integer >= 2, got {self.pilot_n!r} (a pilot group of 1 has no baseline)"
             )
+        tb = self.token_budget
+        if tb is not None and tb != "uniform":
+            number = isinstance(tb, (int, float)) and not isinstance(tb, bool)
+            if not number or not math.isfinite(float(tb)) or float(tb) <= 0:
+                raise ValueError(
+                    f"vip.token_budget must be null (plan rollouts), 'uniform' (the tokens uniform rollout.n would "
+                    f"spend) or a number of generated tokens per training batch > 0, got {tb!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +188,40 @@ def divisible_budget(budget: int, multiple: int, m: int, n_min: int, n_max: int)
             "vip.n_min, or use a ppo_mini_batch_size / DP size that divides the budget"
         )
     return b
+
+
+def trim_to_multiple(counts: np.ndarray | Sequence[int], multiple: int, n_min: int) -> np.ndarray:
+    """The counts with the largest total ``<= counts.sum()`` that is a multiple of ``multiple``, each count cut down.
+
+    ``counts``: int ``(M,)``, each 0 or ``>= n_min``. Returns int64 ``(M,)`` with ``0 <= out_i <= counts_i`` and each
+    ``out_i`` 0 or ``>= n_min``, so the tokens of a plan never grow. Rollouts come off the largest counts first (the
+    last rollout of a big group reduces the variance least, ``~p(1-p)/n^2``); a prompt is dropped only when the kept
+    ones cannot absorb the cut (the smallest groups go first). Raises ``ValueError`` when no positive multiple fits.
+    """
+    c = np.asarray(counts, dtype=np.int64).copy()
+    multiple = _positive("multiple", multiple)
+    total = int(c.sum())
+    if total % multiple == 0 and total > 0:
+        return c
+    order = sorted(range(len(c)), key=lambda i: (-int(c[i]), i))  # largest first, ties by position
+    prefix = np.concatenate([[0], np.cumsum(c[order])])
+    kept = int(np.count_nonzero(c))
+    for target in range(total - total % multiple, 0, -multiple):
+        # keeping the j largest groups reaches any total in [j n_min, prefix[j]]; keep as many prompts as possible
+        j = next((j for j in range(kept, 0, -1) if n_min * j <= target <= prefix[j]), None)
+        if j is None:
+            continue
+        out = np.zeros_like(c)
+        keep = np.asarray(order[:j], dtype=np.int64)
+        out[keep] = c[keep]
+        for _ in range(int(out.sum()) - target):  # fewer than `multiple` + one dropped group's rollouts
+            room = np.where(out > n_min, out, -1)
+            out[int(np.argmax(room))] -= 1
+        return out
+    raise ValueError(
+        f"a plan of {total} rollouts cannot be cut to a positive multiple of {multiple} (DP size x mini-batch rows) "
+        f"with n >= {n_min}: raise vip.token_budget, or lower ppo_mini_batch_size / the DP size"
+    )
 
 
 def expand_by_counts(data: DataProto, counts: np.ndarray | Sequence[int]) -> DataProto:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vipalloc import Allocator, Plan
-from vipalloc.integrations._verl_core import ALLOCATOR_FILE, SUPPORTED_VERL, VIPConfig
+from vipalloc.integrations._verl_core import ALLOCATOR_FILE, SUPPORTED_VERL, VIPConfig, trim_to_multiple
 
 __all__ = ["BatchPlan", "PlanNotAppliedError", "VIPHook"]
 
@@ -67,8 +67,11 @@ class VIPHook:
     batch (verl moves the ``index`` column into the generation batch; the uid survives everywhere).
     """
 
-    def __init__(self, cfg: VIPConfig, estimator: str) -> None:
+    def __init__(self, cfg: VIPConfig, estimator: str, max_length: int | None = None) -> None:
         self.cfg = cfg
+        self.max_length = (
+            max_length  # verl's rollout.response_length (tokens): vip/frac_truncated counts rollouts there
+        )
         self.estimator = estimator
         self.allocator = Allocator(
             strategy=cfg.strategy,
@@ -138,7 +141,18 @@ class VIPHook:
         return out if len(out) == m else None
 
     # -- plan
-    def plan(self, ids: list[str], texts: list[str] | None, uids: Sequence[Any], budget: int, step: int) -> BatchPlan:
+    def plan(
+        self,
+        ids: list[str],
+        texts: list[str] | None,
+        uids: Sequence[Any],
+        budget: int,
+        step: int,
+        *,
+        rollout_n: int | None = None,
+        share: float = 1.0,
+        multiple: int | None = None,
+    ) -> BatchPlan:
         """Plan ``budget`` rollouts over the rows ``ids`` (aligned with ``uids``) at training ``step``.
 
         ``budget`` must lie in ``[R * n_min, R * n_max]`` for ``R`` rows. A prompt that appears ``k`` times gets
@@ -146,6 +160,12 @@ class VIPHook:
         at consecutive plan steps with budgets proportional to their sizes, so the allocator never sees a duplicate
         id in one plan and every group is observed against its own record. Plan steps are unique and increasing: a
         second submission in the same training step (async refills) is planned at the next free step.
+
+        Token mode (``cfg.token_budget``, see :meth:`_token_plans`): ``budget`` becomes the cap on rollouts next to
+        the token budget; ``rollout_n`` (verl's ``rollout.n``) prices ``"uniform"``, ``share`` (this submission's
+        prompts / ``train_batch_size``) scales an absolute per-step cap to a partial submission, and ``multiple``
+        (rows per training batch must be a multiple of it; ``None``: verl pads, as the v1 loop does) rounds the
+        token plan's total down (:meth:`_round_to_multiple`), so the tokens never exceed the budget.
         """
         if len(uids) != len(ids):
             raise ValueError(f"got {len(ids)} prompt ids but {len(uids)} uids")
@@ -155,25 +175,126 @@ class VIPHook:
         sizes = np.bincount(layer)
         budgets = _split_budget(int(budget), sizes, self.cfg.n_min, self.cfg.n_max)
         step = max(int(step), self._last_plan_step + 1)
+        rows_of = [np.flatnonzero(layer == k) for k in range(len(budgets))]
+        # Rollout plans first: in token mode they register the prompts' features (a new prompt needs its text before
+        # the length model can price it) and give the expected tokens per rollout that set the token budget.
+        plans = [self._plan_layer(ids, texts, rows, b, step + k) for k, (rows, b) in enumerate(zip(rows_of, budgets))]
+        if self.cfg.token_budget is not None:
+            plans = self._token_plans(plans, ids, texts, rows_of, budgets, rollout_n, share)
+            if multiple is not None:
+                plans = self._round_to_multiple(plans, ids, texts, rows_of, int(multiple))
         counts = np.zeros(len(ids), dtype=np.int64)
-        plans = []
-        for k, b in enumerate(budgets):
-            rows = np.flatnonzero(layer == k)
-            t0 = time.perf_counter()
-            sub_texts = None if texts is None else [texts[i] for i in rows]
-            plan = self.allocator.plan([ids[i] for i in rows], prompts=sub_texts, budget=int(b), step=step + k)
-            plan.timings["overhead"] = time.perf_counter() - t0 - sum(plan.timings.values())
+        for rows, plan in zip(rows_of, plans):
             if np.any(plan.counts == 1):  # strategies keep counts in {0} U [n_min, n_max]; guard verl's gotcha anyway
                 raise RuntimeError(f"strategy {self.cfg.strategy!r} planned a group of size 1; report this as a bug")
             counts[rows] = plan.counts
             for i in rows.tolist():
-                self._uids[str(uids[i])] = (ids[i], step + k)
-            self._plans[step + k] = plan
-            plans.append(plan)
+                self._uids[str(uids[i])] = (ids[i], plan.step)
+            self._plans[plan.step] = plan
         self._last_plan_step = step + len(budgets) - 1
         for old in sorted(self._plans)[:-_MAX_PLANS]:  # the allocator keeps the same newest plans pending
             self._forget(old)
         return BatchPlan(counts=counts, plans=tuple(plans))
+
+    def _plan_layer(
+        self,
+        ids: list[str],
+        texts: list[str] | None,
+        rows: np.ndarray,
+        budget: int,
+        step: int,
+        token_budget: float | None = None,
+        before: Plan | None = None,
+    ) -> Plan:
+        """``Allocator.plan`` for the rows ``rows`` (int ``(r,)``) of the submission; ``before``: an earlier plan of
+        the same layer this one replaces (its seconds are added, so ``vip/plan_seconds`` is the whole cost)."""
+        t0 = time.perf_counter()
+        sub_texts = None if texts is None else [texts[i] for i in rows]
+        sub_ids = [ids[i] for i in rows]
+        plan = self.allocator.plan(sub_ids, prompts=sub_texts, budget=int(budget), step=step, token_budget=token_budget)
+        plan.timings["overhead"] = time.perf_counter() - t0 - sum(plan.timings.values())
+        if before is not None:
+            for k, v in before.timings.items():
+                plan.timings[k] = plan.timings.get(k, 0.0) + v
+        return plan
+
+    def _token_plans(
+        self,
+        plans: list[Plan],
+        ids: list[str],
+        texts: list[str] | None,
+        rows_of: list[np.ndarray],
+        budgets: list[int],
+        rollout_n: int | None,
+        share: float,
+    ) -> list[Plan]:
+        """Re-plan each layer under its token budget (rollout cap: its rollout budget).
+
+        The submission's tokens: ``"uniform"`` = ``rollout_n x sum_i c_i`` (``Allocator.uniform_tokens``: what the
+        uniform plan of ``rollout.n`` per prompt is predicted to generate, ``c_i`` the expected tokens per rollout of
+        the rollout plans just made at the same steps); a number = that cap x ``share``. Layers get shares in
+        proportion to ``sum_i c_i``. Before any length was observed there is no ``c_i``: the rollout plans stand.
+        """
+        if any(p.expected_lengths is None for p in plans):
+            self._warn_once("tokens-first", "no generated lengths observed yet: this step is planned by rollouts")
+            return plans
+        unit = [float(np.sum(p.expected_lengths)) for p in plans]  # tokens of one rollout per prompt, per layer
+        if self.cfg.token_budget == "uniform":
+            if rollout_n is None:
+                raise ValueError("vip.token_budget='uniform' needs verl's rollout.n to price the uniform plan")
+            totals = [int(rollout_n) * u for u in unit]
+        else:
+            cap = float(self.cfg.token_budget) * float(share)  # type: ignore[arg-type]
+            totals = [cap * u / sum(unit) for u in unit]
+        return [
+            self._plan_layer(ids, texts, rows, b, p.step, token_budget=t, before=p)
+            for p, rows, b, t in zip(plans, rows_of, budgets, totals)
+        ]
+
+    def _round_to_multiple(
+        self, plans: list[Plan], ids: list[str], texts: list[str] | None, rows_of: list[np.ndarray], multiple: int
+    ) -> list[Plan]:
+        """Make the token plans' total rollouts a multiple of ``multiple`` (the legacy loop's rows must be; verl's
+        v1 loop pads instead) without adding tokens.
+
+        A single plan is first re-planned under the same token budget with the rollout cap rounded down (the
+        program then chooses which rollouts to give up, usually landing on the cap); whatever is still off is cut by
+        :func:`~vipalloc.integrations._verl_core.trim_to_multiple` (largest groups first). A cut plan's
+        ``optimality_gap`` is NaN: the certificate was for the uncut counts.
+        """
+        total = sum(int(p.counts.sum()) for p in plans)
+        if total % multiple == 0:
+            return plans
+        down = total - total % multiple
+        if len(plans) == 1 and down >= len(ids) * self.cfg.n_min:  # the engine refuses a cap below M x n_min
+            p = plans[0]
+            plans = [self._plan_layer(ids, texts, rows_of[0], down, p.step, token_budget=p.token_budget, before=p)]
+            if int(plans[0].counts.sum()) % multiple == 0:
+                return plans
+        counts = np.zeros(len(ids), dtype=np.int64)
+        for rows, p in zip(rows_of, plans):
+            counts[rows] = p.counts
+        cut = trim_to_multiple(counts, multiple, self.cfg.n_min)
+        self._warn_once(
+            "token-round",
+            f"a token plan of {int(counts.sum())} rollouts was cut to {int(cut.sum())}, a multiple of {multiple} (DP "
+            "size x mini-batch rows, which the legacy loop needs); smaller ppo_mini_batch_size wastes less",
+        )
+        return [self._with_counts(p, cut[rows]) for p, rows in zip(plans, rows_of)]
+
+    def _with_counts(self, plan: Plan, counts: np.ndarray) -> Plan:
+        """``plan`` with fewer rollouts (the allocator accepts fewer outcomes than it planned)."""
+        if np.array_equal(counts, plan.counts):
+            return plan
+        c = plan.expected_lengths
+        return replace(
+            plan,
+            counts=counts,
+            budget=int(counts.sum()),
+            expected_variance=self.allocator.expected_variance(plan.p_mean, counts),
+            expected_tokens=None if c is None else float(counts @ c),
+            optimality_gap=float("nan"),
+        )
 
     def _forget(self, step: int) -> None:
         self._plans.pop(step, None)
@@ -202,12 +323,14 @@ class VIPHook:
         With ``exact=False`` (v1: a failed session leaves its group short) fewer rows are recorded as they came.
 
         ``lengths``: optional int ``(R,)`` aligned with ``uids``, each episode's generated tokens (verl's
-        ``response_mask`` summed: tool output and padding excluded); grouped like the outcomes, kept in
-        :attr:`episode_tokens` and passed to ``Allocator.observe(lengths=...)`` when the engine accepts it.
+        ``response_mask`` summed: tool output and padding excluded); grouped like the outcomes (a short group's
+        lengths are those of the episodes that came back), kept in :attr:`episode_tokens`, passed to
+        ``Allocator.observe(lengths=...)`` (the length model token budgets plan with) and to the ``vip/tokens_*``
+        metrics.
         """
         final = self._check_final_groups(uids, where)
-        by_step = self._record(uids, success, exact=exact, where=where, lengths=lengths)
-        metrics = self._metrics([self._plans[s] for s in sorted(by_step)], by_step)
+        by_step, lens = self._record(uids, success, exact=exact, where=where, lengths=lengths)
+        metrics = self._metrics([self._plans[s] for s in sorted(by_step)], by_step, lens)
         return {**final, **metrics}
 
     def _record(
@@ -218,8 +341,9 @@ class VIPHook:
         exact: bool,
         where: str,
         lengths: np.ndarray | Sequence[int] | None = None,
-    ) -> dict[int, dict[str, np.ndarray]]:
-        """Check and record; returns the outcomes per plan step and prompt id (see :meth:`observe`)."""
+    ) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, dict[str, np.ndarray]] | None]:
+        """Check and record; returns the outcomes and the lengths (``None`` without ``lengths``) per plan step and
+        prompt id (see :meth:`observe`)."""
         success = np.asarray(success, dtype=np.float64).reshape(-1)
         if len(uids) != len(success):
             raise ValueError(f"got {len(uids)} uids but {len(success)} outcomes")
@@ -262,20 +386,18 @@ class VIPHook:
         for step, groups in sorted(by_step.items()):
             plan = self._plans[step]
             ids = [pid for pid in plan.prompt_ids if pid in groups]
-            extra: dict[str, Any] = {}
+            lens: list[np.ndarray] | None = None
             if tokens is not None:
                 lens = [lens_by_step[step][pid] for pid in ids]
                 for pid, n_tok in zip(ids, lens):
                     self.episode_tokens[(step, pid)] = n_tok
-                if _observe_takes_lengths():  # the engine's token-budget API, once it has landed
-                    extra["lengths"] = lens
-            self.allocator.observe(ids, [groups[pid] for pid in ids], step=step, **extra)
+            self.allocator.observe(ids, [groups[pid] for pid in ids], step=step, lengths=lens)
         for old in sorted({s for s, _ in self.episode_tokens})[:-_MAX_PLANS]:  # bounded like the plans
             for key in [k for k in self.episode_tokens if k[0] == old]:
                 del self.episode_tokens[key]
         for u in by_uid:
             del self._uids[u]
-        return by_step
+        return by_step, (lens_by_step if tokens is not None else None)
 
     # -- two-phase steps (legacy loop): pilot, commit, both recorded when generated; sizes checked at training
     def plan_pilot(self, ids: list[str], texts: list[str] | None, uids: Sequence[Any], budget: int, step: int) -> Plan:
@@ -296,10 +418,16 @@ class VIPHook:
         self._pilots[step] = plan
         return plan
 
-    def observe_phase(self, uids: Sequence[Any], success: np.ndarray, where: str) -> dict[str, np.ndarray]:
-        """Record a phase's rows (sizes exactly as planned); returns the outcomes per prompt id."""
-        by_step = self._record(uids, success, exact=True, where=where)
-        return next(iter(by_step.values()), {})
+    def observe_phase(
+        self, uids: Sequence[Any], success: np.ndarray, where: str, lengths: np.ndarray | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """Record a phase's rows (sizes exactly as planned; ``lengths`` as in :meth:`observe`); returns the outcomes
+        and the lengths (``None`` without ``lengths``) per prompt id."""
+        by_step, lens = self._record(uids, success, exact=True, where=where, lengths=lengths)
+        if not by_step:
+            return {}, None if lens is None else {}
+        step = next(iter(by_step))
+        return by_step[step], None if lens is None else lens.get(step, {})
 
     def plan_commit(self, step: int, uids: Sequence[Any]) -> Plan:
         """Phase 2 (``Allocator.plan_commit``): the EXTRA rollouts per prompt; ``uids`` aligned with the pilot."""
@@ -312,9 +440,15 @@ class VIPHook:
         return plan
 
     def finish_two_phase(
-        self, step: int, uids: Sequence[Any], pilot: Mapping[str, np.ndarray], commit: Mapping[str, np.ndarray]
+        self,
+        step: int,
+        uids: Sequence[Any],
+        pilot: Mapping[str, np.ndarray],
+        commit: Mapping[str, np.ndarray],
+        lengths: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None = None,
     ) -> None:
-        """Remember the final group size of every uid and the step's metrics (returned when it is trained)."""
+        """Remember the final group size of every uid and the step's metrics (returned when it is trained);
+        ``lengths``: the pilot's and the commit's generated tokens per prompt id, for the ``vip/tokens_*`` metrics."""
         plan, first = self._plans[step], self._pilots.pop(step)
         for u, size in zip(uids, plan.group_sizes.tolist()):
             self._final[str(u)] = (step, int(size))
@@ -324,7 +458,12 @@ class VIPHook:
                         timings=timings)  # fmt: skip
         none = np.zeros(0)
         rewards = [np.concatenate([pilot.get(pid, none), commit.get(pid, none)]) for pid in plan.prompt_ids]
-        metrics = {**final.metrics(), **self.allocator.outcome_metrics(rewards, plan=final)}
+        lens = None
+        if lengths is not None:
+            lp, lc = lengths
+            lens = [np.concatenate([lp.get(pid, none), lc.get(pid, none)]) for pid in plan.prompt_ids]
+        outcome = self.allocator.outcome_metrics(rewards, plan=final, lengths=lens, max_length=self.max_length)
+        metrics = {**final.metrics(), **outcome}
         metrics["vip/pilot_rollouts"] = float(first.counts.sum())
         self._final_metrics[step] = metrics
 
@@ -349,15 +488,26 @@ class VIPHook:
             out.update(self._final_metrics.pop(step, {}))
         return out
 
-    def _metrics(self, plans: list[Plan], outcomes: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, float]:
+    def _metrics(
+        self,
+        plans: list[Plan],
+        outcomes: Mapping[int, Mapping[str, np.ndarray]],
+        lengths: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    ) -> dict[str, float]:
         """The shared ``vip/*`` names: ``Plan.metrics()`` of the plans whose prompts reached this batch (merged
         when there are several) plus ``Allocator.outcome_metrics`` of what came back (dropped or not yet sampled
-        prompts count as not generated)."""
+        prompts count as not generated); with ``lengths`` (generated tokens per plan step and prompt id) the
+        ``vip/tokens_*`` outcome names too, rollouts cut at verl's ``response_length`` counted as truncated."""
         if not plans:
             return {}
         merged = plans[0] if len(plans) == 1 else _merge_plans(plans)
-        rewards = [outcomes.get(p.step, {}).get(pid, np.zeros(0)) for p in plans for pid in p.prompt_ids]
-        return {**merged.metrics(), **self.allocator.outcome_metrics(rewards, plan=merged)}
+        none = np.zeros(0)
+        rewards = [outcomes.get(p.step, {}).get(pid, none) for p in plans for pid in p.prompt_ids]
+        lens = None
+        if lengths is not None:
+            lens = [lengths.get(p.step, {}).get(pid, np.zeros(0, np.int64)) for p in plans for pid in p.prompt_ids]
+        outcome = self.allocator.outcome_metrics(rewards, plan=merged, lengths=lens, max_length=self.max_length)
+        return {**merged.metrics(), **outcome}
 
     def successes(self, scores: np.ndarray, extra: Sequence[Any] | None) -> np.ndarray:
         """0/1 per row: ``extra`` (the ``success_key`` column) when given, else the summed score, vs the threshold."""
@@ -394,13 +544,6 @@ class VIPHook:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning("vipalloc: %s", msg)
-
-
-def _observe_takes_lengths() -> bool:
-    """Whether ``Allocator.observe`` accepts per-episode ``lengths`` (the engine's token-budget API)."""
-    import inspect
-
-    return "lengths" in inspect.signature(Allocator.observe).parameters
 
 
 def _as_list(col: Any) -> list[Any]:
@@ -464,4 +607,20 @@ def _merge_plans(plans: Sequence[Plan]) -> Plan:
         uniform_variance=sum(p.uniform_variance for p in plans),
         timings=timings,
         min_keep_relaxed=any(p.min_keep_relaxed for p in plans),
+        **_merged_token_fields(plans),
     )
+
+
+def _merged_token_fields(plans: Sequence[Plan]) -> dict[str, Any]:
+    """The token fields of :func:`_merge_plans`: lengths concatenated and tokens summed when every plan has them;
+    the gap is the largest (each plan's relative gap bounds the merged one's), NaN when one has none."""
+    if any(p.expected_lengths is None for p in plans):
+        return {}
+    out: dict[str, Any] = {
+        "expected_lengths": np.concatenate([np.asarray(p.expected_lengths) for p in plans]),
+        "expected_tokens": float(sum(float(p.expected_tokens or 0.0) for p in plans)),
+        "optimality_gap": float(np.max([p.optimality_gap for p in plans])),  # NaN (no certificate) propagates
+    }
+    if all(p.token_budget is not None for p in plans):
+        out["token_budget"] = float(sum(float(p.token_budget or 0.0) for p in plans))
+    return out

@@ -50,7 +50,15 @@ def make_hook(config: Any, use_v1: bool) -> VIPHook:
     check_verl_version()
     check_hook_points(use_v1, cfg.two_phase)
     emit_warnings(config_warnings(config, cfg))
-    return VIPHook(cfg, estimator)
+    return VIPHook(cfg, estimator, max_length=_response_length(config))
+
+
+def _response_length(config: Any) -> int | None:
+    """verl's ``rollout.response_length`` (tokens; the most one rollout's response may hold), ``None`` if unset."""
+    try:
+        return int(config.actor_rollout_ref.rollout.response_length)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def to_container(node: Any) -> dict[str, Any]:
@@ -191,7 +199,11 @@ def vip_trainer_class(base: type | None = None) -> type:
             m = len(batch)
             ntb = batch.non_tensor_batch
             ids, texts = hook.prompt_ids(ntb, m), hook.prompt_texts(ntb, m)
-            return hook.plan(ids, texts, ntb["uid"], self._vip_budget(m), int(self.global_steps)).counts
+            budget, multiple = self._vip_budget_and_multiple(m)
+            n = int(self.config.actor_rollout_ref.rollout.n)
+            # rows must be a multiple here (no padding in this loop): a token plan is rounded down to one
+            plan = hook.plan(ids, texts, ntb["uid"], budget, int(self.global_steps), rollout_n=n, multiple=multiple)
+            return plan.counts
 
         def _vip_two_phase(self, batch: DataProto) -> DataProto:
             """Plan the pilot, and arrange for fit()'s one generation call to run pilot then commit (see
@@ -227,6 +239,10 @@ def vip_trainer_class(base: type | None = None) -> type:
             return gen_batch
 
         def _vip_budget(self, m: int) -> int:
+            return self._vip_budget_and_multiple(m)[0]
+
+        def _vip_budget_and_multiple(self, m: int) -> tuple[int, int]:
+            """The step's rollout budget (exact; the cap in token mode) and the multiple its rows must be."""
             hook = self._vip()
             n = int(self.config.actor_rollout_ref.rollout.n)
             fallback = int(self.config.trainer.n_gpus_per_node) * int(self.config.trainer.nnodes)
@@ -236,7 +252,7 @@ def vip_trainer_class(base: type | None = None) -> type:
             budget = divisible_budget(requested, multiple, m, hook.cfg.n_min, hook.cfg.n_max)
             if budget != requested:
                 hook._warn_once("budget", f"budget {requested} rounded down to {budget} (a multiple of {multiple})")
-            return budget
+            return budget, multiple
 
         def _vip_feedback(self, batch: DataProto) -> dict[str, float]:
             hook = self._vip()
@@ -247,8 +263,9 @@ def vip_trainer_class(base: type | None = None) -> type:
             key = hook.cfg.success_key
             extra = batch.non_tensor_batch.get(key) if key else None
             success = hook.successes(scores, extra)
-            lengths = row_generated_tokens(batch.batch["response_mask"]) if "response_mask" in batch.batch else None
-            return hook.observe(batch.non_tensor_batch["uid"], success, exact=True, where=_V0_WHERE, lengths=lengths)
+            return hook.observe(
+                batch.non_tensor_batch["uid"], success, exact=True, where=_V0_WHERE, lengths=_batch_tokens(batch)
+            )
 
         def _vip_attach(self, output: DataProto, metrics: dict[str, float]) -> DataProto:
             if metrics:
@@ -292,19 +309,26 @@ class _TwoPhaseStep:
         assert self.pilot_batch is not None
         pilot_out = manager.generate_sequences(self.pilot_batch)
         pilot_uids = np.repeat(self.uids, self.pilot).tolist()
-        pilot_res = hook.observe_phase(pilot_uids, self._successes(hook, pilot_out), _V0_WHERE)
+        pilot_res, pilot_len = hook.observe_phase(
+            pilot_uids, self._successes(hook, pilot_out), _V0_WHERE, lengths=_batch_tokens(pilot_out)
+        )
         commit = hook.plan_commit(self.step, self.uids)
-        parts, counts, commit_res = [pilot_out], [self.pilot], {}
+        parts, counts = [pilot_out], [self.pilot]
+        commit_res: dict[str, np.ndarray] = {}
+        commit_len: dict[str, np.ndarray] | None = {}
         if int(commit.counts.sum()) > 0:
             # an extra count of 1 joins the pilot's group (never a singleton), so expand without expand_by_counts' guard
             commit_batch = self.gen_batch.sample_level_repeat(commit.counts.astype(np.int64))
             commit_batch.meta_info = dict(self.gen_batch.meta_info)
             commit_out = manager.generate_sequences(commit_batch)
             commit_uids = np.repeat(self.uids, commit.counts).tolist()
-            commit_res = hook.observe_phase(commit_uids, self._successes(hook, commit_out), _V0_WHERE)
+            commit_res, commit_len = hook.observe_phase(
+                commit_uids, self._successes(hook, commit_out), _V0_WHERE, lengths=_batch_tokens(commit_out)
+            )
             parts.append(commit_out)
             counts.append(commit.counts)
-        hook.finish_two_phase(self.step, self.uids, pilot_res, commit_res)
+        lens = None if pilot_len is None or commit_len is None else (pilot_len, commit_len)
+        hook.finish_two_phase(self.step, self.uids, pilot_res, commit_res, lengths=lens)
         self.group_sizes = commit.group_sizes
         out = _interleave_rounds(parts, counts)
         if len(out) != self.budget:
@@ -358,6 +382,12 @@ class _PilotView(DataProto):
 
     def __len__(self) -> int:
         return self._vip_final_rows
+
+
+def _batch_tokens(data: DataProto) -> np.ndarray | None:
+    """Generated tokens per row of a legacy batch (``response_mask`` summed: int64 ``(R,)``), ``None`` without it."""
+    keys = data.batch.keys() if data.batch is not None else ()
+    return row_generated_tokens(data.batch["response_mask"]) if "response_mask" in keys else None
 
 
 def _interleave_rounds(parts: list[DataProto], counts: list[np.ndarray]) -> DataProto:
@@ -421,6 +451,8 @@ def vip_v1_trainer_class(base: type) -> type:
             n = int(self.config.actor_rollout_ref.rollout.n)
             train_bs = int(self.config.data.train_batch_size)
             full = hook.cfg.budget if hook.cfg.budget is not None else train_bs * n
+            # rows need not be a multiple in this loop: _balance_batch pads with verl's no-op rows (as for refills and
+            # failed sessions), so a token plan is used as planned, never cut
             if m == train_bs:
                 fallback = int(self.config.trainer.n_gpus_per_node) * int(self.config.trainer.nnodes)
                 multiple = self._get_required_batch_multiple(_dp_size(self.actor_rollout_wg, fallback))
@@ -429,7 +461,8 @@ def vip_v1_trainer_class(base: type) -> type:
                 budget = int(round(full * m / train_bs))
                 budget = min(max(budget, m * hook.cfg.n_min), m * hook.cfg.n_max)
             step = int(getattr(self, "global_steps", 0))
-            return hook.plan(ids, texts, _as_list(cols["uid"]), budget, step).counts
+            plan = hook.plan(ids, texts, _as_list(cols["uid"]), budget, step, rollout_n=n, share=m / train_bs)
+            return plan.counts
 
         def _compute_advantage(self, batch: Any, metrics: dict) -> Any:
             hook = self._vip()
