@@ -272,3 +272,53 @@ def install_vllm_standin(monkeypatch: Any | None = None) -> None:
 
 def finite(values: Sequence[float]) -> bool:
     return all(math.isfinite(v) for v in values)
+
+
+# ---------------------------------------------------------------------- a policy with uneven completion lengths
+class UnevenPolicy:
+    """Stands in for TRL's generation (``GRPOTrainer._generate_single_turn``) with deliberately uneven lengths.
+
+    Prompt ``k`` of ``dataset`` answers with ``lengths[k % len(lengths)]`` tokens: that many characters ``"7"``
+    (success, with probability ``TRUE_P[k]``) or ``"?"`` (failure) with the last one replaced by EOS; a length of
+    ``max_len`` or more is cut there with no EOS (truncated, as TRL's ``max_completion_length`` cuts). So some
+    prompts answer short, some long and some hit the maximum. ``generated[i]``: the rows of each call, as
+    ``(prompt text, tokens)``. Install with :meth:`install` (a pytest MonkeyPatch or None: set for good).
+    """
+
+    def __init__(self, tok: Any, dataset: Any, max_len: int, lengths: Sequence[int] = (2, 3, 5, 8), seed: int = 0):
+        self.tok = tok
+        self.max_len = int(max_len)
+        self.plan = {p: (int(lengths[k % len(lengths)]), TRUE_P[k]) for k, p in enumerate(dataset["prompt"])}
+        self.rng = np.random.default_rng(seed)
+        self.generated: list[list[tuple[str, int]]] = []
+        self.yes, self.no = tok.convert_tokens_to_ids("7"), tok.convert_tokens_to_ids("?")
+
+    def tokens_of(self, prompt: str) -> int:
+        """Tokens every completion of ``prompt`` has (EOS included)."""
+        return min(self.plan[prompt][0], self.max_len)
+
+    def __call__(self, trainer, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        out, rows = [], []
+        for ids in prompt_ids:
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            n, p = self.plan[text]
+            for _ in range(int(num_generations)):
+                char = self.yes if self.rng.random() < p else self.no
+                completion = [char] * self.max_len if n >= self.max_len else [char] * (n - 1) + [self.tok.eos_token_id]
+                out.append(completion)
+                rows.append((text, len(completion)))
+        self.generated.append(rows)
+        return out, None
+
+    def install(self, monkeypatch: Any | None = None) -> None:
+        from trl import GRPOTrainer
+
+        policy = self
+
+        def generate(trainer, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            return policy(trainer, prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+
+        if monkeypatch is not None:
+            monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", generate)
+        else:
+            GRPOTrainer._generate_single_turn = generate  # type: ignore[method-assign]

@@ -6,6 +6,8 @@ scenario trains a few steps and every process dumps what it saw to ``OUT_DIR/<sc
 Scenarios ``loss-<type>``: GPT-2 (absolute positions) with prompts of different lengths, learning rate 0, KL
 penalty on, and scripted plans that leave the processes unequal, the first one with no real row on process 1.
 ``vllm-tp1`` / ``vllm-tp2``: vLLM colocate mode through the stand-in (tensor parallel 1 or 2).
+``tokens``: token mode (``token_budget="uniform"``) with a stand-in policy of uneven completion lengths
+(``UnevenPolicy``) and the oracle predictor, whose skewed plans leave the processes uneven rows.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from _trl_helpers import (  # noqa: E402
+    TRUE_P,
     DigitReward,
     ScriptedAllocator,
     StandInClient,
     StandInLLM,
+    UnevenPolicy,
     install_vllm_standin,
     sums,
     tiny_gpt2,
@@ -45,7 +49,113 @@ def script(step: int, prompts: list[str]) -> list[int]:
     return (SPAN_SCRIPT if len(prompts) == 3 else SCRIPT)[step % 2]
 
 
+def run_tokens(out: Path) -> None:
+    """Token mode on two processes: per step, the plan, what observe received (main process), the completion-mask
+    counts of this process's scored slice, the rows of every micro-batch, TRL's logs."""
+    rank = int(os.environ["RANK"])
+    tok = tiny_tokenizer()
+    data = sums(n=8)
+    UnevenPolicy(tok, data, max_len=8, seed=rank).install()
+    g, n_max = 4, 8
+    args = VIPGRPOConfig(
+        output_dir=str(out / "run-tokens"),
+        use_cpu=True,
+        per_device_train_batch_size=4,  # budget 16 = 2 processes x 4 rows x 2 micro-batches; 4 prompts x 8 sampled
+        gradient_accumulation_steps=2,
+        num_generations=g,
+        n_max=n_max,
+        n_min=2,
+        max_completion_length=8,
+        max_steps=5,
+        learning_rate=1e-3,
+        beta=0.0,
+        loss_type="dapo",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        allocation_strategy="vip",
+        predictor="oracle",
+        token_budget="uniform",
+    )
+    steps: list[dict] = []
+    observed: list[tuple[list, list]] = []
+    pending: dict = {}
+
+    class Spy(Allocator):
+        def plan(self, prompt_ids, prompts=None, budget=None, step=None, **kwargs):
+            pending["uniform"] = self.uniform_tokens(prompt_ids, g, prompts=prompts)
+            pending["budget"] = budget
+            return super().plan(prompt_ids, prompts=prompts, budget=budget, step=step, **kwargs)
+
+        def observe(self, prompt_ids, rewards, step, lengths=None):
+            observed.append((list(prompt_ids), [[int(x) for x in ln] for ln in lengths]))
+            return super().observe(prompt_ids, rewards, step, lengths=lengths)
+
+    allocator = Spy(strategy="vip", predictor="oracle", n_min=2, n_max=n_max, embedder="hashing")
+    allocator.predictor.set_true_p([f"q{i}" for i in range(8)], TRUE_P[:8])
+    trained: list[dict] = []
+    masks: list[list[int]] = []
+    base_loss, base_score = GRPOTrainer.compute_loss, GRPOTrainer._generate_and_score_completions
+
+    def loss(self, model, inputs, *a, **kw):
+        value = base_loss(self, model, inputs, *a, **kw)
+        trained.append({"rows": int(inputs["completion_mask"].size(0)), "loss": float(value.detach())})
+        return value
+
+    def score(self, inputs):
+        output = base_score(self, inputs)
+        masks.append([int(x) for x in output["completion_mask"].sum(1)])
+        return output
+
+    class Recording(VIPGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            rec = self.vip_last
+            assert rec is not None
+            ids, lens = observed[-1] if observed and rank == 0 else ([], [])
+            steps.append(
+                {
+                    "n_max": n_max,
+                    "prompt_ids": rec.prompt_ids,
+                    "counts": rec.counts.tolist(),
+                    "real_rows": rec.real_rows.tolist(),
+                    "lengths": [ln.tolist() for ln in rec.lengths],
+                    "mask": masks[-1],
+                    "observed_ids": ids,
+                    "observed_lengths": lens,
+                    "token_budget": rec.plan.token_budget,
+                    "expected_tokens": rec.plan.expected_tokens,
+                    "uniform_tokens": pending.get("uniform"),
+                    "budget_rollouts": pending.get("budget"),
+                }
+            )
+            return output
+
+    GRPOTrainer.compute_loss = loss
+    GRPOTrainer._generate_and_score_completions = score
+    try:
+        trainer = Recording(
+            model=tiny_llama(len(tok)),
+            reward_funcs=DigitReward(),
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+            allocator=allocator,
+        )
+        trainer.train()
+    finally:
+        GRPOTrainer.compute_loss, GRPOTrainer._generate_and_score_completions = base_loss, base_score
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    dump = {"steps": steps, "trained": trained, "logs": logs}
+    (out / f"tokens.rank{rank}.json").write_text(json.dumps(dump))
+
+
 def run(out: Path, scenario: str) -> None:
+    if scenario == "tokens":
+        run_tokens(out)
+        return
     rank = int(os.environ["RANK"])
     tok = tiny_tokenizer()
     vllm = scenario.startswith("vllm")

@@ -46,9 +46,9 @@ def test_planned_episodes_with_real_tool_calls(tmp_path, env) -> None:
     plans = []
     observe = trainer.allocator.observe
 
-    def spy(ids, rewards, step):
-        plans.append((list(ids), [len(r) for r in rewards], step))
-        return observe(ids, rewards, step)
+    def spy(ids, rewards, step, lengths=None):
+        plans.append((list(ids), [len(r) for r in rewards], step, [list(map(int, x)) for x in lengths]))
+        return observe(ids, rewards, step, lengths=lengths)
 
     trainer.allocator.observe = spy  # type: ignore[method-assign]
     GRPOTrainer.compute_loss = loss
@@ -61,7 +61,7 @@ def test_planned_episodes_with_real_tool_calls(tmp_path, env) -> None:
     assert len(plans) == 2
     calls_per_step = [w.correct.calls[:12], w.correct.calls[12:]]
     assert len(w.correct.calls) == 24
-    for (ids, sizes, _), script, scored in zip(plans, (SCRIPT[0], SCRIPT[1]), calls_per_step):
+    for (ids, sizes, _, _), script, scored in zip(plans, (SCRIPT[0], SCRIPT[1]), calls_per_step):
         planned = dict(zip(ids, sizes))  # what the allocator was told came back, per prompt
         assert sorted(sizes) == sorted(c for c in script if c)
         assert Counter(c[0] for c in scored) == Counter(planned)
@@ -89,6 +89,10 @@ def test_planned_episodes_with_real_tool_calls(tmp_path, env) -> None:
     # per-episode generated tokens (tool output excluded) of the last step, aligned with the rewards
     last = trainer.vip_last
     assert [len(x) for x in last.lengths] == [len(r) for r in last.rewards]
+    # ... and the allocator's length model received exactly those counts (the prompts it observed)
+    observed_ids, _, _, observed_lengths = plans[-1]
+    by_id = dict(zip(last.prompt_ids, last.lengths))
+    assert observed_lengths == [by_id[pid].tolist() for pid in observed_ids]
     assert int(sum(x.sum() for x in last.lengths)) == sum(r[2] for t in trained[2:] for r in t["real"])
     direct = _completion_tokens(tok, "The answer is 00<|im_end|>")
     for pid, x in zip(last.prompt_ids, last.lengths):

@@ -192,9 +192,10 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
             offset += len(seqs)
         scorable = rewards[~np.isnan(rewards)]
         successes = (scorable >= self.vip_threshold).astype(np.float64)
-        self.allocator.observe([pid], [successes], step)
-        now = self.model_version
         tokens = np.array([len(ids) for ids in group.completions_ids], np.int64)
+        # the scorable episodes' generated tokens feed the length model (token budgets plan with it)
+        self.allocator.observe([pid], [successes], step, lengths=[tokens[~np.isnan(rewards)]])
+        now = self.model_version
         self.vip_log.append(
             GroupRecord(step, pid, planned, rewards, successes, tokens, version, now, len(self.vip_log))
         )

@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from trl import GRPOConfig
 
+from vipalloc import Allocator
 from vipalloc.predictors import PREDICTOR_NAMES
-from vipalloc.strategies import STRATEGY_NAMES, TWO_PHASE_STRATEGIES
+from vipalloc.strategies import STRATEGY_NAMES, TWO_PHASE_STRATEGIES, get_strategy
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -41,6 +43,9 @@ class VIPGRPOConfig(GRPOConfig):
       exactly that many; the plug-in moves rows between processes when the plan leaves them uneven).
     * ``two_phase`` with a two-phase strategy (``vip_two_phase``, ``pilot_commit``): ``pilot_n`` rollouts per prompt
       first, then the rest of the budget committed from their outcomes, inside each generation batch.
+    * ``token_budget``: plan each generation batch under a budget of generated tokens (``"uniform"``: the tokens
+      plain GRPO's ``num_generations`` rollouts per prompt are predicted to spend; a number: a cap in tokens). The
+      rollout budget stays a cap (at most ``generation_batch_size`` rollouts); ``None`` / ``"off"``: rollouts only.
     """
 
     n_max: int | None = field(
@@ -77,6 +82,17 @@ class VIPGRPOConfig(GRPOConfig):
         },
     )
     pilot_n: int = field(default=2, metadata={"help": "Pilot rollouts per prompt in a two-phase step."})
+    token_budget: float | str | None = field(
+        default=None,
+        metadata={
+            "help": "Budget of generated tokens per generation batch. `None` or `'off'`: plan by rollouts only "
+            "(`generation_batch_size` rollouts). `'uniform'`: spend the tokens plain GRPO would have spent "
+            "(`num_generations` rollouts per prompt at the lengths predicted from recent steps; the first generation "
+            "batch, before any length is known, is planned by rollouts). A number: a cap in tokens per generation "
+            "batch (over all processes). The rollout budget stays a cap in every token mode. Not available with "
+            "`two_phase` or the `vip_authors` strategy."
+        },
+    )
 
     def __post_init__(self) -> None:
         g = _positive_int("num_generations (the uniform group size VIP replaces)", self.num_generations, 2)
@@ -122,6 +138,20 @@ class VIPGRPOConfig(GRPOConfig):
             raise ValueError(f"success_threshold must be a finite number, got {self.success_threshold!r}")
         if self.success_reward is not None and not (isinstance(self.success_reward, str) and self.success_reward):
             raise ValueError(f"success_reward must be a reward function's name or None, got {self.success_reward!r}")
+        self.token_budget = _token_budget(self.token_budget)
+        if self.token_budget is not None:
+            if self.two_phase:
+                raise ValueError(
+                    f"token_budget={self.token_budget!r} cannot be used with two_phase=True: a two-phase step's pilot "
+                    "is planned by rollouts (Allocator.plan_pilot takes a rollout budget), so the step's tokens could "
+                    "not be capped; use a single-phase strategy (e.g. 'vip') or token_budget=None"
+                )
+            refusal = get_strategy(self.allocation_strategy, estimator=self.variance_estimator).token_refusal
+            if refusal is not None:
+                raise ValueError(
+                    f"token_budget={self.token_budget!r} cannot be used with allocation_strategy="
+                    f"{self.allocation_strategy!r}: {refusal}"
+                )
         super().__post_init__()
         # GRPOConfig.__post_init__ has set the generation batch layout (and checked it holds full groups).
         assert self.generation_batch_size is not None and self.steps_per_generation is not None
@@ -133,6 +163,12 @@ class VIPGRPOConfig(GRPOConfig):
                 f"batch must split evenly over the {world} processes; change n_max or the batch size"
             )
         self.n_max, self.n_min = n_max, n_min
+        if isinstance(self.token_budget, float) and self.token_budget < self.prompts_per_generation * n_min:
+            raise ValueError(
+                f"token_budget={self.token_budget:g} tokens cannot give the {self.prompts_per_generation} prompts of a "
+                f"generation batch n_min={n_min} rollouts of even one token each; raise it to at least "
+                f"{self.prompts_per_generation * n_min} (or use token_budget='uniform')"
+            )
 
     @property
     def prompts_per_generation(self) -> int:
@@ -151,6 +187,76 @@ class VIPGRPOConfig(GRPOConfig):
         """Rows of width ``n_max`` each process receives per generation batch (``prompts x n_max / processes``)."""
         assert self.n_max is not None
         return self.prompts_per_generation * int(self.n_max) // int(self.world_size)
+
+
+def _token_budget(value: Any) -> float | str | None:
+    """``VIPGRPOConfig.token_budget`` normalised: None (rollouts only), ``"uniform"``, or a cap in tokens (float).
+
+    Strings come from the command line (TRL's parser reads the field as a string): ``"off"`` / ``"none"``,
+    ``"uniform"``, or a number such as ``"20000"``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("off", "none", "null", ""):
+            return None
+        if word == "uniform":
+            return "uniform"
+        try:
+            value = float(word)
+        except ValueError:
+            raise ValueError(
+                f"token_budget must be None, 'off', 'uniform' or a number of tokens, got {value!r}"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"token_budget must be None, 'off', 'uniform' or a number of tokens, got {value!r}")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"token_budget must be a finite number of tokens > 0, got {value!r}")
+    return float(value)
+
+
+def step_token_budget(
+    cfg: VIPGRPOConfig, allocator: Allocator, ids: list[str], texts: list[str], budget: int
+) -> tuple[float | None, np.ndarray | None]:
+    """The token budget of one generation batch (None: plan it by rollouts) and the expected tokens per rollout to
+    plan with (None: the allocator's length model), for ``cfg.token_budget``; ``budget``: the rollout cap.
+
+    ``"uniform"``: :meth:`Allocator.uniform_tokens` at ``budget / M`` rollouts per prompt (``num_generations``
+    unless the batch repeats a prompt); None until a length was observed. A cap: the cap, planned before any length
+    is known at ``max_completion_length`` tokens per rollout (the most a completion can hold, so the cap then holds
+    for any lengths), and raised, with a warning, to ``n_min`` rollouts per prompt at the expected lengths when it
+    cannot pay for them (the allocator's smallest feasible token budget).
+    """
+    mode = cfg.token_budget
+    if mode is None:
+        return None, None
+    m = len(ids)
+    if mode == "uniform":
+        if budget % m == 0:
+            return allocator.uniform_tokens(ids, budget // m, prompts=texts), None
+        per_rollout = allocator.uniform_tokens(ids, 1, prompts=texts)
+        return (None if per_rollout is None else per_rollout * budget / m), None
+    cap = float(mode)
+    pred = allocator.expected_lengths(ids, prompts=texts)
+    lengths = None
+    if pred is not None:
+        c = pred.expected
+    elif cfg.max_completion_length is None:  # nothing bounds a rollout's length yet: plan by rollouts
+        return None, None
+    else:
+        c = lengths = np.full(m, float(cfg.max_completion_length))
+    need = float(allocator.n_min * c.sum())
+    if cap < need:
+        warnings.warn(
+            f"token_budget={cap:g} cannot pay for n_min={allocator.n_min} rollouts of each of the {m} prompts at the "
+            f"expected lengths ({need:,.0f} tokens); this generation batch is planned at {need:,.0f} tokens. Raise "
+            "token_budget or lower n_min",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        cap = need
+    return cap, lengths
 
 
 def default_config(model: Any) -> VIPGRPOConfig:

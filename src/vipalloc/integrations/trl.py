@@ -49,7 +49,13 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from packaging.version import Version
 
 from vipalloc import Allocator, Plan
-from vipalloc.integrations._trl_config import VIPGRPOConfig, _prompt_key, _prompt_text, default_config
+from vipalloc.integrations._trl_config import (
+    VIPGRPOConfig,
+    _prompt_key,
+    _prompt_text,
+    default_config,
+    step_token_budget,
+)
 from vipalloc.integrations._trl_layout import (
     SHIFT_KEY,
     accepts_position_ids,
@@ -249,6 +255,12 @@ class VIPGRPOTrainer(GRPOTrainer):
                 f"the allocator's bounds [n_min={allocator.n_min}, n_max={allocator.n_max}] cannot meet the budget of "
                 f"{mean:g} rollouts per prompt (num_generations); give it n_min <= {mean:g} <= n_max"
             )
+        refusal = allocator.strategy.token_refusal
+        if cfg.token_budget is not None and refusal is not None:
+            raise ValueError(
+                f"VIPGRPOConfig.token_budget={cfg.token_budget!r} needs a strategy with a token mode; the allocator's "
+                f"{allocator.strategy_name!r} cannot plan under a token budget: {refusal}"
+            )
         if not 0.0 < allocator.success_threshold <= 1.0:
             raise ValueError(
                 f"the allocator's success_threshold ({allocator.success_threshold}) must lie in (0, 1]: the trainer "
@@ -363,9 +375,23 @@ class VIPGRPOTrainer(GRPOTrainer):
     def _vip_layout(self, inputs: list[dict[str, Any]]) -> _Layout:
         """Plan for the global rectangular batch (main process) and place each prompt's real rows."""
         ids, texts, gp, budget = self._vip_groups(inputs)
-        plan = cast(Plan, self._vip_on_main(lambda: self.allocator.plan(ids, prompts=texts, budget=budget)))
+        plan = cast(Plan, self._vip_on_main(lambda: self._vip_plan(ids, texts, budget)))
         first_block, real_global = self._vip_place(plan.counts, gp)
         return _Layout(plan=plan, group_prompt=gp, first_block=first_block, real_global=real_global)
+
+    def _vip_plan(self, ids: list[str], texts: list[str], budget: int) -> Plan:
+        """The allocator's plan for one generation batch: by rollouts (``budget``), or in token mode under the
+        step's token budget with ``budget`` as the rollout cap (the layout has room for ``budget`` real rows)."""
+        tokens, lengths = self._vip_token_budget(ids, texts, budget)
+        if tokens is None:
+            return self.allocator.plan(ids, prompts=texts, budget=budget)
+        return self.allocator.plan(ids, prompts=texts, budget=budget, token_budget=tokens, expected_lengths=lengths)
+
+    def _vip_token_budget(
+        self, ids: list[str], texts: list[str], budget: int
+    ) -> tuple[float | None, np.ndarray | None]:
+        """This step's token budget and expected lengths (:func:`step_token_budget`; None, None: by rollouts)."""
+        return step_token_budget(cast(VIPGRPOConfig, self.args), self.allocator, ids, texts, budget)
 
     def _vip_two_phase_layout(self, inputs: list[dict[str, Any]]) -> _Layout:
         """A two-phase step: generate and score the pilot rows with TRL's own methods, observe them, plan the commit.
@@ -403,15 +429,19 @@ class VIPGRPOTrainer(GRPOTrainer):
         self._pending_extra_logs.clear()
         g = self.num_generations
         success = self._vip_success_rewards(rewards.detach().float().cpu())
-        pilot_ids, pilot_succ = [], []
+        pilot_lengths = self._vip_gather_lengths(n_local)
+        self._vip_lengths = None
+        pilot_ids, pilot_succ, pilot_lens = [], [], []
         for i, c in enumerate(pilot.counts):
             if c > 0:
-                r = success[int(first_block[i]) * g : int(first_block[i]) * g + int(c)]
+                rows = slice(int(first_block[i]) * g, int(first_block[i]) * g + int(c))
+                r = success[rows]
                 pilot_ids.append(ids[i])
                 pilot_succ.append((r[~np.isnan(r)] >= float(args.success_threshold)).astype(np.float64))
+                pilot_lens.append(pilot_lengths[rows][~np.isnan(r)])
 
         def commit() -> Plan:
-            self.allocator.observe(pilot_ids, pilot_succ, pilot.step)
+            self.allocator.observe(pilot_ids, pilot_succ, pilot.step, lengths=pilot_lens)
             return self.allocator.plan_commit(step=pilot.step)
 
         plan = cast(Plan, self._vip_on_main(commit))
@@ -640,20 +670,23 @@ class VIPGRPOTrainer(GRPOTrainer):
         total = self._vip_success_rewards(rewards_per_func)
         thr = float(args.success_threshold)
         before = np.zeros(len(plan.counts), np.int64) if layout.observed is None else layout.observed
-        rewards, successes, new_ids, new_succ, tokens = [], [], [], [], []
+        rewards, successes, new_ids, new_succ, new_lens, tokens = [], [], [], [], [], []
         for i, c in enumerate(plan.counts):
             start = int(layout.first_block[i]) * g
             r = total[start : start + int(c)]
-            fresh = r[int(before[i]) :]  # a two-phase step's pilot rows were observed before the commit
-            tokens.append(lengths[start : start + int(c)][~np.isnan(r)])
+            ln = lengths[start : start + int(c)]
+            fresh, fresh_ln = r[int(before[i]) :], ln[int(before[i]) :]  # a two-phase pilot was observed before
+            tokens.append(ln[~np.isnan(r)])
+            fresh_ln = fresh_ln[~np.isnan(fresh)]
             r, fresh = r[~np.isnan(r)], fresh[~np.isnan(fresh)]  # rows without a success reward are no observations
             rewards.append(r)
             successes.append((r >= thr).astype(np.float64))
             if c > before[i]:
                 new_ids.append(plan.prompt_ids[i])
                 new_succ.append((fresh >= thr).astype(np.float64))
+                new_lens.append(fresh_ln)
         if self.accelerator.is_main_process and new_ids:
-            self.allocator.observe(new_ids, new_succ, plan.step)
+            self.allocator.observe(new_ids, new_succ, plan.step, lengths=new_lens)
         self.vip_last = VIPBatchRecord(
             step=plan.step,
             prompt_ids=list(plan.prompt_ids),
@@ -665,7 +698,8 @@ class VIPGRPOTrainer(GRPOTrainer):
             lengths=tokens,
         )
         metrics = self._metrics["train"]
-        values = {**plan.metrics(), **self.allocator.outcome_metrics(successes, plan)}
+        outcome = self.allocator.outcome_metrics(successes, plan, lengths=tokens, max_length=args.max_completion_length)
+        values = {**plan.metrics(), **outcome}
         for key, value in values.items():
             metrics[key].append(float(value))
         self._vip_log_histogram(plan)
