@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from vipalloc.bench.progress import Progress, noop
+from vipalloc.bench.train_levels import levels_lines
 from vipalloc.reporting import fmt_ci, git_commit, league, md_table, plot_bands, provenance
 from vipalloc.training.evaluation import paper_metrics_lines, plot_paper_metrics
 
@@ -46,8 +47,13 @@ def run_train(
     auto; ``preset``: a :data:`vipalloc.training.config.PRESETS` name layered under ``overrides`` (default: ``gpu``
     when ``device`` is cuda, none otherwise; ``preset="gpu", device="cpu"`` runs the GPU-sized path on the CPU).
     ``reuse``: keep the runs of ``<out_dir>/train_runs`` that finished with exactly this configuration and budget
-    (an interrupted league, or a league that adds strategies or seeds, re-runs only what is missing)."""
+    (an interrupted league, or a league that adds strategies or seeds, re-runs only what is missing).
+    ``strategies`` are row names: a strategy, or ``<strategy>-tokens`` (planned by uniform's tokens, the rollout
+    budget a cap) or ``<strategy>-tokens<T>`` (T tokens a step); see :func:`vipalloc.training.config.label_options`.
+    Every run logs its tokens and wall-clock, and the report adds the ratio-vs-target-level curves
+    (:mod:`vipalloc.bench.train_levels`) on the rollout, token and wall-clock axes."""
 
+    from vipalloc.training.config import label_options
     from vipalloc.training.config import preset as preset_options
     from vipalloc.training.demo import demo_config
     from vipalloc.training.parallel import default_jobs, finished_result, run_many
@@ -55,6 +61,7 @@ def run_train(
 
     if seeds < 1:
         raise ValueError("seeds must be >= 1")
+    row_options = {label: label_options(label) for label in strategies}  # refuses unknown names up front
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not quick:  # the league keeps the roomier 8 rollouts a prompt (the demo runs the tight 4)
@@ -77,7 +84,10 @@ def run_train(
     for seed in range(seeds):
         for strat in strategies:
             run_dir = out / "train_runs" / f"{strat}-seed{seed}"
-            cfg = base.model_copy(update={"strategy": strat, "seed": seed, "run_dir": str(run_dir)})
+            # validated (not model_copy): a row's token mode must meet the config's refusals
+            cfg = type(base).model_validate(
+                {**base.model_dump(), **row_options[strat], "seed": seed, "run_dir": str(run_dir)}
+            )
             old = finished_result(cfg, total) if reuse else None
             if old is not None:
                 done[len(cfgs)] = old
@@ -106,7 +116,7 @@ def run_train(
     fresh = iter(run_many(todo, warm, jobs=n_jobs, on_event=on_event, stop_at_rollouts=total) if todo else [])
     results = [done[i] if i in done else next(fresh) for i in range(len(cfgs))]
     for cfg, res in zip(cfgs, results):
-        runs[cfg.strategy].append(
+        runs[cfg.label].append(
             {"seed": cfg.seed, "metrics": res["metrics"], "wall_s": res["wall_s"], "steps_done": res["steps_done"]}
         )
     elapsed = time.perf_counter() - t_start
@@ -126,8 +136,9 @@ def run_train(
     return result
 
 
-def _eval_curve(metrics: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(m["cum_rollouts"], m["eval_acc"]) for m in metrics if "eval_acc" in m]
+def _eval_curve(metrics: list[dict[str, Any]], axis: str = "cum_rollouts") -> tuple[np.ndarray, np.ndarray]:
+    """``(cumulative cost, mean@k)`` at every evaluation; ``axis``: cum_rollouts, cum_tokens or cum_seconds."""
+    pts = [(m[axis], m["eval_acc"]) for m in metrics if "eval_acc" in m]
     arr = np.asarray(pts, np.float64)
     return arr[:, 0], arr[:, 1]
 
@@ -242,7 +253,7 @@ def _write_train_report(out: Path, res: dict[str, Any], command: str) -> Path:
         "![accuracy vs rollouts](train_accuracy.png)",
         "",
     ]
-    lines[3:3] = league_lines(res)  # the primary figure first, right under the provenance header
+    lines[3:3] = league_lines(res) + levels_lines(res, out)  # the primary figures first, under the provenance
     paper = {s: [r["metrics"] for r in rs] for s, rs in runs.items()}  # mean@k / pass@k / maj@k, per level
     lines += paper_metrics_lines(paper)
     if plot_paper_metrics(paper, out / "train_eval_metrics.png"):
@@ -368,10 +379,13 @@ def _collect_finished(out: Path) -> dict[str, Any] | None:
             continue  # cut short while being written: that run did not finish
     if not docs:
         return None
+    from vipalloc.training.config import TrainConfig
+
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for d in docs:
         cfg = d["config"]
-        runs.setdefault(cfg["strategy"], {})[cfg["seed"]] = {"seed": cfg["seed"], **d["result"]}
+        label = TrainConfig.model_validate(cfg).label  # the row name: strategy, with -tokens in token mode
+        runs.setdefault(label, {})[cfg["seed"]] = {"seed": cfg["seed"], **d["result"]}
     common = sorted(set.intersection(*(set(v) for v in runs.values())))
     base = dict(docs[0]["config"])
     return {

@@ -9,7 +9,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vipalloc.training.tasks import LEVELS
+from vipalloc.training.tasks import LEVELS, TaskName, completion_tokens_bound
 
 # The strategies a run may use: the library's (vipalloc.strategies.STRATEGY_NAMES) plus DAPO dynamic sampling,
 # which is a trainer loop rather than an allocation. Written once: the config field's type and the tuple below.
@@ -29,6 +29,17 @@ StrategyName = Literal[
     "dapo",
 ]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
+
+# Strategies the trainer cannot run under a token budget, and why. The two-phase ones: the engine's plan_pilot has
+# no token mode yet (pilot tokens must count against the budget); lift the refusal once it does. vip_authors: the
+# engine refuses it (Allocator(strategy="vip_authors").strategy.token_refusal); refused here so that a config
+# fails at validation, not at its first token-mode step.
+TOKEN_REFUSALS: dict[str, str] = {
+    "dapo": "DAPO draws extra generation batches until it has enough mixed groups; it has no token mode",
+    "vip_two_phase": "the engine's two-phase plan (plan_pilot / plan_commit) has no token budget yet",
+    "pilot_commit": "the engine's two-phase plan (plan_pilot / plan_commit) has no token budget yet",
+    "vip_authors": "the engine refuses it: the authors' allocation has no token mode",
+}
 
 
 class ModelConfig(BaseModel):
@@ -108,7 +119,24 @@ class TrainConfig(BaseModel):
     )
     kl_coef: float = Field(default=0.0, ge=0, description="k3 KL penalty towards the warm-up (reference) policy")
     temperature: float = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=6, ge=1)
+    max_new_tokens: int = Field(
+        default=6,
+        ge=1,
+        description="generated tokens per rollout at most (end-of-sequence included); a longer sample is cut there",
+    )
+    task: TaskName = Field(
+        default="chain_sum",
+        description="chain_sum: the completion is the answer; chain_sum_steps: the partial sums, then the answer "
+        '("42-25-73=" -> "17 -56"), so longer chains take more tokens; both rewarded by exact match on the '
+        "final answer (vipalloc.training.tasks)",
+    )
+    token_budget: Literal["uniform"] | float | None = Field(
+        default=None,
+        description="tokens a step may generate: None = plan by rollouts (prompts_per_step x n_mean); 'uniform' = "
+        "the tokens uniform's n_mean rollouts a prompt are predicted to take on the step's batch "
+        "(Allocator.uniform_tokens; the first step, with no lengths yet, plans by rollouts); a number = that many "
+        "tokens a step (the first step predicts max_new_tokens a rollout). The rollout budget stays a cap",
+    )
     levels: list[tuple[int, int]] = Field(
         default_factory=lambda: list(LEVELS),
         description="difficulty ladder: (terms, digits) per level of chain_sum, mixed evenly in pool and eval set",
@@ -151,11 +179,26 @@ class TrainConfig(BaseModel):
         for terms, digits in self.levels:
             if not (2 <= terms <= 6 and 1 <= digits <= 4):
                 raise ValueError(f"level ({terms}, {digits}) is out of range: use 2..6 terms of 1..4 digits")
-            if terms * (10**digits - 1) >= 10 ** (self.max_new_tokens - 1):
+            if self.task == "chain_sum" and terms * (10**digits - 1) >= 10 ** (self.max_new_tokens - 1):
                 raise ValueError(
                     f"level ({terms}, {digits}) can have answers longer than max_new_tokens={self.max_new_tokens} "
                     "allows (digits + sign + end-of-sequence); raise max_new_tokens"
                 )
+            need = completion_tokens_bound(terms, digits, self.task)
+            if self.task != "chain_sum" and need > self.max_new_tokens:
+                raise ValueError(
+                    f"level ({terms}, {digits}) of {self.task} can need {need} tokens (partial sums, signs, spaces, "
+                    f"end-of-sequence), more than max_new_tokens={self.max_new_tokens}; raise max_new_tokens"
+                )
+        if isinstance(self.token_budget, str) and self.token_budget != "uniform":
+            raise ValueError(f"token_budget must be None, 'uniform' or a number of tokens, got {self.token_budget!r}")
+        if isinstance(self.token_budget, float) and not (self.token_budget > 0 and self.token_budget < float("inf")):
+            raise ValueError(f"token_budget must be a positive number of tokens, got {self.token_budget}")
+        if self.token_budget is not None and self.strategy in TOKEN_REFUSALS:
+            raise ValueError(
+                f"strategy {self.strategy!r} cannot run under a token budget: {TOKEN_REFUSALS[self.strategy]}; "
+                "use token_budget=None or a single-phase strategy"
+            )
         noise = self.warmup.label_noise
         if isinstance(noise, list) and len(noise) != len(self.levels):
             raise ValueError(
@@ -178,6 +221,14 @@ class TrainConfig(BaseModel):
     def level_tuples(self) -> tuple[tuple[int, int], ...]:
         """``levels`` as a tuple of ``(terms, digits)`` pairs."""
         return tuple((int(t), int(d)) for t, d in self.levels)
+
+    @property
+    def label(self) -> str:
+        """The run's name in leagues and folders: the strategy, with ``-tokens`` (uniform's tokens) or
+        ``-tokens<T>`` (a fixed token budget) when it plans by tokens."""
+        if self.token_budget is None:
+            return self.strategy
+        return f"{self.strategy}-tokens" + ("" if self.token_budget == "uniform" else f"{self.token_budget:g}")
 
     @property
     def budget(self) -> int:
@@ -223,6 +274,8 @@ class TrainConfig(BaseModel):
             "levels": self.level_tuples,
             "v": 2,
         }
+        if self.task != "chain_sum":  # another warm-up target text; the default task's keys are unchanged
+            spec["task"] = self.task
         if device != "cpu":
             spec["device"] = device
         blob = json.dumps(spec, sort_keys=True)
@@ -243,6 +296,26 @@ PRESETS: dict[str, dict[str, object]] = {
         "warmup": {"steps": 3000, "batch_size": 512, "lr": 1e-3},
     },
 }
+
+
+def label_options(label: str) -> dict[str, object]:
+    """The config options a league row name stands for (the inverse of :attr:`TrainConfig.label`):
+    ``"vip"`` -> ``{"strategy": "vip"}``, ``"vip-tokens"`` -> ``{"strategy": "vip", "token_budget": "uniform"}``,
+    ``"vip-tokens5000"`` -> a fixed budget of 5,000 tokens a step. Raises ``ValueError`` for an unknown strategy."""
+    strategy, _, rest = label.partition("-tokens")
+    if strategy not in STRATEGIES or (rest and not label.startswith(f"{strategy}-tokens")):
+        raise ValueError(
+            f"unknown strategy {label!r}; choose from {', '.join(STRATEGIES)}, optionally with '-tokens' (plan by "
+            "uniform's tokens) or '-tokens<T>' (T tokens a step)"
+        )
+    if "-tokens" not in label:
+        return {"strategy": strategy}
+    if not rest:
+        return {"strategy": strategy, "token_budget": "uniform"}
+    try:
+        return {"strategy": strategy, "token_budget": float(rest)}
+    except ValueError:
+        raise ValueError(f"{label!r}: the token budget after '-tokens' must be a number, got {rest!r}") from None
 
 
 def preset(name: str, **overrides: object) -> dict[str, object]:

@@ -107,7 +107,11 @@ def finished_result(cfg: TrainConfig, stop_at_rollouts: int | None) -> dict[str,
         return None
     # the folder is not part of what a run computes: a run copied or moved to another folder is the same run
     mine = {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k != "run_dir"}
-    same_cfg = {k: v for k, v in (saved.get("config") or {}).items() if k != "run_dir"} == mine
+    try:  # validated again: a run saved before an option existed has that option's default
+        theirs = json.loads(TrainConfig.model_validate(saved.get("config") or {}).model_dump_json())
+    except ValueError:
+        return None
+    same_cfg = {k: v for k, v in theirs.items() if k != "run_dir"} == mine
     return saved["result"] if same_cfg and saved.get("stop_at_rollouts") == stop_at_rollouts else None
 
 

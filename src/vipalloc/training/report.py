@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vipalloc.reporting import paired_verdict
+from vipalloc.reporting import league, md_table, paired_verdict
 from vipalloc.training.config import TrainConfig
 from vipalloc.training.evaluation import paper_metrics_lines, plot_paper_metrics
 
@@ -61,6 +61,64 @@ def rollouts_to(metrics: Run, target: float) -> float:
     smooth = np.array([y[max(0, i - 2) : i + 1].mean() for i in range(len(y))])
     hit = np.flatnonzero(smooth >= target)
     return float(x[hit[0]]) if hit.size else float("nan")
+
+
+def cost_curve(metrics: Run, axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(cumulative cost, eval accuracy)`` at every evaluation; ``axis``: ``cum_rollouts`` or ``cum_tokens``."""
+    pts = [(m[axis], m["eval_acc"]) for m in metrics if "eval_acc" in m]
+    arr = np.array(pts, dtype=np.float64).reshape(-1, 2)
+    return arr[:, 0], arr[:, 1]
+
+
+def primary_lines(runs: dict[str, list[Run]], ref: str = "uniform", n_boot: int = 2000) -> list[str]:
+    """The report's lead, the same figure as the README and docs/results.md: rollouts (and generated tokens, when
+    the runs logged them) each strategy's seed-mean curve needs to reach ``ref``'s final mean@k (its last two
+    evaluations), as a ratio to ``ref``'s own with a paired percentile bootstrap over seeds
+    (:func:`vipalloc.reporting.league`). Empty when ``ref`` did not run or the seeds do not pair."""
+    if ref not in runs or len({len(rs) for rs in runs.values()}) != 1:
+        return []
+    n_seeds = len(runs[ref])
+    axes = [("cum_rollouts", "rollouts")]
+    if all("cum_tokens" in m for rs in runs.values() for r in rs for m in r if "eval_acc" in m):
+        axes.append(("cum_tokens", "tokens"))
+    results = {
+        axis: league({s: [cost_curve(r, axis) for r in rs] for s, rs in runs.items()}, baseline=ref, n_boot=n_boot)
+        for axis, _ in axes
+    }
+    target = results["cum_rollouts"][0]
+    headers = ["strategy"]
+    for _, name in axes:
+        headers += [f"{name} to {target:.3f}", f"{name} ratio vs {ref} [95% CI]"]
+    rows = []
+    for i, s in enumerate(runs):
+        cells = [s]
+        for axis, _ in axes:
+            row, base = results[axis][1][i], next(r for r in results[axis][1] if r.strategy == ref)
+            cells.append("not reached" if not np.isfinite(row.rollouts) else f"{row.rollouts:,.0f}")
+            if s == ref:
+                cells.append("1 (baseline)")
+            elif not base.rollouts > 0:
+                cells.append(f"undefined ({ref} did not improve)")
+            elif not np.isfinite(row.ratio):
+                cells.append("not reached within the run")
+            else:
+                hi = "inf" if not np.isfinite(row.ratio_hi) else f"{row.ratio_hi:.2f}"
+                cells.append(f"**{row.ratio:.2f}** [{row.ratio_lo:.2f}, {hi}]")
+        rows.append(cells)
+    few = " With one seed the interval is degenerate: run more seeds (`--seeds`)." if n_seeds < 2 else ""
+    return [
+        f"## Rollouts{' and tokens' if len(axes) > 1 else ''} to reach {ref}'s final mean@k ({n_seeds} seeds, paired)",
+        "",
+        f"Target: {ref}'s final mean@k (its last two evaluations, averaged over seeds) = {target:.3f}. Cost: where "
+        "the seed-mean curve first reaches it (linear between evaluations); ratio: that over "
+        f"{ref}'s own (below 1 = cheaper), with a paired percentile bootstrap 95% interval over seeds (2,000 "
+        "resamples; an upper bound of inf = some resamples never reached it). The same figure as `vipalloc bench "
+        "train` and the README; it depends on where the baseline flattens, so `bench train` also reports it at "
+        f"50/75/90% of {ref}'s gain." + few,
+        "",
+        md_table(headers, rows),
+        "",
+    ]
 
 
 def wall_seconds(metrics: Run) -> float:
@@ -137,6 +195,8 @@ def write_report(
     lines = [
         "# vipalloc demo: allocation strategies at equal rollout budget",
         "",
+        *primary_lines(runs, ref),
+        "",
         f"Policy: char-level GPT-2 ({cfg.model.n_layer} layers, width {cfg.model.n_embd}), supervised warm-up of "
         f"{cfg.warmup.steps} steps on the task generator with {noise} near-miss answers "
         f"({warm_s:.0f} s here, cached under {cfg.warmup_cache}/). Task: reasoning-gym chain_sum, levels "
@@ -148,13 +208,13 @@ def write_report(
         f"Runs: {jobs} at a time in worker processes, one torch thread each (wall times include that sharing).",
         "",
         f"Initial eval accuracy {sm['initial']:.3f}. All runs compared at {sm['common_rollouts']:,} cumulative "
-        f"rollouts (every run reached it). Target for 'rollouts to target': {sm['target']:.3f} (half of {ref}'s "
-        "gain; first evaluation whose 3-eval moving average reaches it).",
+        f"rollouts (every run reached it). *rollouts to half-gain* below: first evaluation whose 3-eval moving "
+        f"average reaches {sm['target']:.3f} (half of {ref}'s gain), a secondary figure.",
         "",
         "## Outcome (mean +- sd over seeds)",
         "",
         f"| strategy | acc at {sm['common_rollouts']:,} rollouts | final acc (last {FINAL_EVALS} evals) "
-        f"| mean acc over run | paired diff vs {ref} (at end / mean) | rollouts to target | cumulative rollouts "
+        f"| mean acc over run | paired diff vs {ref} (at end / mean) | rollouts to half-gain | cumulative rollouts "
         "| wall time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -4,15 +4,25 @@ Prompts are the compact expression (``"42-25-73="``) so that a tiny character-le
 answer is reasoning-gym's gold answer. Rewards are binarised exact matches of the generated string against the gold
 answer: reasoning-gym's own ``score_answer`` gives partial credit (gold ``-4`` vs ``-40`` scores 0.857) and is not used.
 Several difficulty levels are mixed so per-prompt success rates spread over (0, 1).
+
+Two tasks share the prompts (:data:`TASKS`): ``chain_sum``, whose completion is the answer alone (``"42-25-73="``
+-> ``"-56"``), and ``chain_sum_steps``, whose completion writes every partial sum, the last one being the answer
+(``"42-25-73="`` -> ``"17 -56"``), so a longer chain takes more tokens: response length grows with difficulty, as
+in real RLVR. Both are rewarded by exact match on the final answer.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 # (terms, digits) per difficulty level, easiest first.
 LEVELS: tuple[tuple[int, int], ...] = ((2, 1), (3, 1), (2, 2), (4, 1), (3, 2), (2, 3))
+
+TaskName = Literal["chain_sum", "chain_sum_steps"]
+TASKS: tuple[str, ...] = get_args(TaskName)
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,59 @@ def corrupt(answer: str, rng: random.Random) -> str:
     return str(value + 1)
 
 
-def reward(completion: str, answer: str) -> float:
-    """1.0 if the completion (up to the end-of-sequence) equals the gold answer exactly, else 0.0."""
-    return 1.0 if completion.strip() == answer else 0.0
+def terms_of(prompt: str) -> list[int]:
+    """The signed terms of a chain prompt: ``"42-25-73="`` -> ``[42, -25, -73]``."""
+    return [int(t) for t in re.findall(r"[+-]?\d+", prompt.rstrip("="))]
+
+
+def partial_sums(prompt: str) -> list[int]:
+    """The running sums after the second, third, ... term: ``"42-25-73="`` -> ``[17, -56]`` (the last = answer)."""
+    terms = terms_of(prompt)
+    out, acc = [], terms[0]
+    for t in terms[1:]:
+        acc += t
+        out.append(acc)
+    return out
+
+
+def target(problem: Problem, task: str = "chain_sum") -> str:
+    """The warm-up's correct completion text (before the end-of-sequence): the answer (``chain_sum``) or the
+    space-separated partial sums ending with it (``chain_sum_steps``)."""
+    if task == "chain_sum":
+        return problem.answer
+    return " ".join(str(x) for x in partial_sums(problem.prompt))
+
+
+def corrupt_target(problem: Problem, task: str, rng: random.Random) -> str:
+    """A near-miss completion: ``chain_sum``, :func:`corrupt` of the answer; ``chain_sum_steps``, one partial sum
+    corrupted and the slip carried through the later sums (so the final answer is wrong too)."""
+    if task == "chain_sum":
+        return corrupt(problem.answer, rng)
+    sums = partial_sums(problem.prompt)
+    j = rng.randrange(len(sums))
+    shift = int(corrupt(str(sums[j]), rng)) - sums[j]  # nonzero: corrupt never returns its input
+    return " ".join(str(x + shift if i >= j else x) for i, x in enumerate(sums))
+
+
+def completion_tokens_bound(terms: int, digits: int, task: str = "chain_sum") -> int:
+    """Most tokens a correct completion of a ``(terms, digits)`` chain can take, end-of-sequence included."""
+    top = 10**digits - 1
+    if task == "chain_sum":
+        return len(str(terms * top)) + 2  # sign, digits, EOS
+    # partial sum k (k = 2..terms) is at most k * top in size, with a sign; one space between sums; EOS
+    return sum(len(str(k * top)) + 1 for k in range(2, terms + 1)) + (terms - 2) + 1
+
+
+def final_answer(completion: str, task: str = "chain_sum") -> str:
+    """The answer a completion gives: all of it (``chain_sum``) or its last space-separated item
+    (``chain_sum_steps``; empty when the completion is)."""
+    text = completion.strip()
+    if task == "chain_sum":
+        return text
+    return text.split(" ")[-1] if text else ""
+
+
+def reward(completion: str, answer: str, task: str = "chain_sum") -> float:
+    """1.0 if the completion's final answer (:func:`final_answer`, up to the end-of-sequence) equals the gold
+    answer exactly, else 0.0. ``chain_sum_steps`` does not check the partial sums, only the answer."""
+    return 1.0 if final_answer(completion, task) == answer else 0.0

@@ -5,7 +5,7 @@ Per step::
     prompts = sample M from the training pool
     plan    = allocator.plan(ids, prompts, budget = M * n_mean, step)       # how many rollouts each prompt gets
     rollouts: counts[i] samples of prompt i (temperature 1); reward = exact match (0/1)
-    allocator.observe(ids, rewards, step)
+    allocator.observe(ids, rewards, step, lengths)                          # lengths: generated tokens
     advantages per prompt group (any size; grouped by prompt id) -> one policy-gradient update
 
 Loss normalisation: each rollout's summed completion log-probability is weighted by its advantage and by
@@ -16,6 +16,11 @@ estimator's per-prompt average whatever its group size, which is the quantity wh
 DAPO dynamic sampling (``strategy="dapo"``): generate uniform groups for the step's prompts and further fresh
 batches (at most ``dapo_max_batches``), keep only mixed groups (0 < successes < n) up to M of them; EVERY generated
 rollout counts toward the cumulative budget, so DAPO is compared at equal cumulative rollouts.
+
+Token mode (``token_budget``): the plan spends at most ``T`` generated tokens a step (``sum_i n_i c_i <= T``, ``c_i``
+the allocator's expected tokens per rollout, learnt from the lengths observed), the rollout budget kept as a cap.
+Every step logs its generated tokens (``tokens_used``, ``cum_tokens``), its wall-clock (``cum_seconds``) and the
+``vip/tokens_*`` telemetry.
 
 Determinism and resume: all randomness comes from seeded generators whose states are checkpointed with the model,
 optimizer, allocator and metrics; a resumed run reproduces the uninterrupted run's metrics exactly.
@@ -36,14 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vipalloc import Allocator
+from vipalloc import Allocator, Plan
 from vipalloc._io import atomic_write_text
 from vipalloc.telemetry import COUNTS_TAG
 from vipalloc.training.config import TrainConfig
 from vipalloc.training.evaluation import eval_metrics
 from vipalloc.training.losses import group_advantages
 from vipalloc.training.model import BOS, EOS, PAD, CharTokenizer, build_policy
-from vipalloc.training.tasks import Problem, corrupt, make_problems, reward
+from vipalloc.training.tasks import Problem, corrupt, corrupt_target, final_answer, make_problems, reward, target
 from vipalloc.training.two_phase import two_phase_round
 
 CKPT_NAME = "checkpoint.pt"
@@ -198,7 +203,13 @@ def _warmup(
             random.Random(step).shuffle(problems)
         batch = problems[lo : lo + cfg.warmup.batch_size]
         noise = cfg.level_noise
-        answers = [corrupt(p.answer, noise_rng) if noise_rng.random() < noise[p.level] else p.answer for p in batch]
+        if cfg.task == "chain_sum":  # the original draws, kept as they were: cached warm-ups stay valid
+            answers = [corrupt(p.answer, noise_rng) if noise_rng.random() < noise[p.level] else p.answer for p in batch]
+        else:
+            answers = [
+                corrupt_target(p, cfg.task, noise_rng) if noise_rng.random() < noise[p.level] else target(p, cfg.task)
+                for p in batch
+            ]
         comps = [[*tok.encode(a), EOS] for a in answers]
         loss = -sequence_logprobs(model, tok, [p.prompt for p in batch], comps).sum() / sum(len(c) for c in comps)
         opt.zero_grad()
@@ -256,7 +267,7 @@ def evaluate(
     gen = torch.Generator().manual_seed(seed)
     prompts = [p.prompt for p in problems for _ in range(samples)]
     comps = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, gen)
-    texts = [tok.decode(c).strip() for c in comps]
+    texts = [final_answer(tok.decode(c), cfg.task) for c in comps]
     answers = [texts[i * samples : (i + 1) * samples] for i in range(len(problems))]
     return eval_metrics(answers, [p.answer for p in problems], [p.level for p in problems], seed=seed)
 
@@ -308,6 +319,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.cum_rollouts = 0
+        self.cum_tokens = 0
         self.metrics: list[dict[str, Any]] = []
         self.plans: list[dict[str, Any]] = []
         self.run_dir = Path(cfg.run_dir)
@@ -322,6 +334,7 @@ class Trainer:
             payload = {
                 "step": self.step,
                 "cum_rollouts": self.cum_rollouts,
+                "cum_tokens": self.cum_tokens,
                 "model": self.model.state_dict(),
                 "opt": self.opt.state_dict(),
                 "allocator": apath.read_text(),
@@ -348,6 +361,7 @@ class Trainer:
             raise ValueError(f"{path} was written by a different configuration; use another run_dir or the same config")
         self.step = int(payload["step"])
         self.cum_rollouts = int(payload["cum_rollouts"])
+        self.cum_tokens = int(payload.get("cum_tokens", 0))  # checkpoints before token counting have none
         self.model.load_state_dict(payload["model"])
         self.opt.load_state_dict(payload["opt"])
         with tempfile.TemporaryDirectory() as tmpdir:
@@ -367,6 +381,8 @@ class Trainer:
 
     # -------------------------------------------------------------- one step
     def _rollouts(self, problems: list[Problem], counts: np.ndarray) -> tuple[list[int], list[list[int]], list[float]]:
+        """``counts[i]`` samples of ``problems[i]``: ``(owners, completions, rewards)``, one entry per rollout; a
+        completion's length (``len``) is its generated tokens, end-of-sequence included, at most max_new_tokens."""
         owners = [i for i, c in enumerate(counts) for _ in range(int(c))]
         comps = sample(
             self.model,
@@ -376,8 +392,29 @@ class Trainer:
             self.cfg.temperature,
             self.gen,
         )
-        rewards = [reward(self.tok.decode(c), problems[i].answer) for c, i in zip(comps, owners)]
+        rewards = [reward(self.tok.decode(c), problems[i].answer, self.cfg.task) for c, i in zip(comps, owners)]
         return owners, comps, rewards
+
+    def _plan(self, ids: list[str], problems: list[Problem]) -> Plan:
+        """This step's plan: by rollouts (``budget``), or by tokens (``token_budget``) with the rollout budget as
+        a cap. Token mode's first step has no observed lengths: 'uniform' plans it by rollouts, a fixed budget
+        predicts ``max_new_tokens`` a rollout (so the step cannot overspend)."""
+        cfg = self.cfg
+        texts = [p.prompt for p in problems]
+        if cfg.token_budget is None:
+            return self.alloc.plan(ids, prompts=texts, budget=cfg.budget, step=self.step)
+        given = None
+        if cfg.token_budget == "uniform":
+            tokens = self.alloc.uniform_tokens(ids, cfg.n_mean, step=self.step)
+            if tokens is None:
+                return self.alloc.plan(ids, prompts=texts, budget=cfg.budget, step=self.step)
+        else:
+            tokens = float(cfg.token_budget)
+            if self.alloc.uniform_tokens(ids, 1, step=self.step) is None:
+                given = [float(cfg.max_new_tokens)] * len(ids)
+        return self.alloc.plan(
+            ids, prompts=texts, budget=cfg.budget, step=self.step, token_budget=tokens, expected_lengths=given
+        )
 
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -393,7 +430,7 @@ class Trainer:
         if cfg.strategy in TWO_PHASE:  # pilot round, commit round (vipalloc.training.two_phase)
             tp = two_phase_round(
                 self.alloc, problems, self._rollouts, budget=cfg.budget, step=self.step, pilot_n=cfg.pilot_n
-            )
+            )  # both rounds observe their lengths
             plan, t_alloc = tp.pilot, tp.alloc_seconds  # plan = the prediction made before generating
             counts, owners, comps, rewards, per_prompt = (
                 tp.commit.group_sizes,
@@ -405,15 +442,17 @@ class Trainer:
             used = len(owners)
         else:
             ta = time.perf_counter()
-            plan = self.alloc.plan(ids, prompts=[p.prompt for p in problems], budget=cfg.budget, step=self.step)
+            plan = self._plan(ids, problems)
             t_alloc = time.perf_counter() - ta
             counts = plan.counts.copy()
             owners, comps, rewards = self._rollouts(problems, counts)
             used = len(owners)
             per_prompt = [[r for o, r in zip(owners, rewards) if o == i] for i in range(m)]
             ta = time.perf_counter()
-            self.alloc.observe(ids, per_prompt, step=self.step)
+            self.alloc.observe(ids, per_prompt, step=self.step, lengths=_group_lengths(owners, comps, m))
             t_alloc += time.perf_counter() - ta
+        lengths = _group_lengths(owners, comps, m)  # generated tokens of each rollout, grouped like per_prompt
+        tokens = sum(len(c) for c in comps)
         train_probs, train_owners, train_comps, train_rewards = problems, owners, comps, rewards
         if tp is not None:  # each trained prompt's whole group (pilot + commit); pilot_commit: committed prompts only
             train_probs, train_owners, train_comps, train_rewards = (
@@ -423,7 +462,7 @@ class Trainer:
                 tp.train_rewards,
             )
         if cfg.strategy == "dapo":
-            train_probs, train_owners, train_comps, train_rewards, used = self._dapo_fill(
+            train_probs, train_owners, train_comps, train_rewards, used, tokens = self._dapo_fill(
                 problems, per_prompt, comps, owners
             )
         # groups by prompt (index into train_probs); advantages for any group size
@@ -440,6 +479,7 @@ class Trainer:
         if len(train_owners) and float(adv.abs().sum()) > 0:
             upd = self._update([p.prompt for p in train_probs], train_owners, train_comps, adv)
         self.cum_rollouts += used
+        self.cum_tokens += tokens
         succ = np.array([sum(g) for g in per_prompt])
         n_arr = np.array([len(g) for g in per_prompt])
         gen_mask = n_arr > 0
@@ -450,9 +490,11 @@ class Trainer:
         rec: dict[str, Any] = {
             "step": self.step,
             **(tp.commit if tp else plan).metrics(),
-            **self.alloc.outcome_metrics(per_prompt, plan),
+            **self.alloc.outcome_metrics(per_prompt, plan, lengths=lengths, max_length=cfg.max_new_tokens),
             "rollouts_used": int(used),
             "cum_rollouts": int(self.cum_rollouts),
+            "tokens_used": int(tokens),  # every generated token of the step (DAPO's extra batches included)
+            "cum_tokens": int(self.cum_tokens),
             "frac_all_correct": float(np.mean(succ[gen_mask] == n_arr[gen_mask])),
             "frac_all_wrong": float(np.mean(succ[gen_mask] == 0)),
             "expected_variance": float((tp.commit if tp else plan).expected_variance),
@@ -461,6 +503,8 @@ class Trainer:
             "alloc_seconds": t_alloc,
             "step_seconds": time.perf_counter() - t0,
         }
+        # training wall-clock so far (evaluations excluded), from the records: correct across kills and resumes
+        rec["cum_seconds"] = sum(float(r.get("step_seconds", 0.0)) for r in self.metrics) + rec["step_seconds"]
         if tp is not None:  # two rounds: where the budget went, what trained, each round's generation time
             rec.update(
                 pilot_rollouts=int(tp.pilot.counts.sum()),
@@ -551,10 +595,12 @@ class Trainer:
         return {k: v / max(n_updates, 1) for k, v in stats.items()}
 
     def _dapo_fill(self, problems, per_prompt, comps, owners):
-        """Keep mixed groups; draw fresh uniform batches until M mixed groups or the batch cap (all counted)."""
+        """Keep mixed groups; draw fresh uniform batches until M mixed groups or the batch cap (all counted).
+        Returns the kept groups' problems, owners, completions, rewards, and the rollouts and tokens generated."""
         cfg = self.cfg
         kept_probs, kept_owners, kept_comps, kept_rewards = [], [], [], []
         used = len(owners)
+        tokens = sum(len(c) for c in comps)
 
         def take(probs, groups, comps_, owners_):
             for i, g in enumerate(groups):
@@ -577,9 +623,10 @@ class Trainer:
             counts = np.full(len(extra), cfg.n_mean)
             o2, c2, r2 = self._rollouts(extra, counts)
             used += len(o2)
+            tokens += sum(len(c) for c in c2)
             groups = [[r for o, r in zip(o2, r2) if o == i] for i in range(len(extra))]
             take(extra, groups, c2, o2)
-        return kept_probs, kept_owners, kept_comps, kept_rewards, used
+        return kept_probs, kept_owners, kept_comps, kept_rewards, used, tokens
 
     # -------------------------------------------------------------- loop
     def run(
@@ -599,7 +646,7 @@ class Trainer:
         done_here = 0
         if self.step == 0 and not self.metrics:
             ev = evaluate(self.model, self.tok, self.eval_set, cfg.eval_samples, cfg, seed=cfg.seed + 10_000)
-            self.metrics.append({"step": -1, "cum_rollouts": 0, **ev})
+            self.metrics.append({"step": -1, "cum_rollouts": 0, "cum_tokens": 0, "cum_seconds": 0.0, **ev})
         while self.step < cfg.steps:
             rec = self.train_step()
             self.step += 1
@@ -629,6 +676,14 @@ class Trainer:
             writer.close()
         self._write_metrics()
         return RunResult(self.run_dir, self.metrics, self.plans)
+
+
+def _group_lengths(owners: list[int], comps: list[list[int]], m: int) -> list[list[int]]:
+    """Generated tokens of each rollout grouped by prompt (``m`` groups, in rollout order): observe's lengths."""
+    out: list[list[int]] = [[] for _ in range(m)]
+    for o, c in zip(owners, comps):
+        out[o].append(len(c))
+    return out
 
 
 def train(cfg: TrainConfig, progress=None, warm_state=None, stop_after: int | None = None) -> RunResult:

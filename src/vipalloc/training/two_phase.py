@@ -3,9 +3,9 @@
 Per step::
 
     pilot  = allocator.plan_pilot(ids, prompts, budget = M * n_mean, step, pilot_n)   # round 1
-    allocator.observe(ids, pilot_rewards, step)
+    allocator.observe(ids, pilot_rewards, step, pilot_lengths)
     commit = allocator.plan_commit(step)                                               # round 2: extra rollouts
-    allocator.observe(ids, commit_rewards, step)
+    allocator.observe(ids, commit_rewards, step, commit_lengths)
     update on each trained prompt's whole group (pilot + commit rollouts), commit.train_mask
 
 Both rounds count in the step's budget (``pilot.counts.sum() + commit.counts.sum() == M * n_mean``), so the
@@ -56,6 +56,7 @@ class TwoPhaseRound:
 
 
 def _groups(owners: Sequence[int], rewards: Sequence[float], m: int) -> list[list[float]]:
+    """``rewards`` (or any per-rollout value) grouped by owner: ``m`` lists in rollout order."""
     out: list[list[float]] = [[] for _ in range(m)]
     for o, r in zip(owners, rewards):
         out[o].append(r)
@@ -83,14 +84,15 @@ def two_phase_round(
     o1, c1, r1 = rollouts(problems, pilot.counts)
     g1 = time.perf_counter() - tg
     ta = time.perf_counter()
-    alloc.observe(ids, _groups(o1, r1, m), step=step)
+    # lengths: each rollout's generated tokens (the length model learns from both rounds)
+    alloc.observe(ids, _groups(o1, r1, m), step=step, lengths=_groups(o1, [len(c) for c in c1], m))
     commit = alloc.plan_commit(step=step)
     t_alloc += time.perf_counter() - ta
     tg = time.perf_counter()
     o2, c2, r2 = rollouts(problems, commit.counts)
     g2 = time.perf_counter() - tg
     ta = time.perf_counter()
-    alloc.observe(ids, _groups(o2, r2, m), step=step)
+    alloc.observe(ids, _groups(o2, r2, m), step=step, lengths=_groups(o2, [len(c) for c in c2], m))
     t_alloc += time.perf_counter() - ta
     owners, comps, rewards = o1 + o2, c1 + c2, r1 + r2
     train = np.flatnonzero(commit.train_mask)
