@@ -217,8 +217,18 @@ def register(app: typer.Typer) -> None:
         strategies: str = typer.Option(
             "uniform,vip,vip_authors,knapsack,dynamo,hora,dapo",
             help="Comma-separated strategies (the league: 3 seeds of these take ~20 min on 2 cores; the headline "
-            "league in docs/results.md uses --seeds 8).",
+            "league in docs/results.md uses --seeds 8). '<strategy>-tokens' plans by the tokens uniform would spend "
+            "(the rollout budget a cap), '<strategy>-tokens<T>' by T tokens a step.",
         ),
+        task: str = typer.Option(
+            "chain_sum",
+            help="chain_sum | chain_sum_steps (partial sums before the answer: longer chains, more tokens).",
+        ),
+        max_new_tokens: int | None = typer.Option(
+            None, "--max-new-tokens", min=1, help="Generated tokens a rollout at most (default 6; chain_sum_steps 12)."
+        ),
+        prompts: int | None = typer.Option(None, "--prompts", min=1, help="Prompts a step (default 32)."),
+        eval_every: int | None = typer.Option(None, "--eval-every", min=1, help="Steps between evaluations."),
         out: Path = typer.Option(Path("reports"), help="Report folder."),
         jobs: int | None = typer.Option(
             None, min=1, help="Runs side by side in worker processes (default: one per CPU core)."
@@ -245,13 +255,27 @@ def register(app: typer.Typer) -> None:
             except ValueError as exc:
                 _fail(str(exc))
             return
-        from vipalloc.training.config import STRATEGIES
+        from vipalloc.training.config import STRATEGIES, label_options
 
         strats = [s.strip() for s in strategies.split(",") if s.strip()]
-        bad = [s for s in strats if s not in STRATEGIES]
+        bad = []
+        for s in strats:
+            try:
+                label_options(s)
+            except ValueError:
+                bad.append(s)
         if bad or not strats:
-            _fail(f"unknown strategies {bad}; choose from {', '.join(STRATEGIES)}")
+            _fail(f"unknown strategies {bad}; choose from {', '.join(STRATEGIES)} (optionally with -tokens)")
         overrides: dict[str, Any] = {} if n_mean is None else {"n_mean": n_mean}
+        if task != "chain_sum":
+            overrides["task"] = task
+            overrides["max_new_tokens"] = 12 if max_new_tokens is None else max_new_tokens
+        elif max_new_tokens is not None:
+            overrides["max_new_tokens"] = max_new_tokens
+        if prompts is not None:
+            overrides["prompts_per_step"] = prompts
+        if eval_every is not None:
+            overrides["eval_every"] = eval_every
         try:
             console, show = _display("train")
             with console:
