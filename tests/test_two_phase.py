@@ -86,6 +86,21 @@ def _objective(a, b, t, extra, estimator, bonus) -> float:
     return var + bonus * float(np.sum(np.log(pbar) * n))
 
 
+def _groups_ok(t: np.ndarray, extra: np.ndarray, n_min: int, n_max: int, allow_drop: bool, vals) -> bool:
+    """Every final group of a prompt that gets extra rollouts (every group, without drops) is within
+    [max(n_min, 4), n_max] ([n_min, n_max] without drops); prompts that no extra of the domain ``vals`` can bring
+    there are exempt."""
+    lo = max(n_min, 4) if allow_drop else n_min
+    for ti, ei in zip(t, extra):
+        # a prompt no value of the domain keeps within the rule (extra 0 counts, with drops) is exempt
+        reachable = any((e == 0 and allow_drop) or lo <= ti + e <= n_max for e in vals)
+        if not reachable or (allow_drop and ei == 0):
+            continue
+        if not lo <= ti + ei <= n_max:
+            return False
+    return True
+
+
 def test_commit_is_optimal_against_brute_force() -> None:
     rng = np.random.default_rng(1)
     checked = 0
@@ -130,7 +145,13 @@ def test_commit_is_optimal_against_brute_force() -> None:
             hardness_bonus=bonus, allow_drop=allow_drop,
         )  # fmt: skip
         assert extra.dtype == np.int64 and int(extra.sum()) == budget
-        assert relaxed == relaxed_expected
+        # a failed pilot rollout must not leave a kept group below the minimum: only such splits are allowed
+        kept_ok = [c for c in combos if _groups_ok(t, np.array(c), n_min, n_max, allow_drop, vals.tolist())]
+        assert relaxed == (relaxed_expected or not kept_ok)
+        if not kept_ok:
+            continue
+        combos = kept_ok
+        assert _groups_ok(t, extra, n_min, n_max, allow_drop, vals.tolist())
         best = min(_objective(a, b, t, np.array(c), estimator, bonus) for c in combos)
         got = _objective(a, b, t, extra, estimator, bonus)
         assert got <= best + 1e-12 * max(1.0, abs(best)), (trial, got, best)

@@ -349,9 +349,19 @@ def test_allocator_commit_is_the_brute_force_optimum(
     left = budget - int(pilot.counts.sum())
     dom = _spec_domain(pilot_n, n_min, n_max, allow_drop, 4)
     combos = [c for c in itertools.product(dom, repeat=m) if sum(c) == left]
-    assert commit.min_keep_relaxed == (not combos)
-    if not combos:  # a budget in a hole of the domain's sums: the minimum is relaxed to [0, n_max - pilot_n]
-        combos = [c for c in itertools.product(range(n_max - pilot_n + 1), repeat=m) if sum(c) == left]
+    # failed pilot rollouts: a kept group must still reach the minimum (extra 0 = stay at the pilot, with drops)
+    lo = max(n_min, 4) if allow_drop else n_min
+    exempt = [not any((e == 0 and allow_drop) or lo <= ti + e <= n_max for e in dom) for ti in t]
+    ok = [
+        c
+        for c in combos
+        if all(x or (e == 0 and allow_drop) or lo <= ti + e <= n_max for ti, e, x in zip(t, c, exempt))
+    ]
+    assert commit.min_keep_relaxed == (not ok)
+    if not ok:  # a budget in a hole of the reachable sums: the minimum is relaxed; the plan still spends it
+        assert int(commit.counts.sum()) == left
+        return
+    combos = ok
     bonus = HARDNESS_BONUS[estimator]
     best = min(_objective(a, b, t + np.array(c), estimator, bonus) for c in combos)
     got = _objective(a, b, t + commit.counts, estimator, bonus)

@@ -179,8 +179,16 @@ def solve_tokens(
             else:
                 lo = mid
         k, lam, mu = k_hi, lam_hi, hi
+        # both caps bind: the multipliers above make a feasible plan, not the best bound; max L(lam, mu) (concave)
+        # by nested ternary search where the batch is small enough for its ~1,600 evaluations
+        if cost.size <= 50 * exact_cells:
+            d_best, lam_b, mu_b = _refine_dual(inner, 2.0 * lam + 1.0, 2.0 * mu + 1.0)
+            if d_best > bound:
+                bound, lam, mu = d_best, lam_b, mu_b
     assert feasible(k)
     k = _greedy_fill(cost, vf, c, k, T, B)
+    if cost.shape[0] <= 512:
+        k = _exchange(cost, vf, c, k, T, B)
     obj = float(cost[np.arange(len(k)), k].sum())
     if obj - bound <= 1e-12 * max(abs(obj), 1.0):
         return TokenSolution(k, obj, obj, True)
@@ -193,6 +201,79 @@ def solve_tokens(
             k, obj = k_ex, obj_ex
         return TokenSolution(k, obj, obj, True)
     return TokenSolution(k, obj, min(bound, obj), False)
+
+
+def _refine_dual(inner, lam_hi: float, mu_hi: float, iters: int = 40) -> tuple[float, float, float]:
+    """``max L(lam, mu)`` over ``[0, lam_hi] x [0, mu_hi]`` by nested ternary search (``L`` is concave); returns
+    ``(L, lam, mu)`` at the best point evaluated. Every value is a valid lower bound (weak duality)."""
+    best = (-np.inf, 0.0, 0.0)
+
+    def over_lam(mu: float) -> float:
+        nonlocal best
+        lo, hi = 0.0, lam_hi
+        val = -np.inf
+        for _ in range(iters):
+            a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+            fa, fb = inner(a, mu)[1], inner(b, mu)[1]
+            for x, f in ((a, fa), (b, fb)):
+                if f > best[0]:
+                    best = (f, x, mu)
+            val = max(val, fa, fb)
+            if fa < fb:
+                lo = a
+            else:
+                hi = b
+        return val
+
+    lo, hi = 0.0, mu_hi
+    for _ in range(iters):
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        if over_lam(a) < over_lam(b):
+            lo = a
+        else:
+            hi = b
+    return best
+
+
+def _exchange(
+    cost: np.ndarray, vf: np.ndarray, c: np.ndarray, k: np.ndarray, T: float, B: float, rounds: int = 200
+) -> np.ndarray:
+    """Local search after the greedy fill: move one prompt up to its next allowed count and another down to its
+    previous one when that lowers the objective and both caps still hold (best pair first; O(M^2) a round)."""
+    k = k.copy()
+    m, kk = cost.shape
+    rows = np.arange(m)
+    finite = np.isfinite(cost)
+    for _ in range(rounds):
+        up = np.full(m, -1)
+        down = np.full(m, -1)
+        for i in range(m):  # next / previous allowed column per prompt
+            nxt = np.flatnonzero(finite[i, k[i] + 1 :])
+            prv = np.flatnonzero(finite[i, : k[i]])
+            up[i] = k[i] + 1 + nxt[0] if nxt.size else -1
+            down[i] = prv[-1] if prv.size else -1
+        has_up, has_dn = up >= 0, down >= 0
+        if not (has_up.any() and has_dn.any()):
+            break
+        d_up = np.where(has_up, cost[rows, np.maximum(up, 0)] - cost[rows, k], np.inf)
+        d_dn = np.where(has_dn, cost[rows, np.maximum(down, 0)] - cost[rows, k], np.inf)
+        t_up = np.where(has_up, (vf[np.maximum(up, 0)] - vf[k]) * c, 0.0)
+        t_dn = np.where(has_dn, (vf[np.maximum(down, 0)] - vf[k]) * c, 0.0)  # <= 0
+        n_up = np.where(has_up, vf[np.maximum(up, 0)] - vf[k], 0.0)
+        n_dn = np.where(has_dn, vf[np.maximum(down, 0)] - vf[k], 0.0)
+        used_t, used_n = float(vf[k] @ c), float(vf[k].sum())
+        gain = d_up[:, None] + d_dn[None, :]  # i goes up, j goes down
+        ok = (used_t + t_up[:, None] + t_dn[None, :] <= T * (1 + 1e-12) + 1e-9) & (
+            used_n + n_up[:, None] + n_dn[None, :] <= B
+        )
+        np.fill_diagonal(ok, False)
+        gain = np.where(ok, gain, np.inf)
+        i, j = (int(x) for x in np.unravel_index(int(np.argmin(gain)), gain.shape))
+        if not gain[i, j] < -1e-15 * max(1.0, float(np.abs(cost[rows, k]).sum())):
+            break
+        k[i], k[j] = up[i], down[j]
+        k = _greedy_fill(cost, vf, c, k, T, B)
+    return k
 
 
 def _greedy_fill(cost: np.ndarray, vf: np.ndarray, c: np.ndarray, k: np.ndarray, T: float, B: float) -> np.ndarray:

@@ -35,21 +35,24 @@ import numpy as np
 
 from vipalloc._args import as_ids, check_int, check_lengths_arg, check_tokens_arg
 from vipalloc._io import StateFileError, atomic_write_json, read_json_checked
-from vipalloc.history import RolloutHistory, validate_lengths, validate_rewards
-from vipalloc.plan import Plan
+from vipalloc.history import RolloutHistory, aggregate_duplicates, validate_lengths, validate_rewards
+from vipalloc.plan import Plan, plan_variance, step_permutation
 from vipalloc.predictors.length import LengthModel, LengthPrediction
 from vipalloc.strategies import AllocationContext, Strategy, TwoPhaseStrategy, get_strategy, uniform_counts
-from vipalloc.strategies.two_phase import PilotState, expected_variance, uniform_extra
+from vipalloc.strategies.two_phase import (
+    PilotState,
+    check_pilot_tokens,
+    expected_variance,
+    uniform_commit,
+)
 from vipalloc.strategies.uniform import uniform_token_counts
 from vipalloc.telemetry import outcome_metrics
-from vipalloc.variance import gradient_variance
 
 __all__ = ["Allocator", "Plan"]
 
 FORMAT = "vipalloc.allocator"
 # Version 2 adds outstanding two-phase pilots ("pilots"); version 1 files (no pilots) still load.
 VERSION = 2
-_TOKEN_COLS = ("tokens_success", "tokens_fail", "lengths_success", "lengths_fail")  # RolloutHistory.rows
 # Plans kept for validating observe(); older ones are forgotten (a trainer observes the step it planned).
 _MAX_PENDING_STEPS = 16
 
@@ -229,16 +232,11 @@ class Allocator:
                 raise ValueError(
                     f"strategy {self.strategy_name!r} cannot plan under a token budget: {self.strategy.token_refusal}"
                 )
-            if given is None and not self.history.has_lengths:
-                raise ValueError(
-                    "a token budget needs the expected tokens per rollout: report lengths with observe(..., "
-                    "lengths=[...]) on earlier steps, pass expected_lengths=[...] (e.g. the maximum completion "
-                    "length), or plan this first step by rollouts (budget=...)"
-                )
+            self._check_lengths_known(given)
         p_mean, p_std, timings = self._predict(ids, prompts, step)
         t0 = time.perf_counter()
         c = given if given is not None else self._expected_lengths(ids, p_mean, step)
-        perm, inv = _permutation(self.seed, step, m)
+        perm, inv = step_permutation(self.seed, step, m)
         ctx = None
         if self.strategy.uses_context:  # dynamo, hora: std and reward history (before step)
             rows = self.history.rows(self.history_window, before_step=step)
@@ -272,8 +270,8 @@ class Allocator:
             p_mean,
             p_std,
             budget=int(counts.sum()),
-            expected=_plan_variance(p_mean, counts, self.estimator),
-            uniform=_plan_variance(p_mean, uniform, self.estimator),
+            expected=plan_variance(p_mean, counts, self.estimator),
+            uniform=plan_variance(p_mean, uniform, self.estimator),
             timings=timings,
             min_keep_relaxed=bool(self.strategy.last_min_keep_relaxed),
             expected_lengths=c,
@@ -295,30 +293,20 @@ class Allocator:
             return None
         self._register_features(ids, prompts)
         p_mean, _ = self.predictor.predict(ids, step)
-        return self._length_prediction(ids, np.asarray(p_mean, np.float64), step)
+        p = np.asarray(p_mean, np.float64)
+        return self.length_model.predict_batch(self.history, self.history_window, self._cache, ids, p, step)
+
+    def _check_lengths_known(self, given: np.ndarray | None) -> None:
+        if given is None and not self.history.has_lengths:
+            raise ValueError(
+                "a token budget needs the expected tokens per rollout: report lengths with observe(..., lengths="
+                "[...]) on earlier steps, pass expected_lengths=[...] (e.g. the maximum completion length), or plan "
+                "this first step by rollouts (budget=...)"
+            )
 
     def _expected_lengths(self, ids: list[str], p_mean: np.ndarray, step: int) -> np.ndarray | None:
-        pred = self._length_prediction(ids, p_mean, step)
+        pred = self.length_model.predict_batch(self.history, self.history_window, self._cache, ids, p_mean, step)
         return None if pred is None else pred.expected
-
-    def _length_prediction(self, ids: list[str], p_mean: np.ndarray, step: int) -> LengthPrediction | None:
-        if not self.history.has_lengths:
-            return None
-        rows = self.history.rows(self.history_window, before_step=step)
-        index = {pid: i for i, pid in enumerate(self.history.prompt_ids)}
-        at = np.array([index.get(pid, -1) for pid in ids], np.int64)
-        features = batch = None
-        if self._cache is not None:  # the predictor's features, when it uses them: a feature-based length prior
-            cache = self._cache
-            hist_ids = self.history.prompt_ids
-            batch = cache.lookup(ids)
-
-            def features(idx: np.ndarray) -> np.ndarray:
-                return np.asarray(cache.lookup([hist_ids[i] for i in idx]), np.float64)
-
-        return self.length_model.predict(
-            p_mean, at, rows, len(self.history.prompt_ids), features=features, batch_features=batch
-        )
 
     def _predict(
         self, ids: list[str], prompts: Sequence[str] | None, step: int
@@ -364,7 +352,13 @@ class Allocator:
         )
 
     def observe(
-        self, prompt_ids: Sequence[Any], rewards: Sequence[Any], step: int, lengths: Sequence[Any] | None = None
+        self,
+        prompt_ids: Sequence[Any],
+        rewards: Sequence[Any],
+        step: int,
+        lengths: Sequence[Any] | None = None,
+        *,
+        phase: str | None = None,
     ) -> None:
         """Record the rewards (and, optionally, the lengths) of the rollouts generated for a plan made at ``step``.
 
@@ -377,12 +371,27 @@ class Allocator:
         not counted); more than planned, rewards for a prompt that was never planned at ``step`` or that the plan
         dropped, NaN/inf or out-of-range values raise ``ValueError`` and record nothing. Prompts with no rewards
         (empty arrays) are skipped.
+
+        ``phase`` (two-phase steps): None = the step's current phase; ``"pilot"`` marks pilot rollouts, which may
+        arrive after :meth:`plan_commit` (asynchronous generation): they are then checked against the pilot's
+        unreported rollouts and recorded as pilot outcomes, never as the commit's.
         """
         ids = as_ids(prompt_ids)
         step = check_int("step", step, 0)
         if len(rewards) != len(ids):
             raise ValueError(f"got {len(ids)} prompt ids but {len(rewards)} reward arrays; pass one array per prompt")
+        if phase not in (None, "pilot", "commit"):
+            raise ValueError(f"phase must be None, 'pilot' or 'commit', got {phase!r}")
+        pilot = self._pilots.get(step)
+        if phase is not None and pilot is None:
+            raise ValueError(f"phase={phase!r} is for two-phase steps; step {step} has no pilot")
+        if phase == "commit" and pilot is not None and pilot.extra is None:
+            raise ValueError(f"step {step} has no commit yet: call plan_commit(step={step}) before its rewards")
+        late_pilot = phase == "pilot" and pilot is not None and pilot.extra is not None
         planned = self._pending.get(step)
+        if late_pilot:  # pilot rollouts still owed after the commit: validate against those, not the commit's
+            assert pilot is not None
+            planned = {pid: int(pilot.counts[i] - pilot.trials[i]) for pid, i in pilot.index.items()}
         if planned is None:
             known = sorted(self._pending)
             raise ValueError(
@@ -390,8 +399,7 @@ class Allocator:
                 "before observe, with the same step"
             )
         unknown = [pid for pid in ids if pid not in planned]
-        two_phase_step = self._pilots.get(step)
-        again = [pid for pid in unknown if two_phase_step is not None and pid in two_phase_step.index]
+        again = [pid for pid in unknown if pilot is not None and pid in pilot.index]
         if again:  # planned at this two-phase step, and its rewards of this phase were already recorded
             raise ValueError(
                 f"rewards of {len(again)} prompt id(s) were already observed in this phase of step {step}: "
@@ -430,13 +438,19 @@ class Allocator:
         # The predictor validates and may raise; do it before touching the history so a failure records nothing.
         self.predictor.observe(kept_ids, successes, trials, step)
         self.history.extend(step, kept_ids, kept, lengths=kept_lens)
-        for pid in kept_ids:  # each planned prompt is observed once (per phase, for a two-phase step)
-            del planned[pid]
-        pilot = self._pilots.get(step)
-        if pilot is not None and pilot.extra is None:  # phase-1 outcomes: the commit conditions on them
+        if not late_pilot:
+            for pid in kept_ids:  # each planned prompt is observed once (per phase, for a two-phase step)
+                del planned[pid]
+        if pilot is not None and (pilot.extra is None or late_pilot):  # pilot outcomes (the commit's evidence)
             pos = [pilot.index[pid] for pid in kept_ids]
             pilot.successes[pos] += successes
             pilot.trials[pos] += trials
+            if pilot.tokens is not None and pilot.lengths is not None:  # tokens spent: reported, else predicted
+                spent = [
+                    float(ln.sum()) if ln is not None else float(pilot.lengths[i] * a.size)
+                    for i, a, ln in zip(pos, kept, kept_lens or [None] * len(kept))
+                ]
+                pilot.tokens[pos] += spent
         self._last_step = max(self._last_step, step)
 
     # ------------------------------------------------------------------ two-phase steps
@@ -447,6 +461,9 @@ class Allocator:
         budget: int | None = None,
         step: int | None = None,
         pilot_n: int = 2,
+        *,
+        token_budget: float | None = None,
+        expected_lengths: Sequence[float] | np.ndarray | None = None,
     ) -> Plan:
         """Phase 1 of a two-phase step (strategies ``vip_two_phase``, ``pilot_commit``): the pilot rollouts.
 
@@ -457,6 +474,10 @@ class Allocator:
         the prediction made here plus the pilot outcomes. Raises ``ValueError`` (nothing recorded) for a
         single-phase strategy, ``pilot_n * M > budget``, an infeasible budget, or a step whose pilot already has
         observed outcomes.
+
+        Token mode (``token_budget``, tokens for the whole step, as in :meth:`plan`; ``budget`` then optional, a
+        cap on the step's rollouts): the pilot's predicted tokens must fit; its tokens actually spent (the lengths
+        given to :meth:`observe`, else the prediction per rollout) are taken from the budget before the commit.
         """
         two_phase = self._two_phase_strategy()
         if two_phase is None:
@@ -465,12 +486,16 @@ class Allocator:
                 f"{self.strategy_name!r}: call plan() instead, or build Allocator(strategy='vip_two_phase')"
             )
         ids = as_ids(prompt_ids)
-        if budget is None:
+        if budget is None and token_budget is None:
             raise ValueError(
                 f"budget is required: total rollouts of the step, pilot included, e.g. {len(ids)} prompts x 8 = "
-                f"{8 * len(ids)}"
+                f"{8 * len(ids)} (or token_budget=T, generated tokens)"
             )
-        budget = check_int("budget", budget, 0)
+        budget = None if budget is None else check_int("budget", budget, 0)
+        tokens = None if token_budget is None else check_tokens_arg(token_budget)
+        given = None if expected_lengths is None else check_lengths_arg(expected_lengths, len(ids))
+        if tokens is not None:
+            self._check_lengths_known(given)
         step = self._last_step + 1 if step is None else check_int("step", step, 0)
         old = self._pilots.get(step)
         if old is not None and (old.trials.any() or old.extra is not None):
@@ -480,19 +505,29 @@ class Allocator:
             )
         m = len(ids)
         # Refuse a bad request before embedding: the feature caches keep the first text given for an id.
-        two_phase.check_pilot(m, budget, self.n_min, self.n_max, pilot_n)
+        if tokens is None:
+            assert budget is not None
+            two_phase.check_pilot(m, budget, self.n_min, self.n_max, pilot_n)
+        elif given is not None:
+            check_pilot_tokens(m, tokens, given, self.n_max, pilot_n, budget)
         p_mean, p_std, timings = self._predict(ids, prompts, step)
         t2 = time.perf_counter()
-        perm, inv = _permutation(self.seed, step, m)
-        counts = np.asarray(two_phase.pilot(p_mean[perm], budget, self.n_min, self.n_max, pilot_n), np.int64)
-        counts = counts[inv]
+        perm, inv = step_permutation(self.seed, step, m)
+        c = given if given is not None else self._expected_lengths(ids, p_mean, step)
+        if tokens is None:
+            assert budget is not None
+            counts = np.asarray(two_phase.pilot(p_mean[perm], budget, self.n_min, self.n_max, pilot_n), np.int64)
+        else:
+            assert c is not None
+            counts = two_phase.pilot_tokens(p_mean[perm], tokens, c[perm], self.n_min, self.n_max, pilot_n, budget)
+        counts = np.asarray(counts, np.int64)[inv]
         timings["solve"] = time.perf_counter() - t2
         total = int(counts.sum())
         # A pilot group of one carries no gradient (RLOO's formula is undefined there): it counts 0, as in the
         # commit's objective (vipalloc.strategies.two_phase._h). Computed before anything is recorded.
-        var = float(_plan_variance(p_mean, np.where(counts >= 2, counts, 0), self.estimator))
+        var = float(plan_variance(p_mean, np.where(counts >= 2, counts, 0), self.estimator))
         uni_counts = uniform_counts(m, total)
-        uni = float(_plan_variance(p_mean, np.where(uni_counts >= 2, uni_counts, 0), self.estimator))
+        uni = float(plan_variance(p_mean, np.where(uni_counts >= 2, uni_counts, 0), self.estimator))
         self._pilots[step] = PilotState(  # copies: the caller may edit the returned plan's arrays in place
             ids=ids,
             counts=counts.copy(),
@@ -502,9 +537,24 @@ class Allocator:
             pilot_n=int(pilot_n),
             successes=np.zeros(m, np.int64),
             trials=np.zeros(m, np.int64),
+            token_budget=tokens,
+            lengths=None if c is None else c.copy(),
+            tokens=None if c is None else np.zeros(m),
         )
         return self._issue(
-            step, ids, counts, p_mean, p_std, budget=total, expected=var, uniform=uni, timings=timings, phase="pilot"
+            step,
+            ids,
+            counts,
+            p_mean,
+            p_std,
+            budget=total,
+            expected=var,
+            uniform=uni,
+            timings=timings,
+            phase="pilot",
+            expected_lengths=c,
+            expected_tokens=None if c is None else float(counts @ c),
+            token_budget=tokens,
         )
 
     def plan_commit(self, step: int | None = None) -> Plan:
@@ -544,28 +594,30 @@ class Allocator:
                 f"no pilot outcome was observed at step {step}; call observe(ids, pilot_rewards, step={step}) first"
             )
         m = len(pilot.ids)
-        left = pilot.budget - int(pilot.counts.sum())
+        rolls_left = None if pilot.budget is None else pilot.budget - int(pilot.counts.sum())
         t0 = time.perf_counter()
-        perm, inv = _permutation(self.seed, step, m)
-        dec = two_phase.commit(
-            pilot.prior_mean[perm],
-            pilot.prior_std[perm],
-            pilot.counts[perm],
-            pilot.successes[perm],
-            pilot.trials[perm],
-            left,
-            self.n_min,
-            self.n_max,
-            pilot.pilot_n,
-        )
+        perm, inv = step_permutation(self.seed, step, m)
+        args = (pilot.prior_mean[perm], pilot.prior_std[perm], pilot.counts[perm], pilot.successes[perm])
+        c = pilot.lengths
+        tokens_left = None
+        if pilot.token_budget is None:
+            assert rolls_left is not None
+            dec = two_phase.commit(*args, pilot.trials[perm], rolls_left, self.n_min, self.n_max, pilot.pilot_n)
+        else:
+            assert c is not None and pilot.tokens is not None
+            tokens_left = max(pilot.token_budget - float(pilot.tokens.sum()), 0.0)
+            dec = two_phase.commit_tokens(
+                *args, pilot.trials[perm], tokens_left, c[perm], self.n_min, self.n_max, pilot.pilot_n, rolls_left
+            )
         extra = np.asarray(dec.extra, np.int64)[inv]
         a, b = np.asarray(dec.post_a)[inv], np.asarray(dec.post_b)[inv]
         t1 = time.perf_counter()
-        if extra.shape != (m,) or int(extra.sum()) != left:
-            raise RuntimeError(f"strategy {self.strategy_name!r} returned an invalid commit (sum != {left})")
+        if extra.shape != (m,) or (pilot.token_budget is None and int(extra.sum()) != rolls_left):
+            raise RuntimeError(f"strategy {self.strategy_name!r} returned an invalid commit (sum != {rolls_left})")
         groups = pilot.trials + extra
         exp_var = float(expected_variance(a, b, groups, self.estimator).sum())
-        uni = pilot.trials + uniform_extra(m, left, pilot.trials, self.n_max)
+        # the uniform commit of the same rollouts (or tokens) left, on the same permuted order
+        uni = pilot.trials + uniform_commit(pilot.trials, self.n_max, rolls_left, perm, tokens_left, c)
         uni_var = float(expected_variance(a, b, uni, self.estimator).sum())
         pilot.extra = extra.copy()  # the returned plan's counts are the caller's to edit
         nu = a + b
@@ -575,7 +627,7 @@ class Allocator:
             extra,
             a / nu,
             np.sqrt(a * b / (nu * nu * (nu + 1.0))),
-            budget=left,
+            budget=int(extra.sum()),
             expected=exp_var,
             uniform=uni_var,
             timings={"solve": t1 - t0},
@@ -583,6 +635,11 @@ class Allocator:
             phase="commit",
             pilot_counts=pilot.trials.copy(),
             train=(groups > 0) if two_phase.trains_pilot_only else (extra > 0),
+            # token fields describe the whole step (pilot + commit), as the plan's metrics do
+            expected_lengths=c,
+            expected_tokens=None if c is None else float(groups @ c),
+            token_budget=pilot.token_budget,
+            optimality_gap=float(dec.gap),
         )
 
     def _two_phase_strategy(self) -> TwoPhaseStrategy | None:
@@ -639,7 +696,7 @@ class Allocator:
 
     def expected_variance(self, p: Any, counts: Any) -> float:
         """Summed estimator variance of ``counts`` under success probabilities ``p`` (e.g. the true p)."""
-        return float(_plan_variance(np.asarray(p, np.float64), np.asarray(counts, np.int64), self.estimator))
+        return float(plan_variance(np.asarray(p, np.float64), np.asarray(counts, np.int64), self.estimator))
 
     def ingest_history(self, history: RolloutHistory) -> None:
         """Replay a recorded history (e.g. from ``vipalloc allocate --history``) into this allocator, step by step."""
@@ -655,24 +712,13 @@ class Allocator:
                     )
                 uniq = list(dict.fromkeys(ids))
                 self._register_features(uniq, [history.prompt_text(p) or "" for p in uniq])
-            agg_ids, agg_s, agg_t = _aggregate_duplicates(ids, succ, trials)
+            agg_ids, agg_s, agg_t = aggregate_duplicates(ids, succ, trials)
             self.predictor.observe(agg_ids, agg_s, agg_t, step)
             self._last_step = max(self._last_step, step)
-        if len(self.history) == 0:
+        if len(self.history) == 0:  # an empty allocator takes the history whole (its success threshold too)
             self.history = RolloutHistory.from_state_dict(history.state_dict())
         else:
-            rows = history.rows()
-            ids_all = history.prompt_ids
-            for step, _, _, _ in history.iter_steps():
-                sel = rows["step"] == step
-                self.history.extend_counts(
-                    step,
-                    [ids_all[i] for i in rows["prompt_index"][sel]],
-                    rows["successes"][sel],
-                    rows["trials"][sel],
-                    rows["reward_sum"][sel],
-                    np.stack([rows[k][sel] for k in _TOKEN_COLS]),
-                )
+            self.history.merge(history)
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict[str, Any]:
@@ -750,35 +796,3 @@ class Allocator:
             f"Allocator(strategy={self.strategy_name!r}, predictor={self.predictor_name!r}, "
             f"estimator={self.estimator!r}, n_min={self.n_min}, n_max={self.n_max}, seed={self.seed})"
         )
-
-
-def _plan_variance(p: np.ndarray, counts: np.ndarray, estimator: str) -> float:
-    """Sum of per-prompt variances; dropped prompts (count 0) contribute nothing."""
-    kept = counts > 0
-    if not kept.any():
-        return 0.0
-    return float(np.sum(gradient_variance(p[kept], counts[kept], estimator)))
-
-
-def _aggregate_duplicates(
-    ids: list[str], succ: np.ndarray, trials: np.ndarray
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Merge rows of the same prompt within one step (a hand-written history may repeat a prompt)."""
-    uniq = list(dict.fromkeys(ids))
-    if len(uniq) == len(ids):
-        return ids, succ, trials
-    index = {p: i for i, p in enumerate(uniq)}
-    pos = np.array([index[p] for p in ids])
-    return (
-        uniq,
-        np.bincount(pos, weights=succ, minlength=len(uniq)).astype(np.int64),
-        np.bincount(pos, weights=trials, minlength=len(uniq)).astype(np.int64),
-    )
-
-
-def _permutation(seed: int, step: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """The seeded per-step permutation ``plan`` uses for fair tie-breaks, and its inverse."""
-    perm = np.random.default_rng([seed, step]).permutation(m)
-    inv = np.empty_like(perm)
-    inv[perm] = np.arange(m)
-    return perm, inv

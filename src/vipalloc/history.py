@@ -35,7 +35,7 @@ import numpy as np
 
 from vipalloc._io import StateFileError, atomic_write_text
 
-__all__ = ["HistoryAggregates", "RolloutHistory", "validate_lengths", "validate_rewards"]
+__all__ = ["HistoryAggregates", "RolloutHistory", "aggregate_duplicates", "validate_lengths", "validate_rewards"]
 
 FORMAT = "vipalloc.history"
 VERSION = 2  # 2 adds the token columns; version 1 files still load
@@ -281,6 +281,22 @@ class RolloutHistory:
         self._tok_s[sl], self._tok_f[sl] = tok[0], tok[1]
         self._len_s[sl], self._len_f[sl] = tok[2], tok[3]
         self._n += k
+
+    def merge(self, other: RolloutHistory) -> None:
+        """Append every row of ``other`` (token columns and first prompt texts included), step by step."""
+        rows = other.rows()
+        ids_all = other.prompt_ids
+        for step in np.unique(rows["step"]):
+            sel = rows["step"] == step
+            ids = [ids_all[i] for i in rows["prompt_index"][sel]]
+            tok = np.stack([rows[k][sel] for k in _TOKEN_COLS])
+            self.extend_counts(
+                int(step), ids, rows["successes"][sel], rows["trials"][sel], rows["reward_sum"][sel], tok
+            )
+        for pid in ids_all:
+            text = other.prompt_text(pid)
+            if text is not None and pid not in self._texts:
+                self._texts[pid] = text
 
     # ------------------------------------------------------------------ reading
     def rows(self, window: int | None = None, *, before_step: int | None = None) -> dict[str, np.ndarray]:
@@ -535,3 +551,19 @@ def _ingest_row(h: RolloutHistory, path: Path, lineno: int, row: dict[str, Any])
             raise ValueError("each row needs 'rewards' (a list) or 'trials' and 'successes'")
     except ValueError as exc:
         raise StateFileError(f"{where}: {exc}") from None
+
+
+def aggregate_duplicates(
+    ids: list[str], succ: np.ndarray, trials: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Merge rows of the same prompt within one step (a hand-written history may repeat a prompt)."""
+    uniq = list(dict.fromkeys(ids))
+    if len(uniq) == len(ids):
+        return ids, succ, trials
+    index = {p: i for i, p in enumerate(uniq)}
+    pos = np.array([index[p] for p in ids])
+    return (
+        uniq,
+        np.bincount(pos, weights=succ, minlength=len(uniq)).astype(np.int64),
+        np.bincount(pos, weights=trials, minlength=len(uniq)).astype(np.int64),
+    )

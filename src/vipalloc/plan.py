@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from vipalloc.telemetry import plan_metrics
+from vipalloc.variance import gradient_variance
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "plan_variance", "step_permutation"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,19 @@ class Plan:
             for rec, length in zip(out, self.expected_lengths):
                 rec["expected_length"] = float(length)
         return out
+
+
+def plan_variance(p: np.ndarray, counts: np.ndarray, estimator: str) -> float:
+    """Sum of per-prompt variances; dropped prompts (count 0) contribute nothing."""
+    kept = counts > 0
+    if not kept.any():
+        return 0.0
+    return float(np.sum(gradient_variance(p[kept], counts[kept], estimator)))
+
+
+def step_permutation(seed: int, step: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded per-step permutation ``plan`` uses for fair tie-breaks, and its inverse."""
+    perm = np.random.default_rng([seed, step]).permutation(m)
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(m)
+    return perm, inv

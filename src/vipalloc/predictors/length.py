@@ -23,8 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: the model reads a history and a cache, it imports neither at run time
+    from vipalloc.embeddings import EmbeddingCache
+    from vipalloc.history import RolloutHistory
 
 __all__ = ["LengthModel", "LengthPrediction"]
 
@@ -119,6 +124,32 @@ class LengthModel:
         l_f = np.maximum(l_f, 1.0)
         pc = np.clip(np.asarray(p, np.float64), 0.0, 1.0)
         return LengthPrediction(pc * l_s + (1.0 - pc) * l_f, l_s, l_f, prior)
+
+    def predict_batch(
+        self,
+        history: RolloutHistory,
+        window: int | None,
+        cache: EmbeddingCache | None,
+        ids: list[str],
+        p_mean: np.ndarray,
+        step: int,
+    ) -> LengthPrediction | None:
+        """:meth:`predict` for a batch of prompt ids from a history's rows in ``window`` steps before ``step``;
+        ``cache`` (the predictor's embeddings, when it has them) gives the feature-based prior."""
+        if not history.has_lengths:
+            return None
+        rows = history.rows(window, before_step=step)
+        hist_ids = history.prompt_ids
+        index = {pid: i for i, pid in enumerate(hist_ids)}
+        at = np.array([index.get(pid, -1) for pid in ids], np.int64)
+        features = batch = None
+        if cache is not None:
+            batch = cache.lookup(ids)
+
+            def features(idx: np.ndarray) -> np.ndarray:
+                return np.asarray(cache.lookup([hist_ids[i] for i in idx]), np.float64)
+
+        return self.predict(p_mean, at, rows, len(hist_ids), features=features, batch_features=batch)
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:

@@ -41,19 +41,28 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
-from numpy.typing import ArrayLike
 
-from vipalloc.allocation import _check_bonus, _reachable, minimize_separable
+from vipalloc.allocation_tokens import solve_tokens
 from vipalloc.strategies.base import (
     HARDNESS_BONUS,
-    P_CLIP,
     AllocationContext,
     StrategyBase,
     check_vip_options,
     uniform_counts,
 )
+from vipalloc.strategies.commit import (
+    PRIOR_MEAN_CLIP,
+    PRIOR_NU_MAX,
+    PRIOR_NU_MIN,
+    beta_mean_std,
+    beta_posterior,
+    beta_prior,
+    commit_cost_table,
+    commit_domain,
+    expected_variance,
+    solve_commit,
+)
 from vipalloc.strategies.vip import VIP
-from vipalloc.variance import gradient_variance
 
 __all__ = [
     "PILOT_BAND",
@@ -71,206 +80,11 @@ __all__ = [
     "commit_domain",
     "expected_variance",
     "solve_commit",
+    "uniform_commit",
     "uniform_extra",
 ]
 
-PRIOR_NU_MAX = 32.0  # cap on a + b: a predictor never counts as more than 32 pilot rollouts
-PRIOR_NU_MIN = 2.0  # floor on a + b: an unseen prompt's prior is worth 2 rollouts (Beta(1, 1) at mean 0.5)
-PRIOR_MEAN_CLIP = 1e-3  # the prior mean is clipped to [1e-3, 1 - 1e-3] so both pseudo-counts stay > 0
 PILOT_BAND = (0.125, 0.75)  # Pilot-Commit's kept pass-rate band (inclusive)
-
-
-# --------------------------------------------------------------------------------------------- Beta maths
-def beta_prior(
-    p_mean: ArrayLike,
-    p_std: ArrayLike,
-    *,
-    nu_max: float = PRIOR_NU_MAX,
-    nu_min: float = PRIOR_NU_MIN,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Beta pseudo-counts ``(a, b)`` matching a prediction's mean and std, float64 ``(M,)`` each.
-
-    ``p_mean`` in ``[0, 1]`` (clipped to ``[1e-3, 1 - 1e-3]``), ``p_std >= 0``. Moment matching gives
-    ``a + b = mu (1 - mu) / sigma^2 - 1``; it is clipped to ``[nu_min, nu_max]`` (``sigma = 0`` gives ``nu_max``;
-    ``sigma^2 >= mu (1 - mu)``, where no Beta fits, gives ``nu_min``). Returns ``(mu * nu, (1 - mu) * nu)``.
-    """
-    mu = np.asarray(p_mean, np.float64)
-    sd = np.asarray(p_std, np.float64)
-    if mu.shape != sd.shape or mu.ndim != 1:
-        raise ValueError(f"p_mean {mu.shape} and p_std {sd.shape} must be 1-D arrays of the same length")
-    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sd))):
-        raise ValueError("p_mean and p_std must be finite")
-    if np.any((mu < 0) | (mu > 1)) or np.any(sd < 0):
-        raise ValueError("need p_mean in [0, 1] and p_std >= 0")
-    if not (0.0 < nu_min <= nu_max and np.isfinite(nu_max)):
-        raise ValueError(f"need 0 < nu_min <= nu_max < inf, got nu_min={nu_min}, nu_max={nu_max}")
-    mu = np.clip(mu, PRIOR_MEAN_CLIP, 1.0 - PRIOR_MEAN_CLIP)
-    var = sd * sd
-    with np.errstate(divide="ignore"):
-        nu = np.where(var > 0, mu * (1.0 - mu) / np.where(var > 0, var, 1.0) - 1.0, np.inf)
-    nu = np.clip(nu, nu_min, nu_max)
-    return mu * nu, (1.0 - mu) * nu
-
-
-def beta_posterior(
-    a: ArrayLike, b: ArrayLike, successes: ArrayLike, trials: ArrayLike
-) -> tuple[np.ndarray, np.ndarray]:
-    """``Beta(a + k, b + t - k)`` after ``k = successes`` of ``t = trials`` Bernoulli rollouts (arrays ``(M,)``)."""
-    a_arr = np.asarray(a, np.float64)
-    b_arr = np.asarray(b, np.float64)
-    k = np.asarray(successes, np.int64)
-    t = np.asarray(trials, np.int64)
-    if not (a_arr.shape == b_arr.shape == k.shape == t.shape):
-        raise ValueError(f"a, b, successes and trials must share a shape, got {a_arr.shape}, {k.shape}, {t.shape}")
-    if np.any(a_arr <= 0) or np.any(b_arr <= 0):
-        raise ValueError("Beta pseudo-counts a and b must be > 0")
-    if np.any(t < 0) or np.any(k < 0) or np.any(k > t):
-        raise ValueError("need 0 <= successes <= trials for every prompt")
-    return a_arr + k, b_arr + (t - k)
-
-
-def beta_mean_std(a: ArrayLike, b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation of ``Beta(a, b)`` (float64 arrays)."""
-    a_arr = np.asarray(a, np.float64)
-    b_arr = np.asarray(b, np.float64)
-    nu = a_arr + b_arr
-    return a_arr / nu, np.sqrt(a_arr * b_arr / (nu * nu * (nu + 1.0)))
-
-
-def expected_pq(a: ArrayLike, b: ArrayLike) -> np.ndarray:
-    """``E[p (1 - p)]`` for ``p ~ Beta(a, b)``: ``a b / ((a + b)(a + b + 1))`` (exact)."""
-    a_arr = np.asarray(a, np.float64)
-    b_arr = np.asarray(b, np.float64)
-    nu = a_arr + b_arr
-    return a_arr * b_arr / (nu * (nu + 1.0))
-
-
-def _h(n: np.ndarray, estimator: str) -> np.ndarray:
-    """``Var(p, n) / (p (1 - p))``, the count factor of the estimator's variance; 0 at n = 0 and (both) n = 1.
-
-    RLOO has no leave-one-out baseline at n = 1 (its formula is undefined there); such a group carries no usable
-    gradient, so it counts as 0 like Dr.GRPO's n = 1. It arises only when failed pilot generations leave 1 rollout.
-    """
-    n = np.asarray(n, np.int64)
-    if estimator == "rloo":
-        safe = np.where(n == 1, 0, n)
-        return gradient_variance(0.5, safe, "rloo") / 0.25
-    return gradient_variance(0.5, n, estimator) / 0.25
-
-
-def expected_variance(a: ArrayLike, b: ArrayLike, n: ArrayLike, estimator: str = "drgrpo") -> np.ndarray:
-    """``E_{p ~ Beta(a, b)}[Var(p, n)]`` for ``drgrpo`` or ``rloo``, exact: ``E[p(1-p)] * h(n)``; broadcasts.
-
-    ``n`` are whole rollout counts (0 = not generated, contributes 0). Units as
-    :func:`vipalloc.variance.gradient_variance`.
-    """
-    if estimator not in HARDNESS_BONUS:
-        raise ValueError(f"estimator must be 'drgrpo' or 'rloo', got {estimator!r}")
-    return expected_pq(a, b) * _h(np.asarray(n), estimator)
-
-
-# --------------------------------------------------------------------------------------------- exact commit
-def commit_domain(pilot_n: int, n_min: int, n_max: int, *, allow_drop: bool = True, min_keep: int = 4) -> np.ndarray:
-    """Allowed extra rollouts per prompt, sorted int64: ``{0} U [lo, n_max - pilot_n]`` with
-    ``lo = max(n_min, min_keep, pilot_n) - pilot_n`` (with ``allow_drop``), or ``[max(n_min, pilot_n) - pilot_n,
-    n_max - pilot_n]`` without (every final group then has ``>= n_min`` rollouts).
-
-    With ``pilot_n = 1`` there is no ``{0}``: a group of one rollout has no baseline and trains nothing, so leaving a
-    prompt at its pilot would cost 0 in the objective while wasting the rollout (the degenerate free drop of
-    one-shot VIP, ``docs/strategies.md``); every piloted prompt then gets ``[max(n_min, min_keep) - 1, n_max - 1]``.
-    """
-    hi = n_max - pilot_n
-    if hi < 0:
-        raise ValueError(f"pilot_n ({pilot_n}) exceeds n_max ({n_max}); lower pilot_n or raise n_max")
-    if not allow_drop:
-        return np.arange(max(n_min, pilot_n) - pilot_n, hi + 1, dtype=np.int64)
-    if pilot_n < 2:
-        return np.arange(min(max(n_min, min_keep) - pilot_n, hi), hi + 1, dtype=np.int64)
-    lo = max(n_min, min_keep, pilot_n) - pilot_n
-    if lo <= 1:
-        return np.arange(0, hi + 1, dtype=np.int64)
-    if lo > hi:
-        return np.zeros(1, np.int64)
-    return np.concatenate([[0], np.arange(lo, hi + 1)]).astype(np.int64)
-
-
-def _reachable_sum(budget: int, m: int, vals: np.ndarray) -> bool:
-    """Can ``m`` items with counts in ``vals`` (``{0} U [lo, hi]`` or a contiguous range) sum to ``budget``?"""
-    if len(vals) == 1:
-        return budget == m * int(vals[0])
-    if vals[0] == 0 and vals[1] > 1:
-        return _reachable(budget, m, int(vals[1]), int(vals[-1]), True)
-    return m * int(vals[0]) <= budget <= m * int(vals[-1])
-
-
-def commit_cost_table(
-    a: np.ndarray,
-    b: np.ndarray,
-    trials: np.ndarray,
-    extras: np.ndarray,
-    estimator: str = "drgrpo",
-    hardness_bonus: float = 0.0,
-) -> np.ndarray:
-    """Per-(prompt, extra) commit objective ``E[Var(p, t_i + e_k)] + gamma log(clip(pbar_i)) (t_i + e_k)``.
-
-    ``a, b`` posterior pseudo-counts ``(M,)``, ``trials`` the pilot rollouts that came back ``(M,)``, ``extras``
-    ``(K,)``. Returns float64 ``(M, K)``.
-    """
-    n_tot = trials[:, None] + extras[None, :]
-    cost = expected_pq(a, b)[:, None] * _h(n_tot, estimator)
-    if hardness_bonus:
-        pbar = np.clip(a / (a + b), P_CLIP, 1.0 - P_CLIP)
-        cost = cost + hardness_bonus * np.log(pbar)[:, None] * n_tot.astype(np.float64)
-    return cost
-
-
-def solve_commit(
-    a: ArrayLike,
-    b: ArrayLike,
-    trials: ArrayLike,
-    budget: int,
-    *,
-    pilot_n: int,
-    n_min: int,
-    n_max: int,
-    estimator: str = "drgrpo",
-    hardness_bonus: float = 0.0,
-    allow_drop: bool = True,
-    min_keep: int = 4,
-) -> tuple[np.ndarray, bool]:
-    """Exact integer commit: extra rollouts ``(M,)`` int64 summing to ``budget``, and whether the minimum was relaxed.
-
-    ``a, b``: posterior pseudo-counts ``(M,)``; ``trials``: pilot rollouts per prompt ``(M,)``. The domain is
-    :func:`commit_domain`. With ``allow_drop`` a budget in a hole of ``{0} U [lo, hi]`` sums (e.g. 1 extra rollout
-    with ``lo = 2``) is met by relaxing the domain to ``[0, hi]`` (second value ``True``); without drops, or when
-    even ``[0, hi]`` cannot absorb it, ``ValueError``. Solved by :func:`vipalloc.allocation.minimize_separable`
-    (exact for any per-item cost table).
-    """
-    a_arr = np.asarray(a, np.float64)
-    b_arr = np.asarray(b, np.float64)
-    t = np.asarray(trials, np.int64)
-    m = len(a_arr)
-    if m == 0 or a_arr.shape != (m,) or b_arr.shape != (m,) or t.shape != (m,):
-        raise ValueError("a, b and trials must be non-empty 1-D arrays of the same length")
-    if estimator not in HARDNESS_BONUS:
-        raise ValueError(f"estimator must be 'drgrpo' or 'rloo', got {estimator!r}")
-    bonus = _check_bonus(hardness_bonus)
-    budget = int(budget)
-    vals = commit_domain(pilot_n, n_min, n_max, allow_drop=allow_drop, min_keep=min_keep)
-    relaxed = False
-    if not _reachable_sum(budget, m, vals):
-        full = np.arange(0, n_max - pilot_n + 1, dtype=np.int64)
-        if not allow_drop or not _reachable_sum(budget, m, full):
-            raise ValueError(
-                f"the commit cannot place {budget} extra rollouts on {m} prompts with extra in "
-                f"[{int(vals[0])}, {int(vals[-1])}]{' (or 0)' if allow_drop else ''}; choose a step budget in "
-                f"[{m * pilot_n + m * int(vals[0]) if not allow_drop else m * pilot_n}, {m * n_max}]"
-            )
-        vals, relaxed = full, True
-    if len(vals) == 1:
-        return np.full(m, int(vals[0]), np.int64), relaxed
-    table = commit_cost_table(a_arr, b_arr, t, vals, estimator, bonus)
-    return vals[minimize_separable(table, vals, budget)], relaxed
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -283,11 +97,16 @@ class PilotState:
     counts: np.ndarray  # int64 (M,), pilot rollouts planned
     prior_mean: np.ndarray  # float64 (M,), the predictor's p before the pilot
     prior_std: np.ndarray  # float64 (M,)
-    budget: int  # the whole step's budget (pilot + commit)
+    budget: int | None  # the whole step's rollout budget (pilot + commit); None: token mode without a rollout cap
     pilot_n: int
     successes: np.ndarray  # int64 (M,), pilot successes observed so far
     trials: np.ndarray  # int64 (M,), pilot rollouts observed so far
     extra: np.ndarray | None = None  # int64 (M,), the commit once planned
+    # Token mode (plan_pilot(..., token_budget=T)): T, the expected tokens per rollout c (float64 (M,)) the pilot
+    # was planned with, and the pilot's tokens spent so far per prompt (reported lengths, else c_i per rollout).
+    token_budget: float | None = None
+    lengths: np.ndarray | None = None
+    tokens: np.ndarray | None = None
     index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -304,6 +123,9 @@ class PilotState:
             "successes": self.successes,
             "trials": self.trials,
             "extra": self.extra,
+            "token_budget": self.token_budget,
+            "lengths": self.lengths,
+            "tokens": self.tokens,
         }
 
     @classmethod
@@ -313,11 +135,15 @@ class PilotState:
             counts=np.asarray(st["counts"], np.int64),
             prior_mean=np.asarray(st["prior_mean"], np.float64),
             prior_std=np.asarray(st["prior_std"], np.float64),
-            budget=int(st["budget"]),
+            budget=None if st["budget"] is None else int(st["budget"]),
             pilot_n=int(st["pilot_n"]),
             successes=np.asarray(st["successes"], np.int64).copy(),
             trials=np.asarray(st["trials"], np.int64).copy(),
             extra=None if st["extra"] is None else np.asarray(st["extra"], np.int64),
+            # absent in files written before token budgets
+            token_budget=None if st.get("token_budget") is None else float(st["token_budget"]),
+            lengths=None if st.get("lengths") is None else np.asarray(st["lengths"], np.float64),
+            tokens=None if st.get("tokens") is None else np.asarray(st["tokens"], np.float64).copy(),
         )
 
 
@@ -330,6 +156,7 @@ class Commit(NamedTuple):
     post_a: np.ndarray
     post_b: np.ndarray
     min_keep_relaxed: bool
+    gap: float = 0.0  # token mode: certified relative optimality gap of the commit (0.0 exact; NaN: a rule)
 
 
 class TwoPhaseStrategy(Protocol):
@@ -361,6 +188,69 @@ class TwoPhaseStrategy(Protocol):
         n_max: int,
         pilot_n: int,
     ) -> Commit: ...
+
+    def pilot_tokens(
+        self,
+        p_mean: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        pilot_n: int,
+        max_rollouts: int | None,
+    ) -> np.ndarray: ...
+
+    def commit_tokens(
+        self,
+        prior_mean: np.ndarray,
+        prior_std: np.ndarray,
+        planned: np.ndarray,
+        successes: np.ndarray,
+        trials: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        pilot_n: int,
+        max_rollouts: int | None,
+    ) -> Commit: ...
+
+
+def check_pilot_tokens(
+    m: int, token_budget: float, lengths: np.ndarray, n_max: int, pilot_n: int, max_rollouts: int | None
+) -> None:
+    """Validate a token-mode pilot request (every prompt piloted): ``ValueError`` names the fix."""
+    if isinstance(pilot_n, bool) or not isinstance(pilot_n, (int, np.integer)) or pilot_n < 1:
+        raise ValueError(f"pilot_n must be an integer >= 1 (rollouts per prompt in the pilot), got {pilot_n!r}")
+    if pilot_n > n_max:
+        raise ValueError(f"pilot_n ({pilot_n}) exceeds n_max ({n_max}); lower pilot_n or raise n_max")
+    need = float(pilot_n * np.sum(lengths))
+    if need > token_budget * (1 + 1e-12):
+        raise ValueError(
+            f"the pilot ({pilot_n} rollouts x {m} prompts) is predicted to spend {need:,.0f} tokens, over the step's "
+            f"token budget {token_budget:,.0f}; the pilot is part of the budget: lower pilot_n, use fewer prompts, or "
+            "raise the token budget"
+        )
+    if max_rollouts is not None and pilot_n * m > max_rollouts:
+        raise ValueError(f"pilot_n * M = {pilot_n * m} pilot rollouts exceed the rollout cap {max_rollouts}")
+
+
+def fill_uniform_tokens(
+    extra: np.ndarray, group: np.ndarray, cap: np.ndarray, c: np.ndarray, tokens: float, rollouts: float
+) -> tuple[float, float]:
+    """Add rollouts to ``extra[group]`` one round at a time (+1 to each member, in order, whose next rollout fits
+    the tokens and rollouts left and its cap); returns the tokens and rollouts left."""
+    live = [int(i) for i in group]
+    while live and rollouts >= 1:
+        nxt = []
+        for i in live:
+            if extra[i] < cap[i] and c[i] <= tokens * (1 + 1e-12) + 1e-9 and rollouts >= 1:
+                extra[i] += 1
+                tokens -= float(c[i])
+                rollouts -= 1
+                nxt.append(i)
+        live = nxt
+    return tokens, rollouts
 
 
 def check_pilot(m: int, budget: int, n_min: int, n_max: int, pilot_n: int) -> None:
@@ -413,6 +303,7 @@ class VIPTwoPhase(StrategyBase):
     skip: str = "vip"
     name: str = "vip_two_phase"
     two_phase: ClassVar[bool] = True
+    token_refusal: ClassVar[str | None] = None  # token mode: Allocator.plan_pilot(..., token_budget=T)
     trains_pilot_only: ClassVar[bool] = True  # a prompt with 0 extra still trains on its pilot group
 
     def __post_init__(self) -> None:
@@ -493,6 +384,75 @@ class VIPTwoPhase(StrategyBase):
         )
         return Commit(extra, a, b, relaxed)
 
+    def pilot_tokens(
+        self,
+        p_mean: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        pilot_n: int,
+        max_rollouts: int | None,
+    ) -> np.ndarray:
+        """Token mode: ``pilot_n`` rollouts for each piloted prompt (int64 ``(M,)``); with ``skip="vip"`` the
+        prompts plain ``vip`` drops on the prior under the same token budget are skipped. ``lengths``: expected
+        tokens per rollout ``(M,)``; the pilot's predicted tokens must fit the budget."""
+        m = len(p_mean)
+        c = np.asarray(lengths, np.float64)
+        check_pilot_tokens(m, token_budget, c, n_max, pilot_n, max_rollouts)
+        if not self.allow_drop and token_budget < max(n_min, pilot_n) * float(c.sum()) * (1 - 1e-12):
+            raise ValueError(
+                f"without drops every prompt needs >= {max(n_min, pilot_n)} rollouts in all: "
+                f"{max(n_min, pilot_n) * float(c.sum()):,.0f} predicted tokens > the token budget "
+                f"{token_budget:,.0f}; raise the token budget or allow drops"
+            )
+        counts = np.full(m, pilot_n, np.int64)
+        if self.skip == "vip" and self.allow_drop and token_budget >= n_min * float(c.sum()):
+            plain = VIP(estimator=self.estimator, hardness_bonus=self.hardness_bonus, min_keep=self.min_keep)
+            res = plain.allocate_tokens(np.asarray(p_mean, np.float64), token_budget, c, n_min, n_max,
+                                        max_rollouts=max_rollouts)  # fmt: skip
+            counts[res.counts == 0] = 0
+        return counts
+
+    def commit_tokens(
+        self,
+        prior_mean: np.ndarray,
+        prior_std: np.ndarray,
+        planned: np.ndarray,
+        successes: np.ndarray,
+        trials: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        pilot_n: int,
+        max_rollouts: int | None,
+    ) -> Commit:
+        """Token mode: the same posterior objective over the piloted prompts, under ``sum_i e_i c_i <=
+        token_budget`` (the tokens left after the pilot) and ``sum e <= max_rollouts``, by
+        :func:`vipalloc.allocation_tokens.solve_tokens` (exact or with a certified gap, in ``Commit.gap``)."""
+        a0, b0 = beta_prior(prior_mean, prior_std, nu_max=self.prior_nu_max, nu_min=self.prior_nu_min)
+        a, b = beta_posterior(a0, b0, successes, trials)
+        bonus = HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus)
+        live = np.flatnonzero(np.asarray(planned) > 0)
+        extra = np.zeros(len(a), np.int64)
+        if live.size == 0:
+            return Commit(extra, a, b, False)
+        t = np.asarray(trials, np.int64)[live]
+        vals = np.arange(0, n_max + 1, dtype=np.int64)  # every extra; the kept minimum is a per-prompt mask
+        cost = commit_cost_table(a[live], b[live], t, vals, self.estimator, bonus)
+        lo = max(n_min, self.min_keep) if self.allow_drop else n_min
+        n_tot = t[:, None] + vals[None, :]
+        bad = (n_tot > n_max) | ((vals[None, :] > 0) & (n_tot < lo))
+        if not self.allow_drop:
+            bad |= n_tot < n_min
+        cost = np.where(bad, np.inf, cost)
+        cost[np.all(bad, axis=1), 0] = 0.0  # a prompt with nothing allowed stays at its pilot
+        c = np.asarray(lengths, np.float64)[live]
+        sol = solve_tokens(cost, vals, c, max(float(token_budget), 0.0), max_rollouts=max_rollouts)
+        extra[live] = vals[sol.idx]
+        return Commit(extra, a, b, False, sol.gap)
+
 
 @dataclass
 class PilotCommit(StrategyBase):
@@ -515,6 +475,7 @@ class PilotCommit(StrategyBase):
     band: tuple[float, float] = PILOT_BAND
     name: str = "pilot_commit"
     two_phase: ClassVar[bool] = True
+    token_refusal: ClassVar[str | None] = None  # token mode: Allocator.plan_pilot(..., token_budget=T)
     trains_pilot_only: ClassVar[bool] = False  # only committed prompts train; the peer defers the others' pilot groups
 
     def __post_init__(self) -> None:
@@ -583,6 +544,57 @@ class PilotCommit(StrategyBase):
         # The posterior reported with the plan: a Beta(1, 1) prior updated by the pilot (Pilot-Commit uses no prior).
         return Commit(extra, 1.0 + s, 1.0 + (t - s), False)
 
+    def pilot_tokens(
+        self,
+        p_mean: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        pilot_n: int,
+        max_rollouts: int | None,
+    ) -> np.ndarray:
+        """Token mode: ``pilot_n`` rollouts on each candidate, their predicted tokens within the budget."""
+        check_pilot_tokens(len(p_mean), token_budget, np.asarray(lengths, np.float64), n_max, pilot_n, max_rollouts)
+        return np.full(len(p_mean), pilot_n, np.int64)
+
+    def commit_tokens(
+        self,
+        prior_mean: np.ndarray,
+        prior_std: np.ndarray,
+        planned: np.ndarray,
+        successes: np.ndarray,
+        trials: np.ndarray,
+        token_budget: float,
+        lengths: np.ndarray,
+        n_min: int,
+        n_max: int,
+        pilot_n: int,
+        max_rollouts: int | None,
+    ) -> Commit:
+        """Token mode: the same groups in the same order (kept, spare in-band, the others by distance to the band),
+        each filled one round at a time while the tokens left after the pilot (and the rollout cap) allow."""
+        s = np.asarray(successes, np.int64)
+        t = np.asarray(trials, np.int64)
+        c = np.asarray(lengths, np.float64)
+        m = len(t)
+        rate = np.where(t > 0, s / np.maximum(t, 1), np.nan)
+        lo, hi = self.band
+        in_band = (rate >= lo) & (rate <= hi)
+        band_idx = np.flatnonzero(in_band)
+        k = self.batch_size(m)
+        dist = np.where(np.isnan(rate), np.inf, np.maximum(lo - rate, rate - hi))
+        others = np.flatnonzero(~in_band)
+        others = others[np.argsort(dist[others], kind="stable")]
+        cap = np.maximum(n_max - t, 0)
+        extra = np.zeros(m, np.int64)
+        tokens = max(float(token_budget), 0.0)
+        rolls = float("inf") if max_rollouts is None else float(max_rollouts)
+        for group in (band_idx[:k], band_idx[k:], *np.array_split(others, max(1, -(-others.size // k)))):
+            if group.size:
+                tokens, rolls = fill_uniform_tokens(extra, group, cap, c, tokens, rolls)
+        return Commit(extra, 1.0 + s, 1.0 + (t - s), False, float("nan"))
+
 
 def _fill_uniform(extra: np.ndarray, group: np.ndarray, cap: np.ndarray, amount: int) -> int:
     """Add up to ``amount`` rollouts to ``extra[group]`` as evenly as the caps allow (water-filling, earlier
@@ -606,4 +618,26 @@ def uniform_extra(m: int, budget: int, trials: np.ndarray, n_max: int) -> np.nda
     """The uniform commit of ``budget`` extra rollouts over ``m`` prompts within ``n_max`` (for variance ratios)."""
     extra = np.zeros(m, np.int64)
     _fill_uniform(extra, np.arange(m), np.maximum(n_max - np.asarray(trials, np.int64), 0), int(budget))
+    return extra
+
+
+def uniform_commit(
+    trials: np.ndarray,
+    n_max: int,
+    rollouts: int | None,
+    order: np.ndarray,
+    tokens: float | None = None,
+    lengths: np.ndarray | None = None,
+) -> np.ndarray:
+    """The uniform commit (int64 ``(M,)`` extra rollouts, for variance ratios): ``rollouts`` spread within
+    ``n_max``, or with ``tokens`` (and ``lengths``, tokens per rollout) one round at a time over ``order`` while the
+    tokens (and the rollout cap, when given) allow."""
+    m = len(trials)
+    if tokens is None:
+        assert rollouts is not None
+        return uniform_extra(m, rollouts, trials, n_max)
+    assert lengths is not None
+    extra = np.zeros(m, np.int64)
+    cap = np.maximum(n_max - np.asarray(trials, np.int64), 0)
+    fill_uniform_tokens(extra, order, cap, lengths, tokens, float("inf") if rollouts is None else float(rollouts))
     return extra
