@@ -315,3 +315,71 @@ def test_two_processes_gather_lengths_and_plan_by_tokens(mp_dumps) -> None:
         assert all(set(PLAN_TOKEN_METRIC_NAMES) <= set(h) for h in d["logs"][1:])
     # both processes trained the same number of rows at every micro-batch
     assert [c["rows"] for c in d0["trained"]] == [c["rows"] for c in d1["trained"]]
+
+
+# ---------------------------------------------------------------------- AsyncGRPOTrainer's rollout loop
+def test_async_loop_feeds_group_tokens_and_plans_chunks_by_tokens(monkeypatch) -> None:
+    pytest.importorskip("aiohttp")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import asyncio
+
+    import test_trl_async as ta
+
+    class Uneven(ta.StandInServerLoop):
+        async def _generate_one_turn(self, prompt_ids):
+            ids, logps = await super()._generate_one_turn(prompt_ids)
+            k = int(self.tokenizer.decode(prompt_ids).rsplit("task ", 1)[1].split("<")[0])
+            pad = self.tokenizer(" ok" * (3 * (k % 4)), add_special_tokens=False)["input_ids"]
+            return pad + ids, [-0.5] * (len(pad) + len(ids))  # prompts k % 4 == 3 answer longest
+
+    monkeypatch.setattr(ta, "StandInServerLoop", Uneven)
+    loop = ta._loop(vip_token_budget="uniform")
+    plans, observed = [], []
+    plan, observe = loop.allocator.plan, loop.allocator.observe
+
+    def plan_spy(ids, prompts=None, budget=None, step=None, **kw):
+        uniform = loop.allocator.uniform_tokens(ids, loop.vip_mean_n, prompts=prompts)
+        result = plan(ids, prompts=prompts, budget=budget, step=step, **kw)
+        plans.append((result, uniform, budget))
+        return result
+
+    def observe_spy(ids, rewards, step, lengths=None):
+        observed.append((ids[0], [int(x) for x in lengths[0]]))
+        return observe(ids, rewards, step, lengths=lengths)
+
+    loop.allocator.plan, loop.allocator.observe = plan_spy, observe_spy  # type: ignore[method-assign]
+    try:
+        asyncio.run(ta._drive(loop, groups=24))
+    finally:
+        loop._tool_pool.shutdown(wait=False, cancel_futures=True)
+    # every group's generated tokens per episode (GroupRecord.tokens) went to observe, uneven across prompts
+    assert [(r.prompt_id, r.tokens.tolist()) for r in loop.vip_log] == observed
+    assert len({int(r.tokens.mean()) for r in loop.vip_log}) >= 3
+    # the first chunk (no lengths yet) by rollouts; once lengths are back, chunks are token plans at uniform's spend
+    assert plans[0][0].token_budget is None and plans[0][1] is None
+    later = [(p, u, b) for p, u, b in plans if u is not None]
+    assert later
+    for p, uniform, budget in later:
+        assert p.token_budget == pytest.approx(uniform, rel=1e-12)
+        assert p.expected_tokens is not None and p.expected_tokens <= p.token_budget * (1 + 1e-9)
+        assert int(p.counts.sum()) <= budget
+    metrics = []
+    while not loop._metrics_queue.empty():
+        metrics.append(loop._metrics_queue.get_nowait())
+    assert any("vip/tokens_planned" in m for m in metrics) and any("vip/group_tokens" in m for m in metrics)
+
+
+def test_async_trainer_refuses_token_mode_without_a_token_strategy(tmp_path) -> None:
+    from trl.experimental.async_grpo import AsyncGRPOConfig
+
+    from vipalloc.integrations.trl import VIPAsyncGRPOTrainer
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import test_trl_async as ta
+
+    args = AsyncGRPOConfig(output_dir=str(tmp_path), max_steps=2, num_generations=4, use_cpu=True, bf16=False)
+    authors = Allocator(strategy="vip_authors", predictor="beta", n_min=2, n_max=8, embedder="hashing")
+    with pytest.raises(ValueError, match="cannot plan under a token budget"):
+        VIPAsyncGRPOTrainer("m", ta.solved, args, ta._dataset(), allocator=authors, token_budget="uniform")
+    with pytest.raises(ValueError, match="token_budget"):
+        VIPAsyncGRPOTrainer("m", ta.solved, args, ta._dataset(), token_budget="lots")

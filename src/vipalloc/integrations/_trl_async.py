@@ -18,7 +18,10 @@ those three methods, so nothing of TRL's loop is copied:
 
 Budget: a chunk is one optimizer step's worth of rollouts: ``samples_per_step / num_generations`` prompts with a
 budget of ``num_generations`` rollouts per prompt (``samples_per_step = per_device_train_batch_size x
-gradient_accumulation_steps x processes``, the samples TRL trains on per optimizer step).
+gradient_accumulation_steps x processes``, the samples TRL trains on per optimizer step). Token mode
+(``token_budget="uniform"`` or a cap in tokens, as ``VIPGRPOConfig.token_budget``) plans each chunk under a token
+budget with that rollout budget as a cap; every group's generated tokens (``GroupRecord.tokens``) go to
+``Allocator.observe(lengths=...)``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ import numpy as np
 from trl.experimental.async_grpo.async_rollout_worker import AsyncRolloutWorker, RolloutGroup, _AsyncRolloutLoop
 
 from vipalloc import Allocator, Plan
-from vipalloc.integrations._trl_config import _prompt_key, _prompt_text  # the plug-in's prompt id rule
+from vipalloc.integrations._trl_config import (  # the plug-in's prompt id rule and token mode
+    _prompt_key,
+    _prompt_text,
+    normalise_token_budget,
+    step_token_budget,
+)
 
 SKIP_KEY = "vip_skip"  # set on the last message of a skip row's prompt (TRL keeps extra keys when it rebuilds it)
 
@@ -82,8 +90,9 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
     Extra keyword arguments: ``vip_allocator`` (an :class:`Allocator`, planned and updated in this process),
     ``vip_mean_n`` (rollouts per prompt on average: the budget), ``vip_chunk_prompts`` (prompts per chunk),
     ``vip_success_threshold`` (reward ``>=`` this is a success), ``vip_prompt_id_column``, ``vip_state_path``
-    (where the allocator is saved after every fully observed chunk; ``None``: not saved). ``num_generations`` must
-    be the allocator's ``n_max``.
+    (where the allocator is saved after every fully observed chunk; ``None``: not saved), ``vip_token_budget``
+    (None, ``"uniform"`` or a cap in tokens per chunk; ``max_tokens`` bounds a rollout before lengths are known).
+    ``num_generations`` must be the allocator's ``n_max``.
     """
 
     def __init__(
@@ -95,6 +104,7 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
         vip_success_threshold: float = 0.5,
         vip_prompt_id_column: str = "prompt_id",
         vip_state_path: str | None = None,
+        vip_token_budget: float | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -109,6 +119,7 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
         self.vip_threshold = float(vip_success_threshold)
         self.vip_column = vip_prompt_id_column
         self.vip_state_path = vip_state_path
+        self.vip_token_budget = normalise_token_budget(vip_token_budget)
         self.vip_chunks: dict[int, ChunkRecord] = {}
         self.vip_log: list[GroupRecord] = []
         self._vip_groups: dict[int, tuple[int, str, int, int]] = {}  # group id -> (step, prompt id, n, version)
@@ -139,9 +150,17 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
             step = self._vip_next_step
             self._vip_next_step += 1
             budget = min(self.vip_mean_n * len(ids), int(self.allocator.n_max) * len(ids))
-            plan = self.allocator.plan(
-                ids, prompts=[_prompt_text(r.get("prompt", "")) for r in rows], budget=budget, step=step
+            texts = [_prompt_text(r.get("prompt", "")) for r in rows]
+            tokens, lengths = step_token_budget(
+                self.vip_token_budget, self.max_tokens, self.allocator, ids, texts, budget
             )
+            if tokens is None:
+                plan = self.allocator.plan(ids, prompts=texts, budget=budget, step=step)
+            else:
+                plan = self.allocator.plan(
+                    ids, prompts=texts, budget=budget, step=step, token_budget=tokens, expected_lengths=lengths
+                )
+            self._push_metrics(plan.metrics())  # vip/* plan metrics (vip/tokens_planned, vip/token_budget, ...)
             self.vip_chunks[step] = ChunkRecord(step, plan, self.model_version, len(self.vip_log))
             for row, pid, n in zip(rows, ids, plan.counts):
                 if n <= 0:  # dropped: no group at all
@@ -209,6 +228,8 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
         self._push_metrics(
             {
                 "vip/group_size": float(len(group.completions)),
+                "vip/group_tokens": float(tokens.sum()),
+                "vip/group_frac_truncated": float(np.mean(tokens >= int(self.max_tokens))) if tokens.size else 0.0,
                 "vip/observe_staleness": float(now - version),
                 "vip/group_success_rate": float(successes.mean()) if successes.size else math.nan,
                 "vip/observed_at": time.time(),
@@ -220,9 +241,10 @@ class VIPAsyncRolloutWorker(AsyncRolloutWorker):
     """``AsyncRolloutWorker`` that runs :class:`VIPRolloutLoop` in its child process.
 
     Takes ``AsyncRolloutWorker``'s keyword arguments (as ``AsyncGRPOTrainer`` builds them) plus ``allocator``,
-    ``chunk_prompts``, ``success_threshold``, ``prompt_id_column`` and ``state_path``. ``num_generations`` (the
-    trainer's ``args.num_generations``) becomes the budget per prompt; the group width sent to the loop is the
-    allocator's ``n_max``. The allocator is pickled into the child (``AsyncRolloutWorker.start`` checks it).
+    ``chunk_prompts``, ``success_threshold``, ``prompt_id_column``, ``state_path`` and ``token_budget``.
+    ``num_generations`` (the trainer's ``args.num_generations``) becomes the budget per prompt; the group width sent
+    to the loop is the allocator's ``n_max``. The allocator is pickled into the child (``AsyncRolloutWorker.start``
+    checks it).
     """
 
     _loop_cls = VIPRolloutLoop
@@ -235,11 +257,13 @@ class VIPAsyncRolloutWorker(AsyncRolloutWorker):
         success_threshold: float = 0.5,
         prompt_id_column: str = "prompt_id",
         state_path: str | None = None,
+        token_budget: float | str | None = None,
         num_generations: int = 8,
         **kwargs: Any,
     ) -> None:
         super().__init__(
             num_generations=int(allocator.n_max),
+            vip_token_budget=token_budget,
             vip_allocator=allocator,
             vip_mean_n=int(num_generations),
             vip_chunk_prompts=int(chunk_prompts),
@@ -273,7 +297,8 @@ def build_async_trainer_class() -> type:
         """``AsyncGRPOTrainer`` whose rollout worker gives prompt ``i`` the allocator's ``n_i`` rollouts.
 
         Same arguments as ``AsyncGRPOTrainer`` plus ``allocator`` (default: ``vip`` with the ``gp`` predictor,
-        ``n_min=2``, ``n_max=2 x num_generations``), ``success_threshold`` and ``prompt_id_column``.
+        ``n_min=2``, ``n_max=2 x num_generations``), ``success_threshold``, ``prompt_id_column`` and
+        ``token_budget`` (None, ``"uniform"`` or a cap in tokens per chunk, as ``VIPGRPOConfig.token_budget``).
         ``args.num_generations`` is the uniform group size replaced (the budget per prompt). Refused before anything
         starts: a custom ``rollout_worker`` (VIP is the worker), no ``train_dataset`` (the environment would choose
         the task after the plan), two-phase strategies, ``max_steps <= 0`` (TRL's epoch stop counts one group per
@@ -290,11 +315,19 @@ def build_async_trainer_class() -> type:
             allocator: Allocator | None = None,
             success_threshold: float = 0.5,
             prompt_id_column: str = "prompt_id",
+            token_budget: float | str | None = None,
             **kwargs: Any,
         ) -> None:
             if args is None:  # as AsyncGRPOTrainer does
                 args = AsyncGRPOConfig(f"{model.split('/')[-1]}-AsyncGRPO")
             allocator, chunk = check_async_setup(args, train_dataset, allocator, kwargs.get("rollout_worker"), rest)
+            token_budget = normalise_token_budget(token_budget)
+            refusal = allocator.strategy.token_refusal
+            if token_budget is not None and refusal is not None:
+                raise ValueError(
+                    f"token_budget={token_budget!r} needs a strategy with a token mode; the allocator's "
+                    f"{allocator.strategy_name!r} cannot plan under a token budget: {refusal}"
+                )
             state_path = os.path.join(str(args.output_dir), state_file)
             worker = functools.partial(
                 VIPAsyncRolloutWorker,
@@ -303,6 +336,7 @@ def build_async_trainer_class() -> type:
                 success_threshold=success_threshold,
                 prompt_id_column=prompt_id_column,
                 state_path=state_path,
+                token_budget=token_budget,
             )
             self.vip_state_path = state_path
             # AsyncGRPOTrainer.__init__ builds `AsyncRolloutWorker(...)` by its module-level name; this one call

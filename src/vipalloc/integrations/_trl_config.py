@@ -138,7 +138,7 @@ class VIPGRPOConfig(GRPOConfig):
             raise ValueError(f"success_threshold must be a finite number, got {self.success_threshold!r}")
         if self.success_reward is not None and not (isinstance(self.success_reward, str) and self.success_reward):
             raise ValueError(f"success_reward must be a reward function's name or None, got {self.success_reward!r}")
-        self.token_budget = _token_budget(self.token_budget)
+        self.token_budget = normalise_token_budget(self.token_budget)
         if self.token_budget is not None:
             if self.two_phase:
                 raise ValueError(
@@ -189,7 +189,7 @@ class VIPGRPOConfig(GRPOConfig):
         return self.prompts_per_generation * int(self.n_max) // int(self.world_size)
 
 
-def _token_budget(value: Any) -> float | str | None:
+def normalise_token_budget(value: Any) -> float | str | None:
     """``VIPGRPOConfig.token_budget`` normalised: None (rollouts only), ``"uniform"``, or a cap in tokens (float).
 
     Strings come from the command line (TRL's parser reads the field as a string): ``"off"`` / ``"none"``,
@@ -217,10 +217,17 @@ def _token_budget(value: Any) -> float | str | None:
 
 
 def step_token_budget(
-    cfg: VIPGRPOConfig, allocator: Allocator, ids: list[str], texts: list[str], budget: int
+    mode: float | str | None,
+    max_length: int | None,
+    allocator: Allocator,
+    ids: list[str],
+    texts: list[str],
+    budget: int,
 ) -> tuple[float | None, np.ndarray | None]:
     """The token budget of one generation batch (None: plan it by rollouts) and the expected tokens per rollout to
-    plan with (None: the allocator's length model), for ``cfg.token_budget``; ``budget``: the rollout cap.
+    plan with (None: the allocator's length model), for the token mode ``mode`` (``VIPGRPOConfig.token_budget``,
+    normalised); ``max_length``: the most tokens a rollout can hold (``max_completion_length``); ``budget``: the
+    rollout cap.
 
     ``"uniform"``: :meth:`Allocator.uniform_tokens` at ``budget / M`` rollouts per prompt (``num_generations``
     unless the batch repeats a prompt); None until a length was observed. A cap: the cap, planned before any length
@@ -228,7 +235,6 @@ def step_token_budget(
     for any lengths), and raised, with a warning, to ``n_min`` rollouts per prompt at the expected lengths when it
     cannot pay for them (the allocator's smallest feasible token budget).
     """
-    mode = cfg.token_budget
     if mode is None:
         return None, None
     m = len(ids)
@@ -242,10 +248,10 @@ def step_token_budget(
     lengths = None
     if pred is not None:
         c = pred.expected
-    elif cfg.max_completion_length is None:  # nothing bounds a rollout's length yet: plan by rollouts
+    elif max_length is None:  # nothing bounds a rollout's length yet: plan by rollouts
         return None, None
     else:
-        c = lengths = np.full(m, float(cfg.max_completion_length))
+        c = lengths = np.full(m, float(max_length))
     need = float(allocator.n_min * c.sum())
     if cap < need:
         warnings.warn(

@@ -391,7 +391,8 @@ class VIPGRPOTrainer(GRPOTrainer):
         self, ids: list[str], texts: list[str], budget: int
     ) -> tuple[float | None, np.ndarray | None]:
         """This step's token budget and expected lengths (:func:`step_token_budget`; None, None: by rollouts)."""
-        return step_token_budget(cast(VIPGRPOConfig, self.args), self.allocator, ids, texts, budget)
+        args = cast(VIPGRPOConfig, self.args)
+        return step_token_budget(args.token_budget, args.max_completion_length, self.allocator, ids, texts, budget)
 
     def _vip_two_phase_layout(self, inputs: list[dict[str, Any]]) -> _Layout:
         """A two-phase step: generate and score the pilot rows with TRL's own methods, observe them, plan the commit.
