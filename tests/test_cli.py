@@ -170,3 +170,30 @@ def test_demo_set_overrides_reach_run_demo(
     assert res.exit_code == 0, res.output
     for key, value in expected.items():
         assert seen[key] == value
+
+
+def test_allocate_by_tokens_from_history_lengths(tmp_path) -> None:
+    """A hand-written history.jsonl with per-rollout lengths; `--token-budget` plans within it, and a history
+    without lengths gets a one-line error naming the fix."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for step in range(2):
+        for i in range(6):
+            rewards = rng.binomial(1, 0.2 + 0.12 * i, 6).tolist()
+            lengths = [int(100 + 150 * (5 - i)) for _ in rewards]  # harder prompts (low i) answer longer
+            rows.append({"step": step, "prompt_id": f"q{i}", "rewards": rewards, "lengths": lengths})
+    hist = tmp_path / "history.jsonl"
+    hist.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps({"prompt_id": f"q{i}"}) + "\n" for i in range(6)))
+    out = tmp_path / "plan.jsonl"
+    args = ["allocate", "--history", str(hist), "--batch", str(batch), "--out", str(out), "--predictor", "beta"]
+    res = runner.invoke(app, [*args, "--token-budget", "20000", "--n-min", "2", "--n-max", "16"])
+    assert res.exit_code == 0, res.output
+    plan = read_plan(out)
+    assert sum(r["n"] * r["expected_length"] for r in plan) <= 20000
+    assert "expected tokens" in res.output
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "lengths"}) + "\n" for r in rows))
+    res = runner.invoke(app, [*args[:2], str(plain), *args[3:], "--token-budget", "20000", "-q"])
+    assert res.exit_code == 2 and "lengths" in res.output

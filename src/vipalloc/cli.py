@@ -80,7 +80,15 @@ def read_batch(path: Path) -> tuple[list[str], list[str | None]]:
 @app.command()
 def allocate(
     batch: Path = typer.Option(..., "--batch", help="JSONL: one {prompt_id, prompt} per line."),
-    budget: int = typer.Option(..., "--budget", help="Total rollouts for the batch (sum of counts)."),
+    budget: int | None = typer.Option(
+        None, "--budget", help="Total rollouts for the batch (sum of counts); with --token-budget, a cap on them."
+    ),
+    token_budget: float | None = typer.Option(
+        None,
+        "--token-budget",
+        help="Generated tokens for the batch: sum of counts x expected tokens per rollout, predicted from the "
+        "'lengths' of the history's rows (one per reward).",
+    ),
     out: Path = typer.Option(..., "--out", help="Where to write the plan (JSONL: prompt_id, n, p_mean, p_std)."),
     history: Path | None = typer.Option(
         None, "--history", help="Rollout history (JSONL written by RolloutHistory.save, or rows with rewards)."
@@ -88,7 +96,8 @@ def allocate(
     state: Path | None = typer.Option(None, "--state", help="Allocator state file (Allocator.save) to start from."),
     strategy: str = typer.Option(
         "vip",
-        help="uniform | vip | vip_pure | inverse_acc | inverse_var | knapsack | gvm | vip_authors | dynamo | hora",
+        help="uniform | vip | vip_pure | inverse_acc | inverse_var | knapsack | gvm | vip_authors | dynamo | hora "
+        "(vip_authors plans by rollouts only)",
     ),
     predictor: str = typer.Option("gp", help="gp | beta | empirical | ridge | oracle"),
     estimator: str = typer.Option("drgrpo", help="drgrpo | rloo"),
@@ -127,7 +136,9 @@ def allocate(
                 prompts = [t if t is not None else (alloc.history.prompt_text(i) or "") for i, t in zip(ids, texts)]
         else:
             prompts = [t for t in texts if t is not None]
-        plan = alloc.plan(ids, prompts=prompts, budget=budget, step=step)
+        if budget is None and token_budget is None:
+            raise ValueError("give --budget (rollouts), --token-budget (tokens), or both (a rollout cap too)")
+        plan = alloc.plan(ids, prompts=prompts, budget=budget, step=step, token_budget=token_budget)
     except (ValueError, OSError) as exc:
         fail(str(exc))
         return
@@ -160,6 +171,9 @@ def _print_plan_summary(plan: Any, out: Path) -> None:
         f"{plan.variance_ratio:.3f}",
     )
     console.print(table)
+    if plan.expected_tokens is not None:
+        cap = "" if plan.token_budget is None else f" of a {plan.token_budget:,.0f}-token budget"
+        console.print(f"expected tokens {plan.expected_tokens:,.0f}{cap} (certified gap {plan.optimality_gap:.2e})")
     console.print(f"wrote {out}")
 
 
