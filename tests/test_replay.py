@@ -109,7 +109,14 @@ def test_counterfactuals_uniform_and_vip(verl_dir: Path, tmp_path: Path) -> None
     # rollouts moved away from zero-variance groups, recomputed from the plans file
     moved = sum(p["n_logged"] - p["n_same_rollouts"] for p in plans if p["successes_logged"] in (0, p["n_logged"]))
     assert vip["rollouts_moved_from_zero_variance"] == moved
-    assert vip["same_token_budget"] is not None and vip["same_token_budget"]["target_tokens"] > 0
+    same = vip["same_token_budget"]
+    assert same is not None and same["target_tokens"] > 0
+    # planned by Allocator.plan(token_budget=...): the plan's predicted tokens never exceed the logged cost
+    assert same["predicted_tokens"] <= same["target_tokens"] * (1 + 1e-9) + 1e-6
+    assert 0.0 <= same["max_optimality_gap"] <= 1e-3
+    assert "Allocator.plan(token_budget=T)" in r["counterfactual_settings"]["token_budget_method"]
+    same_tok = [p["n_same_tokens"] for p in plans]
+    assert all(n is not None and n >= 0 for n in same_tok)
     assert r["predictors"]["gp"]["count"] == 3 and r["predictors"]["empirical"]["count"] == 3
     assert "model-based" in (tmp_path / "replay.md").read_text().lower()
 
@@ -291,3 +298,40 @@ def test_tokenizer_counts_tokens(verl_dir: Path, tmp_path: Path) -> None:
     assert r["tokens_method"] == f"tokenizer {tok_dir}"
     code, text = replay(str(verl_dir), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "nope"), *FAST)
     assert code == 2 and "--tokenizer" in text
+
+
+def test_replay_lengths_reach_the_length_model_by_outcome(tmp_path: Path) -> None:
+    """History rows with rewards and lengths keep the successes' tokens apart; the rebuilt per-rollout lengths
+    sum to each outcome's tokens (the length model reads only those sums); a trials/successes row is split in
+    proportion to its outcomes."""
+    from vipalloc.replay.analysis import StepData, step_lengths
+    from vipalloc.replay.readers import GroupTable
+
+    table = GroupTable()
+    table.add_group(0, "a", "qa", 3, 1, 700.0, 100.0)  # the success wrote 100 tokens, the two failures 600
+    table.add_group(0, "b", "qb", 4, 2, 1000.0)  # which lengths belong to which outcome is unknown
+    arr = table.arrays()
+    assert arr["tokens_success"][0] == 100.0 and np.isnan(arr["tokens_success"][1])
+    sd = StepData(0, ["a", "b"], ["qa", "qb"], arr["trials"], arr["successes"], arr["tokens"], arr["tokens_success"])
+    la, lb = step_lengths(sd)
+    assert la is not None and lb is not None
+    assert la[:1].sum() == 100 and la[1:].sum() == 600 and np.all(la == np.rint(la))
+    assert lb[:2].sum() == 500 and lb[2:].sum() == 500
+    # through a real history file: rewards + lengths rows, then the token columns an allocator learns from
+    h = RolloutHistory()
+    h.extend(0, ["p", "q"], [[1, 0, 0], [1, 1]], prompts=["P", "Q"], lengths=[[50, 300, 310], [40, 60]])
+    h.extend(1, ["p", "q"], [[0, 1], [1, 0]], lengths=[[280, 70], [50, 500]])
+    path = tmp_path / "h.jsonl"
+    h.save(path)
+    r = run_replay([path], tmp_path / "out", strategies=["vip"], predictors=["beta"], embedder="hashing", n_min=2)
+    vip = r["strategies"]["vip"]
+    same = vip["same_token_budget"]
+    assert same is not None and same["predicted_tokens"] <= same["target_tokens"] * (1 + 1e-9) + 1e-6
+
+
+def test_replay_vip_authors_token_mode_refused(verl_dir: Path, tmp_path: Path) -> None:
+    r = run_replay(
+        [verl_dir], tmp_path, strategies=["vip_authors"], predictors=["beta"], embedder="hashing", n_min=2, n_max=8
+    )
+    s = r["strategies"]["vip_authors"]
+    assert s["same_token_budget"] is None and "token budget" in s["same_token_budget_refused"]

@@ -129,6 +129,48 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {out / 'simulate.md'}")
 
     @bench.command()
+    def tokens(
+        quick: bool = typer.Option(False, "--quick", help="Smaller run (3 seeds, 40 steps, no sweep)."),
+        seeds: int | None = typer.Option(None, help="Seeds per row (default 8; quick 3)."),
+        steps: int | None = typer.Option(None, help="Uniform's training steps, which set the token total (100)."),
+        sigma: float = typer.Option(10.0, help="Score-noise level of the league."),
+        sweep: str | None = typer.Option(None, help="Comma-separated extra sigmas for the sweep (default 3,30)."),
+        rows: str | None = typer.Option(None, help="Comma-separated rows: labels or strategy:predictor:budget."),
+        batch: int = typer.Option(64, help="Prompts a step."),
+        n_mean: int = typer.Option(8, "--n-mean", help="Rollouts a prompt on average (uniform's n)."),
+        max_length: int = typer.Option(2048, "--max-length", help="Length cap (tokens); a cut rollout scores 0."),
+        out: Path = typer.Option(Path("reports"), help="Report folder (runs kept in <out>/tokens_runs, resumable)."),
+    ) -> None:
+        """Equal-token league on the simulator with response lengths: uniform, vip by rollouts and by tokens,
+        knapsack, dynamo; tokens to reach uniform's gain at several levels, with a sigma sweep."""
+        _limit_threads()
+        from vipalloc.bench.sim_lengths import LengthConfig
+        from vipalloc.bench.token_league import SWEEP_TOKEN_ROWS, parse_token_rows, run_tokens
+
+        try:
+            row_specs = parse_token_rows(rows)
+            sw = _floats(sweep, "--sweep") if sweep is not None else ([] if quick else [3.0, 30.0])
+            console, show = _display("tokens")
+            with console:
+                run_tokens(
+                    out,
+                    rows=row_specs,
+                    seeds=seeds if seeds is not None else (3 if quick else 8),
+                    steps=steps if steps is not None else (40 if quick else 100),
+                    batch=batch,
+                    n_mean=n_mean,
+                    sigma=sigma,
+                    sweep=sw,
+                    sweep_rows=[r.label for r in row_specs] if rows is not None else SWEEP_TOKEN_ROWS,
+                    lengths=LengthConfig(max_length=max_length),
+                    command=_command(),
+                    progress=show,
+                )
+        except ValueError as exc:
+            _fail(str(exc))
+        typer.echo(f"wrote {out / 'tokens.md'}")
+
+    @bench.command()
     def predictors(
         quick: bool = typer.Option(False, "--quick", help="Smaller run (2 seeds, 30 steps, 20-step trainer trace)."),
         seeds: int | None = typer.Option(None, help="Simulator traces (default 3)."),
@@ -176,12 +218,31 @@ def register(app: typer.Typer) -> None:
         slsqp_max: int = typer.Option(1024, "--slsqp-max", help="Largest M for the SLSQP solver."),
         dp_max: int = typer.Option(1024, "--dp-max", help="Largest M for the Knapsack DP."),
         peer_max: int = typer.Option(256, "--peer-max", help="Largest M for the peers' own code."),
+        token_m: int = typer.Option(4096, "--token-m", help="M of the token-vs-rollout budget timing (0: skip)."),
+        token_only: bool = typer.Option(
+            False, "--token-only", help="Only the token-vs-rollout budget timing (prints the ratio, writes JSON)."
+        ),
         out: Path = typer.Option(Path("reports"), help="Report folder."),
     ) -> None:
-        """plan() time by stage and peak memory vs batch size and history; peers' solvers side by side."""
+        """plan() time by stage and peak memory vs batch size and history; peers' solvers side by side; plan()
+        under a token budget vs a rollout budget."""
         _limit_threads()
         from vipalloc.bench.overhead import run_overhead
 
+        if token_only:
+            import json
+
+            from vipalloc.bench.overhead_tokens import token_speed, token_speed_lines
+
+            try:
+                res = token_speed(token_m or 4096, _ints(history, "--history")[0] if history else 50_000)
+            except ValueError as exc:
+                _fail(str(exc))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "overhead_tokens.json").write_text(json.dumps(res))
+            typer.echo("\n".join(token_speed_lines(res)))
+            typer.echo(f"wrote {out / 'overhead_tokens.json'}")
+            return
         try:
             m_list = _ints(ms, "--ms") if ms is not None else ([256, 1024] if quick else [256, 1024, 4096, 16384])
             h_list = (
@@ -202,6 +263,7 @@ def register(app: typer.Typer) -> None:
                     peer_max=peer_max,
                     gp_windows=(512, 1024, 2048) if quick else (512, 1024, 2048, 4096, 8192),
                     window_m=1024 if quick else 4096,
+                    token_m=token_m or None,
                     command=_command(),
                     progress=show,
                 )

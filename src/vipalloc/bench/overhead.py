@@ -167,12 +167,15 @@ def run_overhead(
     peer_max: int = 256,
     gp_windows: Sequence[int] = (512, 1024, 2048, 4096, 8192),
     window_m: int = 4096,
+    token_m: int | None = 4096,
+    token_repeats: int = 5,
     command: str = "vipalloc bench overhead",
     progress: Progress = noop,
 ) -> dict[str, Any]:
     """Time ``plan()`` stage by stage (embed / observe / GP fit / predict / solve) and peak memory for batches of
     ``ms`` prompts after histories of ``histories`` rows; time the peers' solvers on the same predicted p; sweep
-    the exact GP's window. Writes ``overhead.md`` / ``overhead.json`` and a PNG."""
+    the exact GP's window; time ``plan()`` under a token budget against a rollout budget at ``token_m`` prompts
+    (:mod:`vipalloc.bench.overhead_tokens`; None skips it). Writes ``overhead.md`` / ``overhead.json`` and a PNG."""
     import tracemalloc
 
     from vipalloc import Allocator
@@ -275,9 +278,16 @@ def run_overhead(
             windows.append({"max_points": int(mp), "plan": t_plan, **{k: float(v) for k, v in pl.timings.items()}})
             progress("advance", {"label": f"GP window {mp}: plan {t_plan:.2f}s"})
             progress("run", {"label": f"GP window {mp} at M={m}", "detail": f"plan() {t_plan:.3f} s"})
+    token_res = None
+    if token_m is not None:
+        from vipalloc.bench.overhead_tokens import token_speed
+
+        token_res = token_speed(token_m, histories[0], token_repeats, n_mean, embedder)
+        progress("run", {"label": f"token vs rollout budget at M={token_m}", "detail": f"{token_res['ratio']:.2f}x"})
     elapsed = time.perf_counter() - t_start
     result = {
         "commit": commit,
+        "token_speed": token_res,
         "ms": ms,
         "histories": histories,
         "predictors": list(predictors),
@@ -475,6 +485,10 @@ def _write_overhead_report(out: Path, res: dict[str, Any], command: str) -> Path
             hline=1.0,
         )
         lines += ["![gp window](overhead_gp_window.png)", ""]
+    if res.get("token_speed"):
+        from vipalloc.bench.overhead_tokens import token_speed_lines
+
+        lines += token_speed_lines(res["token_speed"])
     path = out / "overhead.md"
     path.write_text("\n".join(lines))
     return path

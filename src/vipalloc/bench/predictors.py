@@ -1,5 +1,7 @@
 """``vipalloc bench predictors``: next-step calibration of every predictor (Brier, log loss, MAE, Spearman) on
-simulator traces and on a trace of the real CPU trainer, split into seen and never-seen prompts.
+simulator traces and on a trace of the real CPU trainer, split into seen and never-seen prompts; and the next-step
+error of the allocator's length model (``Allocator.expected_lengths``) against model-free baselines
+(:mod:`vipalloc.bench.length_eval`).
 :func:`run_predictors` returns its raw results and writes ``predictors.md`` / ``predictors.json``.
 
 Predictors are reached through :class:`vipalloc.Allocator` (``plan`` predicts, ``observe`` learns), exactly as a
@@ -17,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from vipalloc.bench.length_eval import LengthErrors, length_baselines, realised_mean, step_lengths
 from vipalloc.bench.progress import Progress, noop
+from vipalloc.bench.sim_lengths import LengthConfig, expected_length, prompt_length_factors, sample_lengths
 from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
 from vipalloc.reporting import fmt_ci, git_commit, md_table, provenance
 
@@ -34,7 +38,9 @@ __all__ = [
 @dataclass
 class Trace:
     """Rollout outcomes of a run, step by step: per step the prompt ids, texts, successes and trials (int arrays,
-    aligned), and in simulations the true success probabilities at that step (else None)."""
+    aligned), and in simulations the true success probabilities at that step (else None). Optional per step:
+    ``tokens`` (float ``(4, M)``: the history's token columns, see :mod:`vipalloc.bench.length_eval`) and, in
+    simulations, ``expected_length`` (float ``(M,)``, the true expected tokens per rollout before the cap)."""
 
     name: str
     steps: list[dict[str, Any]]
@@ -68,6 +74,9 @@ class Trace:
                     "trials": np.asarray(rec["trials"], np.int64),
                     "p_true": None if rec.get("p_true") is None else np.asarray(rec["p_true"], np.float64),
                 }
+                for key in ("tokens", "expected_length"):  # optional (traces written before lengths lack them)
+                    if rec.get(key) is not None:
+                        st[key] = np.asarray(rec[key], np.float64)
             except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
                 raise ValueError(f"{p}: line {lineno}: not a trace step ({exc})") from None
             steps.append(st)
@@ -85,8 +94,12 @@ def simulator_trace(
     n_rollouts: int = 8,
     new_frac: float = 0.25,
     pool: int = 512,
+    lengths: LengthConfig | None = None,
 ) -> Trace:
     """A simulated training run with uniform allocation (``n_rollouts`` each), recorded as a :class:`Trace`.
+
+    Rollouts have lengths (:mod:`vipalloc.bench.sim_lengths`, ``lengths`` or its defaults; a rollout cut at the cap
+    scores 0), recorded as the step's token columns.
 
     Each step's batch has ``round(new_frac * batch)`` never-seen prompts (drawn once from a reserve) and the rest
     from a recurring pool of ``pool`` prompts visited in epochs, so every step scores both kinds. The policy learns
@@ -102,6 +115,9 @@ def simulator_trace(
     stream = PromptStream(pool, seed)
     rng_r = np.random.default_rng([seed, 11])
     rng_g = np.random.default_rng([seed, 12])
+    rng_l = np.random.default_rng([seed, 13])  # length noise: its own stream
+    lcfg = lengths or LengthConfig()
+    factors = prompt_length_factors(sim, lcfg)
     alloc = Allocator(strategy="uniform", predictor="empirical", n_min=2, n_max=max(2, n_rollouts), seed=seed)
     out = []
     for t in range(steps):
@@ -111,8 +127,10 @@ def simulator_trace(
         ids = [sim.ids[i] for i in idx]
         plan = alloc.plan(ids, budget=n_rollouts * len(idx), step=t)
         p = sim.true_p(idx)
-        rewards = sim.rollouts(idx, plan.counts, rng_r)
-        alloc.observe(ids, rewards, step=t)
+        smp = sample_lengths(sim, idx, sim.rollouts(idx, plan.counts, rng_r), rng_l, lcfg, factors, n_rollouts)
+        rewards = smp.rewards
+        alloc.observe(ids, rewards, step=t, lengths=smp.lengths)
+        ok = [r > 0 for r in rewards]
         out.append(
             {
                 "step": t,
@@ -121,6 +139,15 @@ def simulator_trace(
                 "successes": np.array([int(r.sum()) for r in rewards], np.int64),
                 "trials": np.array([len(r) for r in rewards], np.int64),
                 "p_true": p,
+                "tokens": np.array(
+                    [
+                        [float(ln[o].sum()) for ln, o in zip(smp.lengths, ok)],
+                        [float(ln[~o].sum()) for ln, o in zip(smp.lengths, ok)],
+                        [float(o.sum()) for o in ok],
+                        [float((~o).sum()) for o in ok],
+                    ]
+                ),
+                "expected_length": expected_length(p, factors[idx], lcfg),
             }
         )
         sim.update(sim.gradient(idx, rewards, rng_g, p=p))
@@ -170,8 +197,15 @@ def trainer_trace(
         "run", {"label": "trainer trace", "seed": seed, "wall": time.perf_counter() - t0, "detail": f"{steps} steps"}
     )
     texts = {p.prompt_id: p.prompt for p in trainer.pool}
+    hist = trainer.alloc.history
+    rows = hist.rows()
+    order = np.argsort(rows["step"], kind="stable")  # iter_steps' order: by step, insertion order within a step
+    cols = np.stack([rows[k][order] for k in ("tokens_success", "tokens_fail", "lengths_success", "lengths_fail")])
     out = []
-    for step, ids, succ, trials in trainer.alloc.history.iter_steps():
+    at = 0
+    for step, ids, succ, trials in hist.iter_steps():
+        tok = cols[:, at : at + len(ids)].astype(np.float64)
+        at += len(ids)
         out.append(
             {
                 "step": int(step),
@@ -180,6 +214,7 @@ def trainer_trace(
                 "successes": np.asarray(succ, np.int64),
                 "trials": np.asarray(trials, np.int64),
                 "p_true": None,
+                "tokens": tok if hist.has_lengths else None,
             }
         )
     return Trace(f"CPU trainer (seed {seed}, {steps} steps, pool {pool_size})", out)
@@ -214,6 +249,7 @@ def replay_predictor(
     )
     seen: set[str] = set()
     parts: dict[str, list[dict[str, Any]]] = {"all": [], "seen": [], "never seen": []}
+    len_err = LengthErrors()
     secs = []
     for st in trace.steps:
         ids, s, n = st["ids"], st["successes"], st["trials"]
@@ -221,16 +257,22 @@ def replay_predictor(
             if st["p_true"] is None:
                 raise ValueError("the oracle predictor needs a trace with true p (a simulator trace)")
             alloc.predictor.set_true_p(ids, st["p_true"])
+        tokens = st.get("tokens")
+        mask_seen = np.array([i in seen for i in ids])
+        if tokens is not None and alloc.history.has_lengths:  # the length model's next-step prediction
+            pred = alloc.expected_lengths(ids, step=st["step"], prompts=st["texts"])
+            if pred is not None:
+                len_err.add(pred.expected, realised_mean(np.asarray(tokens, np.float64)), mask_seen)
         t0 = time.perf_counter()
         # budget = the step's rollouts; the uniform plan only has to cover every prompt's rollouts
         plan = alloc.plan(
             ids, prompts=st["texts"], budget=min(int(n.max()) * len(ids), n_max * len(ids)), step=st["step"]
         )
         rewards = [np.r_[np.ones(si), np.zeros(ni - si)] for si, ni in zip(s, n)]
-        alloc.observe(ids, rewards, step=st["step"])
+        lens = step_lengths(s, n, None if tokens is None else np.asarray(tokens, np.float64))
+        alloc.observe(ids, rewards, step=st["step"], lengths=None if tokens is None else lens)
         secs.append(time.perf_counter() - t0)
         if st["step"] > trace.steps[0]["step"]:
-            mask_seen = np.array([i in seen for i in ids])
             pt = st["p_true"]
             for key, mask in (("all", np.ones(len(ids), bool)), ("seen", mask_seen), ("never seen", ~mask_seen)):
                 if mask.any():
@@ -240,6 +282,7 @@ def replay_predictor(
         seen.update(ids)
     return {
         "metrics": {k: merge_metrics(v) for k, v in parts.items()},
+        "length": len_err.result(),
         "seconds_per_step": float(np.mean(secs)),
     }
 
@@ -272,9 +315,11 @@ def run_predictors(
     specs = list(PREDICTOR_SPECS)
     sim_specs = specs + [("oracle (true p)", "oracle", {})]
     sim_res: dict[str, list[dict[str, Any]]] = {lbl: [] for lbl, _, _ in sim_specs}
+    sim_len_base: list[dict[str, Any]] = []
     progress("phase", {"name": "simulator traces", "total": seeds * len(sim_specs)})
     for seed in range(seeds):
         trace = simulator_trace(cfg, seed, steps=steps, batch=batch, pool=pool)
+        sim_len_base.append(length_baselines(trace.steps))
         if seed == 0:
             trace.save(out / "predictors_sim_trace_seed0.jsonl")
         for lbl, name, kw in sim_specs:
@@ -292,6 +337,7 @@ def run_predictors(
                 },
             )
     train_res: dict[str, dict[str, Any]] = {}
+    train_len_base: dict[str, Any] = {}
     train_name = None
     if train_trace or trace_path is not None:
         if trace_path is not None:
@@ -300,6 +346,7 @@ def run_predictors(
             tr = trainer_trace(out / "predictors_train", steps=train_steps, progress=progress)
             tr.save(out / "predictors_train_trace.jsonl")
         train_name = tr.name
+        train_len_base = length_baselines(tr.steps)
         t_specs = list(specs)
         if minilm:
             t_specs.append(("gp (vipalloc, MiniLM)", "gp", {}))
@@ -328,6 +375,7 @@ def run_predictors(
         "simulator": sim_res,
         "trainer": train_res,
         "trainer_trace": train_name,
+        "length_baselines": {"simulator": sim_len_base, "trainer": train_len_base},
     }
     (out / "predictors.json").write_text(json.dumps(result, default=float))
     # ---- report
@@ -390,5 +438,60 @@ def run_predictors(
                     + [f"{1e3 * r['seconds_per_step']:.1f}"]
                 )
         lines += [md_table(h2, rows), ""]
+    lines += _length_lines(sim_res, sim_len_base, train_res, train_len_base)
     (out / "predictors.md").write_text("\n".join(lines))
     return result
+
+
+def _length_lines(
+    sim_res: dict[str, list[dict[str, Any]]],
+    sim_base: list[dict[str, Any]],
+    train_res: dict[str, dict[str, Any]],
+    train_base: dict[str, Any],
+) -> list[str]:
+    """The report's length section: next-step MAE of log length, seen / never-seen prompts."""
+    subsets = ("all", "seen", "never seen")
+    lines = [
+        "## Length model: next-step error of log length",
+        "",
+        "`Allocator.expected_lengths` (the expected tokens per rollout `p L_success + (1 - p) L_fail` that token",
+        "budgets plan with; `p` from the row's predictor) at each step, from earlier steps only, against the prompt's",
+        "realised mean tokens per rollout at that step: mean |log predicted - log realised| (0.1 ~ 10% off).",
+        "Baselines: the global mean tokens per rollout so far; the prompt's mean at its last step (never-seen: the",
+        "global mean). The simulator's oracle is the true expected length before the cap (its error is the noise of",
+        "a group's mean). Prompts scored in brackets.",
+        "",
+    ]
+    rows = []
+    for lbl, rs in sim_res.items():
+        if not rs or "length" not in rs[0]:
+            continue
+        cells = [f"{lbl} (allocator)"]
+        for sub in subsets:
+            vals = [r["length"][sub]["mae_log"] for r in rs]
+            cells.append(f"{fmt_ci(vals)} ({np.mean([r['length'][sub]['count'] for r in rs]):.0f})")
+        rows.append(cells)
+    for name in sim_base[0] if sim_base else []:
+        cells = [name]
+        for sub in subsets:
+            vals = [b[name][sub]["mae_log"] for b in sim_base]
+            cells.append(f"{fmt_ci(vals)} ({np.mean([b[name][sub]['count'] for b in sim_base]):.0f})")
+        rows.append(cells)
+    if rows:
+        lines += ["**Simulator traces** (mean ± 95% CI over seeds)", "", md_table(["length predictor", *subsets], rows)]
+        lines.append("")
+    t_rows = []
+    for lbl, r in train_res.items():
+        if "length" in r and r["length"]["all"]["count"]:
+            t_rows.append(
+                [f"{lbl} (allocator)"]
+                + [f"{r['length'][sub]['mae_log']:.3f} ({r['length'][sub]['count']})" for sub in subsets]
+            )
+    for name, d in train_base.items():
+        if d["all"]["count"]:
+            t_rows.append([name] + [f"{d[sub]['mae_log']:.3f} ({d[sub]['count']})" for sub in subsets])
+    if t_rows:
+        lines += ["**CPU trainer trace**", "", md_table(["length predictor", *subsets], t_rows), ""]
+    elif train_res:
+        lines += ["The CPU trainer trace has no lengths (a trace written before lengths were recorded).", ""]
+    return lines

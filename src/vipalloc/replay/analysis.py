@@ -13,9 +13,15 @@ rollouts of which ``successes`` succeeded, ``tokens`` generated tokens summed ov
   real total rollouts, then ingests the real outcomes. The policy, and so the outcomes, are the logged run's: the
   plans say what the allocator would have *asked for* at each point of that run, and the variance ratio is the
   engine's gradient-variance model evaluated at the predicted ``p``.
+* **Same tokens** (when the log has lengths): the step is planned again with ``Allocator.plan(token_budget=T)``,
+  ``T = sum_i n_logged,i c_i`` the logged allocation's predicted tokens, ``c_i = plan.expected_lengths`` (the
+  allocator's length model, fed the log's lengths of earlier steps through ``ingest_history``), no cap on rollouts.
 
 Everything reaches the engine through ``Allocator.plan`` / ``Allocator.ingest_history`` (the log's groups are not
-plans this allocator made, so ``observe`` cannot take them) and ``Allocator.expected_variance``.
+plans this allocator made, so ``observe`` cannot take them) and ``Allocator.expected_variance``. The log's lengths
+reach the length model as the history's token columns: per group, the successful and the failed rollouts' summed
+tokens when the log tells them apart (per-rollout logs, history rows with rewards and lengths, version-2 history
+rows), else the group's tokens split in proportion to its successes and failures.
 """
 
 from __future__ import annotations
@@ -125,6 +131,7 @@ class StepData:
     trials: np.ndarray  # int64: rollouts the log generated per prompt
     successes: np.ndarray  # int64
     tokens: np.ndarray  # float64: generated tokens per group (NaN unknown)
+    tokens_success: np.ndarray | None = None  # float64: the successful rollouts' part of tokens (NaN unknown split)
 
     @property
     def mean_tokens(self) -> np.ndarray:
@@ -162,6 +169,7 @@ def iter_step_data(table: GroupTable, arrays: dict[str, np.ndarray]) -> list[Ste
                 trials=arrays["trials"][idx],
                 successes=arrays["successes"][idx],
                 tokens=arrays["tokens"][idx],
+                tokens_success=arrays["tokens_success"][idx] if "tokens_success" in arrays else None,
             )
         )
     return out
@@ -191,35 +199,39 @@ def default_bounds(steps: Sequence[StepData], cfg: CounterfactualConfig) -> tupl
     return n_min, n_max
 
 
+def _even(total: float, count: int) -> np.ndarray:
+    """``count`` whole-number lengths summing to ``round(total)``, as even as possible (float64 ``(count,)``): the
+    length model reads only each outcome's summed tokens and count, so this loses nothing it uses."""
+    if count <= 0:
+        return np.zeros(0)
+    q, r = divmod(max(int(round(total)), 0), count)
+    return np.r_[np.full(r, q + 1.0), np.full(count - r, float(q))]
+
+
+def step_lengths(sd: StepData) -> list[np.ndarray | None]:
+    """Per-rollout lengths aligned with rewards ``[1] * s + [0] * (t - s)`` (None for a group without tokens):
+    the successes' summed tokens when known, else the group's tokens split in proportion to its outcomes."""
+    out: list[np.ndarray | None] = []
+    for j, (s, t, tok) in enumerate(zip(sd.successes, sd.trials, sd.tokens)):
+        if not math.isfinite(tok) or t <= 0:
+            out.append(None)
+            continue
+        ts = np.nan if sd.tokens_success is None else float(sd.tokens_success[j])
+        if not math.isfinite(ts):
+            ts = float(tok) * int(s) / int(t)
+        ts = min(max(ts, 0.0), float(tok))
+        out.append(np.r_[_even(ts, int(s)), _even(float(tok) - ts, int(t - s))])
+    return out
+
+
 def _ingest(alloc: Allocator, sd: StepData) -> None:
-    """Feed the step's real outcomes to ``alloc`` as a one-step history (0/1 rewards: success already decided)."""
+    """Feed the step's real outcomes (and lengths, when the log has them) to ``alloc`` as a one-step history (0/1
+    rewards: success already decided)."""
     h = RolloutHistory(success_threshold=0.5)
     rewards = [np.r_[np.ones(s), np.zeros(t - s)] for s, t in zip(sd.successes, sd.trials)]
-    h.extend(sd.step, sd.ids, rewards, prompts=sd.texts)
+    lens = step_lengths(sd)
+    h.extend(sd.step, sd.ids, rewards, prompts=sd.texts, lengths=lens if any(x is not None for x in lens) else None)
     alloc.ingest_history(h)
-
-
-class _LengthModel:
-    """Predicted tokens per rollout from earlier steps only: the prompt's own mean, else the mean over all
-    earlier rollouts, else (first step) the step's own mean (flagged as hindsight)."""
-
-    def __init__(self) -> None:
-        self.sum: dict[str, float] = {}
-        self.n: dict[str, int] = {}
-        self.total = 0.0
-        self.count = 0
-
-    def predict(self, sd: StepData) -> np.ndarray:
-        fallback = self.total / self.count if self.count else float(np.nansum(sd.tokens) / max(sd.trials.sum(), 1))
-        return np.array([self.sum[i] / self.n[i] if i in self.n else fallback for i in sd.ids], np.float64)
-
-    def update(self, sd: StepData) -> None:
-        for pid, tok, t in zip(sd.ids, sd.tokens, sd.trials):
-            if math.isfinite(tok):
-                self.sum[pid] = self.sum.get(pid, 0.0) + float(tok)
-                self.n[pid] = self.n.get(pid, 0) + int(t)
-                self.total += float(tok)
-                self.count += int(t)
 
 
 @dataclass
@@ -242,6 +254,8 @@ class _Totals:
     tok_target_tokens: float = 0.0
     tok_hindsight: float = 0.0
     tok_moved: float = 0.0
+    tok_gap_max: float = 0.0
+    tok_refused: str | None = None
     per_step: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -269,11 +283,10 @@ def replay_engine(
         "n_max": n_max,
         "estimator": cfg.estimator,
         "predictor": cfg.predictor,
-        # Allocator.plan(token_budget=...) (issue 20) is not in the engine yet: scale the rollout budget instead.
         "token_budget_method": (
-            "rollout budget scaled so the plan's predicted tokens match the logged allocation's (one rescale; "
-            "predicted tokens per rollout: the prompt's mean over earlier steps, else the mean of all earlier "
-            "rollouts)"
+            "Allocator.plan(token_budget=T), T = the logged allocation's predicted tokens sum_i n_logged,i c_i, "
+            "c_i = the allocator's expected tokens per rollout (its length model, fed the log's lengths of earlier "
+            "steps through ingest_history); no cap on rollouts; steps before any length was logged are not planned"
         ),
     }
     kw = {"estimator": cfg.estimator, "n_min": n_min, "n_max": n_max, "seed": cfg.seed, "embedder": cfg.embedder}
@@ -284,7 +297,6 @@ def replay_engine(
     pred_allocs = {p: Allocator(strategy="uniform", predictor=p, **kw) for p in cfg.predictors if p != shared}
     scored: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {p: [] for p in cfg.predictors}
     totals = {s: _Totals() for s in cfg.strategies}
-    lengths = _LengthModel()
     seen: set[str] = set()
     files: dict[str, TextIO] = {}
     if plans_dir is not None:
@@ -299,17 +311,14 @@ def replay_engine(
                 for name, alloc in pred_allocs.items():
                     plan = alloc.plan(sd.ids, prompts=sd.texts, budget=m * n_min, step=sd.step)
                     scored[name].append((plan.p_mean, sd.successes, sd.trials, is_seen))
-                l_hat = lengths.predict(sd) if tokens_known else None
                 for name, alloc in strat_allocs.items():
-                    p_mean = _counterfactual_step(name, alloc, sd, budget, l_hat, totals[name], files.get(name), n_max)
+                    p_mean = _counterfactual_step(alloc, sd, budget, tokens_known, totals[name], files.get(name))
                     if shared is not None and name == cfg.strategies[0]:
                         if p_mean is None:  # this step's budget is infeasible for it: predict at n_min each
                             p_mean = alloc.plan(sd.ids, prompts=sd.texts, budget=m * n_min, step=sd.step).p_mean
                         scored[shared].append((p_mean, sd.successes, sd.trials, is_seen))
             for alloc in (*strat_allocs.values(), *pred_allocs.values()):
                 _ingest(alloc, sd)
-            if tokens_known:
-                lengths.update(sd)
             seen.update(sd.ids)
             if on_step is not None:
                 on_step(k + 1, len(steps))
@@ -322,14 +331,12 @@ def replay_engine(
 
 
 def _counterfactual_step(
-    name: str,
     alloc: Allocator,
     sd: StepData,
     budget: int,
-    l_hat: np.ndarray | None,
+    tokens_known: bool,
     tot: _Totals,
     sink: TextIO | None,
-    n_max: int,
 ) -> np.ndarray | None:
     """Plan one step for one strategy at the logged budget (and at the logged tokens); add to ``tot``.
 
@@ -344,6 +351,8 @@ def _counterfactual_step(
     zero = sd.zero
     real_len = sd.mean_tokens
     logged_var = alloc.expected_variance(plan.p_mean, logged)
+    # the length model's expected tokens per rollout (None until the history holds a length)
+    l_hat = plan.expected_lengths if tokens_known else None
     moved = int((logged[zero] - counts[zero]).sum())
     tok_moved = float(((logged - counts) * real_len)[zero].sum()) if l_hat is not None else 0.0
     tot.exp_var += plan.expected_variance
@@ -368,9 +377,18 @@ def _counterfactual_step(
         hind = float((counts * real_len).sum())
         tot.tokens_hindsight += hind
         target = float((logged * l_hat).sum())  # predicted cost of the logged allocation
-        tok_counts = _token_plan(alloc, sd, budget, plan, l_hat, target, n_max)
         row["tokens_moved_from_zero_variance"] = tok_moved
-        if tok_counts is not None:
+        tok_plan = None
+        if tot.tok_refused is None and target > 0:
+            try:
+                tok_plan = alloc.plan(sd.ids, prompts=sd.texts, token_budget=target, step=sd.step)
+            except ValueError as exc:  # e.g. vip_authors: no token mode (the reason is reported once)
+                tot.tok_refused = str(exc)
+        tok_counts = None if tok_plan is None else np.asarray(tok_plan.counts, np.int64)
+        if tok_plan is not None and tok_counts is not None:
+            gap = float(tok_plan.optimality_gap)
+            if math.isfinite(gap):
+                tot.tok_gap_max = max(tot.tok_gap_max, gap)
             tv = alloc.expected_variance(plan.p_mean, tok_counts)
             tot.tok_rollouts += int(tok_counts.sum())
             tot.tok_exp_var += tv
@@ -384,6 +402,7 @@ def _counterfactual_step(
                     "same_tokens_rollouts": int(tok_counts.sum()),
                     "same_tokens_variance_ratio": _ratio(tv, plan.uniform_variance),
                     "same_tokens_tokens_moved_from_zero_variance": tm,
+                    "same_tokens_optimality_gap": gap if math.isfinite(gap) else None,
                 }
             )
     tot.per_step.append(row)
@@ -400,29 +419,6 @@ def _counterfactual_step(
             }
             sink.write(json.dumps(rec) + "\n")
     return plan.p_mean
-
-
-def _token_plan(
-    alloc: Allocator,
-    sd: StepData,
-    budget: int,
-    plan: Any,
-    l_hat: np.ndarray,
-    target: float,
-    n_max: int,
-) -> np.ndarray | None:
-    """Counts at the logged allocation's predicted token cost, or ``None`` if no such plan is feasible."""
-    cost = float((plan.counts * l_hat).sum())
-    if cost <= 0 or target <= 0:
-        return None
-    scaled = int(round(budget * target / cost))
-    scaled = min(max(scaled, 1), len(sd.ids) * n_max)
-    if scaled == budget:
-        return np.asarray(plan.counts, np.int64)
-    try:
-        return np.asarray(alloc.plan(sd.ids, prompts=sd.texts, budget=scaled, step=sd.step).counts, np.int64)
-    except ValueError:
-        return None
 
 
 def _summary(t: _Totals, tokens_known: bool) -> dict[str, Any]:
@@ -447,7 +443,10 @@ def _summary(t: _Totals, tokens_known: bool) -> dict[str, Any]:
             "target_tokens": t.tok_target_tokens,
             "tokens_at_realised_lengths": t.tok_hindsight,
             "tokens_moved_from_zero_variance": t.tok_moved,
+            "max_optimality_gap": t.tok_gap_max,
         }
+    elif tokens_known and t.tok_refused is not None:
+        out["same_token_budget_refused"] = t.tok_refused
     out["per_step"] = t.per_step
     return out
 
