@@ -179,12 +179,6 @@ def solve_tokens(
             else:
                 lo = mid
         k, lam, mu = k_hi, lam_hi, hi
-        # both caps bind: the multipliers above make a feasible plan, not the best bound; max L(lam, mu) (concave)
-        # by nested ternary search where the batch is small enough for its ~1,600 evaluations
-        if cost.size <= 50 * exact_cells:
-            d_best, lam_b, mu_b = _refine_dual(inner, 2.0 * lam + 1.0, 2.0 * mu + 1.0)
-            if d_best > bound:
-                bound, lam, mu = d_best, lam_b, mu_b
     assert feasible(k)
     k = _greedy_fill(cost, vf, c, k, T, B)
     if cost.shape[0] <= 512:
@@ -200,6 +194,10 @@ def solve_tokens(
         if obj_ex < obj:
             k, obj = k_ex, obj_ex
         return TokenSolution(k, obj, obj, True)
+    if mu > 0 and cost.size <= 50 * exact_cells:
+        # both caps bind: the multipliers above made a feasible plan, not the best bound; max L(lam, mu) (concave)
+        # by nested ternary search where the batch is small enough for its ~1,600 evaluations
+        bound = max(bound, _refine_dual(inner, 2.0 * lam + 1.0, 2.0 * mu + 1.0)[0])
     return TokenSolution(k, obj, min(bound, obj), False)
 
 
