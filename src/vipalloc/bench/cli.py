@@ -291,6 +291,9 @@ def register(app: typer.Typer) -> None:
         ),
         prompts: int | None = typer.Option(None, "--prompts", min=1, help="Prompts a step (default 32)."),
         eval_every: int | None = typer.Option(None, "--eval-every", min=1, help="Steps between evaluations."),
+        preset: str | None = typer.Option(
+            None, help="A TrainConfig preset under the options above (gpu, tokens_cpu); cuda selects gpu."
+        ),
         out: Path = typer.Option(Path("reports"), help="Report folder."),
         jobs: int | None = typer.Option(
             None, min=1, help="Runs side by side in worker processes (default: one per CPU core)."
@@ -351,6 +354,7 @@ def register(app: typer.Typer) -> None:
                     command=_command(),
                     progress=show,
                     device=device,
+                    preset=preset,
                     reuse=reuse,
                     **overrides,
                 )
