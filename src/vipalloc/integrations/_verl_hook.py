@@ -181,7 +181,7 @@ class VIPHook:
         plans = [self._plan_layer(ids, texts, rows, b, step + k) for k, (rows, b) in enumerate(zip(rows_of, budgets))]
         if self.cfg.token_budget is not None:
             plans = self._token_plans(plans, ids, texts, rows_of, budgets, rollout_n, share)
-            if multiple is not None:
+            if multiple is not None and plans[0].token_budget is not None:  # rollout plans sum to `budget` already
                 plans = self._round_to_multiple(plans, ids, texts, rows_of, int(multiple))
         counts = np.zeros(len(ids), dtype=np.int64)
         for rows, plan in zip(rows_of, plans):
@@ -246,10 +246,15 @@ class VIPHook:
         else:
             cap = float(self.cfg.token_budget) * float(share)  # type: ignore[arg-type]
             totals = [cap * u / sum(unit) for u in unit]
-        return [
-            self._plan_layer(ids, texts, rows, b, p.step, token_budget=t, before=p)
-            for p, rows, b, t in zip(plans, rows_of, budgets, totals)
-        ]
+        try:
+            return [
+                self._plan_layer(ids, texts, rows, b, p.step, token_budget=t, before=p)
+                for p, rows, b, t in zip(plans, rows_of, budgets, totals)
+            ]
+        except ValueError as exc:  # e.g. a cap below n_min rollouts of every prompt at the predicted lengths
+            raise ValueError(
+                f"vip.token_budget={self.cfg.token_budget!r} cannot be honoured at this step: {exc}"
+            ) from exc
 
     def _round_to_multiple(
         self, plans: list[Plan], ids: list[str], texts: list[str] | None, rows_of: list[np.ndarray], multiple: int
