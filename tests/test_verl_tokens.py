@@ -192,6 +192,60 @@ def test_legacy_fit_uniform_token_budget(tmp_path, monkeypatch) -> None:
             assert d["vip/tokens_planned"] <= d["vip/token_budget"] * (1 + 1e-9)
 
 
+def test_one_step_off_policy_token_mode_observes_lengths_late(tmp_path, monkeypatch) -> None:
+    """verl's real ``OneStepOffRayTrainer.fit`` (async: batch t+1 planned before batch t is observed) with
+    ``vip.token_budget=uniform``: the first two batches are planned by rollouts (no length known when they are
+    dispatched), later ones under uniform's tokens; each batch's lengths reach ``observe`` at its own plan step."""
+    import asyncio
+    import types
+
+    from test_verl_async import AsyncRollout
+    from test_verl_loops import PromptDataset, StubActorGroup
+    from verl.trainer.ppo.ray_trainer import Role
+    from verl.utils.dataset.rl_dataset import collate_fn
+    from verl.utils.tracking import Tracking
+
+    logged: list[tuple[int, dict]] = []
+    monkeypatch.setattr(Tracking, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(Tracking, "log", lambda self, data, step, **k: logged.append((step, dict(data))))
+    extra = ["trainer.save_freq=-1", "trainer.total_training_steps=4", "actor_rollout_ref.hybrid_engine=false",
+             "vip.token_budget=uniform", f"actor_rollout_ref.rollout.response_length={R_LEN}"]  # fmt: skip
+    config = compose(legacy_overrides(str(tmp_path / "ckpt"), extra))
+    seen: list[Any] = []
+
+    class Recording(plug.vip_one_step_off_trainer_class()):  # type: ignore[misc]
+        def _update_actor(self, batch: Any) -> Any:
+            seen.append((np.asarray(batch.non_tensor_batch["uid"], dtype=str), batch.batch["response_mask"].sum(-1)))
+            return super()._update_actor(batch)
+
+    t = Recording(config=config, tokenizer=None, role_worker_mapping={Role.Actor: object},
+                  resource_pool_manager=types.SimpleNamespace(get_n_gpus=lambda: 2), train_dataset=PromptDataset(8),
+                  val_dataset=PromptDataset(8), collate_fn=collate_fn)  # fmt: skip
+    t.actor_rollout_wg = t.actor_wg = StubActorGroup(dp=2)
+    t.checkpoint_manager = types.SimpleNamespace(update_weights=lambda step: None, sleep_replicas=lambda: None)
+    calls = spy(t._vip(), rollout_n=4)
+    rollout = LengthRollout(seed=4)
+    t.async_rollout_manager = AsyncRollout(rollout, [], seed=1)  # type: ignore[arg-type]
+    asyncio.run(t.fit())
+
+    assert len(seen) == 4 == len(rollout.seen)
+    assert [c["step"] for c in calls["plan"] if c["token_budget"] is not None][:1] == [3]  # 1, 2: by rollouts
+    for step, (uids, mask_len) in enumerate(seen, start=1):
+        index_of = {u: i for u, i, _ in rollout.rows[step - 1]}
+        by_pid: dict[str, list[int]] = defaultdict(list)
+        for u, n_tok in zip(uids, mask_len.tolist()):
+            by_pid[str(index_of[str(u)])].append(int(n_tok))
+        assert observed_lengths(calls, step) == {k: sorted(v) for k, v in by_pid.items()}
+        assert sum(rollout.seen[step - 1].values()) % 16 == 0
+    for c in calls["plan"]:
+        if c["token_budget"] is not None:
+            assert c["token_budget"] == pytest.approx(c["uniform"], rel=1e-12)
+            assert c["plan"].expected_tokens <= c["token_budget"] * (1 + 1e-9)
+    vip_logs = [d for _, d in logged if "vip/budget" in d]
+    assert len(vip_logs) == 4 and all(TOKEN_OUTCOME <= set(d) for d in vip_logs)
+    assert all(TOKEN_PLAN <= set(d) for d in vip_logs[2:])
+
+
 # ------------------------------------------------------------------------------------------------ v1 loop
 @pytest.fixture(scope="module")
 def transfer_queue():
