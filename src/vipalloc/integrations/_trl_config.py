@@ -142,9 +142,10 @@ class VIPGRPOConfig(GRPOConfig):
         if self.token_budget is not None:
             if self.two_phase:
                 raise ValueError(
-                    f"token_budget={self.token_budget!r} cannot be used with two_phase=True: a two-phase step's pilot "
-                    "is planned by rollouts (Allocator.plan_pilot takes a rollout budget), so the step's tokens could "
-                    "not be capped; use a single-phase strategy (e.g. 'vip') or token_budget=None"
+                    f"token_budget={self.token_budget!r} cannot be used with two_phase=True yet: the TRL plug-in's "
+                    "two-phase step plans its pilot by rollouts (it does not pass a token budget to "
+                    "Allocator.plan_pilot), so the step's tokens would not be capped; use a single-phase strategy "
+                    "(e.g. 'vip') or token_budget=None"
                 )
             refusal = get_strategy(self.allocation_strategy, estimator=self.variance_estimator).token_refusal
             if refusal is not None:
