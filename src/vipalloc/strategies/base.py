@@ -19,7 +19,7 @@ Maths only: imports :mod:`vipalloc.allocation` and numpy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Protocol
+from typing import ClassVar, NamedTuple, Protocol, TypeAlias
 
 import numpy as np
 
@@ -31,6 +31,7 @@ __all__ = [
     "NO_INFO_STD",
     "P_CLIP",
     "AllocationContext",
+    "Ctx",
     "Strategy",
     "StrategyBase",
     "TokenCounts",
@@ -104,6 +105,9 @@ class TokenCounts(NamedTuple):
     gap: float
 
 
+Ctx: TypeAlias = "AllocationContext | None"  # the context argument of the token planners, spelt once
+
+
 class StrategyBase:
     """The flags' defaults (a single-phase rule of ``p_hat`` alone that never relaxes a minimum and has no token
     mode); strategies inherit it and override what differs."""
@@ -125,8 +129,20 @@ class StrategyBase:
         max_rollouts: int | None = None,
         context: AllocationContext | None = None,
     ) -> TokenCounts:
-        """Refuse: this strategy cannot plan under a token budget (``token_refusal`` says why)."""
-        raise ValueError(f"strategy {self.name!r} cannot plan under a token budget: {self.token_refusal}")
+        """Counts under ``sum_i n_i lengths_i <= token_budget`` (and ``sum_i n_i <= max_rollouts``): the call is
+        checked (:func:`check_tokens`), then the strategy's :meth:`_allocate_tokens` plans; a strategy with a
+        ``token_refusal`` refuses with it."""
+        if self.token_refusal is not None:
+            raise ValueError(f"strategy {self.name!r} cannot plan under a token budget: {self.token_refusal}")
+        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
+        return self._allocate_tokens(p, c, t, cap, n_min, n_max, context)
+
+    def _allocate_tokens(
+        self, p: np.ndarray, c: np.ndarray, t: float, cap: int | None, n_min: int, n_max: int, context: Ctx
+    ) -> TokenCounts:
+        """The token plan of checked inputs: ``p`` (M,) predictions, ``c`` (M,) expected tokens per rollout,
+        ``t`` the token budget, ``cap`` the rollout cap (None: none)."""
+        raise NotImplementedError(f"strategy {self.name!r} declares a token mode but does not implement it")
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ from vipalloc.allocation import domain, minimize_separable
 from vipalloc.strategies.base import (
     P_CLIP,
     AllocationContext,
+    Ctx,
     StrategyBase,
     TokenCounts,
     balance_ties,
     check_call,
-    check_tokens,
     equal_classes,
     table_tokens,
     uniform_counts,
@@ -91,19 +91,10 @@ class Knapsack(StrategyBase):
                 pool -= take
         return counts
 
-    def allocate_tokens(
-        self,
-        p_hat: np.ndarray,
-        token_budget: float,
-        lengths: np.ndarray,
-        n_min: int,
-        n_max: int,
-        *,
-        max_rollouts: int | None = None,
-        context: AllocationContext | None = None,
+    def _allocate_tokens(
+        self, p: np.ndarray, c: np.ndarray, t: float, cap: int | None, n_min: int, n_max: int, context: Ctx
     ) -> TokenCounts:
         """The same value, maximised exactly (or with a certified gap) under ``sum_i n_i c_i <= token_budget``."""
-        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
         p = np.where(p < P_CLIP, 0.0, np.where(p > 1 - P_CLIP, 1.0, p))
         vals = domain(n_min, n_max)
         value = knapsack_value(p[:, None], vals[None, :].astype(np.float64))
@@ -133,19 +124,10 @@ class GVM(StrategyBase):
         weight = 1.0 / np.sqrt(pc + self.a / pc ** (self.b - 1.0))
         return proportional_counts(weight, budget, n_min, n_max)
 
-    def allocate_tokens(
-        self,
-        p_hat: np.ndarray,
-        token_budget: float,
-        lengths: np.ndarray,
-        n_min: int,
-        n_max: int,
-        *,
-        max_rollouts: int | None = None,
-        context: AllocationContext | None = None,
+    def _allocate_tokens(
+        self, p: np.ndarray, c: np.ndarray, t: float, cap: int | None, n_min: int, n_max: int, context: Ctx
     ) -> TokenCounts:
         """Counts proportional to the same weights, water-filled so their predicted tokens meet the budget."""
-        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
         pc = np.clip(p, P_CLIP, 1.0)
         weight = 1.0 / np.sqrt(pc + self.a / pc ** (self.b - 1.0))
         return TokenCounts(proportional_token_counts(weight, c, t, n_min, n_max, cap), float("nan"))
@@ -265,19 +247,10 @@ class DynaMO(StrategyBase):
         # equal weights get counts within one (largest remainders, earlier first): ties are treated alike
         return proportional_counts(self.sigma(len(p), context), budget, n_min, n_max)
 
-    def allocate_tokens(
-        self,
-        p_hat: np.ndarray,
-        token_budget: float,
-        lengths: np.ndarray,
-        n_min: int,
-        n_max: int,
-        *,
-        max_rollouts: int | None = None,
-        context: AllocationContext | None = None,
+    def _allocate_tokens(
+        self, p: np.ndarray, c: np.ndarray, t: float, cap: int | None, n_min: int, n_max: int, context: Ctx
     ) -> TokenCounts:
         """Counts proportional to ``sigma_i``, water-filled so their predicted tokens meet the budget."""
-        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
         return TokenCounts(
             proportional_token_counts(self.sigma(len(p), context), c, t, n_min, n_max, cap), float("nan")
         )
@@ -373,19 +346,10 @@ class HORA(StrategyBase):
         # equal posteriors (equal rows of the value table) form one class, spread evenly: exact, the cost is convex
         return balance_ties(counts, equal_classes(value))
 
-    def allocate_tokens(
-        self,
-        p_hat: np.ndarray,
-        token_budget: float,
-        lengths: np.ndarray,
-        n_min: int,
-        n_max: int,
-        *,
-        max_rollouts: int | None = None,
-        context: AllocationContext | None = None,
+    def _allocate_tokens(
+        self, p: np.ndarray, c: np.ndarray, t: float, cap: int | None, n_min: int, n_max: int, context: Ctx
     ) -> TokenCounts:
         """``P(>= 1 success)`` maximised exactly (or with a certified gap) under ``sum_i n_i c_i <= token_budget``."""
-        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
         vals = domain(n_min, n_max)
         value = self.value(p, context, vals)
         return table_tokens(-value, vals, c, t, cap, equal_classes(np.column_stack([value, c])))

@@ -18,10 +18,10 @@ from vipalloc.allocation import domain
 from vipalloc.strategies.base import (
     P_CLIP,
     AllocationContext,
+    Ctx,
     StrategyBase,
     TokenCounts,
     check_call,
-    check_tokens,
     table_tokens,
     uniform_counts,
 )
@@ -48,18 +48,9 @@ class Uniform(StrategyBase):
         p, budget = check_call(p_hat, budget, n_min, n_max)
         return uniform_counts(len(p), budget)
 
-    def allocate_tokens(
-        self,
-        p_hat: np.ndarray,
-        token_budget: float,
-        lengths: np.ndarray,
-        n_min: int,
-        n_max: int,
-        *,
-        max_rollouts: int | None = None,
-        context: AllocationContext | None = None,
+    def _allocate_tokens(
+        self, p: np.ndarray, c: np.ndarray, t: float, cap: int | None, n_min: int, n_max: int, context: Ctx
     ) -> TokenCounts:
-        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
         return TokenCounts(uniform_token_counts(c, t, n_max, cap), float("nan"))
 
 
@@ -97,18 +88,9 @@ class InverseAcc(StrategyBase):
         p, budget = check_call(p_hat, budget, n_min, n_max)
         return _linear_allocate(np.log(np.clip(p, P_CLIP, 1 - P_CLIP)), budget, n_min, n_max)
 
-    def allocate_tokens(
-        self,
-        p_hat: np.ndarray,
-        token_budget: float,
-        lengths: np.ndarray,
-        n_min: int,
-        n_max: int,
-        *,
-        max_rollouts: int | None = None,
-        context: AllocationContext | None = None,
+    def _allocate_tokens(
+        self, p: np.ndarray, c: np.ndarray, t: float, cap: int | None, n_min: int, n_max: int, context: Ctx
     ) -> TokenCounts:
-        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
         vals = domain(n_min, n_max)
         score = np.log(np.clip(p, P_CLIP, 1 - P_CLIP))
         return table_tokens(score[:, None] * vals[None, :], vals, c, t, cap)
@@ -130,18 +112,9 @@ class InverseVar(StrategyBase):
         pc = np.clip(p, P_CLIP, 1 - P_CLIP)
         return _linear_allocate(np.log(pc * (1 - pc)), budget, n_min, n_max)
 
-    def allocate_tokens(
-        self,
-        p_hat: np.ndarray,
-        token_budget: float,
-        lengths: np.ndarray,
-        n_min: int,
-        n_max: int,
-        *,
-        max_rollouts: int | None = None,
-        context: AllocationContext | None = None,
+    def _allocate_tokens(
+        self, p: np.ndarray, c: np.ndarray, t: float, cap: int | None, n_min: int, n_max: int, context: Ctx
     ) -> TokenCounts:
-        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
         vals = domain(n_min, n_max)
         score = np.log(np.clip(p, P_CLIP, 1 - P_CLIP) * (1 - np.clip(p, P_CLIP, 1 - P_CLIP)))
         return table_tokens(score[:, None] * vals[None, :], vals, c, t, cap)

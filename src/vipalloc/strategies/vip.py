@@ -22,11 +22,11 @@ from vipalloc.strategies.base import (
     HARDNESS_BONUS,
     P_CLIP,
     AllocationContext,
+    Ctx,
     StrategyBase,
     TokenCounts,
     balance_ties,
     check_call,
-    check_tokens,
     check_vip_options,
     equal_classes,
     no_information,
@@ -116,16 +116,8 @@ class VIP(StrategyBase):
         counts[keep] = exact(keep, lo, n_max)
         return counts
 
-    def allocate_tokens(
-        self,
-        p_hat: np.ndarray,
-        token_budget: float,
-        lengths: np.ndarray,
-        n_min: int,
-        n_max: int,
-        *,
-        max_rollouts: int | None = None,
-        context: AllocationContext | None = None,
+    def _allocate_tokens(
+        self, p: np.ndarray, c: np.ndarray, t: float, cap: int | None, n_min: int, n_max: int, context: Ctx
     ) -> TokenCounts:
         """The same objective and drop rule under ``sum_i n_i c_i <= token_budget`` (``c = lengths``, expected
         tokens per rollout; optionally ``sum n <= max_rollouts``), each stage solved by
@@ -137,7 +129,6 @@ class VIP(StrategyBase):
         budget") and to afford its minimum; the most-served dropped groups are added back, or the least-served
         kept ones dropped, until it does. Uniform (:class:`~vipalloc.strategies.uniform.Uniform`) when the
         predictions carry no information."""
-        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
         self.last_min_keep_relaxed = False
         m = len(p)
         if no_information(p):
@@ -203,20 +194,11 @@ class VIPPure(StrategyBase):
         pc = np.clip(p, P_CLIP, 1 - P_CLIP)
         return balance_ties(solve(pc, budget, n_min=n_min, n_max=n_max, estimator=self.estimator), tie_classes(pc))
 
-    def allocate_tokens(
-        self,
-        p_hat: np.ndarray,
-        token_budget: float,
-        lengths: np.ndarray,
-        n_min: int,
-        n_max: int,
-        *,
-        max_rollouts: int | None = None,
-        context: AllocationContext | None = None,
+    def _allocate_tokens(
+        self, p: np.ndarray, c: np.ndarray, t: float, cap: int | None, n_min: int, n_max: int, context: Ctx
     ) -> TokenCounts:
         """The variance objective on ``[n_min, n_max]`` under ``sum_i n_i c_i <= token_budget`` (exact or with a
         certified gap); uniform under the same tokens when the predictions carry no information."""
-        p, c, t, cap = check_tokens(p_hat, token_budget, lengths, n_min, n_max, max_rollouts)
         if no_information(p):
             return TokenCounts(uniform_token_counts(c, t, n_max, cap), float("nan"))
         pc = np.clip(p, P_CLIP, 1 - P_CLIP)
