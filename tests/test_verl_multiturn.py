@@ -5,7 +5,7 @@ scripted server (turn 1: a hermes tool call to a calculator function tool loaded
 answer it read from the tool's output), a stand-in reward worker, and our VIP trainer subclasses driving verl's real
 ``fit``. Checked: per-prompt ``__rollout_n__`` becomes that many whole multi-turn sessions, the tool is really
 called, group sizes are checked against the plan, a failed session is recorded as a short group, and each
-episode's generated tokens (tool output excluded) reach the hook.
+episode's generated tokens (tool output excluded) reach the hook and ``Allocator.observe(lengths=...)``.
 """
 
 from __future__ import annotations
@@ -154,5 +154,10 @@ def test_v1_multi_turn_tool_sessions_follow_the_plan(tq_cluster, tmp_path, monke
         assert all(t_ in {expected_tokens(tok, i, question(i)[2]), expected_tokens(tok, i, question(i)[2] + 1)}
                    for t_ in toks.tolist())  # fmt: skip
     assert len(hook.episode_tokens[(1, "3")]) == 3  # the failed session has no episode
+    # ... and the same lengths reached Allocator.observe (the history's token columns): 63 episodes, their tokens
+    rows = hook.allocator.history.rows()
+    assert int(rows["lengths_success"].sum() + rows["lengths_fail"].sum()) == episodes - 1
+    recorded = float(rows["tokens_success"].sum() + rows["tokens_fail"].sum())
+    assert recorded == sum(int(v.sum()) for v in hook.episode_tokens.values())
     vip_logs = [d for _, d in logged if "vip/budget" in d]
     assert len(vip_logs) == 2 and vip_logs[0]["vip/rollouts_generated"] == 31 and vip_logs[1]["vip/budget"] == 32

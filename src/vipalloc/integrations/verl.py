@@ -18,6 +18,10 @@ uid, so variable group sizes need no change to verl's maths. What the plug-in ad
   did not apply the plan and raises :class:`PlanNotAppliedError`). The shared ``vip/*`` metrics
   (``Plan.metrics()`` and ``Allocator.outcome_metrics``, the names every trainer and plug-in logs) go into verl's
   step metrics.
+* **Token mode** (``vip.token_budget``: ``uniform`` or tokens per step): each plan also satisfies
+  ``sum_i n_i c_i <= T`` with ``c_i`` from the lengths observed so far (each episode's ``response_mask`` summed,
+  passed to ``Allocator.observe(lengths=...)`` in both loops); the rollout budget stays the cap, legacy rows are
+  rounded down to the DP multiple, the v1 loop's are padded by verl. ``vip/tokens_*`` join the metrics.
 * **Checkpoints**: the allocator is saved as ``global_step_<k>/vip_allocator.json`` next to verl's actor checkpoint
   and restored with it.
 
