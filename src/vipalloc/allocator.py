@@ -206,15 +206,8 @@ class Allocator:
             )
         ids = as_ids(prompt_ids)
         m = len(ids)
-        if budget is None and token_budget is None:
-            raise ValueError(
-                f"budget is required: total rollouts for this batch, e.g. {m} prompts x 8 = {8 * m} (or "
-                "token_budget=T, generated tokens)"
-            )
-        step = self._last_step + 1 if step is None else check_int("step", step, 0)
-        tokens = None if token_budget is None else check_tokens_arg(token_budget)
+        budget, tokens, given, step = self._budget_args(ids, budget, token_budget, expected_lengths, step)
         if budget is not None:
-            budget = check_int("budget", budget, 0)
             # Refuse an infeasible budget before embedding: the feature caches keep the first text given for an id.
             if tokens is None and budget > m * self.n_max:
                 raise ValueError(
@@ -226,13 +219,10 @@ class Allocator:
                     f"budget {budget} is infeasible for {m} prompts with n in [{self.n_min}, {self.n_max}]: "
                     f"feasible budgets lie in [{m * self.n_min}, {m * self.n_max}]; change the budget or the bounds"
                 )
-        given = None if expected_lengths is None else check_lengths_arg(expected_lengths, m)
-        if tokens is not None:
-            if self.strategy.token_refusal is not None:
-                raise ValueError(
-                    f"strategy {self.strategy_name!r} cannot plan under a token budget: {self.strategy.token_refusal}"
-                )
-            self._check_lengths_known(given)
+        if tokens is not None and self.strategy.token_refusal is not None:
+            raise ValueError(
+                f"strategy {self.strategy_name!r} cannot plan under a token budget: {self.strategy.token_refusal}"
+            )
         p_mean, p_std, timings = self._predict(ids, prompts, step)
         t0 = time.perf_counter()
         c = given if given is not None else self._expected_lengths(ids, p_mean, step)
@@ -296,13 +286,28 @@ class Allocator:
         p = np.asarray(p_mean, np.float64)
         return self.length_model.predict_batch(self.history, self.history_window, self._cache, ids, p, step)
 
-    def _check_lengths_known(self, given: np.ndarray | None) -> None:
-        if given is None and not self.history.has_lengths:
+    def _budget_args(
+        self, ids: list[str], budget: Any, token_budget: Any, expected_lengths: Any, step: Any
+    ) -> tuple[int | None, float | None, np.ndarray | None, int]:
+        """The checked ``(budget, token_budget, expected_lengths, step)`` of ``plan`` / ``plan_pilot`` (the whole
+        step's budgets); refuses a call without a budget, or a token budget with no length to predict from."""
+        if budget is None and token_budget is None:
+            m = len(ids)
+            raise ValueError(
+                f"budget is required: total rollouts of the step, e.g. {m} prompts x 8 = {8 * m} (or "
+                "token_budget=T, generated tokens)"
+            )
+        budget = None if budget is None else check_int("budget", budget, 0)
+        tokens = None if token_budget is None else check_tokens_arg(token_budget)
+        given = None if expected_lengths is None else check_lengths_arg(expected_lengths, len(ids))
+        if tokens is not None and given is None and not self.history.has_lengths:
             raise ValueError(
                 "a token budget needs the expected tokens per rollout: report lengths with observe(..., lengths="
                 "[...]) on earlier steps, pass expected_lengths=[...] (e.g. the maximum completion length), or plan "
                 "this first step by rollouts (budget=...)"
             )
+        step = self._last_step + 1 if step is None else check_int("step", step, 0)
+        return budget, tokens, given, step
 
     def _expected_lengths(self, ids: list[str], p_mean: np.ndarray, step: int) -> np.ndarray | None:
         pred = self.length_model.predict_batch(self.history, self.history_window, self._cache, ids, p_mean, step)
@@ -486,17 +491,7 @@ class Allocator:
                 f"{self.strategy_name!r}: call plan() instead, or build Allocator(strategy='vip_two_phase')"
             )
         ids = as_ids(prompt_ids)
-        if budget is None and token_budget is None:
-            raise ValueError(
-                f"budget is required: total rollouts of the step, pilot included, e.g. {len(ids)} prompts x 8 = "
-                f"{8 * len(ids)} (or token_budget=T, generated tokens)"
-            )
-        budget = None if budget is None else check_int("budget", budget, 0)
-        tokens = None if token_budget is None else check_tokens_arg(token_budget)
-        given = None if expected_lengths is None else check_lengths_arg(expected_lengths, len(ids))
-        if tokens is not None:
-            self._check_lengths_known(given)
-        step = self._last_step + 1 if step is None else check_int("step", step, 0)
+        budget, tokens, given, step = self._budget_args(ids, budget, token_budget, expected_lengths, step)
         old = self._pilots.get(step)
         if old is not None and (old.trials.any() or old.extra is not None):
             raise ValueError(
