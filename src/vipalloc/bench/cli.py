@@ -232,10 +232,11 @@ def register(app: typer.Typer) -> None:
         if token_only:
             import json
 
-            from vipalloc.bench.overhead_tokens import token_speed, token_speed_lines
+            from vipalloc.bench.overhead import run_token_speed
+            from vipalloc.bench.overhead_tokens import token_speed_lines
 
             try:
-                res = token_speed(token_m or 4096, _ints(history, "--history")[0] if history else 50_000)
+                res = run_token_speed(token_m or 4096, _ints(history, "--history")[0] if history else 50_000)
             except ValueError as exc:
                 _fail(str(exc))
             out.mkdir(parents=True, exist_ok=True)

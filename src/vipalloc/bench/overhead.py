@@ -17,7 +17,7 @@ import numpy as np
 from vipalloc.bench.progress import Progress, noop
 from vipalloc.reporting import git_commit, md_table, plot_lines, provenance
 
-__all__ = ["run_overhead"]
+__all__ = ["run_overhead", "run_token_speed"]
 
 
 def _synthetic_texts(prefix: str, n: int, rng: np.random.Generator) -> list[str]:
@@ -280,9 +280,7 @@ def run_overhead(
             progress("run", {"label": f"GP window {mp} at M={m}", "detail": f"plan() {t_plan:.3f} s"})
     token_res = None
     if token_m is not None:
-        from vipalloc.bench.overhead_tokens import token_speed
-
-        token_res = token_speed(token_m, histories[0], token_repeats, n_mean, embedder)
+        token_res = run_token_speed(token_m, histories[0], token_repeats, n_mean, embedder)
         progress("run", {"label": f"token vs rollout budget at M={token_m}", "detail": f"{token_res['ratio']:.2f}x"})
     elapsed = time.perf_counter() - t_start
     result = {
@@ -303,6 +301,20 @@ def run_overhead(
     (out / "overhead.json").write_text(json.dumps(result, default=float))
     _write_overhead_report(out, result, command)
     return result
+
+
+def run_token_speed(
+    m: int = 4096, history_rows: int = 50_000, repeats: int = 5, n_mean: int = 8, embedder: str = "hashing"
+) -> dict[str, Any]:
+    """:func:`vipalloc.bench.overhead_tokens.token_speed` on this bench's synthetic history of ``history_rows``
+    rows and a batch of ``m`` new synthetic prompts."""
+    from vipalloc.bench.overhead_tokens import token_speed
+
+    if m < 2 or history_rows < 1:
+        raise ValueError("need m >= 2 and history_rows >= 1")
+    hist = _history_rows(history_rows, 8192, seed=history_rows)
+    texts = _synthetic_texts(f"t{m}-", m, np.random.default_rng(m))
+    return token_speed(hist, texts, repeats, n_mean, embedder)
 
 
 def _gp_default_window() -> int | None:

@@ -1,8 +1,8 @@
 """The token-budget speed check of ``vipalloc bench overhead``: ``plan()`` time at M prompts under a token budget
 over the same plan under a rollout budget, measured in the same run on the same allocator state.
 
-Set-up: a ``vip`` allocator with the ``gp`` predictor ingests the overhead bench's synthetic history
-(:func:`vipalloc.bench.overhead._history_rows`), plans one batch of ``m`` new prompts by rollouts and observes it
+Set-up: a ``vip`` allocator with the ``gp`` predictor ingests a history (the overhead bench passes its synthetic
+one, :func:`vipalloc.bench.overhead.run_token_speed`), plans one batch of ``m`` new prompts by rollouts and observes it
 *with lengths* (lognormal, longer for failures and for low-success prompts, as in
 :mod:`vipalloc.bench.sim_lengths`), so the length model has data. At the next step it plans once to warm the GP
 fit's cache, then alternates ``repeats`` times ``plan(budget=8 m)`` and
@@ -21,26 +21,27 @@ __all__ = ["token_speed", "token_speed_lines"]
 
 
 def token_speed(
-    m: int = 4096,
-    history_rows: int = 50_000,
+    hist: Any,
+    texts: list[str],
     repeats: int = 5,
     n_mean: int = 8,
     embedder: str = "hashing",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Median ``plan()`` seconds under a rollout and under a token budget (same state); see the module docstring."""
+    """Median ``plan()`` seconds under a rollout and under a token budget (same state) for a batch of
+    ``len(texts)`` new prompts after the :class:`~vipalloc.history.RolloutHistory` ``hist``; see the module
+    docstring."""
     from vipalloc import Allocator
-    from vipalloc.bench.overhead import _history_rows, _synthetic_texts
 
+    m = len(texts)
     if m < 2 or repeats < 1:
         raise ValueError("need m >= 2 and repeats >= 1")
     rng = np.random.default_rng(seed)
-    hist = _history_rows(history_rows, 8192, seed=history_rows)
+    history_rows = len(hist)
     s0 = int(hist.last_step or 0) + 1
     alloc = Allocator(strategy="vip", predictor="gp", n_min=2, n_max=32, embedder=embedder, seed=seed)
     alloc.ingest_history(hist)
     ids = [f"t{m}-{j}" for j in range(m)]
-    texts = _synthetic_texts(f"t{m}-", m, rng)
     budget = n_mean * m
     plan0 = alloc.plan(ids, prompts=texts, budget=budget, step=s0)
     base = 256.0 * np.exp(0.3 * rng.standard_normal(m)) * (1.0 + 3.0 * (1.0 - plan0.p_mean))
