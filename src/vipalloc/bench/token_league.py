@@ -95,8 +95,10 @@ def _run_cached(
     seed: int,
     run_kw: dict[str, Any],
     progress: Progress,
-) -> TokenRun:
-    """The run from ``runs_dir`` when one with the same fingerprint is there, else run it and store it."""
+    cached_only: bool = False,
+) -> TokenRun | None:
+    """The run from ``runs_dir`` when one with the same fingerprint is there, else run it and store it (else None
+    with ``cached_only``)."""
     fp = _fingerprint(row, cfg, lengths, seed, run_kw)
     path = runs_dir / f"sigma{cfg.sigma:g}" / f"{_slug(row.label)}-seed{seed}.json"
     if path.exists():
@@ -104,6 +106,8 @@ def _run_cached(
         if d.get("fingerprint") == fp:
             progress("advance", {"n": 1})
             return TokenRun.from_dict(d["run"])
+    if cached_only:
+        return None
     t0 = time.perf_counter()
     run = token_run(row, cfg, lengths, seed, **run_kw)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,12 +143,13 @@ def run_tokens(
     lengths: LengthConfig | None = None,
     embedder: str = "hashing",
     report: bool = True,
+    cached_only: bool = False,
     command: str = "vipalloc bench tokens",
     progress: Progress = noop,
 ) -> dict[str, Any]:
     """The equal-token league at ``sigma`` (``rows`` x ``seeds``) and a sweep over ``sweep`` sigmas of
     ``sweep_rows``; resumable (runs kept under ``<out>/tokens_runs``). Returns the results; writes the report
-    unless ``report`` is False."""
+    unless ``report`` is False. ``cached_only``: run nothing, report the seeds whose rows are all stored."""
     if seeds < 1:
         raise ValueError("seeds must be >= 1")
     rows = list(rows) if rows is not None else list(TOKEN_ROWS)
@@ -167,17 +172,25 @@ def run_tokens(
         sg_rows = rows if sg == float(sigma) else s_rows
         results[sg] = {r.label: [] for r in sg_rows}
         for seed in range(seeds):
-            uni = _run_cached(runs_dir, sg_rows[0], cfg, lcfg, seed, run_kw, progress)
-            results[sg][sg_rows[0].label].append(uni)
-            total_tok = float(uni.cum_tokens[-1])
-            kw = {**run_kw, "token_total": total_tok, "max_steps": 3 * steps}
-            for row in sg_rows[1:]:
-                results[sg][row.label].append(_run_cached(runs_dir, row, cfg, lcfg, seed, kw, progress))
+            uni = _run_cached(runs_dir, sg_rows[0], cfg, lcfg, seed, run_kw, progress, cached_only)
+            if uni is None:
+                continue
+            kw = {**run_kw, "token_total": float(uni.cum_tokens[-1]), "max_steps": 3 * steps}
+            others = [_run_cached(runs_dir, row, cfg, lcfg, seed, kw, progress, cached_only) for row in sg_rows[1:]]
+            if any(r is None for r in others):  # cached_only: a seed is reported with all its rows or not at all
+                continue
+            for row, run in zip(sg_rows, [uni, *others]):
+                assert run is not None
+                results[sg][row.label].append(run)
+    results = {sg: d for sg, d in results.items() if d[rows[0].label]}
+    if float(sigma) not in results:
+        raise ValueError(f"no complete seed at sigma={sigma:g} yet (cached_only)")
     elapsed = time.perf_counter() - t_start
     res: dict[str, Any] = {
         "config": base_cfg.to_dict(),
         "lengths": lcfg.to_dict(),
-        "seeds": seeds,
+        "seeds": len(results[float(sigma)][rows[0].label]),
+        "seeds_per_sigma": {str(sg): len(d[rows[0].label]) for sg, d in results.items()},
         "steps": steps,
         "batch": batch,
         "n_mean": n_mean,

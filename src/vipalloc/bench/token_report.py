@@ -1,11 +1,13 @@
 """Figures and report of the equal-token league (``vipalloc bench tokens``): ``tokens.md``, ``tokens.json``, PNGs.
 
 Every curve is a run's mean true success against its cumulative *generated* tokens, cut at its seed's token total
-(the uniform row's) by linear interpolation, so the rows of a seed end at exactly the same tokens.
+(the uniform row's) by linear interpolation, so the rows of a seed end at exactly the same tokens, and expressed as
+a share of that total (seeds' totals differ by a few percent; on this axis every seed ends at 1, so seed-mean curves
+never stop short of a seed's end).
 
 * **Tokens to a target, as a ratio to uniform, at several target levels.** The target at level ``f`` is
   ``s_0 + f (s_final - s_0)``: ``s_0`` the mean success before training (the same for every row of a seed),
-  ``s_final`` uniform's mean final success (the mean of its last ``final_points`` points), so ``f = 1`` is
+  ``s_final`` uniform's mean final success (its last point by default: ``final_points = 1``), so ``f = 1`` is
   "uniform's final success" and ``f = 0.5`` half of uniform's gain. As in :func:`vipalloc.reporting.league`: the
   curves are averaged over seeds on a common token grid, the crossing is interpolated, and the 95% interval is a
   percentile bootstrap over seeds, *paired* (one draw of seed indices for every row; the target is recomputed on
@@ -60,7 +62,7 @@ def level_ratios(
     levels: Sequence[float],
     *,
     baseline: str = "uniform",
-    final_points: int = 2,
+    final_points: int = 1,
     grid_points: int = 401,
     n_boot: int = 2000,
     seed: int = 0,
@@ -129,9 +131,15 @@ def _auc(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _cut_runs(runs: Mapping[str, Sequence[TokenRun]]) -> dict[str, list[Curve]]:
-    """Every run's (tokens, success) curve cut at its seed's uniform total."""
+    """Every run's (share of its seed's uniform token total, success) curve, cut at 1."""
     totals = {r.seed: float(r.cum_tokens[-1]) for r in runs["uniform"]}
-    return {lbl: [cut_curve(r.cum_tokens, r.success, totals[r.seed]) for r in rs] for lbl, rs in runs.items()}
+    out: dict[str, list[Curve]] = {}
+    for lbl, rs in runs.items():
+        out[lbl] = []
+        for r in rs:
+            x, y = cut_curve(r.cum_tokens, r.success, totals[r.seed])
+            out[lbl].append((x / totals[r.seed], y))
+    return out
 
 
 def _fmt_ratio(r: LevelRow) -> str:
@@ -207,9 +215,9 @@ def write_tokens_report(
     main = results[sigma]
     curves = _cut_runs(main)
     plot = plot_bands(
-        {lbl: [(x / 1e6, y) for x, y in cs] for lbl, cs in curves.items()},
+        curves,
         out / "tokens_success.png",
-        xlabel="cumulative generated tokens (millions)",
+        xlabel="cumulative generated tokens (share of uniform's total)",
         ylabel="mean success over the pool (true p)",
         title=f"simulator with lengths, sigma={sigma:g}: mean ± 95% CI over {res['seeds']} seeds",
     )
