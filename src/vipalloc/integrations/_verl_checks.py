@@ -217,9 +217,11 @@ def config_refusals(config: Any, vip: VIPConfig) -> list[str]:
 
 
 TWO_PHASE_TOKEN_REFUSAL = (
-    "vip.token_budget with vip.two_phase=true is refused: Allocator.plan_pilot has no token budget yet (the pilot's "
-    "tokens would have to count against it and the commit spend what is left), so the step could not honour the "
-    "cap; set vip.token_budget=null or vip.two_phase=false"
+    "vip.token_budget with vip.two_phase=true is refused by the verl plug-in (the engine's plan_pilot takes a token "
+    "budget; the plug-in does not use it yet): the legacy loop needs each step's rows, pilot + commit, to be an exact "
+    "multiple of DP x mini-batch rows fixed before generation (fit keeps len(gen_batch_output) rows), while under a "
+    "token budget the commit's size is only known after the pilot; rounding the commit down is the missing piece. "
+    "Set vip.token_budget=null or vip.two_phase=false"
 )
 
 

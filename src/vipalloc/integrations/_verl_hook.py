@@ -161,7 +161,7 @@ class VIPHook:
         id in one plan and every group is observed against its own record. Plan steps are unique and increasing: a
         second submission in the same training step (async refills) is planned at the next free step.
 
-        Token mode (``cfg.token_budget``, see :meth:`_token_plans`): ``budget`` becomes the cap on rollouts next to
+        Token mode (``cfg.token_budget``, see :meth:`_token_budgets`): ``budget`` becomes the cap on rollouts next to
         the token budget; ``rollout_n`` (verl's ``rollout.n``) prices ``"uniform"``, ``share`` (this submission's
         prompts / ``train_batch_size``) scales an absolute per-step cap to a partial submission, and ``multiple``
         (rows per training batch must be a multiple of it; ``None``: verl pads, as the v1 loop does) rounds the
@@ -176,13 +176,15 @@ class VIPHook:
         budgets = _split_budget(int(budget), sizes, self.cfg.n_min, self.cfg.n_max)
         step = max(int(step), self._last_plan_step + 1)
         rows_of = [np.flatnonzero(layer == k) for k in range(len(budgets))]
-        # Rollout plans first: in token mode they register the prompts' features (a new prompt needs its text before
-        # the length model can price it) and give the expected tokens per rollout that set the token budget.
-        plans = [self._plan_layer(ids, texts, rows, b, step + k) for k, (rows, b) in enumerate(zip(rows_of, budgets))]
-        if self.cfg.token_budget is not None:
-            plans = self._token_plans(plans, ids, texts, rows_of, budgets, rollout_n, share)
-            if multiple is not None and plans[0].token_budget is not None:  # rollout plans sum to `budget` already
-                plans = self._round_to_multiple(plans, ids, texts, rows_of, int(multiple))
+        totals = (
+            None if self.cfg.token_budget is None else self._token_budgets(ids, texts, rows_of, step, rollout_n, share)
+        )
+        plans = [
+            self._plan_layer(ids, texts, rows, b, step + k, token_budget=None if totals is None else totals[k])
+            for k, (rows, b) in enumerate(zip(rows_of, budgets))
+        ]
+        if totals is not None and multiple is not None:  # rollout plans sum to `budget`, a multiple, already
+            plans = self._round_to_multiple(plans, ids, texts, rows_of, int(multiple))
         counts = np.zeros(len(ids), dtype=np.int64)
         for rows, plan in zip(rows_of, plans):
             if np.any(plan.counts == 1):  # strategies keep counts in {0} U [n_min, n_max]; guard verl's gotcha anyway
@@ -211,50 +213,53 @@ class VIPHook:
         t0 = time.perf_counter()
         sub_texts = None if texts is None else [texts[i] for i in rows]
         sub_ids = [ids[i] for i in rows]
-        plan = self.allocator.plan(sub_ids, prompts=sub_texts, budget=int(budget), step=step, token_budget=token_budget)
+        try:
+            plan = self.allocator.plan(
+                sub_ids, prompts=sub_texts, budget=int(budget), step=step, token_budget=token_budget
+            )
+        except ValueError as exc:  # e.g. a cap below n_min rollouts of every prompt at the predicted lengths
+            if token_budget is None:
+                raise
+            raise ValueError(
+                f"vip.token_budget={self.cfg.token_budget!r} cannot be honoured at this step: {exc}"
+            ) from exc
         plan.timings["overhead"] = time.perf_counter() - t0 - sum(plan.timings.values())
         if before is not None:
             for k, v in before.timings.items():
                 plan.timings[k] = plan.timings.get(k, 0.0) + v
         return plan
 
-    def _token_plans(
+    def _token_budgets(
         self,
-        plans: list[Plan],
         ids: list[str],
         texts: list[str] | None,
         rows_of: list[np.ndarray],
-        budgets: list[int],
+        step: int,
         rollout_n: int | None,
         share: float,
-    ) -> list[Plan]:
-        """Re-plan each layer under its token budget (rollout cap: its rollout budget).
+    ) -> list[float] | None:
+        """Each occurrence layer's token budget (layer ``k`` is planned at ``step + k``), ``None`` before any length
+        was observed (the step is then planned by rollouts).
 
-        The submission's tokens: ``"uniform"`` = ``rollout_n x sum_i c_i`` (``Allocator.uniform_tokens``: what the
-        uniform plan of ``rollout.n`` per prompt is predicted to generate, ``c_i`` the expected tokens per rollout of
-        the rollout plans just made at the same steps); a number = that cap x ``share``. Layers get shares in
-        proportion to ``sum_i c_i``. Before any length was observed there is no ``c_i``: the rollout plans stand.
+        The submission's tokens: ``"uniform"`` = ``Allocator.uniform_tokens(ids, rollout_n)``, what the uniform plan
+        of ``rollout.n`` per prompt is predicted to generate; a number = that cap x ``share``. Layers get shares in
+        proportion to their ``sum_i c_i`` (``c_i``: expected tokens per rollout), so ``"uniform"`` gives each layer
+        exactly its own uniform tokens.
         """
-        if any(p.expected_lengths is None for p in plans):
-            self._warn_once("tokens-first", "no generated lengths observed yet: this step is planned by rollouts")
-            return plans
-        unit = [float(np.sum(p.expected_lengths)) for p in plans]  # tokens of one rollout per prompt, per layer
+        unit = []  # tokens of one rollout per prompt, per layer
+        for k, rows in enumerate(rows_of):
+            sub_texts = None if texts is None else [texts[i] for i in rows]
+            u = self.allocator.uniform_tokens([ids[i] for i in rows], 1, step + k, prompts=sub_texts)
+            if u is None:
+                self._warn_once("tokens-first", "no generated lengths observed yet: this step is planned by rollouts")
+                return None
+            unit.append(u)
         if self.cfg.token_budget == "uniform":
             if rollout_n is None:
                 raise ValueError("vip.token_budget='uniform' needs verl's rollout.n to price the uniform plan")
-            totals = [int(rollout_n) * u for u in unit]
-        else:
-            cap = float(self.cfg.token_budget) * float(share)  # type: ignore[arg-type]
-            totals = [cap * u / sum(unit) for u in unit]
-        try:
-            return [
-                self._plan_layer(ids, texts, rows, b, p.step, token_budget=t, before=p)
-                for p, rows, b, t in zip(plans, rows_of, budgets, totals)
-            ]
-        except ValueError as exc:  # e.g. a cap below n_min rollouts of every prompt at the predicted lengths
-            raise ValueError(
-                f"vip.token_budget={self.cfg.token_budget!r} cannot be honoured at this step: {exc}"
-            ) from exc
+            return [int(rollout_n) * u for u in unit]
+        cap = float(self.cfg.token_budget) * float(share)  # type: ignore[arg-type]
+        return [cap * u / sum(unit) for u in unit]
 
     def _round_to_multiple(
         self, plans: list[Plan], ids: list[str], texts: list[str] | None, rows_of: list[np.ndarray], multiple: int
