@@ -93,7 +93,8 @@ def level_ratios(
             last = min(float(np.max(x)) for x, _ in sub)
             g = grid[grid <= last]
             mc = mean_curve(sub, g)
-            out[name] = [crossing(g, mc, t) for t in targets]
+            # 1e-12: the baseline's own mean curve ends at its target up to rounding (interp vs mean)
+            out[name] = [crossing(g, mc, t - 1e-12) for t in targets]
         return targets, out
 
     targets, point = tokens(np.arange(s))
