@@ -405,12 +405,12 @@ class Trainer:
             return self.alloc.plan(ids, prompts=texts, budget=cfg.budget, step=self.step)
         given = None
         if cfg.token_budget == "uniform":
-            tokens = self.alloc.uniform_tokens(ids, cfg.n_mean, step=self.step)
+            tokens = self.alloc.uniform_tokens(ids, cfg.n_mean, step=self.step, prompts=texts)
             if tokens is None:
                 return self.alloc.plan(ids, prompts=texts, budget=cfg.budget, step=self.step)
         else:
             tokens = float(cfg.token_budget)
-            if self.alloc.uniform_tokens(ids, 1, step=self.step) is None:
+            if self.alloc.uniform_tokens(ids, 1, step=self.step, prompts=texts) is None:
                 given = [float(cfg.max_new_tokens)] * len(ids)
         return self.alloc.plan(
             ids, prompts=texts, budget=cfg.budget, step=self.step, token_budget=tokens, expected_lengths=given
