@@ -401,3 +401,11 @@ def test_refused_plans_register_no_features() -> None:
     with pytest.raises(ValueError, match="cannot plan under a token budget"):
         alloc.plan(["a", "b"], prompts=["x", "y"], step=0, token_budget=100.0, expected_lengths=[5.0, 5.0])
     assert alloc._cache is None or not alloc._cache.has("a")
+
+
+def test_length_prior_estimates_the_mean_not_the_geometric_mean() -> None:
+    """Token costs add up linearly, so an unseen prompt's prior is the mean over prompts (here 500), not
+    exp(mean log) (300): the smearing factor corrects the log-scale estimate."""
+    rows = _rows([0, 1], [0.0, 0.0], [1000.0, 9000.0], [0, 0], [10, 10])
+    pred = LengthModel().predict(np.array([0.0]), np.array([-1]), rows, n_prompts=2)
+    assert pred is not None and pred.prior[0] == pytest.approx(500.0)

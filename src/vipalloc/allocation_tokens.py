@@ -32,6 +32,7 @@ __all__ = ["TokenSolution", "min_tokens", "solve_tokens"]
 _REL_TOL = 1e-12  # token sums are real numbers (expected lengths): compare with a relative tolerance
 _EXACT_STATES = 20_000  # Pareto states per prompt beyond which the exact program gives up (the gap stays)
 _EXACT_CELLS = 2_048  # the exact program is tried on instances of at most this many (prompt, count) cells
+_EXACT_WORK = 5_000_000  # ... and gives up beyond this many (state, count, prompt) cells of work
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,10 @@ def solve_tokens(
         return TokenSolution(k, obj, obj, True)
     better = None
     if cost.size <= exact_cells:
-        better = _exact_pareto(cost, vf, c, T, B, lam, mu, incumbent=obj, max_states=exact_states)
+        # bound the program's work (states x counts x prompts) to ~5e6 cells, about 0.1 s: past that the plan keeps
+        # its certified gap, which at these sizes is already ~1e-4 or less
+        states = min(exact_states, max(1_000, _EXACT_WORK // cost.size))
+        better = _exact_pareto(cost, vf, c, T, B, lam, mu, incumbent=obj, max_states=states)
     if better is not None:
         k_ex, obj_ex = better
         if obj_ex < obj:

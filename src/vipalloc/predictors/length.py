@@ -12,7 +12,9 @@ with two rollouts is mostly prior, one seen with fifty mostly itself)::
 
 ``prior_i`` is a feature-based prediction of the prompt's mean tokens per rollout: ridge regression of
 ``log(mean tokens)`` of every prompt in the window on its embedding (the features the GP already uses), when
-features are available; otherwise the window's mean of ``log(mean tokens)`` over prompts. ``r_success`` /
+features are available; otherwise the window's mean of ``log(mean tokens)`` over prompts. Either is brought back
+from the log scale with Duan's smearing factor ``mean(exp(residual))``, so the prior estimates a mean, not a
+geometric mean (which would under-predict skewed lengths). ``r_success`` /
 ``r_fail`` scale it to the outcome (the window's mean success length over its mean length, and the same for
 failures; 1 when an outcome has no lengths). A never-seen prompt gets the prior alone.
 
@@ -96,6 +98,9 @@ class LengthModel:
         r_s = (tok_s.sum() / n_s.sum()) / overall if n_s.sum() else 1.0
         r_f = (tok_f.sum() / n_f.sum()) / overall if n_f.sum() else 1.0
         prior_log = np.full(len(p), global_log)
+        # exp(E[log L]) is the geometric mean, below the mean that token costs need: Duan's smearing factor
+        # mean(exp(residual)) turns a log-scale prediction back into a mean (here the arithmetic mean over prompts)
+        smear = float(np.mean(np.exp(log_len - global_log)))
         if features is not None and batch_features is not None:
             fit = np.arange(seen.size)
             if seen.size > self.max_fit_prompts:  # the most recently seen prompts
@@ -108,7 +113,9 @@ class LengthModel:
             if usable.sum() >= self.min_prompts and ok_b.any():
                 w, b = _ridge(x[usable], log_len[fit][usable], self.ridge)
                 prior_log[ok_b] = batch_features[ok_b] @ w + b
-        prior = np.exp(prior_log)
+                resid = log_len[fit][usable] - (x[usable] @ w + b)
+                smear = float(np.mean(np.exp(resid)))
+        prior = np.exp(prior_log) * smear
         k0 = float(self.prior_strength)
         at = np.asarray(at, np.int64)
         known = at >= 0
