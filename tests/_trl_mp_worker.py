@@ -8,6 +8,7 @@ penalty on, and scripted plans that leave the processes unequal, the first one w
 ``vllm-tp1`` / ``vllm-tp2``: vLLM colocate mode through the stand-in (tensor parallel 1 or 2).
 ``tokens``: token mode (``token_budget="uniform"``) with a stand-in policy of uneven completion lengths
 (``UnevenPolicy``) and the oracle predictor, whose skewed plans leave the processes uneven rows.
+``tokens-two-phase``: the same with ``vip_two_phase`` (pilot of 2 per prompt, then the commit under the tokens left).
 """
 
 from __future__ import annotations
@@ -49,16 +50,19 @@ def script(step: int, prompts: list[str]) -> list[int]:
     return (SPAN_SCRIPT if len(prompts) == 3 else SCRIPT)[step % 2]
 
 
-def run_tokens(out: Path) -> None:
+def run_tokens(out: Path, scenario: str = "tokens") -> None:
     """Token mode on two processes: per step, the plan, what observe received (main process), the completion-mask
-    counts of this process's scored slice, the rows of every micro-batch, TRL's logs."""
+    counts of this process's scored slice, the rows of every micro-batch, TRL's logs. ``tokens-two-phase``: also
+    the pilot and the commit plans (main process), each phase's observed lengths."""
     rank = int(os.environ["RANK"])
+    two_phase = scenario == "tokens-two-phase"
+    strategy = "vip_two_phase" if two_phase else "vip"
     tok = tiny_tokenizer()
     data = sums(n=8)
     UnevenPolicy(tok, data, max_len=8, seed=rank).install()
     g, n_max = 4, 8
     args = VIPGRPOConfig(
-        output_dir=str(out / "run-tokens"),
+        output_dir=str(out / f"run-{scenario}"),
         use_cpu=True,
         per_device_train_batch_size=4,  # budget 16 = 2 processes x 4 rows x 2 micro-batches; 4 prompts x 8 sampled
         gradient_accumulation_steps=2,
@@ -75,13 +79,16 @@ def run_tokens(out: Path) -> None:
         save_strategy="no",
         seed=0,
         dataloader_num_workers=0,
-        allocation_strategy="vip",
+        allocation_strategy=strategy,
+        two_phase=two_phase,
+        pilot_n=2,
         predictor="oracle",
         token_budget="uniform",
     )
     steps: list[dict] = []
     observed: list[tuple[list, list]] = []
     pending: dict = {}
+    phases: list[dict] = []  # two-phase steps (main process): pilot and commit plans, observe calls before the commit
 
     class Spy(Allocator):
         def plan(self, prompt_ids, prompts=None, budget=None, step=None, **kwargs):
@@ -89,11 +96,29 @@ def run_tokens(out: Path) -> None:
             pending["budget"] = budget
             return super().plan(prompt_ids, prompts=prompts, budget=budget, step=step, **kwargs)
 
+        def plan_pilot(self, prompt_ids, prompts=None, budget=None, step=None, pilot_n=2, **kwargs):
+            pending["uniform"] = self.uniform_tokens(prompt_ids, g, prompts=prompts)
+            pending["budget"] = budget
+            pilot = super().plan_pilot(prompt_ids, prompts=prompts, budget=budget, step=step, pilot_n=pilot_n, **kwargs)
+            tokens = kwargs.get("token_budget")
+            phases.append({"pilot": pilot.counts.tolist(), "pilot_token_budget": tokens})
+            return pilot
+
+        def plan_commit(self, step=None):
+            commit = super().plan_commit(step)
+            phases[-1].update(
+                commit=commit.counts.tolist(),
+                commit_token_budget=commit.token_budget,
+                commit_lengths=None if commit.expected_lengths is None else commit.expected_lengths.tolist(),
+                observed_before=len(observed),
+            )
+            return commit
+
         def observe(self, prompt_ids, rewards, step, lengths=None):
             observed.append((list(prompt_ids), [[int(x) for x in ln] for ln in lengths]))
             return super().observe(prompt_ids, rewards, step, lengths=lengths)
 
-    allocator = Spy(strategy="vip", predictor="oracle", n_min=2, n_max=n_max, embedder="hashing")
+    allocator = Spy(strategy=strategy, predictor="oracle", n_min=2, n_max=n_max, embedder="hashing")
     allocator.predictor.set_true_p([f"q{i}" for i in range(8)], TRUE_P[:8])
     trained: list[dict] = []
     masks: list[list[int]] = []
@@ -115,8 +140,11 @@ def run_tokens(out: Path) -> None:
             rec = self.vip_last
             assert rec is not None
             ids, lens = observed[-1] if observed and rank == 0 else ([], [])
+            phase = phases[-1] if phases and rank == 0 else {}
             steps.append(
                 {
+                    **phase,
+                    "pilot_observed": list(observed[-2]) if two_phase and rank == 0 else None,
                     "n_max": n_max,
                     "prompt_ids": rec.prompt_ids,
                     "counts": rec.counts.tolist(),
@@ -149,12 +177,12 @@ def run_tokens(out: Path) -> None:
         GRPOTrainer.compute_loss, GRPOTrainer._generate_and_score_completions = base_loss, base_score
     logs = [h for h in trainer.state.log_history if "loss" in h]
     dump = {"steps": steps, "trained": trained, "logs": logs}
-    (out / f"tokens.rank{rank}.json").write_text(json.dumps(dump))
+    (out / f"{scenario}.rank{rank}.json").write_text(json.dumps(dump))
 
 
 def run(out: Path, scenario: str) -> None:
-    if scenario == "tokens":
-        run_tokens(out)
+    if scenario in ("tokens", "tokens-two-phase"):
+        run_tokens(out, scenario)
         return
     rank = int(os.environ["RANK"])
     tok = tiny_tokenizer()

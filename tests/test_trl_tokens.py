@@ -63,14 +63,15 @@ def token_args(out: Path, **kw) -> VIPGRPOConfig:
     return VIPGRPOConfig(**base)
 
 
-def train(tmp_path_factory, **kw) -> dict:
+def train(tmp_path_factory, strategy: str = "vip", **kw) -> dict:
     """A short run: every plan (with the uniform tokens computed just before it), every observe call, the raw
-    scored batch of each step, TRL's logs."""
+    scored batch of each step, TRL's logs. A two-phase ``strategy``: ``plans`` holds the pilots (with the uniform
+    tokens and the keyword arguments), ``commits`` the commits, each with the tokens left when it was planned."""
     out = tmp_path_factory.mktemp("tokens")
     tok = tiny_tokenizer()
     data = sums(n=8)  # 8 prompts: seen again from the third step, so lengths are predicted per prompt
     policy = UnevenPolicy(tok, data, MAX_LEN)
-    plans, observed, raw, records = [], [], [], []
+    plans, commits, observed, raw, records = [], [], [], [], []
     base_score = GRPOTrainer._generate_and_score_completions
 
     class Spy(Allocator):
@@ -80,9 +81,22 @@ def train(tmp_path_factory, **kw) -> dict:
             plans.append((result, uniform, kwargs))
             return result
 
-        def observe(self, prompt_ids, rewards, step, lengths=None):
+        def plan_pilot(self, prompt_ids, prompts=None, budget=None, step=None, pilot_n=2, **kwargs):
+            uniform = self.uniform_tokens(prompt_ids, G, prompts=prompts)
+            result = super().plan_pilot(
+                prompt_ids, prompts=prompts, budget=budget, step=step, pilot_n=pilot_n, **kwargs
+            )
+            plans.append((result, uniform, {**kwargs, "budget": budget, "pilot_n": pilot_n}))
+            return result
+
+        def plan_commit(self, step=None):
+            result = super().plan_commit(step)
+            commits.append((result, len(observed)))  # observe calls made before the commit was planned
+            return result
+
+        def observe(self, prompt_ids, rewards, step, lengths=None, **kwargs):
             observed.append((step, list(prompt_ids), [np.asarray(x).tolist() for x in lengths]))
-            return super().observe(prompt_ids, rewards, step, lengths=lengths)
+            return super().observe(prompt_ids, rewards, step, lengths=lengths, **kwargs)
 
     class Recording(VIPGRPOTrainer):
         def _generate_and_score_completions(self, inputs):
@@ -95,8 +109,9 @@ def train(tmp_path_factory, **kw) -> dict:
         raw.append(output["completion_mask"].sum(1).tolist())
         return output
 
-    args = token_args(out, **kw)
-    allocator = Spy(strategy="vip", predictor="oracle", n_min=2, n_max=N_MAX, embedder="hashing")
+    two_phase = strategy in ("vip_two_phase", "pilot_commit")
+    args = token_args(out, allocation_strategy=strategy, two_phase=two_phase, **kw)
+    allocator = Spy(strategy=strategy, predictor="oracle", n_min=2, n_max=N_MAX, embedder="hashing")
     allocator.predictor.set_true_p([f"q{i}" for i in range(8)], TRUE_P[:8])
     mp = pytest.MonkeyPatch()
     policy.install(mp)
@@ -120,6 +135,7 @@ def train(tmp_path_factory, **kw) -> dict:
         trainer=trainer,
         policy=policy,
         plans=plans,
+        commits=commits,
         observed=observed,
         raw=raw,
         records=records,
@@ -211,6 +227,100 @@ def test_absolute_cap_is_respected(cap_run) -> None:
     assert any(int(p.counts.sum()) < PROMPTS * G for p, _, _ in plans[1:])
 
 
+# ---------------------------------------------------------------------- two-phase steps under a token budget
+def check_two_phase_steps(run: dict) -> list[tuple]:
+    """Per step: the pilot's lengths reached ``observe`` before the commit was planned and the commit's after, each
+    equal to TRL's completion-mask counts of its rows; every group is pilot + commit rows (the first rows of its
+    n_max-wide block, at most n_max); the rollout budget caps the step. Returns, per step, ``(pilot, plan kwargs,
+    uniform tokens, commit, pilot tokens spent, record)``."""
+    pilots, commits, observed, raw, records = (run[k] for k in ("plans", "commits", "observed", "raw", "records"))
+    assert len(pilots) == len(commits) == len(records) == len(raw) == STEPS
+    assert len(observed) == 2 * STEPS  # the pilot's rollouts, then the commit's, every step
+    steps = []
+    for k, ((pilot, uniform, kw), (commit, seen), rec, mask) in enumerate(zip(pilots, commits, records, raw)):
+        assert pilot.phase == "pilot" and commit.phase == "commit" and rec.step == pilot.step == commit.step
+        assert seen == 2 * k + 1  # the pilot's outcomes and lengths were observed before the commit was planned
+        (s_pilot, pilot_ids, pilot_lens), (s_commit, commit_ids, commit_lens) = observed[2 * k : 2 * k + 2]
+        assert s_pilot == s_commit == rec.step
+        assert rec.prompt_ids == pilot.prompt_ids == commit.prompt_ids
+        block = {pid: i for i, pid in enumerate(rec.prompt_ids)}  # distinct prompts: prompt i fills block i
+        assert pilot_ids == [p for p, c in zip(pilot.prompt_ids, pilot.counts) if c > 0]
+        assert commit_ids == [p for p, c in zip(commit.prompt_ids, commit.counts) if c > 0]
+        for pid, got in zip(pilot_ids, pilot_lens):
+            i = block[pid]
+            assert got == mask[i * N_MAX : i * N_MAX + int(pilot.counts[i])]
+        for pid, got in zip(commit_ids, commit_lens):
+            i = block[pid]
+            start = i * N_MAX + int(pilot.counts[i])
+            assert got == mask[start : start + int(commit.counts[i])]
+        assert set(pilot.counts.tolist()) <= {0, kw["pilot_n"]} and kw["budget"] == PROMPTS * G
+        np.testing.assert_array_equal(rec.counts, pilot.counts + commit.counts)
+        assert rec.counts.max() <= N_MAX and int(rec.counts.sum()) <= PROMPTS * G
+        real = np.asarray(rec.real_rows, bool).reshape(-1, N_MAX)
+        np.testing.assert_array_equal(real, np.arange(N_MAX)[None, :] < rec.counts[:, None])
+        assert [ln.tolist() for ln in rec.lengths] == [
+            mask[i * N_MAX : i * N_MAX + int(c)] for i, c in enumerate(rec.counts)
+        ]
+        spent = float(sum(sum(ln) for ln in pilot_lens))
+        steps.append((pilot, kw, uniform, commit, spent, rec))
+    every = {x for _, _, lengths in observed for ln in lengths for x in ln}
+    assert len(every) >= 2 and max(every) == MAX_LEN  # uneven lengths, some cut at max_completion_length
+    return steps
+
+
+@pytest.fixture(scope="module", params=["vip_two_phase", "pilot_commit"])
+def two_phase_run(request, tmp_path_factory) -> dict:
+    return train(tmp_path_factory, strategy=request.param)
+
+
+def test_two_phase_uniform_token_mode(two_phase_run) -> None:
+    """Pilot and commit carry uniform's token budget; the pilot's tokens spent (completion mask) plus the commit's
+    predicted tokens fit it."""
+    steps = check_two_phase_steps(two_phase_run)
+    every = {x for _, _, lengths in two_phase_run["observed"] for ln in lengths for x in ln}
+    assert len(every) >= 3 and MAX_LEN in every  # of 2, 3, 5 and 8 tokens
+    pilot, kw, uniform, commit, _, rec = steps[0]
+    # no length known yet: the first step is planned by rollouts (pilot + commit = the budget, exactly)
+    assert uniform is None and kw.get("token_budget") is None
+    assert pilot.token_budget is None and commit.token_budget is None and int(rec.counts.sum()) == PROMPTS * G
+    for pilot, kw, uniform, commit, spent, _rec in steps[1:]:
+        assert uniform is not None and kw["token_budget"] == pytest.approx(uniform, rel=1e-12)
+        assert pilot.token_budget == pytest.approx(uniform, rel=1e-12)
+        assert commit.token_budget == pytest.approx(uniform, rel=1e-12)
+        assert pilot.expected_tokens is not None and pilot.expected_tokens <= uniform * (1 + 1e-9)
+        committed = float(commit.counts @ commit.expected_lengths)
+        assert spent + committed <= uniform * (1 + 1e-9)
+
+
+def test_two_phase_token_metrics_are_logged(two_phase_run) -> None:
+    logs, records = two_phase_run["logs"], two_phase_run["records"]
+    assert len(logs) == STEPS
+    for h, rec in zip(logs, records):
+        assert set(OUTCOME_TOKEN_METRIC_NAMES) <= set(h)
+        assert h["vip/tokens_generated"] == pytest.approx(sum(int(ln.sum()) for ln in rec.lengths))  # pilot + commit
+        assert h["vip/budget"] == int(rec.counts.sum())
+    for h, rec in zip(logs[1:], records[1:]):
+        assert set(PLAN_TOKEN_METRIC_NAMES) <= set(h)
+        assert h["vip/token_budget"] == pytest.approx(rec.plan.token_budget)
+        assert h["vip/tokens_planned"] == pytest.approx(rec.plan.expected_tokens)  # the whole step's groups
+    assert all(math.isfinite(h["loss"]) for h in logs)
+
+
+def test_two_phase_absolute_cap(tmp_path_factory) -> None:
+    """A cap in tokens: the first step's pilot and commit are planned at max_completion_length per rollout, so the
+    tokens generated stay under the cap; later steps at the predicted lengths."""
+    run = train(tmp_path_factory, strategy="vip_two_phase", token_budget=CAP)
+    steps = check_two_phase_steps(run)
+    assert not run["warnings"]
+    pilot, _, _, commit, spent, rec = steps[0]
+    np.testing.assert_array_equal(pilot.expected_lengths, np.full(PROMPTS, float(MAX_LEN)))
+    assert sum(int(ln.sum()) for ln in rec.lengths) <= CAP
+    for pilot, kw, _, commit, spent, _rec in steps:
+        assert kw["token_budget"] == pilot.token_budget == commit.token_budget == CAP
+        assert spent + float(commit.counts @ commit.expected_lengths) <= CAP * (1 + 1e-9)
+    assert any(int(rec.counts.sum()) < PROMPTS * G for *_, rec in steps)  # the cap binds
+
+
 def test_cap_below_the_minimum_plans_the_minimum_with_a_warning(tmp_path) -> None:
     """A cap that cannot pay for n_min rollouts per prompt at the predicted lengths: planned at that minimum."""
     args = token_args(tmp_path, token_budget=PROMPTS * 2.0)
@@ -221,11 +331,26 @@ def test_cap_below_the_minimum_plans_the_minimum_with_a_warning(tmp_path) -> Non
     with pytest.warns(RuntimeWarning, match="cannot pay for n_min"):
         tokens, lengths = trainer._vip_token_budget(ids, ids, PROMPTS * G)
     assert tokens == 2 * PROMPTS * MAX_LEN and lengths is not None
+    # a two-phase step: the minimum is the pilot's max(n_min, pilot_n) rollouts per prompt
+    trainer.args = token_args(
+        tmp_path, token_budget=PROMPTS * 3.0, allocation_strategy="vip_two_phase", two_phase=True, pilot_n=3
+    )
+    allocator = Allocator(strategy="vip_two_phase", predictor="beta", n_min=2, n_max=N_MAX, embedder="hashing")
+    trainer.allocator = allocator
+    with pytest.warns(RuntimeWarning, match="pilot_n"):
+        tokens, lengths = trainer._vip_token_budget(ids, ids, PROMPTS * G)
+    assert tokens == 3 * PROMPTS * MAX_LEN and lengths is not None
+    pilot = allocator.plan_pilot(ids, budget=PROMPTS * G, pilot_n=3, token_budget=tokens, expected_lengths=lengths)
+    assert pilot.counts.tolist() == [3] * PROMPTS
 
 
 def test_token_mode_refusals_fire_at_construction(tmp_path) -> None:
-    with pytest.raises(ValueError, match="two_phase"):
-        token_args(tmp_path, allocation_strategy="vip_two_phase", two_phase=True)
+    for strategy in ("vip_two_phase", "pilot_commit"):  # two-phase token mode is supported
+        assert token_args(tmp_path, allocation_strategy=strategy, two_phase=True).token_budget == "uniform"
+    with pytest.raises(ValueError, match="pilot_n"):  # the pilot is part of a cap: pilot_n one-token rollouts each
+        token_args(
+            tmp_path, allocation_strategy="vip_two_phase", two_phase=True, pilot_n=3, token_budget=PROMPTS * 3 - 1
+        )
     with pytest.raises(ValueError, match="vip_authors"):
         token_args(tmp_path, allocation_strategy="vip_authors")
     for bad in ("banana", -5.0, float("inf"), True):
@@ -268,19 +393,27 @@ def test_token_budget_from_the_command_line(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------- two processes
+MP_SCENARIOS = ("tokens", "tokens-two-phase")  # one torchrun launch runs both (start-up is most of its time)
+
+
 @pytest.fixture(scope="module")
-def mp_dumps(tmp_path_factory) -> tuple[dict, dict]:
+def mp_dumps(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     out = tmp_path_factory.mktemp("mp-tokens")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("_trl_mp_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
-    proc = subprocess.run([*cmd, str(out), "tokens"], timeout=600, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [*cmd, str(out), ",".join(MP_SCENARIOS)], timeout=600, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return tuple(json.loads((out / f"tokens.rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
+    return {
+        name: tuple(json.loads((out / f"{name}.rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[misc]
+        for name in MP_SCENARIOS
+    }
 
 
 def test_two_processes_gather_lengths_and_plan_by_tokens(mp_dumps) -> None:
-    d0, d1 = mp_dumps
+    d0, d1 = mp_dumps["tokens"]
     steps = d0["steps"]
     assert len(steps) == len(d1["steps"]) >= 4
     uneven = False
@@ -314,6 +447,54 @@ def test_two_processes_gather_lengths_and_plan_by_tokens(mp_dumps) -> None:
             assert set(OUTCOME_TOKEN_METRIC_NAMES) <= set(h)
         assert all(set(PLAN_TOKEN_METRIC_NAMES) <= set(h) for h in d["logs"][1:])
     # both processes trained the same number of rows at every micro-batch
+    assert [c["rows"] for c in d0["trained"]] == [c["rows"] for c in d1["trained"]]
+
+
+def test_two_processes_two_phase_under_a_token_budget(mp_dumps) -> None:
+    """``vip_two_phase`` with ``token_budget="uniform"`` on two processes: the pilot's gathered completion-mask
+    lengths reach observe before the commit, the commit's after; pilot tokens spent + the commit's predicted tokens
+    fit the budget; n_max-wide groups of pilot + commit rows; equal rows per process at every micro-batch."""
+    d0, d1 = mp_dumps["tokens-two-phase"]
+    steps = d0["steps"]
+    assert len(steps) == len(d1["steps"]) >= 4
+    uneven = False
+    for k, (s0, s1) in enumerate(zip(steps, d1["steps"])):
+        half = len(s0["real_rows"]) // 2
+        uneven |= sum(s0["real_rows"][:half]) != sum(s0["real_rows"][half:])
+        assert s0["counts"] == s1["counts"]  # one plan, broadcast
+        n_max, counts = s0["n_max"], s0["counts"]
+        pilot, commit = s0["pilot"], s0["commit"]
+        assert counts == [a + b for a, b in zip(pilot, commit)] and max(counts) <= n_max
+        assert set(pilot) <= {0, 2} and sum(counts) <= s0["budget_rollouts"]
+        real = np.asarray(s0["real_rows"], bool).reshape(-1, n_max)
+        np.testing.assert_array_equal(real, np.arange(n_max)[None, :] < np.asarray(counts)[:, None])
+        mask = s0["mask"] + s1["mask"]  # completion-mask counts of the gathered batch, process order
+        by_id = {pid: i for i, pid in enumerate(s0["prompt_ids"])}
+        assert s0["observed_before"] == 2 * k + 1  # the pilot was observed before the commit was planned
+        pilot_ids, pilot_lens = s0["pilot_observed"]
+        for pid, got in zip(pilot_ids, pilot_lens):
+            i = by_id[pid]
+            assert got == mask[i * n_max : i * n_max + pilot[i]]
+        for pid, got in zip(s0["observed_ids"], s0["observed_lengths"]):  # the commit's rows
+            i = by_id[pid]
+            assert got == mask[i * n_max + pilot[i] : i * n_max + counts[i]]
+        assert s0["lengths"] == s1["lengths"]
+        if k == 0:
+            assert s0["pilot_token_budget"] is None and s0["commit_token_budget"] is None
+            assert sum(counts) == s0["budget_rollouts"]
+            continue
+        budget = s0["uniform_tokens"]
+        assert s0["pilot_token_budget"] == pytest.approx(budget, rel=1e-12)
+        assert s0["commit_token_budget"] == pytest.approx(budget, rel=1e-12)
+        spent = sum(sum(ln) for ln in pilot_lens)
+        assert spent + float(np.dot(commit, s0["commit_lengths"])) <= budget * (1 + 1e-9)
+    assert uneven  # the plans left the processes with different numbers of real rows
+    for d in (d0, d1):
+        rows = [c["rows"] for c in d["trained"]]
+        assert all(r == rows[2 * (i // 2)] for i, r in enumerate(rows))  # equal micro-batches within a step
+        assert all(math.isfinite(c["loss"]) for c in d["trained"])
+        assert all(set(PLAN_TOKEN_METRIC_NAMES) <= set(h) for h in d["logs"][1:])
+        assert all(set(OUTCOME_TOKEN_METRIC_NAMES) <= set(h) for h in d["logs"])
     assert [c["rows"] for c in d0["trained"]] == [c["rows"] for c in d1["trained"]]
 
 

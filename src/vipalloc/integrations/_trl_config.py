@@ -46,6 +46,7 @@ class VIPGRPOConfig(GRPOConfig):
     * ``token_budget``: plan each generation batch under a budget of generated tokens (``"uniform"``: the tokens
       plain GRPO's ``num_generations`` rollouts per prompt are predicted to spend; a number: a cap in tokens). The
       rollout budget stays a cap (at most ``generation_batch_size`` rollouts); ``None`` / ``"off"``: rollouts only.
+      With ``two_phase`` the pilot's tokens count against the budget and the commit spends the tokens left.
     """
 
     n_max: int | None = field(
@@ -89,8 +90,9 @@ class VIPGRPOConfig(GRPOConfig):
             "(`generation_batch_size` rollouts). `'uniform'`: spend the tokens plain GRPO would have spent "
             "(`num_generations` rollouts per prompt at the lengths predicted from recent steps; the first generation "
             "batch, before any length is known, is planned by rollouts). A number: a cap in tokens per generation "
-            "batch (over all processes). The rollout budget stays a cap in every token mode. Not available with "
-            "`two_phase` or the `vip_authors` strategy."
+            "batch (over all processes). The rollout budget stays a cap in every token mode. With `two_phase` the "
+            "pilot's tokens count against the budget and the commit spends what is left. Not available with the "
+            "`vip_authors` strategy."
         },
     )
 
@@ -140,13 +142,6 @@ class VIPGRPOConfig(GRPOConfig):
             raise ValueError(f"success_reward must be a reward function's name or None, got {self.success_reward!r}")
         self.token_budget = normalise_token_budget(self.token_budget)
         if self.token_budget is not None:
-            if self.two_phase:
-                raise ValueError(
-                    f"token_budget={self.token_budget!r} cannot be used with two_phase=True yet: the TRL plug-in's "
-                    "two-phase step plans its pilot by rollouts (it does not pass a token budget to "
-                    "Allocator.plan_pilot), so the step's tokens would not be capped; use a single-phase strategy "
-                    "(e.g. 'vip') or token_budget=None"
-                )
             refusal = get_strategy(self.allocation_strategy, estimator=self.variance_estimator).token_refusal
             if refusal is not None:
                 raise ValueError(
@@ -164,11 +159,13 @@ class VIPGRPOConfig(GRPOConfig):
                 f"batch must split evenly over the {world} processes; change n_max or the batch size"
             )
         self.n_max, self.n_min = n_max, n_min
-        if isinstance(self.token_budget, float) and self.token_budget < self.prompts_per_generation * n_min:
+        least = max(n_min, int(self.pilot_n)) if self.two_phase else n_min
+        if isinstance(self.token_budget, float) and self.token_budget < self.prompts_per_generation * least:
+            what = f"n_min={n_min}" if least == n_min else f"max(n_min, pilot_n)={least}"
             raise ValueError(
                 f"token_budget={self.token_budget:g} tokens cannot give the {self.prompts_per_generation} prompts of a "
-                f"generation batch n_min={n_min} rollouts of even one token each; raise it to at least "
-                f"{self.prompts_per_generation * n_min} (or use token_budget='uniform')"
+                f"generation batch {what} rollouts of even one token each; raise it to at least "
+                f"{self.prompts_per_generation * least} (or use token_budget='uniform')"
             )
 
     @property
@@ -224,17 +221,20 @@ def step_token_budget(
     ids: list[str],
     texts: list[str],
     budget: int,
+    *,
+    least: int | None = None,
 ) -> tuple[float | None, np.ndarray | None]:
     """The token budget of one generation batch (None: plan it by rollouts) and the expected tokens per rollout to
     plan with (None: the allocator's length model), for the token mode ``mode`` (``VIPGRPOConfig.token_budget``,
     normalised); ``max_length``: the most tokens a rollout can hold (``max_completion_length``); ``budget``: the
-    rollout cap.
+    rollout cap; ``least``: the fewest rollouts per prompt a cap must pay for (default the allocator's ``n_min``; a
+    two-phase step passes ``max(n_min, pilot_n)``, its pilot being part of the budget).
 
     ``"uniform"``: :meth:`Allocator.uniform_tokens` at ``budget / M`` rollouts per prompt (``num_generations``
     unless the batch repeats a prompt); None until a length was observed. A cap: the cap, planned before any length
     is known at ``max_completion_length`` tokens per rollout (the most a completion can hold, so the cap then holds
     for any lengths), and raised, with a warning, to ``n_min`` rollouts per prompt at the expected lengths when it
-    cannot pay for them (the allocator's smallest feasible token budget).
+    cannot pay for them (the allocator's smallest feasible token budget; ``least`` rollouts per prompt when given).
     """
     if mode is None:
         return None, None
@@ -253,12 +253,14 @@ def step_token_budget(
         return None, None
     else:
         c = lengths = np.full(m, float(max_length))
-    need = float(allocator.n_min * c.sum())
+    n_least = allocator.n_min if least is None else max(int(least), allocator.n_min)
+    need = float(n_least * c.sum())
     if cap < need:
+        what = f"n_min={allocator.n_min}" if n_least == allocator.n_min else f"max(n_min, pilot_n)={n_least}"
         warnings.warn(
-            f"token_budget={cap:g} cannot pay for n_min={allocator.n_min} rollouts of each of the {m} prompts at the "
+            f"token_budget={cap:g} cannot pay for {what} rollouts of each of the {m} prompts at the "
             f"expected lengths ({need:,.0f} tokens); this generation batch is planned at {need:,.0f} tokens. Raise "
-            "token_budget or lower n_min",
+            "token_budget or lower n_min" + ("" if n_least == allocator.n_min else " / pilot_n"),
             RuntimeWarning,
             stacklevel=3,
         )

@@ -392,7 +392,25 @@ class VIPGRPOTrainer(GRPOTrainer):
     ) -> tuple[float | None, np.ndarray | None]:
         """This step's token budget and expected lengths (:func:`step_token_budget`; None, None: by rollouts)."""
         args = cast(VIPGRPOConfig, self.args)
-        return step_token_budget(args.token_budget, args.max_completion_length, self.allocator, ids, texts, budget)
+        # a two-phase step pilots every prompt pilot_n times: a cap is raised to at least that pilot's tokens
+        least = max(int(args.pilot_n), self.allocator.n_min) if args.two_phase else None
+        return step_token_budget(
+            args.token_budget, args.max_completion_length, self.allocator, ids, texts, budget, least=least
+        )
+
+    def _vip_pilot_plan(self, ids: list[str], texts: list[str], budget: int) -> Plan:
+        """The pilot of a two-phase step (main process): by rollouts (``budget``, the whole step's), or in token
+        mode under the step's token budget with ``budget`` as the rollout cap. The pilot's predicted tokens must fit
+        the token budget; the tokens it actually spends (the lengths given to ``observe``) come off it before the
+        commit."""
+        args = cast(VIPGRPOConfig, self.args)
+        tokens, lengths = self._vip_token_budget(ids, texts, budget)
+        pilot_n = int(args.pilot_n)
+        if tokens is None:
+            return self.allocator.plan_pilot(ids, prompts=texts, budget=budget, pilot_n=pilot_n)
+        return self.allocator.plan_pilot(
+            ids, prompts=texts, budget=budget, pilot_n=pilot_n, token_budget=tokens, expected_lengths=lengths
+        )
 
     def _vip_two_phase_layout(self, inputs: list[dict[str, Any]]) -> _Layout:
         """A two-phase step: generate and score the pilot rows with TRL's own methods, observe them, plan the commit.
@@ -403,12 +421,7 @@ class VIPGRPOTrainer(GRPOTrainer):
         """
         args = cast(VIPGRPOConfig, self.args)
         ids, texts, gp, budget = self._vip_groups(inputs)
-        pilot = cast(
-            Plan,
-            self._vip_on_main(
-                lambda: self.allocator.plan_pilot(ids, prompts=texts, budget=budget, pilot_n=int(args.pilot_n))
-            ),
-        )
+        pilot = cast(Plan, self._vip_on_main(lambda: self._vip_pilot_plan(ids, texts, budget)))
         first_block, pilot_global = self._vip_place(pilot.counts, gp)
         rank, n_local = self.accelerator.process_index, len(inputs)
         pilot_real = pilot_global[rank * n_local : (rank + 1) * n_local]
