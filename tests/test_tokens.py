@@ -354,7 +354,9 @@ def test_two_phase_step_under_a_token_budget(strategy: str) -> None:
     spent = float(pilot.counts @ real)
     assert spent + float(commit.counts @ lens) <= budget * (1 + 1e-9)
     assert commit.token_budget == budget
-    assert commit.expected_tokens == pytest.approx(float(commit.group_sizes @ lens))
+    # the step's tokens: the pilot as spent (its real lengths), the commit as predicted; within the budget
+    assert commit.expected_tokens == pytest.approx(spent + float(commit.counts @ lens))
+    assert commit.metrics()["vip/tokens_planned"] <= budget * (1 + 1e-9)
 
 
 def test_late_pilot_rewards_are_not_counted_as_commit_rewards() -> None:

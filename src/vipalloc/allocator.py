@@ -632,7 +632,8 @@ class Allocator:
             train=(groups > 0) if two_phase.trains_pilot_only else (extra > 0),
             # token fields describe the whole step (pilot + commit), as the plan's metrics do
             expected_lengths=c,
-            expected_tokens=None if c is None else float(groups @ c),
+            # the pilot as spent (reported lengths, else predicted per rollout), the commit as predicted
+            expected_tokens=None if c is None else _step_tokens(pilot.tokens, groups, extra, c),
             token_budget=pilot.token_budget,
             optimality_gap=float(dec.gap),
         )
@@ -791,3 +792,8 @@ class Allocator:
             f"Allocator(strategy={self.strategy_name!r}, predictor={self.predictor_name!r}, "
             f"estimator={self.estimator!r}, n_min={self.n_min}, n_max={self.n_max}, seed={self.seed})"
         )
+
+
+def _step_tokens(spent: np.ndarray | None, groups: np.ndarray, extra: np.ndarray, c: np.ndarray) -> float:
+    """A two-phase step's tokens: the pilot's spent tokens plus the commit's predicted ones (float)."""
+    return float(extra @ c) + (float(spent.sum()) if spent is not None else float((groups - extra) @ c))

@@ -98,6 +98,7 @@ class Plan:
             expected_lengths=self.expected_lengths,
             token_budget=self.token_budget,
             optimality_gap=self.optimality_gap,
+            expected_tokens=self.expected_tokens,
         )
 
     def to_records(self) -> list[dict[str, Any]]:

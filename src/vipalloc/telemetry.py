@@ -87,13 +87,15 @@ def plan_metrics(
     expected_lengths: np.ndarray | None = None,
     token_budget: float | None = None,
     optimality_gap: float = 0.0,
+    expected_tokens: float | None = None,
 ) -> dict[str, float]:
     """Scalar description of one plan.
 
     ``counts`` int ``(M,)`` rollouts per prompt (0 = dropped), ``p_mean`` float ``(M,)`` predicted success
     probabilities. Shares are fractions of the planned rollouts (0 when the budget is 0); ``vip/mean_n`` and
     ``vip/max_n`` are over kept prompts only, because a dropped prompt is not generated at all. With
-    ``expected_lengths`` (float ``(M,)``, tokens per rollout) the token metrics are added.
+    ``expected_lengths`` (float ``(M,)``, tokens per rollout) the token metrics are added; ``expected_tokens``, when
+    given, is the plan's own total (a two-phase commit counts its pilot's tokens as spent, not as predicted).
     """
     counts = np.asarray(counts, np.int64)
     p = np.asarray(p_mean, np.float64)
@@ -123,7 +125,7 @@ def plan_metrics(
     }
     if expected_lengths is not None:
         tok = counts * np.asarray(expected_lengths, np.float64)
-        planned = float(tok.sum())
+        planned = float(tok.sum()) if expected_tokens is None else float(expected_tokens)
 
         def tshare(mask: np.ndarray) -> float:
             return float(tok[mask].sum() / planned) if planned > 0 else 0.0
