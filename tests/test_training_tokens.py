@@ -83,8 +83,11 @@ def test_two_phase_rounds_observe_lengths(tmp_path: Path) -> None:
     assert tr.metrics[-1]["cum_tokens"] == sum(n for b in batches for _, n in b)
 
 
-def test_token_mode_uniform_plans_within_uniforms_tokens_after_step_0(tmp_path: Path) -> None:
-    cfg = tiny(tmp_path / "run", tmp_path / "warm", steps=4, strategy="vip", token_budget="uniform")
+@pytest.mark.parametrize("cap", [1.0, None])
+def test_token_mode_uniform_plans_within_uniforms_tokens_after_step_0(tmp_path: Path, cap: float | None) -> None:
+    cfg = tiny(
+        tmp_path / "run", tmp_path / "warm", steps=4, strategy="vip", token_budget="uniform", token_rollout_cap=cap
+    )
     tr = Trainer(cfg)
     tr.run()
     steps = [m for m in tr.metrics if m["step"] >= 0]
@@ -92,14 +95,15 @@ def test_token_mode_uniform_plans_within_uniforms_tokens_after_step_0(tmp_path: 
     assert steps[0]["rollouts_used"] == cfg.budget
     for rec in steps[1:]:
         assert rec["vip/tokens_planned"] <= rec["vip/token_budget"] * (1 + 1e-9)
-        assert rec["rollouts_used"] <= cfg.budget  # the rollout budget stays a cap
+        if cap is not None:
+            assert rec["rollouts_used"] <= cfg.budget  # the rollout budget stays a cap
         assert rec["vip/token_budget"] > 0
 
 
 def test_token_mode_fixed_budget_holds_from_step_0(tmp_path: Path) -> None:
-    cap = 80.0
+    cap = 150.0  # 8 prompts x n_min 2 x 6 tokens = 96 at least: the engine refuses a budget below that
     cfg = tiny(tmp_path / "run", tmp_path / "warm", steps=3, strategy="vip", token_budget=cap)
-    assert cfg.label == "vip-tokens80"
+    assert cfg.label == "vip-tokens150"
     tr = Trainer(cfg)
     tr.run()
     steps = [m for m in tr.metrics if m["step"] >= 0]
@@ -110,12 +114,25 @@ def test_token_mode_fixed_budget_holds_from_step_0(tmp_path: Path) -> None:
     assert steps[0]["tokens_used"] <= cap
 
 
+@pytest.mark.parametrize("strategy", ["vip_two_phase", "pilot_commit"])
+def test_two_phase_token_mode_spends_the_pilot_then_the_rest(tmp_path: Path, strategy: str) -> None:
+    cfg = tiny(tmp_path / "run", tmp_path / "warm", steps=3, strategy=strategy, token_budget="uniform")
+    tr = Trainer(cfg)
+    tr.run()
+    steps = [m for m in tr.metrics if m["step"] >= 0]
+    assert "vip/token_budget" not in steps[0]  # step 0: no lengths yet, planned by rollouts
+    for rec, plan in zip(steps[1:], tr.plans[1:]):
+        budget = rec["vip/token_budget"]
+        assert budget > 0 and rec["rollouts_used"] <= cfg.budget
+        commit = np.asarray(plan["counts"]) - np.asarray(plan["pilot"])  # the plan's counts: pilot + commit
+        assert rec["pilot_tokens"] > 0 and commit.min() >= 0
+        assert rec["tokens_used"] >= rec["pilot_tokens"]
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
         ({"strategy": "dapo", "token_budget": "uniform"}, "DAPO"),
-        ({"strategy": "vip_two_phase", "token_budget": "uniform"}, "two-phase"),
-        ({"strategy": "pilot_commit", "token_budget": 5000.0}, "two-phase"),
         ({"strategy": "vip_authors", "token_budget": "uniform"}, "refuses"),
         ({"strategy": "vip", "token_budget": "half"}, "token_budget"),
         ({"strategy": "vip", "token_budget": -3.0}, "positive"),
@@ -131,7 +148,15 @@ def test_labels_round_trip() -> None:
     assert label_options("vip") == {"strategy": "vip"}
     assert label_options("vip-tokens") == {"strategy": "vip", "token_budget": "uniform"}
     assert label_options("knapsack-tokens2500") == {"strategy": "knapsack", "token_budget": 2500.0}
-    for label in ("vip", "vip-tokens", "uniform-tokens10000"):
+    assert label_options("vip-tokens-nocap") == {
+        "strategy": "vip",
+        "token_budget": "uniform",
+        "token_rollout_cap": None,
+    }
+    assert label_options("vip-tokens-cap1.5")["token_rollout_cap"] == 1.5
+    with pytest.raises(ValueError, match="token mode"):
+        label_options("vip-nocap")
+    for label in ("vip", "vip-tokens", "uniform-tokens10000", "vip-tokens-nocap", "knapsack-tokens-cap2"):
         assert TrainConfig.model_validate(label_options(label)).label == label
     with pytest.raises(ValueError, match="unknown strategy"):
         label_options("vipp-tokens")
@@ -168,7 +193,7 @@ def test_steps_task_trains_and_longer_chains_generate_more_tokens(tmp_path: Path
         task="chain_sum_steps",
         levels=[[2, 1], [4, 1]],
         max_new_tokens=12,
-        warmup={"steps": 150, "batch_size": 32},
+        warmup={"steps": 150, "batch_size": 32, "threads": 1},
         strategy="uniform",
     )
     tr = Trainer(cfg)

@@ -72,11 +72,13 @@ def cost_table(
     return out
 
 
-def levels_lines(res: dict[str, Any], out: Path | None = None, baseline: str = "uniform") -> list[str]:
+def levels_lines(
+    res: dict[str, Any], out: Path | None = None, baseline: str = "uniform", n_boot: int = 2000
+) -> list[str]:
     """Markdown: cost to reach the baseline's final mean@k on each axis, the ratio at each target level (a table,
     and ``train_levels.png`` in ``out`` when given), the AUC over tokens and the final gap, paired by seed."""
     runs = res["runs"]
-    table = cost_table(runs, baseline)
+    table = cost_table(runs, baseline, n_boot)
     if not table:
         return []
     seeds = sorted(r["seed"] for r in runs[baseline])

@@ -30,14 +30,11 @@ StrategyName = Literal[
 ]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 
-# Strategies the trainer cannot run under a token budget, and why. The two-phase ones: the engine's plan_pilot has
-# no token mode yet (pilot tokens must count against the budget); lift the refusal once it does. vip_authors: the
-# engine refuses it (Allocator(strategy="vip_authors").strategy.token_refusal); refused here so that a config
-# fails at validation, not at its first token-mode step.
+# Strategies the trainer cannot run under a token budget, and why. vip_authors: the engine refuses it
+# (Allocator(strategy="vip_authors").strategy.token_refusal); refused here so that a config fails at validation,
+# not at its first token-mode step. The two-phase strategies run in token mode (plan_pilot(token_budget=)).
 TOKEN_REFUSALS: dict[str, str] = {
     "dapo": "DAPO draws extra generation batches until it has enough mixed groups; it has no token mode",
-    "vip_two_phase": "the engine's two-phase plan (plan_pilot / plan_commit) has no token budget yet",
-    "pilot_commit": "the engine's two-phase plan (plan_pilot / plan_commit) has no token budget yet",
     "vip_authors": "the engine refuses it: the authors' allocation has no token mode",
 }
 
@@ -135,7 +132,15 @@ class TrainConfig(BaseModel):
         description="tokens a step may generate: None = plan by rollouts (prompts_per_step x n_mean); 'uniform' = "
         "the tokens uniform's n_mean rollouts a prompt are predicted to take on the step's batch "
         "(Allocator.uniform_tokens; the first step, with no lengths yet, plans by rollouts); a number = that many "
-        "tokens a step (the first step predicts max_new_tokens a rollout). The rollout budget stays a cap",
+        "tokens a step (the first step predicts max_new_tokens a rollout). The rollout budget stays a cap "
+        "(token_rollout_cap)",
+    )
+    token_rollout_cap: float | None = Field(
+        default=1.0,
+        gt=0,
+        description="token mode, single-phase strategies: the rollouts a step may use, as a multiple of "
+        "prompts_per_step x n_mean (1 = uniform's rollouts); None = no cap but n_max a prompt. Two-phase "
+        "strategies keep the rollout budget (their pilot is sized from it)",
     )
     levels: list[tuple[int, int]] = Field(
         default_factory=lambda: list(LEVELS),
@@ -228,7 +233,9 @@ class TrainConfig(BaseModel):
         ``-tokens<T>`` (a fixed token budget) when it plans by tokens."""
         if self.token_budget is None:
             return self.strategy
-        return f"{self.strategy}-tokens" + ("" if self.token_budget == "uniform" else f"{self.token_budget:g}")
+        out = f"{self.strategy}-tokens" + ("" if self.token_budget == "uniform" else f"{self.token_budget:g}")
+        cap = self.token_rollout_cap
+        return out + ("-nocap" if cap is None else "" if cap == 1.0 else f"-cap{cap:g}")
 
     @property
     def budget(self) -> int:
@@ -316,7 +323,19 @@ PRESETS: dict[str, dict[str, object]] = {
 def label_options(label: str) -> dict[str, object]:
     """The config options a league row name stands for (the inverse of :attr:`TrainConfig.label`):
     ``"vip"`` -> ``{"strategy": "vip"}``, ``"vip-tokens"`` -> ``{"strategy": "vip", "token_budget": "uniform"}``,
-    ``"vip-tokens5000"`` -> a fixed budget of 5,000 tokens a step. Raises ``ValueError`` for an unknown strategy."""
+    ``"vip-tokens5000"`` -> a fixed budget of 5,000 tokens a step; a ``-cap<x>`` / ``-nocap`` suffix sets
+    ``token_rollout_cap``. Raises ``ValueError`` for an unknown strategy."""
+    opts: dict[str, object] = {}
+    if label.endswith("-nocap"):
+        label, opts["token_rollout_cap"] = label[: -len("-nocap")], None
+    elif "-cap" in label:
+        label, _, cap = label.rpartition("-cap")
+        try:
+            opts["token_rollout_cap"] = float(cap)
+        except ValueError:
+            raise ValueError(f"{label!r}: the rollout cap after '-cap' must be a number, got {cap!r}") from None
+    if opts and "-tokens" not in label:
+        raise ValueError(f"{label!r}: a rollout cap ('-cap<x>', '-nocap') applies to token mode ('-tokens') only")
     strategy, _, rest = label.partition("-tokens")
     if strategy not in STRATEGIES or (rest and not label.startswith(f"{strategy}-tokens")):
         raise ValueError(
@@ -326,9 +345,9 @@ def label_options(label: str) -> dict[str, object]:
     if "-tokens" not in label:
         return {"strategy": strategy}
     if not rest:
-        return {"strategy": strategy, "token_budget": "uniform"}
+        return {"strategy": strategy, "token_budget": "uniform", **opts}
     try:
-        return {"strategy": strategy, "token_budget": float(rest)}
+        return {"strategy": strategy, "token_budget": float(rest), **opts}
     except ValueError:
         raise ValueError(f"{label!r}: the token budget after '-tokens' must be a number, got {rest!r}") from None
 

@@ -395,25 +395,33 @@ class Trainer:
         rewards = [reward(self.tok.decode(c), problems[i].answer, self.cfg.task) for c, i in zip(comps, owners)]
         return owners, comps, rewards
 
+    def _token_args(self, ids: list[str], texts: list[str]) -> tuple[float | None, list[float] | None]:
+        """This step's ``(token_budget, expected_lengths)`` for the allocator: ``(None, None)`` plans by rollouts.
+        Token mode's first step has no observed lengths: 'uniform' plans it by rollouts, a fixed budget predicts
+        ``max_new_tokens`` a rollout (so the step cannot overspend)."""
+        cfg = self.cfg
+        if cfg.token_budget is None:
+            return None, None
+        if cfg.token_budget == "uniform":
+            return self.alloc.uniform_tokens(ids, cfg.n_mean, step=self.step, prompts=texts), None
+        first = self.alloc.uniform_tokens(ids, 1, step=self.step, prompts=texts) is None
+        return float(cfg.token_budget), ([float(cfg.max_new_tokens)] * len(ids) if first else None)
+
     def _plan(self, ids: list[str], problems: list[Problem]) -> Plan:
         """This step's plan: by rollouts (``budget``), or by tokens (``token_budget``) with the rollout budget as
-        a cap. Token mode's first step has no observed lengths: 'uniform' plans it by rollouts, a fixed budget
-        predicts ``max_new_tokens`` a rollout (so the step cannot overspend)."""
-        cfg = self.cfg
+        a cap (:meth:`_token_args`)."""
         texts = [p.prompt for p in problems]
-        if cfg.token_budget is None:
-            return self.alloc.plan(ids, prompts=texts, budget=cfg.budget, step=self.step)
-        given = None
-        if cfg.token_budget == "uniform":
-            tokens = self.alloc.uniform_tokens(ids, cfg.n_mean, step=self.step, prompts=texts)
-            if tokens is None:
-                return self.alloc.plan(ids, prompts=texts, budget=cfg.budget, step=self.step)
-        else:
-            tokens = float(cfg.token_budget)
-            if self.alloc.uniform_tokens(ids, 1, step=self.step, prompts=texts) is None:
-                given = [float(cfg.max_new_tokens)] * len(ids)
+        tokens, given = self._token_args(ids, texts)
+        if tokens is None:  # the default path is exactly the rollout-budget call it always was
+            return self.alloc.plan(ids, prompts=texts, budget=self.cfg.budget, step=self.step)
+        cap = self.cfg.token_rollout_cap
         return self.alloc.plan(
-            ids, prompts=texts, budget=cfg.budget, step=self.step, token_budget=tokens, expected_lengths=given
+            ids,
+            prompts=texts,
+            budget=None if cap is None else int(round(self.cfg.budget * cap)),
+            step=self.step,
+            token_budget=tokens,
+            expected_lengths=given,
         )
 
     def train_step(self) -> dict[str, Any]:
@@ -428,10 +436,20 @@ class Trainer:
         ids = [p.prompt_id for p in problems]
         tp = None
         if cfg.strategy in TWO_PHASE:  # pilot round, commit round (vipalloc.training.two_phase)
+            ta = time.perf_counter()
+            tokens, given = self._token_args(ids, [p.prompt for p in problems])
+            t_tok = time.perf_counter() - ta
             tp = two_phase_round(
-                self.alloc, problems, self._rollouts, budget=cfg.budget, step=self.step, pilot_n=cfg.pilot_n
-            )  # both rounds observe their lengths
-            plan, t_alloc = tp.pilot, tp.alloc_seconds  # plan = the prediction made before generating
+                self.alloc,
+                problems,
+                self._rollouts,
+                budget=cfg.budget,
+                step=self.step,
+                pilot_n=cfg.pilot_n,
+                token_budget=tokens,
+                expected_lengths=given,
+            )  # both rounds observe their lengths; in token mode the pilot's tokens come off the step's budget
+            plan, t_alloc = tp.pilot, tp.alloc_seconds + t_tok  # plan = the prediction made before generating
             counts, owners, comps, rewards, per_prompt = (
                 tp.commit.group_sizes,
                 tp.owners,
@@ -509,10 +527,13 @@ class Trainer:
             rec.update(
                 pilot_rollouts=int(tp.pilot.counts.sum()),
                 commit_rollouts=int(tp.commit.counts.sum()),
+                pilot_tokens=int(sum(len(c) for c in tp.comps[: int(tp.pilot.counts.sum())])),
                 trained_prompts=int(tp.commit.train_mask.sum()),
                 pilot_gen_seconds=tp.gen_seconds[0],
                 commit_gen_seconds=tp.gen_seconds[1],
             )
+            if tp.commit.expected_lengths is not None:  # the commit's extra rollouts at their expected lengths
+                rec["commit_tokens_planned"] = float(tp.commit.counts @ tp.commit.expected_lengths)
         if not (np.isfinite(rec["loss"]) and np.isfinite(rec["grad_norm"])):
             raise FloatingPointError(f"non-finite loss at step {self.step}")
         self.plans.append(

@@ -71,14 +71,29 @@ def two_phase_round(
     budget: int,
     step: int,
     pilot_n: int,
+    token_budget: float | None = None,
+    expected_lengths: Sequence[float] | None = None,
 ) -> TwoPhaseRound:
     """Run the pilot round, the commit round and the bookkeeping of one step; ``rollouts(problems, counts)``
-    generates ``counts[i]`` completions of ``problems[i]`` and returns ``(owners, completions, rewards)``."""
+    generates ``counts[i]`` completions of ``problems[i]`` and returns ``(owners, completions, rewards)``.
+    ``token_budget`` (tokens, the whole step's): the pilot's generated tokens come off it and the commit spends
+    what is left (the engine's ``plan_pilot(token_budget=)``), ``budget`` staying a cap on rollouts."""
     ids = [p.prompt_id for p in problems]
     texts = [p.prompt for p in problems]
     m = len(problems)
     ta = time.perf_counter()
-    pilot = alloc.plan_pilot(ids, prompts=texts, budget=budget, step=step, pilot_n=pilot_n)
+    if token_budget is None:  # the rollout-budget call exactly as before
+        pilot = alloc.plan_pilot(ids, prompts=texts, budget=budget, step=step, pilot_n=pilot_n)
+    else:
+        pilot = alloc.plan_pilot(
+            ids,
+            prompts=texts,
+            budget=budget,
+            step=step,
+            pilot_n=pilot_n,
+            token_budget=token_budget,
+            expected_lengths=expected_lengths,
+        )
     t_alloc = time.perf_counter() - ta
     tg = time.perf_counter()
     o1, c1, r1 = rollouts(problems, pilot.counts)
