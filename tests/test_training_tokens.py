@@ -26,6 +26,12 @@ from vipalloc.training.tasks import (
 from vipalloc.training.trainer import Trainer
 
 
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One warm-up cache for the module's tiny runs (the same config key: trained once)."""
+    return tmp_path_factory.mktemp("warm")
+
+
 def _spy(tr: Trainer) -> tuple[list[dict[str, Any]], list[list[list[int]]]]:
     """Record every observe call's arguments and every generated batch's completions."""
     calls: list[dict[str, Any]] = []
@@ -46,8 +52,8 @@ def _spy(tr: Trainer) -> tuple[list[dict[str, Any]], list[list[list[int]]]]:
     return calls, batches
 
 
-def test_lengths_reach_observe_and_equal_the_sampled_completion_lengths(tmp_path: Path) -> None:
-    cfg = tiny(tmp_path / "run", tmp_path / "warm", steps=3, strategy="vip")
+def test_lengths_reach_observe_and_equal_the_sampled_completion_lengths(tmp_path: Path, warm: Path) -> None:
+    cfg = tiny(tmp_path / "run", warm, steps=3, strategy="vip")
     tr = Trainer(cfg)
     calls, batches = _spy(tr)
     tr.run()
@@ -71,8 +77,8 @@ def test_lengths_reach_observe_and_equal_the_sampled_completion_lengths(tmp_path
     assert tr.metrics[0]["cum_tokens"] == 0
 
 
-def test_two_phase_rounds_observe_lengths(tmp_path: Path) -> None:
-    cfg = tiny(tmp_path / "run", tmp_path / "warm", steps=1, strategy="vip_two_phase", n_mean=4)
+def test_two_phase_rounds_observe_lengths(tmp_path: Path, warm: Path) -> None:
+    cfg = tiny(tmp_path / "run", warm, steps=1, strategy="vip_two_phase", n_mean=4)
     tr = Trainer(cfg)
     calls, batches = _spy(tr)
     tr.run()
@@ -84,10 +90,10 @@ def test_two_phase_rounds_observe_lengths(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cap", [1.0, None])
-def test_token_mode_uniform_plans_within_uniforms_tokens_after_step_0(tmp_path: Path, cap: float | None) -> None:
-    cfg = tiny(
-        tmp_path / "run", tmp_path / "warm", steps=4, strategy="vip", token_budget="uniform", token_rollout_cap=cap
-    )
+def test_token_mode_uniform_plans_within_uniforms_tokens_after_step_0(
+    tmp_path: Path, warm: Path, cap: float | None
+) -> None:
+    cfg = tiny(tmp_path / "run", warm, steps=4, strategy="vip", token_budget="uniform", token_rollout_cap=cap)
     tr = Trainer(cfg)
     tr.run()
     steps = [m for m in tr.metrics if m["step"] >= 0]
@@ -100,9 +106,9 @@ def test_token_mode_uniform_plans_within_uniforms_tokens_after_step_0(tmp_path: 
         assert rec["vip/token_budget"] > 0
 
 
-def test_token_mode_fixed_budget_holds_from_step_0(tmp_path: Path) -> None:
+def test_token_mode_fixed_budget_holds_from_step_0(tmp_path: Path, warm: Path) -> None:
     cap = 150.0  # 8 prompts x n_min 2 x 6 tokens = 96 at least: the engine refuses a budget below that
-    cfg = tiny(tmp_path / "run", tmp_path / "warm", steps=3, strategy="vip", token_budget=cap)
+    cfg = tiny(tmp_path / "run", warm, steps=3, strategy="vip", token_budget=cap)
     assert cfg.label == "vip-tokens150"
     tr = Trainer(cfg)
     tr.run()
@@ -115,8 +121,8 @@ def test_token_mode_fixed_budget_holds_from_step_0(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["vip_two_phase", "pilot_commit"])
-def test_two_phase_token_mode_spends_the_pilot_then_the_rest(tmp_path: Path, strategy: str) -> None:
-    cfg = tiny(tmp_path / "run", tmp_path / "warm", steps=3, strategy=strategy, token_budget="uniform")
+def test_two_phase_token_mode_spends_the_pilot_then_the_rest(tmp_path: Path, warm: Path, strategy: str) -> None:
+    cfg = tiny(tmp_path / "run", warm, steps=3, strategy=strategy, token_budget="uniform")
     tr = Trainer(cfg)
     tr.run()
     steps = [m for m in tr.metrics if m["step"] >= 0]
@@ -185,10 +191,10 @@ def test_steps_task_targets_grow_with_the_chain_and_reward_the_final_answer() ->
     assert means[0] < means[1] < means[2]  # longer chains, longer targets
 
 
-def test_steps_task_trains_and_longer_chains_generate_more_tokens(tmp_path: Path) -> None:
+def test_steps_task_trains_and_longer_chains_generate_more_tokens(tmp_path: Path, warm: Path) -> None:
     cfg = tiny(
         tmp_path / "run",
-        tmp_path / "warm",
+        warm,
         steps=2,
         task="chain_sum_steps",
         levels=[[2, 1], [4, 1]],

@@ -6,11 +6,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from _training_helpers import tiny
 
 from vipalloc.bench.train_levels import cost_table, levels_lines
 from vipalloc.training.demo import run_demo
 from vipalloc.training.report import primary_lines
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One warm-up cache for the module's tiny runs (the same config key: trained once)."""
+    return tmp_path_factory.mktemp("warm")
 
 
 def _metrics(seed: int, speed: float, tokens_per_rollout: float, plateau: float = 0.3) -> list[dict[str, Any]]:
@@ -80,8 +87,8 @@ def test_primary_lines_lead_with_rollouts_and_tokens() -> None:
     assert primary_lines(no_tokens, n_boot=50)[0].startswith("## Rollouts to reach uniform's final mean@k")
 
 
-def test_demo_report_leads_with_the_primary_figures(tmp_path: Path) -> None:
-    cfg = tiny(tmp_path / "unused", tmp_path / "warm", steps=3, eval_every=1)
+def test_demo_report_leads_with_the_primary_figures(tmp_path: Path, warm: Path) -> None:
+    cfg = tiny(tmp_path / "unused", warm, steps=3, eval_every=1)
     options = cfg.model_dump(exclude={"run_dir", "strategy", "seed", "steps"})
     report = run_demo(tmp_path / "demo", seeds=(0, 1), strategies=("uniform", "vip"), steps=3, jobs=1, **options)
     text = report.read_text()
