@@ -379,12 +379,12 @@ def _collect_finished(out: Path) -> dict[str, Any] | None:
             continue  # cut short while being written: that run did not finish
     if not docs:
         return None
-    from vipalloc.training.config import TrainConfig
+    from vipalloc.training.config import run_label
 
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for d in docs:
         cfg = d["config"]
-        label = TrainConfig.model_validate(cfg).label  # the row name: strategy, with -tokens in token mode
+        label = run_label(cfg)  # the row name: strategy, with -tokens in token mode
         runs.setdefault(label, {})[cfg["seed"]] = {"seed": cfg["seed"], **d["result"]}
     common = sorted(set.intersection(*(set(v) for v in runs.values())))
     base = dict(docs[0]["config"])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -231,11 +232,7 @@ class TrainConfig(BaseModel):
     def label(self) -> str:
         """The run's name in leagues and folders: the strategy, with ``-tokens`` (uniform's tokens) or
         ``-tokens<T>`` (a fixed token budget) when it plans by tokens."""
-        if self.token_budget is None:
-            return self.strategy
-        out = f"{self.strategy}-tokens" + ("" if self.token_budget == "uniform" else f"{self.token_budget:g}")
-        cap = self.token_rollout_cap
-        return out + ("-nocap" if cap is None else "" if cap == 1.0 else f"-cap{cap:g}")
+        return run_label(self.model_dump())
 
     @property
     def budget(self) -> int:
@@ -318,6 +315,18 @@ PRESETS: dict[str, dict[str, object]] = {
         "eval_every": 10,
     },
 }
+
+
+def run_label(options: Mapping[str, Any]) -> str:
+    """:attr:`TrainConfig.label` from a config's options (a saved ``model_dump``; missing token options mean their
+    defaults), without validating them."""
+    strategy = str(options.get("strategy", "vip"))
+    tokens = options.get("token_budget")
+    if tokens is None:
+        return strategy
+    out = f"{strategy}-tokens" + ("" if tokens == "uniform" else f"{float(tokens):g}")
+    cap = options.get("token_rollout_cap", 1.0)
+    return out + ("-nocap" if cap is None else "" if float(cap) == 1.0 else f"-cap{float(cap):g}")
 
 
 def label_options(label: str) -> dict[str, object]:
