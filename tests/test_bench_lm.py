@@ -121,3 +121,4 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     assert "paired over seeds [0, 1, 2]" in text
     assert "3/3 seeds ahead" in text  # vip's final mean@4 is above uniform's on every seed
     assert "| gp | 6 | 0.1000" in text and "| empirical | 0 | —" in text
+    assert "Brier of `beta` minus `gp`, paired by run (positive: `gp` better): +0.1000" in text

@@ -186,15 +186,24 @@ def _league_section(results: Sequence[RunResult], cfg: LeagueConfig, strategies:
         "over runs.\n"
     )
     rows = []
+    per_run: dict[str, list[float]] = {}
     for name in BRIER_PREDICTORS:
         vals = []
         for r in results:
             b, w = np.array(r.brier[name], float), np.array(r.brier_n, float)
             ok = np.isfinite(b) & (w > 0)
-            if ok.any():
-                vals.append(float((b[ok] * w[ok]).sum() / w[ok].sum()))
-        rows.append([name, len(vals), fmt_ci(vals, digits=4)])
+            vals.append(float((b[ok] * w[ok]).sum() / w[ok].sum()) if ok.any() else float("nan"))
+        per_run[name] = vals
+        rows.append([name, int(np.isfinite(vals).sum()), fmt_ci(vals, digits=4)])
     lines.append(md_table(["predictor", "runs", "Brier"], rows))
+    for other in BRIER_PREDICTORS[1:]:
+        diff = np.array(per_run[other]) - np.array(per_run[BRIER_PREDICTORS[0]])
+        diff = diff[np.isfinite(diff)]
+        if diff.size:
+            lines.append(
+                f"- Brier of `{other}` minus `{BRIER_PREDICTORS[0]}`, paired by run (positive: "
+                f"`{BRIER_PREDICTORS[0]}` better): {paired_verdict(diff)}"
+            )
     return "\n".join(lines)
 
 
