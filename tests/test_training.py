@@ -21,7 +21,7 @@ from vipalloc.training.losses import group_advantages
 from vipalloc.training.tasks import make_problems, reward
 from vipalloc.training.trainer import Trainer, train
 
-TIMING = {"alloc_seconds", "step_seconds", "eval_seconds", "vip/plan_seconds"}  # wall-clock values
+TIMING = {"alloc_seconds", "step_seconds", "eval_seconds", "cum_seconds", "vip/plan_seconds"}  # wall-clock values
 
 
 def strip(metrics):

@@ -15,6 +15,7 @@ from vipalloc.training.trainer import Trainer, train
 TIMING = {
     "alloc_seconds",
     "step_seconds",
+    "cum_seconds",
     "eval_seconds",
     "pilot_gen_seconds",
     "commit_gen_seconds",

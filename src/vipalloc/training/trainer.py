@@ -507,8 +507,10 @@ class Trainer:
         # (the mean training reward), vip/frac_zero_var_groups, vip/pred_abs_err (against the pre-generation p)
         rec: dict[str, Any] = {
             "step": self.step,
-            **(tp.commit if tp else plan).metrics(),
-            **self.alloc.outcome_metrics(per_prompt, plan, lengths=lengths, max_length=cfg.max_new_tokens),
+            **_finite_token_metrics((tp.commit if tp else plan).metrics()),
+            **_finite_token_metrics(
+                self.alloc.outcome_metrics(per_prompt, plan, lengths=lengths, max_length=cfg.max_new_tokens)
+            ),
             "rollouts_used": int(used),
             "cum_rollouts": int(self.cum_rollouts),
             "tokens_used": int(tokens),  # every generated token of the step (DAPO's extra batches included)
@@ -697,6 +699,16 @@ class Trainer:
             writer.close()
         self._write_metrics()
         return RunResult(self.run_dir, self.metrics, self.plans)
+
+
+def _finite_token_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` without the token metrics that are NaN (``vip/token_budget`` of a plan made by rollouts): NaN is
+    not valid JSON and never equals itself, so a resumed run's records could not match the uninterrupted run's."""
+    return {
+        k: v
+        for k, v in metrics.items()
+        if not (k.startswith(("vip/token", "vip/frac_truncated")) and isinstance(v, float) and v != v)
+    }
 
 
 def _group_lengths(owners: list[int], comps: list[list[int]], m: int) -> list[list[int]]:
