@@ -401,7 +401,7 @@ def test_hook_rounds_a_token_plan_down_and_never_adds_tokens() -> None:
     rng = np.random.default_rng(0)
     ids = [str(i) for i in range(8)]
     cut = []
-    for token_budget, multiple in (("uniform", 16), (70.0, 16), (65.0, 6), (90.0, 12), (60.0, 12), (20.0, 8)):
+    for token_budget, multiple in (("uniform", 16), (70.0, 16), (65.0, 6), (90.0, 12), (66.0, 12), (20.0, 8)):
         hook = VIPHook(VIPConfig(strategy="vip", predictor="beta", n_min=2, n_max=8, token_budget=token_budget),
                        "drgrpo", max_length=R_LEN)  # fmt: skip
         cap_n = 32 - 32 % multiple  # the rollout budget, a multiple (divisible_budget)
@@ -425,7 +425,7 @@ def test_hook_rounds_a_token_plan_down_and_never_adds_tokens() -> None:
         assert np.all((bp.counts == 0) | (bp.counts >= 2))
         assert plan.metrics()["vip/tokens_planned"] <= cap * (1 + 1e-9)
         cut.append(bool(np.isnan(plan.optimality_gap)))  # cut by trim_to_multiple: no certificate any more
-    # (60, 12): 21 rollouts, and a cap of 12 < 8 prompts x n_min is refused by the engine: cut; others re-planned
+    # (66, 12): ~22 rollouts, and a cap of 12 < 8 prompts x n_min is refused by the engine: cut; others re-planned
     assert cut == [False, False, False, False, True]
 
 
