@@ -370,7 +370,9 @@ def test_v1_fit_absolute_token_cap_uneven_rows_padded_by_verl(transfer_queue, tm
     for d in vip_logs:
         assert VIP_METRICS | TOKEN_OUTCOME <= set(d)
     for d in vip_logs[1:]:
-        assert TOKEN_PLAN <= set(d) and d["vip/tokens_planned"] <= d["vip/token_budget"] * (1 + 1e-9)
+        # vip/optimality_gap is left out when a merged plan has no certificate (a refill planned as a rule)
+        assert TOKEN_PLAN - {"vip/optimality_gap"} <= set(d)
+        assert d["vip/tokens_planned"] <= d["vip/token_budget"] * (1 + 1e-9)
         assert d["vip/token_budget"] == pytest.approx(100.0)
 
 

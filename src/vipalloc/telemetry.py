@@ -55,8 +55,8 @@ PLAN_METRIC_NAMES = (
 )
 PLAN_TOKEN_METRIC_NAMES = (
     "vip/tokens_planned",  # sum_i n_i c_i at the predicted lengths
-    "vip/token_budget",  # the step's token budget (NaN: planned by rollouts)
-    "vip/optimality_gap",  # certified relative gap of the token program (0: exact; NaN: a rule, no objective)
+    "vip/token_budget",  # the step's token budget (absent when planned by rollouts)
+    "vip/optimality_gap",  # certified relative gap of the token program (0: exact; absent for a rule)
     "vip/tokens_share_hopeless",  # planned tokens on prompts predicted hopeless
     "vip/tokens_share_solved",  # planned tokens on prompts predicted solved
 )
@@ -133,12 +133,16 @@ def plan_metrics(
         out.update(
             {
                 "vip/tokens_planned": planned,
-                "vip/token_budget": float("nan") if token_budget is None else float(token_budget),
-                "vip/optimality_gap": float(optimality_gap),
                 "vip/tokens_share_hopeless": tshare(p < HOPELESS_P),
                 "vip/tokens_share_solved": tshare(p > SOLVED_P),
             }
         )
+        # left out rather than NaN where they do not apply (a plan by rollouts, a rule with no objective): NaN is
+        # not JSON and never equals itself, which breaks logs and resume checks
+        if token_budget is not None:
+            out["vip/token_budget"] = float(token_budget)
+        if np.isfinite(optimality_gap):
+            out["vip/optimality_gap"] = float(optimality_gap)
     return out
 
 

@@ -58,7 +58,7 @@ class LengthModel:
     prior_strength: float = 2.0
     ridge: float = 1.0
     min_prompts: int = 8
-    max_fit_prompts: int = 4096  # the regression fits on at most this many prompts (the most recently seen)
+    max_fit_prompts: int = 1024  # the regression fits on at most this many prompts (the most recently seen)
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.prior_strength) and self.prior_strength >= 0):
