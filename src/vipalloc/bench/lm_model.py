@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vipalloc.training.tasks import chain_sum_items
+
 __all__ = [
     "GGUF_FILE",
     "LEVELS",
@@ -110,24 +112,9 @@ def chain_sum_problems(
     n: int, seed: int, levels: tuple[tuple[int, int], ...] = LEVELS, tag: str = "lm"
 ) -> list[LMProblem]:
     """``n`` reasoning-gym ``chain_sum`` problems spread evenly over ``levels`` (deterministic in ``seed``)."""
-    import reasoning_gym
-
-    per = [n // len(levels) + (1 if i < n % len(levels) else 0) for i in range(len(levels))]
     out: list[LMProblem] = []
-    for lvl, ((terms, digits), k) in enumerate(zip(levels, per)):
-        if k == 0:
-            continue
-        ds = reasoning_gym.create_dataset(
-            "chain_sum",
-            size=k,
-            seed=seed * 1000 + lvl,
-            min_terms=terms,
-            max_terms=terms,
-            min_digits=digits,
-            max_digits=digits,
-        )
-        for item in ds:
-            out.append(LMProblem(f"{tag}{seed}-{len(out)}", str(item["question"]), str(item["answer"]).strip(), lvl))
+    for lvl, item in chain_sum_items(n, seed, levels):
+        out.append(LMProblem(f"{tag}{seed}-{len(out)}", str(item["question"]), str(item["answer"]).strip(), lvl))
     return out
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 # (terms, digits) per difficulty level, easiest first.
 LEVELS: tuple[tuple[int, int], ...] = ((2, 1), (3, 1), (2, 2), (4, 1), (3, 2), (2, 3))
@@ -35,12 +36,12 @@ class Problem:
     level: int
 
 
-def make_problems(n: int, seed: int, levels: tuple[tuple[int, int], ...] = LEVELS, tag: str = "p") -> list[Problem]:
-    """``n`` problems spread evenly over ``levels`` (deterministic in ``seed``), ids ``f"{tag}{seed}-{i}"``."""
+def chain_sum_items(n: int, seed: int, levels: tuple[tuple[int, int], ...] = LEVELS) -> Iterator[tuple[int, Any]]:
+    """``(level, reasoning-gym item)`` for ``n`` ``chain_sum`` problems spread evenly over ``levels`` (``(terms,
+    digits)`` each; deterministic in ``seed``): the one generator the CPU tasks and the real-LM benchmark share."""
     import reasoning_gym  # heavy import (all task modules): only when problems are generated
 
     per = [n // len(levels) + (1 if i < n % len(levels) else 0) for i in range(len(levels))]
-    out: list[Problem] = []
     for lvl, ((terms, digits), k) in enumerate(zip(levels, per)):
         if k == 0:
             continue
@@ -54,8 +55,15 @@ def make_problems(n: int, seed: int, levels: tuple[tuple[int, int], ...] = LEVEL
             max_digits=digits,
         )
         for item in ds:
-            expr = item["metadata"]["expression"].replace(" ", "")
-            out.append(Problem(f"{tag}{seed}-{len(out)}", expr + "=", str(item["answer"]).strip(), lvl))
+            yield lvl, item
+
+
+def make_problems(n: int, seed: int, levels: tuple[tuple[int, int], ...] = LEVELS, tag: str = "p") -> list[Problem]:
+    """``n`` problems spread evenly over ``levels`` (deterministic in ``seed``), ids ``f"{tag}{seed}-{i}"``."""
+    out: list[Problem] = []
+    for lvl, item in chain_sum_items(n, seed, levels):
+        expr = item["metadata"]["expression"].replace(" ", "")
+        out.append(Problem(f"{tag}{seed}-{len(out)}", expr + "=", str(item["answer"]).strip(), lvl))
     return out
 
 
