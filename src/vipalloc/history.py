@@ -148,6 +148,11 @@ class RolloutHistory:
         """The largest step recorded, or ``None`` for an empty history."""
         return int(self._step[: self._n].max()) if self._n else None
 
+    def positions(self, prompt_ids: Sequence[str]) -> np.ndarray:
+        """Each id's index into :attr:`prompt_ids` (int64 ``(N,)``; -1 for ids never recorded), without copying the
+        id list or building a new index."""
+        return np.array([self._index.get(str(p), -1) for p in prompt_ids], np.int64)
+
     def prompt_text(self, prompt_id: str) -> str | None:
         """The prompt text recorded for ``prompt_id`` (if any was given)."""
         return self._texts.get(prompt_id)

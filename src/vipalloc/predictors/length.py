@@ -147,8 +147,7 @@ class LengthModel:
             return None
         rows = history.rows(window, before_step=step)
         hist_ids = history.prompt_ids
-        index = {pid: i for i, pid in enumerate(hist_ids)}
-        at = np.array([index.get(pid, -1) for pid in ids], np.int64)
+        at = history.positions(ids)
         features = batch = None
         if cache is not None:
             batch = cache.lookup(ids)
