@@ -702,8 +702,9 @@ class Trainer:
 
 
 def _finite_token_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """``metrics`` without the token metrics that are NaN (``vip/token_budget`` of a plan made by rollouts): NaN is
-    not valid JSON and never equals itself, so a resumed run's records could not match the uninterrupted run's."""
+    """``metrics`` without the token metrics that are NaN (the outcome shares of a step that generated nothing; the
+    plan's own token keys are left out by the engine where they do not apply): NaN is not valid JSON and never
+    equals itself, so a resumed run's records could not match the uninterrupted run's."""
     return {
         k: v
         for k, v in metrics.items()
