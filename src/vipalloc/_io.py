@@ -21,12 +21,22 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["StateFileError", "atomic_write_json", "atomic_write_text", "encode", "decode", "read_json_checked"]
+__all__ = [
+    "StateFileError",
+    "atomic_write_json",
+    "atomic_write_text",
+    "decode",
+    "encode",
+    "iter_json_lines",
+    "parse_json_line",
+    "read_json_checked",
+]
 
 
 class StateFileError(ValueError):
@@ -168,3 +178,38 @@ def read_json_checked(path: str | os.PathLike[str], kind: str, max_version: int)
         return version, decode(doc["payload"])
     except (ValueError, TypeError, KeyError) as exc:
         raise StateFileError(f"{p}: corrupt array data ({exc}); restore from a previous checkpoint") from None
+
+
+# ---------------------------------------------------------------------------------------------- JSON Lines
+def parse_json_line(
+    path: str | os.PathLike[str], lineno: int, line: str, error: type[ValueError] = ValueError, hint: str = ""
+) -> dict[str, Any]:
+    """One JSON Lines row: the JSON object on ``line`` (line number ``lineno``, 1-based, of ``path``).
+
+    Raises ``error`` (a ``ValueError`` subclass the caller picks) with one line naming the file, the line and what
+    is wrong, followed by ``hint`` (e.g. ``"; the file may be truncated"``) for text that is not JSON.
+    """
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: line {lineno}: not valid JSON ({exc.msg}){hint}") from None
+    if not isinstance(row, dict):
+        raise error(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def iter_json_lines(
+    path: str | os.PathLike[str], error: type[ValueError] = ValueError, hint: str = ""
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """Stream a JSON Lines file: ``(line number, raw line, object)`` for every non-blank line, one at a time.
+
+    The file is never held whole in memory. Errors (``error``, one line naming the file and the line): text that is
+    not UTF-8, a line that is not JSON (see :func:`parse_json_line`, ``hint`` appended) or not a JSON object.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    yield lineno, line, parse_json_line(path, lineno, line, error, hint)
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text; expected JSON Lines (one JSON object per line)") from None

@@ -16,6 +16,10 @@ from typing import Any
 import typer
 
 from vipalloc import __version__
+from vipalloc._io import iter_json_lines
+from vipalloc.console import fail
+
+__all__ = ["app", "fail", "read_batch"]
 
 app = typer.Typer(
     name="vipalloc",
@@ -24,12 +28,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error and exit non-zero (never a traceback for bad input)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _version(value: bool) -> None:
@@ -49,21 +47,9 @@ def read_batch(path: Path) -> tuple[list[str], list[str | None]]:
     """Read a batch file: JSON Lines with ``prompt_id`` (or ``id``) and optional ``prompt`` text per line."""
     if not path.exists():
         raise ValueError(f"{path}: no such batch file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text; a batch file is JSON Lines") from None
     ids: list[str] = []
     texts: list[str | None] = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f'{path}: line {lineno}: expected an object like {{"prompt_id": ..., "prompt": ...}}')
+    for lineno, _, row in iter_json_lines(path):
         pid = row.get("prompt_id", row.get("id"))
         if pid is None or isinstance(pid, (bool, dict, list, float)):
             raise ValueError(f"{path}: line {lineno}: needs a string 'prompt_id'")

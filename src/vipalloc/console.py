@@ -9,8 +9,9 @@ and flushed at once::
     [demo] run uniform seed 3 finished: 88 s, mean@8 0.210
     [demo] uniform seed 3 step 40 eval mean@8 0.190
 
-The callers decide which events deserve a line (finished runs and evaluations, not every step). This module
-imports none of ours: both ``vipalloc.training`` and ``vipalloc.bench`` use it.
+The callers decide which events deserve a line (finished runs and evaluations, not every step). :func:`fail` is
+every command's one-line error exit. This module imports none of ours: ``vipalloc.training``, ``vipalloc.bench``,
+``vipalloc.replay`` and the CLI use it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,19 @@ import sys
 from types import TracebackType
 from typing import Any, TextIO
 
-__all__ = ["ProgressConsole", "format_eval", "format_run"]
+__all__ = ["ProgressConsole", "fail", "format_eval", "format_run"]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``error: <message>`` as one line on stderr and exit with ``code`` (never a traceback for bad input).
+
+    Every command's error path (``vipalloc allocate``, ``replay``, ``bench``) ends here, so the library never
+    imports the CLI to report an error.
+    """
+    import typer
+
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
 
 
 def format_run(info: dict[str, Any]) -> str:

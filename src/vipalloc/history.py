@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from vipalloc._io import StateFileError, atomic_write_text
+from vipalloc._io import StateFileError, atomic_write_text, parse_json_line
 
 __all__ = ["HistoryAggregates", "RolloutHistory", "aggregate_duplicates", "validate_lengths", "validate_rewards"]
 
@@ -509,13 +509,7 @@ def _check_step(step: Any) -> int:
 
 
 def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise StateFileError(f"{path}: line {lineno}: not valid JSON ({exc.msg}); the file may be truncated") from None
-    if not isinstance(row, dict):
-        raise StateFileError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-    return row
+    return parse_json_line(path, lineno, line, StateFileError, "; the file may be truncated")
 
 
 def _ingest_row(h: RolloutHistory, path: Path, lineno: int, row: dict[str, Any]) -> None:

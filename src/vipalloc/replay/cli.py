@@ -240,8 +240,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed for tie-breaking."),
     ) -> None:
         """What your last run spent on zero-variance groups, and what allocation would have changed."""
-        from vipalloc.cli import fail
-        from vipalloc.console import ProgressConsole
+        from vipalloc.console import ProgressConsole, fail
 
         try:
             with ProgressConsole("replay") as console:
