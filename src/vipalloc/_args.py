@@ -1,5 +1,5 @@
-"""Argument checks at the :class:`~vipalloc.allocator.Allocator` boundary: ids, integers, token budgets, lengths.
-Each raises ``ValueError`` naming the problem and the fix."""
+"""Argument checks at the :class:`~vipalloc.allocator.Allocator` boundary: ids, integers, lengths (budgets:
+:mod:`vipalloc.budget`). Each raises ``ValueError`` naming the problem and the fix."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_ids", "check_int", "check_lengths_arg", "check_tokens_arg"]
+__all__ = ["as_ids", "check_int", "check_lengths_arg"]
 
 
 def as_ids(prompt_ids: Sequence[Any], what: str = "prompt_ids") -> list[str]:
@@ -36,15 +36,6 @@ def check_int(name: str, value: Any, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
-
-
-def check_tokens_arg(value: Any) -> float:
-    """A token budget: a finite number > 0 (tokens may be given as a float, e.g. a predicted total)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"token_budget must be a number of tokens, got {value!r}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"token_budget must be a finite number of tokens > 0, got {value!r}")
-    return float(value)
 
 
 def check_lengths_arg(value: Any, m: int) -> np.ndarray:

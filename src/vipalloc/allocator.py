@@ -29,21 +29,22 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
-from vipalloc._args import as_ids, check_int, check_lengths_arg, check_tokens_arg
+from vipalloc._args import as_ids, check_int
 from vipalloc._io import StateFileError, atomic_write_json, read_json_checked
+from vipalloc.allocator_steps import StepPlanner
+from vipalloc.budget import check_rollout_budget
+from vipalloc.defaults import DEFAULT_ESTIMATOR, DEFAULT_PREDICTOR, DEFAULT_STRATEGY
+from vipalloc.forecast import Forecaster
 from vipalloc.history import RolloutHistory, aggregate_duplicates, validate_lengths, validate_rewards
 from vipalloc.plan import Plan, plan_variance, step_permutation
 from vipalloc.predictors.length import LengthModel, LengthPrediction
-from vipalloc.strategies import AllocationContext, Strategy, TwoPhaseStrategy, get_strategy, uniform_counts
+from vipalloc.strategies import AllocationContext, Strategy, get_strategy, uniform_counts
 from vipalloc.strategies.two_phase import (
     PilotState,
-    check_pilot_tokens,
-    expected_variance,
-    uniform_commit,
 )
 from vipalloc.strategies.uniform import uniform_token_counts
 from vipalloc.telemetry import outcome_metrics
@@ -53,11 +54,9 @@ __all__ = ["Allocator", "Plan"]
 FORMAT = "vipalloc.allocator"
 # Version 2 adds outstanding two-phase pilots ("pilots"); version 1 files (no pilots) still load.
 VERSION = 2
-# Plans kept for validating observe(); older ones are forgotten (a trainer observes the step it planned).
-_MAX_PENDING_STEPS = 16
 
 
-class Allocator:
+class Allocator(StepPlanner):
     """Decide how many rollouts each prompt of a batch gets, and learn from the outcomes.
 
     Parameters
@@ -92,9 +91,9 @@ class Allocator:
 
     def __init__(
         self,
-        strategy: str = "vip",
-        predictor: str = "gp",
-        estimator: str = "drgrpo",
+        strategy: str = DEFAULT_STRATEGY,
+        predictor: str = DEFAULT_PREDICTOR,
+        estimator: str = DEFAULT_ESTIMATOR,
         n_min: int = 4,
         n_max: int = 32,
         seed: int = 0,
@@ -131,45 +130,36 @@ class Allocator:
         except TypeError as exc:
             raise ValueError(f"bad length_kwargs: {exc}") from None
         self.strategy: Strategy = get_strategy(strategy, estimator=estimator, **self.strategy_kwargs)
-        self.predictor = make_predictor(predictor, **self.predictor_kwargs)
+        # features, predictor and length model, with each (batch, step)'s forecast computed once (vipalloc.forecast)
+        self._fc = Forecaster(
+            make_predictor(predictor, **self.predictor_kwargs), predictor, embedder, self.length_model, history_window
+        )
         self.history = RolloutHistory(success_threshold=success_threshold)
-        self._embedder: Any = None  # built lazily: loading MiniLM costs seconds
-        self._cache: Any = None
         self._pending: dict[int, dict[str, int]] = {}  # step -> {prompt_id: planned count}
         self._pilots: dict[int, PilotState] = {}  # step -> outstanding two-phase pilot (see plan_pilot)
         self._last_step = -1
 
-    # ------------------------------------------------------------------ features
+    # ------------------------------------------------------------------ features and forecasts
     @property
     def success_threshold(self) -> float:
         return self.history.success_threshold
 
-    def _embedding_cache(self) -> Any:
-        if self._cache is None:
-            from vipalloc.embeddings import EmbeddingCache, get_embedder
+    @property
+    def predictor(self) -> Any:
+        """The success-probability predictor. Reaching it from outside may change it (e.g. the oracle's
+        ``set_true_p``), so every cached forecast is dropped: the next plan predicts afresh."""
+        self._fc.invalidate()
+        return self._fc.predictor
 
-            self._embedder = get_embedder(self.embedder_name)
-            self._cache = EmbeddingCache(self._embedder)
-        return self._cache
+    @predictor.setter
+    def predictor(self, value: Any) -> None:
+        self._fc.invalidate()
+        self._fc.predictor = value
 
-    def _register_features(self, ids: list[str], prompts: Sequence[str] | None) -> None:
-        if not getattr(self.predictor, "needs_features", False):
-            return
-        cache = self._embedding_cache()
-        if prompts is None:
-            missing = [pid for pid in ids if not cache.has(pid) and self.history.prompt_text(pid) is None]
-            if missing:
-                raise ValueError(
-                    f"the {self.predictor_name!r} predictor needs prompt texts to embed {len(missing)} new prompt(s) "
-                    f"(e.g. {missing[:3]}); pass prompts=[...] aligned with prompt_ids"
-                )
-            texts = [self.history.prompt_text(pid) or "" for pid in ids]
-        else:
-            if len(prompts) != len(ids):
-                raise ValueError(f"got {len(ids)} prompt ids but {len(prompts)} prompts; they must align")
-            texts = [str(t) for t in prompts]
-        feats = cache.get(ids, texts)
-        self.predictor.set_features(ids, feats)
+    @property
+    def _cache(self) -> Any:
+        """The prompt-embedding cache (None until a feature-based predictor needed one)."""
+        return self._fc.cache
 
     # ------------------------------------------------------------------ plan / observe
     def plan(
@@ -207,25 +197,16 @@ class Allocator:
         ids = as_ids(prompt_ids)
         m = len(ids)
         budget, tokens, given, step = self._budget_args(ids, budget, token_budget, expected_lengths, step)
-        if budget is not None:
-            # Refuse an infeasible budget before embedding: the feature caches keep the first text given for an id.
-            if tokens is None and budget > m * self.n_max:
-                raise ValueError(
-                    f"budget {budget} is infeasible for {m} prompts with n_max={self.n_max}: at most "
-                    f"{m * self.n_max}; raise n_max or lower the budget"
-                )
-            if budget < m * self.n_min:
-                raise ValueError(
-                    f"budget {budget} is infeasible for {m} prompts with n in [{self.n_min}, {self.n_max}]: "
-                    f"feasible budgets lie in [{m * self.n_min}, {m * self.n_max}]; change the budget or the bounds"
-                )
+        if budget is not None:  # refused before embedding: the feature caches keep the first text given for an id
+            check_rollout_budget(budget, m, self.n_min, self.n_max, cap=tokens is not None)
         if tokens is not None and self.strategy.token_refusal is not None:
             raise ValueError(
                 f"strategy {self.strategy_name!r} cannot plan under a token budget: {self.strategy.token_refusal}"
             )
-        p_mean, p_std, timings = self._predict(ids, prompts, step)
+        fc = self._forecast(ids, prompts, step)
+        p_mean, p_std, timings = fc.p_mean.copy(), fc.p_std.copy(), dict(fc.timings)
         t0 = time.perf_counter()
-        c = given if given is not None else self._expected_lengths(ids, p_mean, step)
+        c = given if given is not None else self._lengths(fc, ids, step)
         perm, inv = step_permutation(self.seed, step, m)
         ctx = None
         if self.strategy.uses_context:  # dynamo, hora: std and reward history (before step)
@@ -276,85 +257,13 @@ class Allocator:
         """The length model's prediction for a batch (tokens per rollout, by outcome and expected, each float64
         ``(M,)``) at ``step``, from the history before it; None before any length was observed. Uses the current
         success predictions (and the prompts' features when the predictor has them: ``prompts``, the texts, are
-        needed for prompts it has never seen, as in :meth:`plan`)."""
+        needed for prompts it has never seen, as in :meth:`plan`). Forecast once per batch and step: a
+        :meth:`plan` of the same batch and step that follows reuses the prediction."""
         ids = as_ids(prompt_ids)
         step = self._last_step + 1 if step is None else check_int("step", step, 0)
         if not self.history.has_lengths:
             return None
-        self._register_features(ids, prompts)
-        p_mean, _ = self.predictor.predict(ids, step)
-        p = np.asarray(p_mean, np.float64)
-        return self.length_model.predict_batch(self.history, self.history_window, self._cache, ids, p, step)
-
-    def _budget_args(
-        self, ids: list[str], budget: Any, token_budget: Any, expected_lengths: Any, step: Any
-    ) -> tuple[int | None, float | None, np.ndarray | None, int]:
-        """The checked ``(budget, token_budget, expected_lengths, step)`` of ``plan`` / ``plan_pilot`` (the whole
-        step's budgets); refuses a call without a budget, or a token budget with no length to predict from."""
-        if budget is None and token_budget is None:
-            m = len(ids)
-            raise ValueError(
-                f"budget is required: total rollouts of the step, e.g. {m} prompts x 8 = {8 * m} (or "
-                "token_budget=T, generated tokens)"
-            )
-        budget = None if budget is None else check_int("budget", budget, 0)
-        tokens = None if token_budget is None else check_tokens_arg(token_budget)
-        given = None if expected_lengths is None else check_lengths_arg(expected_lengths, len(ids))
-        if tokens is not None and given is None and not self.history.has_lengths:
-            raise ValueError(
-                "a token budget needs the expected tokens per rollout: report lengths with observe(..., lengths="
-                "[...]) on earlier steps, pass expected_lengths=[...] (e.g. the maximum completion length), or plan "
-                "this first step by rollouts (budget=...)"
-            )
-        step = self._last_step + 1 if step is None else check_int("step", step, 0)
-        return budget, tokens, given, step
-
-    def _expected_lengths(self, ids: list[str], p_mean: np.ndarray, step: int) -> np.ndarray | None:
-        pred = self.length_model.predict_batch(self.history, self.history_window, self._cache, ids, p_mean, step)
-        return None if pred is None else pred.expected
-
-    def _predict(
-        self, ids: list[str], prompts: Sequence[str] | None, step: int
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """Features, then the predictor's ``(p_mean, p_std)`` (float64 ``(M,)`` each) and the stages' seconds."""
-        t0 = time.perf_counter()
-        self._register_features(ids, prompts)
-        t1 = time.perf_counter()
-        p_mean, p_std = self.predictor.predict(ids, step)
-        t2 = time.perf_counter()
-        return np.asarray(p_mean, np.float64), np.asarray(p_std, np.float64), {"embed": t1 - t0, "predict": t2 - t1}
-
-    def _issue(
-        self,
-        step: int,
-        ids: list[str],
-        counts: np.ndarray,
-        p_mean: np.ndarray,
-        p_std: np.ndarray,
-        *,
-        budget: int,
-        expected: float,
-        uniform: float,
-        timings: dict[str, float],
-        **fields: Any,
-    ) -> Plan:
-        """The one way a plan leaves the allocator: remember ``counts`` for ``observe`` at ``step`` (copied: the
-        caller may edit the returned arrays), then build the :class:`Plan` (``fields``: its optional fields)."""
-        self._remember(step, dict(zip(ids, counts.tolist())))
-        return Plan(
-            prompt_ids=list(ids),
-            counts=counts,
-            p_mean=p_mean,
-            p_std=p_std,
-            budget=budget,
-            step=step,
-            strategy=self.strategy_name,
-            estimator=self.estimator,
-            expected_variance=float(expected),
-            uniform_variance=float(uniform),
-            timings=timings,
-            **fields,
-        )
+        return self._fc.lengths(self._forecast(ids, prompts, step), ids, step, self.history)
 
     def observe(
         self,
@@ -441,7 +350,8 @@ class Allocator:
         successes = np.array([int(np.count_nonzero(a >= thr)) for a in kept], np.int64)
         trials = np.array([a.size for a in kept], np.int64)
         # The predictor validates and may raise; do it before touching the history so a failure records nothing.
-        self.predictor.observe(kept_ids, successes, trials, step)
+        self._fc.invalidate()  # new evidence: the step's forecasts are stale
+        self._fc.predictor.observe(kept_ids, successes, trials, step)
         self.history.extend(step, kept_ids, kept, lengths=kept_lens)
         if not late_pilot:
             for pid in kept_ids:  # each planned prompt is observed once (per phase, for a two-phase step)
@@ -456,199 +366,6 @@ class Allocator:
                     for i, a, ln in zip(pos, kept, kept_lens or [None] * len(kept))
                 ]
                 pilot.tokens[pos] += spent
-        self._last_step = max(self._last_step, step)
-
-    # ------------------------------------------------------------------ two-phase steps
-    def plan_pilot(
-        self,
-        prompt_ids: Sequence[Any],
-        prompts: Sequence[str] | None = None,
-        budget: int | None = None,
-        step: int | None = None,
-        pilot_n: int = 2,
-        *,
-        token_budget: float | None = None,
-        expected_lengths: Sequence[float] | np.ndarray | None = None,
-    ) -> Plan:
-        """Phase 1 of a two-phase step (strategies ``vip_two_phase``, ``pilot_commit``): the pilot rollouts.
-
-        ``budget`` is the WHOLE step's budget (pilot + commit); the returned plan's counts are the pilot rollouts
-        per prompt (``pilot_n`` each; 0 = skipped) and ``plan.budget`` their total. Observe their rewards with
-        :meth:`observe` at the same ``step``, then call :meth:`plan_commit`. The predictor learns from the pilot
-        at once (it merges the commit's rollouts of the same step into the same group); the commit conditions on
-        the prediction made here plus the pilot outcomes. Raises ``ValueError`` (nothing recorded) for a
-        single-phase strategy, ``pilot_n * M > budget``, an infeasible budget, or a step whose pilot already has
-        observed outcomes.
-
-        Token mode (``token_budget``, tokens for the whole step, as in :meth:`plan`; ``budget`` then optional, a
-        cap on the step's rollouts): the pilot's predicted tokens must fit; its tokens actually spent (the lengths
-        given to :meth:`observe`, else the prediction per rollout) are taken from the budget before the commit.
-        """
-        two_phase = self._two_phase_strategy()
-        if two_phase is None:
-            raise ValueError(
-                f"plan_pilot needs a two-phase strategy ('vip_two_phase' or 'pilot_commit'), this allocator uses "
-                f"{self.strategy_name!r}: call plan() instead, or build Allocator(strategy='vip_two_phase')"
-            )
-        ids = as_ids(prompt_ids)
-        budget, tokens, given, step = self._budget_args(ids, budget, token_budget, expected_lengths, step)
-        old = self._pilots.get(step)
-        if old is not None and (old.trials.any() or old.extra is not None):
-            raise ValueError(
-                f"step {step} already has a pilot with observed outcomes; call plan_commit(step={step}) to finish "
-                "it, or plan the next step"
-            )
-        m = len(ids)
-        # Refuse a bad request before embedding: the feature caches keep the first text given for an id.
-        if tokens is None:
-            assert budget is not None
-            two_phase.check_pilot(m, budget, self.n_min, self.n_max, pilot_n)
-        elif given is not None:
-            check_pilot_tokens(m, tokens, given, self.n_max, pilot_n, budget)
-        p_mean, p_std, timings = self._predict(ids, prompts, step)
-        t2 = time.perf_counter()
-        perm, inv = step_permutation(self.seed, step, m)
-        c = given if given is not None else self._expected_lengths(ids, p_mean, step)
-        if tokens is None:
-            assert budget is not None
-            counts = np.asarray(two_phase.pilot(p_mean[perm], budget, self.n_min, self.n_max, pilot_n), np.int64)
-        else:
-            assert c is not None
-            counts = two_phase.pilot_tokens(p_mean[perm], tokens, c[perm], self.n_min, self.n_max, pilot_n, budget)
-        counts = np.asarray(counts, np.int64)[inv]
-        timings["solve"] = time.perf_counter() - t2
-        total = int(counts.sum())
-        # A pilot group of one carries no gradient (RLOO's formula is undefined there): it counts 0, as in the
-        # commit's objective (vipalloc.strategies.two_phase._h). Computed before anything is recorded.
-        var = float(plan_variance(p_mean, np.where(counts >= 2, counts, 0), self.estimator))
-        uni_counts = uniform_counts(m, total)
-        uni = float(plan_variance(p_mean, np.where(uni_counts >= 2, uni_counts, 0), self.estimator))
-        self._pilots[step] = PilotState(  # copies: the caller may edit the returned plan's arrays in place
-            ids=ids,
-            counts=counts.copy(),
-            prior_mean=p_mean.copy(),
-            prior_std=p_std.copy(),
-            budget=budget,
-            pilot_n=int(pilot_n),
-            successes=np.zeros(m, np.int64),
-            trials=np.zeros(m, np.int64),
-            token_budget=tokens,
-            lengths=None if c is None else c.copy(),
-            tokens=None if c is None else np.zeros(m),
-        )
-        return self._issue(
-            step,
-            ids,
-            counts,
-            p_mean,
-            p_std,
-            budget=total,
-            expected=var,
-            uniform=uni,
-            timings=timings,
-            phase="pilot",
-            expected_lengths=c,
-            expected_tokens=None if c is None else float(counts @ c),
-            token_budget=tokens,
-        )
-
-    def plan_commit(self, step: int | None = None) -> Plan:
-        """Phase 2 of a two-phase step: the EXTRA rollouts per prompt, given the pilot outcomes observed so far.
-
-        ``step`` defaults to the newest pilot not yet committed. ``pilot.counts.sum() + commit.counts.sum()``
-        equals the step budget exactly. The plan's ``p_mean``/``p_std`` are the posterior's,
-        ``pilot_counts`` the pilot rollouts that came back, ``group_sizes`` the final groups, and its variances
-        the posterior expected variance of those groups (``uniform_variance``: the same pilot plus a uniform
-        split of the rest). Pilot prompts whose rewards never came back count as 0 pilot rollouts. Observe the
-        extra rollouts' rewards with :meth:`observe` at the same step. Raises ``ValueError`` (nothing recorded)
-        without a pilot at ``step``, when no pilot outcome was observed, or when the step was already committed.
-        """
-        two_phase = self._two_phase_strategy()
-        if two_phase is None:
-            raise ValueError(
-                f"plan_commit needs a two-phase strategy ('vip_two_phase' or 'pilot_commit'), this allocator uses "
-                f"{self.strategy_name!r}: call plan() instead"
-            )
-        if step is None:
-            open_steps = [s for s, p in self._pilots.items() if p.extra is None]
-            if not open_steps:
-                raise ValueError("no pilot is waiting for a commit; call plan_pilot(...) first")
-            step = max(open_steps)
-        step = check_int("step", step, 0)
-        pilot = self._pilots.get(step)
-        if pilot is None:
-            known = sorted(self._pilots)
-            raise ValueError(
-                f"no pilot was planned at step {step} (pilots: steps {known[-5:]}); call plan_pilot(..., step={step}) "
-                "and observe its rewards before plan_commit"
-            )
-        if pilot.extra is not None:
-            raise ValueError(f"step {step} was already committed; observe its extra rollouts and plan the next step")
-        if not pilot.trials.any():
-            raise ValueError(
-                f"no pilot outcome was observed at step {step}; call observe(ids, pilot_rewards, step={step}) first"
-            )
-        m = len(pilot.ids)
-        rolls_left = None if pilot.budget is None else pilot.budget - int(pilot.counts.sum())
-        t0 = time.perf_counter()
-        perm, inv = step_permutation(self.seed, step, m)
-        args = (pilot.prior_mean[perm], pilot.prior_std[perm], pilot.counts[perm], pilot.successes[perm])
-        c = pilot.lengths
-        tokens_left = None
-        if pilot.token_budget is None:
-            assert rolls_left is not None
-            dec = two_phase.commit(*args, pilot.trials[perm], rolls_left, self.n_min, self.n_max, pilot.pilot_n)
-        else:
-            assert c is not None and pilot.tokens is not None
-            tokens_left = max(pilot.token_budget - float(pilot.tokens.sum()), 0.0)
-            dec = two_phase.commit_tokens(
-                *args, pilot.trials[perm], tokens_left, c[perm], self.n_min, self.n_max, pilot.pilot_n, rolls_left
-            )
-        extra = np.asarray(dec.extra, np.int64)[inv]
-        a, b = np.asarray(dec.post_a)[inv], np.asarray(dec.post_b)[inv]
-        t1 = time.perf_counter()
-        if extra.shape != (m,) or (pilot.token_budget is None and int(extra.sum()) != rolls_left):
-            raise RuntimeError(f"strategy {self.strategy_name!r} returned an invalid commit (sum != {rolls_left})")
-        groups = pilot.trials + extra
-        exp_var = float(expected_variance(a, b, groups, self.estimator).sum())
-        # the uniform commit of the same rollouts (or tokens) left, on the same permuted order
-        uni = pilot.trials + uniform_commit(pilot.trials, self.n_max, rolls_left, perm, tokens_left, c)
-        uni_var = float(expected_variance(a, b, uni, self.estimator).sum())
-        pilot.extra = extra.copy()  # the returned plan's counts are the caller's to edit
-        nu = a + b
-        return self._issue(
-            step,
-            pilot.ids,
-            extra,
-            a / nu,
-            np.sqrt(a * b / (nu * nu * (nu + 1.0))),
-            budget=int(extra.sum()),
-            expected=exp_var,
-            uniform=uni_var,
-            timings={"solve": t1 - t0},
-            min_keep_relaxed=bool(dec.min_keep_relaxed),
-            phase="commit",
-            pilot_counts=pilot.trials.copy(),
-            train=(groups > 0) if two_phase.trains_pilot_only else (extra > 0),
-            # token fields describe the whole step (pilot + commit), as the plan's metrics do
-            expected_lengths=c,
-            # the pilot as spent (reported lengths, else predicted per rollout), the commit as predicted
-            expected_tokens=None if c is None else _step_tokens(pilot.tokens, groups, extra, c),
-            token_budget=pilot.token_budget,
-            optimality_gap=float(dec.gap),
-        )
-
-    def _two_phase_strategy(self) -> TwoPhaseStrategy | None:
-        """The strategy as a :class:`~vipalloc.strategies.TwoPhaseStrategy`, or None for a single-phase one."""
-        return cast(TwoPhaseStrategy, self.strategy) if self.strategy.two_phase else None
-
-    def _remember(self, step: int, planned: dict[str, int]) -> None:
-        """Make ``planned`` the counts ``observe`` validates at ``step``; forget the oldest steps beyond the cap."""
-        self._pending[step] = planned
-        while len(self._pending) > _MAX_PENDING_STEPS:
-            self._pending.pop(min(self._pending))
-        while len(self._pilots) > _MAX_PENDING_STEPS:
-            self._pilots.pop(min(self._pilots))
         self._last_step = max(self._last_step, step)
 
     # ------------------------------------------------------------------ helpers
@@ -698,8 +415,8 @@ class Allocator:
         """Replay a recorded history (e.g. from ``vipalloc allocate --history``) into this allocator, step by step."""
         for step, ids, succ, trials in history.iter_steps():
             texts = [history.prompt_text(pid) for pid in ids]
-            if getattr(self.predictor, "needs_features", False):
-                missing = [pid for pid, t in zip(ids, texts) if t is None and not self._embedding_cache().has(pid)]
+            if getattr(self._fc.predictor, "needs_features", False):
+                missing = [pid for pid, t in zip(ids, texts) if t is None and not self._fc.embedding_cache().has(pid)]
                 if missing:
                     raise ValueError(
                         f"history has no prompt text for {len(missing)} prompt(s) (e.g. {missing[:3]}) and the "
@@ -707,9 +424,10 @@ class Allocator:
                         "or use --predictor beta/empirical"
                     )
                 uniq = list(dict.fromkeys(ids))
-                self._register_features(uniq, [history.prompt_text(p) or "" for p in uniq])
+                self._fc.register_features(uniq, [history.prompt_text(p) or "" for p in uniq], self.history)
             agg_ids, agg_s, agg_t = aggregate_duplicates(ids, succ, trials)
-            self.predictor.observe(agg_ids, agg_s, agg_t, step)
+            self._fc.invalidate()
+            self._fc.predictor.observe(agg_ids, agg_s, agg_t, step)
             self._last_step = max(self._last_step, step)
         if len(self.history) == 0:  # an empty allocator takes the history whole (its success threshold too)
             self.history = RolloutHistory.from_state_dict(history.state_dict())
@@ -739,10 +457,10 @@ class Allocator:
         pending_steps = sorted(self._pending)
         return {
             "config": self.config(),
-            "predictor": self.predictor.state_dict(),
+            "predictor": self._fc.predictor.state_dict(),
             "history": self.history.state_dict(),
             "embeddings": None if self._cache is None else self._cache.state_dict(),
-            "embedder_name": None if self._embedder is None else getattr(self._embedder, "name", None),
+            "embedder_name": None if self._fc.embedder is None else getattr(self._fc.embedder, "name", None),
             "pending_steps": pending_steps,
             "pending": [
                 {"ids": list(self._pending[s]), "counts": np.array(list(self._pending[s].values()), np.int64)}
@@ -772,7 +490,7 @@ class Allocator:
             alloc.predictor.load_state_dict(state["predictor"])
             alloc.history = RolloutHistory.from_state_dict(state["history"])
             if state.get("embeddings") is not None:
-                cache = alloc._embedding_cache()
+                cache = alloc._fc.embedding_cache()
                 cache.load_state_dict(state["embeddings"])
             alloc._pending = {
                 int(s): dict(zip(rec["ids"], np.asarray(rec["counts"]).tolist()))
@@ -792,8 +510,3 @@ class Allocator:
             f"Allocator(strategy={self.strategy_name!r}, predictor={self.predictor_name!r}, "
             f"estimator={self.estimator!r}, n_min={self.n_min}, n_max={self.n_max}, seed={self.seed})"
         )
-
-
-def _step_tokens(spent: np.ndarray | None, groups: np.ndarray, extra: np.ndarray, c: np.ndarray) -> float:
-    """A two-phase step's tokens: the pilot's spent tokens plus the commit's predicted ones (float)."""
-    return float(extra @ c) + (float(spent.sum()) if spent is not None else float((groups - extra) @ c))
