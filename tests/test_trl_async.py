@@ -31,7 +31,7 @@ from accelerate.state import PartialState  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from vipalloc import Allocator  # noqa: E402
-from vipalloc.integrations._trl_async import SKIP_KEY, VIPRolloutLoop  # noqa: E402
+from vipalloc.integrations.trl.async_trainer import SKIP_KEY, VIPRolloutLoop  # noqa: E402
 
 N_PROMPTS = 16
 

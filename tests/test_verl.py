@@ -38,7 +38,7 @@ from vipalloc.integrations.verl import (  # noqa: E402
 from vipalloc.telemetry import OUTCOME_METRIC_NAMES, PLAN_METRIC_NAMES  # noqa: E402
 
 torch.set_num_threads(1)
-CONFIG_DIR = os.path.join(os.path.dirname(plug.__file__), "verl_config")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(plug.__file__)), "verl_config")  # next to verl_trainer.py
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -372,18 +372,18 @@ def test_same_prompt_twice_in_one_batch_gets_a_group_per_occurrence() -> None:
     frac=st.floats(0, 1),
 )
 def test_split_budget_over_occurrence_layers(sizes: list[int], n_min: int, extra: int, frac: float) -> None:
-    from vipalloc.integrations._verl_hook import _split_budget
+    from vipalloc.integrations.verl.layers import split_budget
 
     n_max = n_min + extra
     total = sum(sizes)
     budget = total * n_min + int(frac * total * (n_max - n_min))
-    out = _split_budget(budget, np.array(sizes), n_min, n_max)
+    out = split_budget(budget, np.array(sizes), n_min, n_max)
     assert sum(out) == budget
     for b, s in zip(out, sizes):
         assert s * n_min <= b <= s * n_max  # every layer feasible on its own
         assert abs(b - budget * s / total) < len(sizes) + 1  # in proportion, up to the rounding remainder
     with pytest.raises(ValueError, match="infeasible"):
-        _split_budget(total * n_max + 1, np.array(sizes), n_min, n_max)
+        split_budget(total * n_max + 1, np.array(sizes), n_min, n_max)
 
 
 # ------------------------------------------------------------------------ group sizes vs plan (issue 16.8)
@@ -415,7 +415,7 @@ def test_start_up_check_names_missing_hooks_and_supported_range(monkeypatch) -> 
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer
     from verl.trainer.ppo.v1 import agent_loop_tq
 
-    from vipalloc.integrations._verl_checks import check_hook_points, check_verl_version
+    from vipalloc.integrations.verl.checks import check_hook_points, check_verl_version
 
     check_hook_points.cache_clear()
     check_hook_points(False)  # the installed verl passes
@@ -464,7 +464,7 @@ def test_start_up_check_names_missing_hooks_and_supported_range(monkeypatch) -> 
 
 
 def test_refused_and_warned_setups() -> None:
-    from vipalloc.integrations._verl_loops import make_hook
+    from vipalloc.integrations.verl.loops import make_hook
     from vipalloc.integrations.verl_trainer import check_config
 
     paper = ["algorithm.norm_adv_by_std_in_grpo=false"]

@@ -41,7 +41,7 @@ from test_verl_loops import (  # noqa: E402
 from verl import DataProto  # noqa: E402
 
 from vipalloc.integrations import verl as plug  # noqa: E402
-from vipalloc.integrations._verl_core import trim_to_multiple  # noqa: E402
+from vipalloc.integrations.verl.core import trim_to_multiple  # noqa: E402
 from vipalloc.telemetry import OUTCOME_TOKEN_METRIC_NAMES, PLAN_TOKEN_METRIC_NAMES  # noqa: E402
 
 torch.set_num_threads(1)
@@ -397,8 +397,8 @@ def test_trim_to_multiple_is_the_largest_reachable_multiple(seed: int) -> None:
 
 def test_hook_rounds_a_token_plan_down_and_never_adds_tokens() -> None:
     """The legacy loop's rounding: re-plan with the rollout cap rounded down, then cut; tokens stay under the cap."""
-    from vipalloc.integrations._verl_core import VIPConfig
-    from vipalloc.integrations._verl_hook import VIPHook
+    from vipalloc.integrations.verl.core import VIPConfig
+    from vipalloc.integrations.verl.hook import VIPHook
 
     rng = np.random.default_rng(0)
     ids = [str(i) for i in range(8)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from vipalloc.integrations._verl_checks import emit_warnings
 from vipalloc.integrations.verl import (
     VIPConfig,
     check_hook_points,
@@ -24,6 +23,7 @@ from vipalloc.integrations.verl import (
     install_vip_trainers,
     resolve_estimator,
 )
+from vipalloc.integrations.verl.checks import emit_warnings
 
 __all__ = ["check_config", "main", "task_runner_class"]
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from accelerate.utils import gather_object
 
-from vipalloc.integrations._trl_config import VIPGRPOConfig
+from vipalloc.integrations.trl.config import VIPGRPOConfig
 
 
 def check_tool_setup(cfg: VIPGRPOConfig, bound: Mapping[str, Any]) -> None:

@@ -35,14 +35,17 @@ Two trainer loops exist in verl 0.9 and both are supported (``docs/verl.md``):
   ``repeat`` of exactly those two objects expand by the plan (one shot), then observes in ``_update_critic`` /
   ``_update_actor``, where the batch holds final rewards.
 
-Start-up checks (``_verl_checks``) refuse setups the plug-in cannot serve (DAPO ``filter_groups``, the DAPO
+Start-up checks (``checks``) refuse setups the plug-in cannot serve (DAPO ``filter_groups``, the DAPO
 recipe's and ``verl.experimental`` trainers, ``vip.two_phase`` in the v1 loop) and verify that every hooked verl
 method exists. ``vip.two_phase=true`` (pilot then commit, ``Allocator.plan_pilot`` / ``plan_commit``) runs in the
 legacy loop.
 Use the entry point ``python -m vipalloc.integrations.verl_trainer`` (hydra, ``vip:`` config group).
 
-Layout: ``_verl_core`` (config, budget arithmetic, expansion), ``_verl_hook`` (:class:`VIPHook`), ``_verl_checks``
-(start-up checks), ``_verl_loops`` (the trainer subclasses); this module is the public entry.
+Package layout: ``core`` (config, budget arithmetic, expansion), ``hook`` (:class:`VIPHook`, the allocator glue),
+``layers`` (batch columns, repeated prompts planned in layers), ``checks`` (start-up checks), ``loops`` (the trainer
+mixin and subclasses of both loops, two-phase rounds), ``multiturn`` (episodes and their generated tokens),
+``one_step_off`` (``one_step_off_policy`` support, the ``fully_async_policy`` refusal); this module is the public
+entry, and ``vipalloc.integrations.verl_trainer`` the hydra entry point.
 """
 
 from __future__ import annotations
@@ -57,12 +60,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError('vipalloc.integrations.verl needs verl and ray: pip install "vipalloc[verl]"') from exc
 
-from vipalloc.integrations._verl_async import (
-    FULLY_ASYNC_REFUSAL,
-    one_step_off_task_runner_class,
-    vip_one_step_off_trainer_class,
-)
-from vipalloc.integrations._verl_checks import (
+from vipalloc.integrations.verl.checks import (
     UnsupportedVerlError,
     check_hook_points,
     check_trainer_base,
@@ -70,7 +68,7 @@ from vipalloc.integrations._verl_checks import (
     config_refusals,
     config_warnings,
 )
-from vipalloc.integrations._verl_core import (
+from vipalloc.integrations.verl.core import (
     ADV_ESTIMATOR_TARGETS,
     ALLOCATOR_FILE,
     SUPPORTED_VERL,
@@ -80,8 +78,13 @@ from vipalloc.integrations._verl_core import (
     required_multiple,
     resolve_estimator,
 )
-from vipalloc.integrations._verl_hook import BatchPlan, PlanNotAppliedError, VIPHook
-from vipalloc.integrations._verl_loops import _one_shot_plan, vip_trainer_class, vip_v1_trainer_class
+from vipalloc.integrations.verl.hook import BatchPlan, PlanNotAppliedError, VIPHook
+from vipalloc.integrations.verl.loops import _one_shot_plan, vip_trainer_class, vip_v1_trainer_class
+from vipalloc.integrations.verl.one_step_off import (
+    FULLY_ASYNC_REFUSAL,
+    one_step_off_task_runner_class,
+    vip_one_step_off_trainer_class,
+)
 
 __all__ = [
     "ALLOCATOR_FILE",

@@ -36,7 +36,7 @@ import numpy as np
 from trl.experimental.async_grpo.async_rollout_worker import AsyncRolloutWorker, RolloutGroup, _AsyncRolloutLoop
 
 from vipalloc import Allocator, Plan
-from vipalloc.integrations._trl_config import (  # the plug-in's prompt id rule and token mode
+from vipalloc.integrations.trl.config import (  # the plug-in's prompt id rule and token mode
     _prompt_key,
     _prompt_text,
     normalise_token_budget,

@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import torch
 
 from vipalloc import Allocator, Plan
-from vipalloc.integrations._verl_core import ALLOCATOR_FILE, SUPPORTED_VERL, VIPConfig, trim_to_multiple
+from vipalloc.integrations.verl.core import ALLOCATOR_FILE, SUPPORTED_VERL, VIPConfig, trim_to_multiple
+from vipalloc.integrations.verl.layers import as_list, merge_plans, occurrence_layers, one_text_per_id, split_budget
 
 __all__ = ["BatchPlan", "PlanNotAppliedError", "VIPHook"]
 
@@ -104,10 +104,10 @@ class VIPHook:
         key = self.cfg.prompt_id_key
         texts = self.prompt_texts(columns, m)
         if key is not None and key in columns:
-            ids = [str(x) for x in _as_list(columns[key])]
+            ids = [str(x) for x in as_list(columns[key])]
             if len(ids) == m and len(set(ids)) == m:
                 return ids
-            if len(ids) == m and texts is not None and _one_text_per_id(ids, texts):
+            if len(ids) == m and texts is not None and one_text_per_id(ids, texts):
                 return ids  # a prompt really appears twice (verl's one-prompt fetches crossing an epoch boundary)
             if texts is None:
                 raise ValueError(
@@ -133,7 +133,7 @@ class VIPHook:
         if key is None or key not in columns:
             return None
         out = []
-        for x in _as_list(columns[key]):
+        for x in as_list(columns[key]):
             if isinstance(x, (list, tuple, np.ndarray)) and len(x) and isinstance(x[-1], Mapping):
                 out.append(str(x[-1].get("content", "")))
             else:
@@ -171,9 +171,9 @@ class VIPHook:
             raise ValueError(f"got {len(ids)} prompt ids but {len(uids)} uids")
         if len({str(u) for u in uids}) != len(uids):
             raise ValueError("uids repeat within one submission; verl assigns one fresh uid per prompt row")
-        layer = _occurrence_layers(ids)
+        layer = occurrence_layers(ids)
         sizes = np.bincount(layer)
-        budgets = _split_budget(int(budget), sizes, self.cfg.n_min, self.cfg.n_max)
+        budgets = split_budget(int(budget), sizes, self.cfg.n_min, self.cfg.n_max)
         step = max(int(step), self._last_plan_step + 1)
         rows_of = [np.flatnonzero(layer == k) for k in range(len(budgets))]
         totals = (
@@ -269,7 +269,7 @@ class VIPHook:
 
         A single plan is first re-planned under the same token budget with the rollout cap rounded down (the
         program then chooses which rollouts to give up, usually landing on the cap); whatever is still off is cut by
-        :func:`~vipalloc.integrations._verl_core.trim_to_multiple` (largest groups first). A cut plan's
+        :func:`~vipalloc.integrations.verl.core.trim_to_multiple` (largest groups first). A cut plan's
         ``optimality_gap`` is NaN: the certificate was for the uncut counts.
         """
         total = sum(int(p.counts.sum()) for p in plans)
@@ -510,7 +510,7 @@ class VIPHook:
         ``vip/tokens_*`` outcome names too, rollouts cut at verl's ``response_length`` counted as truncated."""
         if not plans:
             return {}
-        merged = plans[0] if len(plans) == 1 else _merge_plans(plans)
+        merged = plans[0] if len(plans) == 1 else merge_plans(plans)
         none = np.zeros(0)
         rewards = [outcomes.get(p.step, {}).get(pid, none) for p in plans for pid in p.prompt_ids]
         lens = None
@@ -554,83 +554,3 @@ class VIPHook:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning("vipalloc: %s", msg)
-
-
-def _as_list(col: Any) -> list[Any]:
-    if isinstance(col, torch.Tensor):
-        return col.tolist()
-    if hasattr(col, "tolist"):
-        return list(col.tolist())
-    return list(col)
-
-
-def _one_text_per_id(ids: Sequence[str], texts: Sequence[str]) -> bool:
-    seen: dict[str, str] = {}
-    return all(seen.setdefault(i, t) == t for i, t in zip(ids, texts))
-
-
-def _occurrence_layers(ids: Sequence[str]) -> np.ndarray:
-    """``k`` for the ``k``-th (0-based) occurrence of each id: int64 ``(R,)``."""
-    seen: dict[str, int] = {}
-    out = np.empty(len(ids), dtype=np.int64)
-    for i, pid in enumerate(ids):
-        out[i] = seen.get(pid, 0)
-        seen[pid] = out[i] + 1
-    return out
-
-
-def _split_budget(budget: int, sizes: np.ndarray, n_min: int, n_max: int) -> list[int]:
-    """Split ``budget`` over layers of ``sizes`` prompts in proportion, each within ``[size*n_min, size*n_max]``."""
-    total = int(sizes.sum())
-    if not total * n_min <= budget <= total * n_max:
-        raise ValueError(
-            f"budget {budget} is infeasible for {total} prompt rows with n in [{n_min}, {n_max}]; "
-            f"it must lie in [{total * n_min}, {total * n_max}]"
-        )
-    # floor(budget * s / total) lies in [s*n_min, s*n_max] because budget / total does; the remainder (fewer
-    # units than layers) goes to the first layers with room, which exists because the total capacity suffices.
-    out = [budget * int(s) // total for s in sizes]
-    rest = budget - sum(out)
-    for k, s in enumerate(sizes):
-        take = min(rest, int(s) * n_max - out[k])
-        out[k] += take
-        rest -= take
-    return out
-
-
-def _merge_plans(plans: Sequence[Plan]) -> Plan:
-    """One :class:`Plan` over the concatenated prompts of ``plans`` (variances and timings summed)."""
-    timings: dict[str, float] = {}
-    for p in plans:
-        for k, v in p.timings.items():
-            timings[k] = timings.get(k, 0.0) + v
-    return Plan(
-        prompt_ids=[pid for p in plans for pid in p.prompt_ids],
-        counts=np.concatenate([p.counts for p in plans]),
-        p_mean=np.concatenate([p.p_mean for p in plans]),
-        p_std=np.concatenate([p.p_std for p in plans]),
-        budget=sum(p.budget for p in plans),
-        step=plans[0].step,
-        strategy=plans[0].strategy,
-        estimator=plans[0].estimator,
-        expected_variance=sum(p.expected_variance for p in plans),
-        uniform_variance=sum(p.uniform_variance for p in plans),
-        timings=timings,
-        min_keep_relaxed=any(p.min_keep_relaxed for p in plans),
-        **_merged_token_fields(plans),
-    )
-
-
-def _merged_token_fields(plans: Sequence[Plan]) -> dict[str, Any]:
-    """The token fields of :func:`_merge_plans`: lengths concatenated and tokens summed when every plan has them;
-    the gap is the largest (each plan's relative gap bounds the merged one's), NaN when one has none."""
-    if any(p.expected_lengths is None for p in plans):
-        return {}
-    out: dict[str, Any] = {
-        "expected_lengths": np.concatenate([np.asarray(p.expected_lengths) for p in plans]),
-        "expected_tokens": float(sum(float(p.expected_tokens or 0.0) for p in plans)),
-        "optimality_gap": float(np.max([p.optimality_gap for p in plans])),  # NaN (no certificate) propagates
-    }
-    if all(p.token_budget is not None for p in plans):
-        out["token_budget"] = float(sum(float(p.token_budget or 0.0) for p in plans))
-    return out

@@ -29,7 +29,7 @@ ALLOCATOR_FILE = "vip_allocator.json"
 SUPPORTED_VERL = ">=0.9,<0.10"  # the verl releases whose hook points the plug-in is written against
 # verl advantage estimators that build a per-uid baseline from however many rows share the uid, mapped to the
 # variance model the allocator minimises (GRPO's std-normalised variance is no allocation target: use Dr.GRPO's;
-# ``_verl_checks.estimator_warnings`` says so when the run normalises).
+# ``checks.estimator_warnings`` says so when the run normalises).
 ADV_ESTIMATOR_TARGETS: dict[str, str] = {
     "grpo": "drgrpo",
     "grpo_vectorized": "drgrpo",

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from vipalloc.integrations._verl_core import SUPPORTED_VERL, VIPConfig
+from vipalloc.integrations.verl.core import SUPPORTED_VERL, VIPConfig
 
 __all__ = [
     "FULLY_ASYNC_REFUSAL",
@@ -132,9 +132,9 @@ def check_trainer_base(base: type, use_v1: bool) -> None:
 
     verl's own trainers are accepted (``RayPPOTrainer``; the v1 ``sync`` / ``colocate_async`` /
     ``separate_async`` trainers, which keep ``PPOTrainer``'s loop) and ``one_step_off_policy``'s
-    ``OneStepOffRayTrainer`` (its own ``fit`` keeps the legacy seam; ``_verl_async``). Refused: the DAPO recipe's
+    ``OneStepOffRayTrainer`` (its own ``fit`` keeps the legacy seam; ``one_step_off``). Refused: the DAPO recipe's
     ``RayDAPOTrainer`` (its own ``fit`` truncates the batch to ``train_batch_size x n`` rows and keeps singleton
-    groups), ``fully_async_policy`` (``_verl_async.FULLY_ASYNC_REFUSAL``) and ``separation``'s trainer (own loop),
+    groups), ``fully_async_policy`` (``one_step_off.FULLY_ASYNC_REFUSAL``) and ``separation``'s trainer (own loop),
     and any subclass overriding a hooked method.
     """
     root: type
@@ -156,7 +156,7 @@ def check_trainer_base(base: type, use_v1: bool) -> None:
     if not overridden:
         return
     if not use_v1 and overridden == ["fit"] and _is_one_step_off(base):
-        # its own asyncio fit keeps the legacy seam (_get_gen_batch, .repeat, _update_actor): _verl_async checks it
+        # its own asyncio fit keeps the legacy seam (_get_gen_batch, .repeat, _update_actor): one_step_off checks it
         check_one_step_off(base)
         return
     if "dapo" in name.lower() or base.__module__.startswith("recipe"):
@@ -314,7 +314,7 @@ def _source(fn: Callable[..., Any]) -> str | None:
         return None
 
 
-# --- verl.experimental.one_step_off_policy / fully_async_policy (decided in _verl_async's docstring)
+# --- verl.experimental.one_step_off_policy / fully_async_policy (decided in one_step_off's docstring)
 FULLY_ASYNC_REFUSAL = (
     "verl.experimental.fully_async_policy is refused with VIP: (1) FullyAsyncTrainer._get_samples_from_queue "
     "(fully_async_trainer.py) builds every optimizer step from the first required_samples = "

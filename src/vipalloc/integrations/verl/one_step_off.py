@@ -4,7 +4,7 @@
 ``asyncio`` loop that generates batch ``t+1`` while batch ``t`` trains) but keeps the legacy seam unchanged:
 ``_async_gen_next_batch`` calls ``self._get_gen_batch(batch)``, then ``gen_batch.repeat(rollout.n)`` before its
 (awaited) generation and ``batch.repeat(rollout.n)`` after it, and ``SeparateRayPPOTrainer._fit_update_actor`` calls
-``self._update_actor(batch)``. So :func:`~vipalloc.integrations._verl_loops.vip_trainer_class` serves it unchanged:
+``self._update_actor(batch)``. So :func:`~vipalloc.integrations.verl.loops.vip_trainer_class` serves it unchanged:
 
 * each dispatched batch (one optimizer step) is planned when ``_async_gen_next_batch`` starts it, with the latest
   posterior (the batch being trained at that moment is not observed yet: the plan is one step behind, which is the
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vipalloc.integrations._verl_checks import FULLY_ASYNC_REFUSAL, ONE_STEP_OFF_PATHS, check_one_step_off
+from vipalloc.integrations.verl.checks import FULLY_ASYNC_REFUSAL, ONE_STEP_OFF_PATHS, check_one_step_off
 
 __all__ = [
     "FULLY_ASYNC_REFUSAL",
@@ -39,10 +39,10 @@ _CLASSES: dict[type, type] = {}
 
 def vip_one_step_off_trainer_class(base: type | None = None) -> type:
     """``OneStepOffRayTrainer`` (default ``base``) with VIP allocation: the legacy loop's hooks
-    (:func:`~vipalloc.integrations._verl_loops.vip_trainer_class`), ``vip.two_phase`` refused at the first plan."""
+    (:func:`~vipalloc.integrations.verl.loops.vip_trainer_class`), ``vip.two_phase`` refused at the first plan."""
     from verl.experimental.one_step_off_policy.ray_trainer import OneStepOffRayTrainer
 
-    from vipalloc.integrations._verl_loops import vip_trainer_class
+    from vipalloc.integrations.verl.loops import vip_trainer_class
 
     base = OneStepOffRayTrainer if base is None else base
     if base in _CLASSES:

@@ -1,148 +1,55 @@
-"""TRL plug-in: VIP's per-prompt rollout counts inside TRL's ``GRPOTrainer`` (supported TRL: ``>=1.16,<2``).
+"""``VIPGRPOTrainer``: TRL's ``GRPOTrainer`` generating, scoring and training on the planned rows only.
 
-Route (justified in ``docs/trl.md``): the trainer samples every prompt ``n_max`` times (rectangular groups, TRL's
-``RepeatSampler`` layout), asks ``Allocator.plan`` for per-prompt counts ``n_i`` summing to the budget and marks
-the first ``n_i`` rows of group ``i`` real. Only real rows are generated and scored; unused rows carry a one-token
-placeholder and a NaN reward, which TRL's NaN-aware group statistics ignore. After TRL has computed the advantages
-the unused rows are removed and the real rows are dealt out so that every process trains on the same number
-(``per_device_train_batch_size`` per micro-batch), at the token positions of TRL's log-prob passes. Each prompt's
-binarised rewards then go to ``Allocator.observe`` (main process), and ``vip/*`` metrics to TRL's logs.
-
-Two-phase strategies (``two_phase=True``) run the pilot round with TRL's own ``_generate`` / ``_calculate_rewards``
-before TRL's method, which then reuses the pilot rows and generates only the committed ones.
-
-Multi-turn tool rollouts (``tools=[...]``, ``environment_factory``): only the first turn is restricted to the planned
-rows; TRL's ``_tool_call_loop`` then continues exactly those episodes (``_trl_tools.py``), so a prompt planned ``n_i``
-rows gets ``n_i`` whole episodes, scored at the end, with TRL's ``tool_mask`` kept through the training layout.
-
-Scope: TRL's transformers generation path (plain ``generate`` or continuous batching), vLLM colocate and server
-mode, text prompts, no ``rollout_func``. Unsupported settings raise at construction with the reason.
+The route and its scope are described in the package docstring (:mod:`vipalloc.integrations.trl`) and in
+``docs/trl.md``; the planning of a batch lives in :mod:`~vipalloc.integrations.trl.planning`, the training layout in
+:mod:`~vipalloc.integrations.trl.layout`, the logs in :mod:`~vipalloc.integrations.trl.logs` and tool episodes in
+:mod:`~vipalloc.integrations.trl.tools`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import os
 import warnings
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sized
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-
-try:
-    import torch
-    import trl
-    import trl.trainer.grpo_trainer as _grpo_module
-    from accelerate.utils import broadcast_object_list, gather, gather_object
-    from datasets import IterableDataset
-    from trl import GRPOTrainer
-    from trl.trainer.utils import RepeatSampler, repeat_iterable_dataset
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
-    raise ImportError(
-        f'vipalloc.integrations.trl needs TRL and PyTorch ({exc}); install them with: pip install "vipalloc[trl]"'
-    ) from exc
-
-from packaging.version import Version
+import torch
+import trl.trainer.grpo_trainer as _grpo_module
+from accelerate.utils import broadcast_object_list, gather, gather_object
+from datasets import IterableDataset
+from trl import GRPOTrainer
+from trl.trainer.utils import RepeatSampler, repeat_iterable_dataset
 
 from vipalloc import Allocator, Plan
-from vipalloc.integrations._trl_config import (
+from vipalloc.integrations.trl.config import (
+    ALLOCATOR_FILE,
     VIPGRPOConfig,
-    _prompt_key,
-    _prompt_text,
     default_config,
     step_token_budget,
 )
-from vipalloc.integrations._trl_layout import (
+from vipalloc.integrations.trl.layout import (
     SHIFT_KEY,
     accepts_position_ids,
     install_position_hook,
     training_layout,
 )
-from vipalloc.integrations._trl_logs import fix_generation_metrics, merge_pilot_logs, spread_extra_logs, trim_logs
-from vipalloc.integrations._trl_tools import check_tool_setup, environments_of, episode_tokens, fix_tool_metrics
-from vipalloc.strategies import TWO_PHASE_STRATEGIES
+from vipalloc.integrations.trl.logs import fix_generation_metrics, merge_pilot_logs, spread_extra_logs, trim_logs
+from vipalloc.integrations.trl.planning import (
+    Layout,
+    PilotRound,
+    VIPBatchRecord,
+    check_allocator,
+    group_rows,
+    two_phase_layout,
+)
+from vipalloc.integrations.trl.tools import check_tool_setup, environments_of, episode_tokens, fix_tool_metrics
 from vipalloc.telemetry import COUNTS_TAG
 
-__all__ = [
-    "ALLOCATOR_FILE",
-    "SUPPORTED_TRL",
-    "VIPBatchRecord",
-    "VIPGRPOConfig",
-    "VIPGRPOTrainer",
-]
-
-SUPPORTED_TRL = ">=1.16,<2"
-_TRL_RANGE = (Version("1.16"), Version("2"))
-ALLOCATOR_FILE = "vip_allocator.json"  # saved inside each TRL checkpoint folder (and next to save_model's output)
-
-
-def _trl_version_supported(found: str) -> bool:
-    return _TRL_RANGE[0] <= Version(found) < _TRL_RANGE[1]
-
-
-if not _trl_version_supported(trl.__version__):  # pragma: no cover - depends on the installed TRL
-    warnings.warn(
-        f"vipalloc's TRL plug-in supports trl{SUPPORTED_TRL} (it overrides TRL internals); found trl "
-        f"{trl.__version__}. Install a supported version or expect breakage.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-
-
-@dataclass
-class VIPBatchRecord:
-    """What one VIP generation step did (``trainer.vip_last``). Arrays are aligned with ``prompt_ids``.
-
-    ``prompt_ids`` are the distinct prompts of the generation batch (a prompt sampled twice is one entry).
-    ``rewards[i]`` are the success rewards (TRL's weighted sum over reward functions, or ``success_reward``'s) of
-    prompt ``i``'s scorable completions, ``successes[i]`` their binarised values as sent to ``Allocator.observe``.
-    """
-
-    step: int
-    prompt_ids: list[str]
-    counts: np.ndarray  # int64 (M,): completions generated per prompt
-    rewards: list[np.ndarray]
-    successes: list[np.ndarray]
-    plan: Plan
-    real_rows: np.ndarray  # bool (groups * n_max,): rows of the gathered rectangular batch that were generated
-    # int64 arrays aligned with rewards: tokens the policy generated in each scored episode (every turn, tool output
-    # excluded), for token-budget accounting
-    lengths: list[np.ndarray] = dataclasses.field(default_factory=list)
-
-
-@dataclass
-class _Layout:
-    """Where a plan's rows sit in the gathered rectangular batch: ``groups`` consecutive blocks of ``n_max`` rows."""
-
-    plan: Plan  # counts: rollouts generated per prompt (a two-phase step: pilot + commit)
-    group_prompt: np.ndarray  # int (groups,): index into plan.prompt_ids of each block
-    first_block: np.ndarray  # int (M,): the block whose first counts[i] rows are prompt i's real rows
-    real_global: np.ndarray  # bool (groups * n_max,)
-    observed: np.ndarray | None = None  # int (M,): leading rows of each prompt already observed (the pilot)
-    train: np.ndarray | None = None  # bool (M,): prompts whose rows enter the update (default: counts > 0)
-
-    def train_rows(self, g: int) -> np.ndarray:
-        """Real rows of the gathered batch that are trained on, bool ``(groups * g,)``."""
-        if self.train is None:
-            return self.real_global
-        per_block = np.zeros(len(self.group_prompt), bool)
-        per_block[self.first_block] = self.train
-        return self.real_global & np.repeat(per_block, g)
-
-
-@dataclass
-class _PilotRound:
-    """This process's pilot rows of a two-phase step, reused when TRL's method generates the whole step."""
-
-    real: np.ndarray  # bool (L,): local rows generated in the pilot
-    completion_ids: list[Any]  # (L,) token id lists, as TRL's _generate returned them
-    logps: list[Any] | None  # (L,) sampling log-probs (vLLM) or None
-    rewards: torch.Tensor  # (L, reward functions): the pilot's rewards of the local slice (NaN elsewhere)
-    extra_logs: dict[str, list[Any]]  # log_extra columns of the pilot, one value per local row
+__all__ = ["VIPGRPOTrainer"]
 
 
 class VIPGRPOTrainer(GRPOTrainer):
@@ -178,7 +85,7 @@ class VIPGRPOTrainer(GRPOTrainer):
             )
         check_tool_setup(cfg, bound)
         assert cfg.n_max is not None  # VIPGRPOConfig.__post_init__ sets it
-        allocator = self._vip_check_allocator(cfg, allocator)
+        allocator = check_allocator(cfg, allocator)
         super().__init__(**bound)
         # From here on TRL's group width is n_max (the sampler, the advantage view and the logs use it); evaluation
         # keeps TRL's plain groups of num_generations_eval (default: num_generations).
@@ -203,7 +110,7 @@ class VIPGRPOTrainer(GRPOTrainer):
         # the real rows of this process's slice.
         self._vip_real: np.ndarray | None = None
         self._vip_rewards: torch.Tensor | None = None
-        self._vip_pilot: _PilotRound | None = None  # a two-phase step's pilot rows, while TRL generates the step
+        self._vip_pilot: PilotRound | None = None  # a two-phase step's pilot rows, while TRL generates the step
         self._vip_local_rows: np.ndarray | None = None  # global rows this process trains on (last step), -1-i inert
         self._vip_in_tool_loop = False  # True while TRL's _tool_call_loop generates later turns of the episodes
         self._vip_tool_calls = 0  # tool calls of this process's episodes in the current generation
@@ -219,54 +126,6 @@ class VIPGRPOTrainer(GRPOTrainer):
             "advantages": deque(maxlen=rows),
             "extra": defaultdict(lambda: deque(maxlen=rows)),
         }
-
-    @staticmethod
-    def _vip_check_allocator(cfg: VIPGRPOConfig, allocator: Allocator | None) -> Allocator:
-        """The allocator to use (built from ``cfg`` when None), checked against the config before TRL starts."""
-        assert cfg.n_max is not None
-        if allocator is None:
-            return Allocator(
-                strategy=cfg.allocation_strategy,
-                predictor=cfg.predictor,
-                estimator=cfg.variance_estimator,
-                n_min=cfg.n_min,
-                n_max=cfg.n_max,
-                seed=cfg.allocator_seed,
-                embedder=cfg.embedder,
-                # The trainer binarises rewards with cfg.success_threshold itself and reports 0/1 values.
-                success_threshold=0.5,
-            )
-        if not isinstance(allocator, Allocator):
-            raise ValueError(f"allocator must be a vipalloc.Allocator, got {type(allocator)}")
-        if allocator.n_max > cfg.n_max:
-            raise ValueError(
-                f"the allocator's n_max ({allocator.n_max}) exceeds VIPGRPOConfig.n_max ({cfg.n_max}), the TRL "
-                "group width; set VIPGRPOConfig(n_max=...) to at least the allocator's n_max"
-            )
-        if bool(getattr(allocator.strategy, "two_phase", False)) != bool(cfg.two_phase):
-            raise ValueError(
-                f"the allocator's strategy {allocator.strategy_name!r} and VIPGRPOConfig.two_phase={cfg.two_phase} "
-                f"disagree: two-phase strategies ({', '.join(TWO_PHASE_STRATEGIES)}) need two_phase=True, others "
-                "two_phase=False"
-            )
-        mean = cfg.budget_per_generation / cfg.prompts_per_generation
-        if not allocator.n_min <= mean <= allocator.n_max:
-            raise ValueError(
-                f"the allocator's bounds [n_min={allocator.n_min}, n_max={allocator.n_max}] cannot meet the budget of "
-                f"{mean:g} rollouts per prompt (num_generations); give it n_min <= {mean:g} <= n_max"
-            )
-        refusal = allocator.strategy.token_refusal
-        if cfg.token_budget is not None and refusal is not None:
-            raise ValueError(
-                f"VIPGRPOConfig.token_budget={cfg.token_budget!r} needs a strategy with a token mode; the allocator's "
-                f"{allocator.strategy_name!r} cannot plan under a token budget: {refusal}"
-            )
-        if not 0.0 < allocator.success_threshold <= 1.0:
-            raise ValueError(
-                f"the allocator's success_threshold ({allocator.success_threshold}) must lie in (0, 1]: the trainer "
-                "reports binarised 0/1 rewards (set VIPGRPOConfig.success_threshold for the raw-reward threshold)"
-            )
-        return allocator
 
     @property
     def _vip_world(self) -> int:
@@ -319,42 +178,7 @@ class VIPGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ planning
     def _vip_groups(self, inputs: list[dict[str, Any]]) -> tuple[list[str], list[str], np.ndarray, int]:
         """Distinct prompt ids and texts of the global rectangular batch, the prompt of each block, the budget."""
-        args = cast(VIPGRPOConfig, self.args)
-        g = self.num_generations
-        rows = [(_prompt_key(x, args.prompt_id_column), x["prompt"]) for x in inputs]
-        if self._vip_world > 1:  # groups may span processes: look at the gathered batch in process order
-            rows = gather_object(rows)
-        if len(rows) % g:
-            raise RuntimeError(f"generation batch of {len(rows)} rows is not made of full groups of {g}")
-        ids: list[str] = []
-        texts: list[str] = []
-        index: dict[str, int] = {}
-        group_prompt = []
-        for start in range(0, len(rows), g):
-            key = rows[start][0]
-            if any(rows[start + k][0] != key for k in range(1, g)):
-                raise RuntimeError(
-                    "rows of one group belong to different prompts: VIPGRPOTrainer relies on TRL's RepeatSampler "
-                    "layout (n_max consecutive copies of each prompt); do not override the sampler"
-                )
-            if key not in index:  # a prompt sampled twice (duplicate rows, no id column) is planned once
-                index[key] = len(ids)
-                ids.append(key)
-                texts.append(_prompt_text(rows[start][1]))
-            group_prompt.append(index[key])
-        groups = len(group_prompt)
-        budget = int(round(args.budget_per_generation * groups / args.prompts_per_generation))
-        most = len(ids) * int(self.allocator.n_max)
-        if budget > most:
-            warnings.warn(
-                f"{groups - len(ids)} duplicate prompt(s) in one generation batch leave {len(ids)} distinct prompts, "
-                f"which take at most {most} of the {budget} budgeted rollouts (n_max={self.allocator.n_max}); give "
-                f"every prompt its own id in {args.prompt_id_column!r} or deduplicate the dataset",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            budget = most
-        return ids, texts, np.asarray(group_prompt, np.int64), budget
+        return group_rows(self, inputs)
 
     def _vip_on_main(self, make: Any) -> Any:
         """``make()`` on the main process (the one allocator that decides), its result sent to every process."""
@@ -372,12 +196,12 @@ class VIPGRPOTrainer(GRPOTrainer):
         per_block[first_block] = counts
         return first_block, (np.arange(g)[None, :] < per_block[:, None]).reshape(-1)
 
-    def _vip_layout(self, inputs: list[dict[str, Any]]) -> _Layout:
+    def _vip_layout(self, inputs: list[dict[str, Any]]) -> Layout:
         """Plan for the global rectangular batch (main process) and place each prompt's real rows."""
         ids, texts, gp, budget = self._vip_groups(inputs)
         plan = cast(Plan, self._vip_on_main(lambda: self._vip_plan(ids, texts, budget)))
         first_block, real_global = self._vip_place(plan.counts, gp)
-        return _Layout(plan=plan, group_prompt=gp, first_block=first_block, real_global=real_global)
+        return Layout(plan=plan, group_prompt=gp, first_block=first_block, real_global=real_global)
 
     def _vip_plan(self, ids: list[str], texts: list[str], budget: int) -> Plan:
         """The allocator's plan for one generation batch: by rollouts (``budget``), or in token mode under the
@@ -412,65 +236,9 @@ class VIPGRPOTrainer(GRPOTrainer):
             ids, prompts=texts, budget=budget, pilot_n=pilot_n, token_budget=tokens, expected_lengths=lengths
         )
 
-    def _vip_two_phase_layout(self, inputs: list[dict[str, Any]]) -> _Layout:
-        """A two-phase step: generate and score the pilot rows with TRL's own methods, observe them, plan the commit.
-
-        The pilot's completions, log-probs, rewards and ``log_extra`` values are kept (``self._vip_pilot``) and
-        handed back when TRL's method then generates the whole step, so its group statistics cover pilot and commit
-        rows alike. The pilot round's length metrics and token count are rolled back; the step reports them once.
-        """
-        args = cast(VIPGRPOConfig, self.args)
-        ids, texts, gp, budget = self._vip_groups(inputs)
-        pilot = cast(Plan, self._vip_on_main(lambda: self._vip_pilot_plan(ids, texts, budget)))
-        first_block, pilot_global = self._vip_place(pilot.counts, gp)
-        rank, n_local = self.accelerator.process_index, len(inputs)
-        pilot_real = pilot_global[rank * n_local : (rank + 1) * n_local]
-        prompts = [x["prompt"] for x in inputs]
-        metrics = self._metrics["train"]
-        saved_metrics = {k: list(v) for k, v in metrics.items()}
-        saved_tokens = self.state.num_input_tokens_seen
-        self._vip_real = pilot_real
-        try:
-            generated = self._generate(prompts)
-            completion_ids, completions, logps = generated[1], generated[3], generated[4]
-            rewards = self._calculate_rewards(inputs, prompts, completions, completion_ids)
-        finally:
-            self._vip_real = None
-        metrics.clear()
-        metrics.update(saved_metrics)
-        self.state.num_input_tokens_seen = saved_tokens
-        extra_logs = {k: list(v) for k, v in self._pending_extra_logs.items()}
-        self._pending_extra_logs.clear()
-        g = self.num_generations
-        success = self._vip_success_rewards(rewards.detach().float().cpu())
-        pilot_lengths = self._vip_gather_lengths(n_local)
-        self._vip_lengths = None
-        pilot_ids, pilot_succ, pilot_lens = [], [], []
-        for i, c in enumerate(pilot.counts):
-            if c > 0:
-                rows = slice(int(first_block[i]) * g, int(first_block[i]) * g + int(c))
-                r = success[rows]
-                pilot_ids.append(ids[i])
-                pilot_succ.append((r[~np.isnan(r)] >= float(args.success_threshold)).astype(np.float64))
-                pilot_lens.append(pilot_lengths[rows][~np.isnan(r)])
-
-        def commit() -> Plan:
-            self.allocator.observe(pilot_ids, pilot_succ, pilot.step, lengths=pilot_lens)
-            return self.allocator.plan_commit(step=pilot.step)
-
-        plan = cast(Plan, self._vip_on_main(commit))
-        total = pilot.counts + plan.counts
-        self._vip_pilot = _PilotRound(
-            real=pilot_real,
-            completion_ids=list(completion_ids),
-            logps=None if logps is None else list(logps),
-            rewards=rewards[rank * n_local : (rank + 1) * n_local].detach().clone(),
-            extra_logs=extra_logs,
-        )
-        steps = dataclasses.replace(plan, counts=total, budget=int(total.sum()), pilot_counts=None, train=None)
-        _, real_global = self._vip_place(total, gp)
-        train = None if plan.train is None else np.asarray(plan.train, bool)
-        return _Layout(steps, gp, first_block, real_global, observed=pilot.counts.copy(), train=train)
+    def _vip_two_phase_layout(self, inputs: list[dict[str, Any]]) -> Layout:
+        """A two-phase step's layout (:func:`~vipalloc.integrations.trl.planning.two_phase_layout`)."""
+        return two_phase_layout(self, inputs)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         assert self.model is not None  # GRPOTrainer always has a model
@@ -671,7 +439,7 @@ class VIPGRPOTrainer(GRPOTrainer):
         return rewards_per_func[:, self._vip_success_col].double().numpy()
 
     # ------------------------------------------------------------------ feedback, metrics, logs
-    def _vip_observe(self, layout: _Layout, rewards_per_func: torch.Tensor) -> None:
+    def _vip_observe(self, layout: Layout, rewards_per_func: torch.Tensor) -> None:
         """Report each prompt's real, binarised rewards to the allocator (main process) and log ``vip/*`` metrics.
 
         ``self._vip_batch_lengths``: int64 ``(rows,)`` of the gathered batch, tokens the policy generated in each
@@ -781,15 +549,3 @@ def _local_reward_gather(active: bool) -> Iterator[None]:
         yield
     finally:
         _grpo_module.gather = original
-
-
-def __getattr__(name: str) -> Any:
-    # VIPAsyncGRPOTrainer (TRL's experimental AsyncGRPOTrainer with VIP's rollout worker, _trl_async.py) is built on
-    # first access, so importing this module does not import trl.experimental.
-    if name == "VIPAsyncGRPOTrainer":
-        from vipalloc.integrations._trl_async import build_async_trainer_class
-
-        cls = build_async_trainer_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 Both are built on first use (importing verl's trainer stack is slow) by :func:`vip_trainer_class` /
 :func:`vip_v1_trainer_class`, which refuse bases whose loop the overrides would not reach
-(:func:`~vipalloc.integrations._verl_checks.check_trainer_base`).
+(:func:`~vipalloc.integrations.verl.checks.check_trainer_base`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from verl import DataProto
 
-from vipalloc.integrations._verl_checks import (
+from vipalloc.integrations.verl.checks import (
     check_hook_points,
     check_trainer_base,
     check_verl_version,
@@ -23,10 +23,11 @@ from vipalloc.integrations._verl_checks import (
     config_warnings,
     emit_warnings,
 )
-from vipalloc.integrations._verl_core import VIPConfig, divisible_budget, expand_by_counts, required_multiple
-from vipalloc.integrations._verl_core import resolve_estimator as _resolve_estimator
-from vipalloc.integrations._verl_hook import PlanNotAppliedError, VIPHook, _as_list
-from vipalloc.integrations._verl_multiturn import episode_rows, generated_tokens, row_generated_tokens
+from vipalloc.integrations.verl.core import VIPConfig, divisible_budget, expand_by_counts, required_multiple
+from vipalloc.integrations.verl.core import resolve_estimator as _resolve_estimator
+from vipalloc.integrations.verl.hook import PlanNotAppliedError, VIPHook
+from vipalloc.integrations.verl.layers import as_list
+from vipalloc.integrations.verl.multiturn import episode_rows, generated_tokens, row_generated_tokens
 
 __all__ = ["vip_trainer_class", "vip_v1_trainer_class"]
 
@@ -461,7 +462,7 @@ def vip_v1_trainer_class(base: type) -> type:
                 budget = int(round(full * m / train_bs))
                 budget = min(max(budget, m * hook.cfg.n_min), m * hook.cfg.n_max)
             step = int(getattr(self, "global_steps", 0))
-            plan = hook.plan(ids, texts, _as_list(cols["uid"]), budget, step, rollout_n=n, share=m / train_bs)
+            plan = hook.plan(ids, texts, as_list(cols["uid"]), budget, step, rollout_n=n, share=m / train_bs)
             return plan.counts
 
         def _compute_advantage(self, batch: Any, metrics: dict) -> Any:
