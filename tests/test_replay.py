@@ -79,9 +79,11 @@ def test_verl_exact_shares(verl_dir: Path, tmp_path: Path) -> None:
 
 
 def test_verl_threshold_and_named_reward(verl_dir: Path, tmp_path: Path) -> None:
-    # 'acc' is a bool extra (True/False -> not a number in our reading: JSON true is rejected with a clear line)
+    # 'acc' is a bool extra: JSON true/false read as 1/0, the same successes as the 0/1 score
     code, text = replay(str(verl_dir), "--out", str(tmp_path), "--reward", "acc", *FAST)
-    assert code == 2 and "line 1" in text and "'acc'" in text and "1.jsonl" in text
+    assert code == 0, text
+    r = load(tmp_path)
+    assert r["success"] == "acc >= 1" and r["zero_variance_rollouts"] == 10 and r["all_correct_rollouts"] == 4
     # a threshold of 0 makes every rollout a success: every group solved
     code, text = replay(str(verl_dir), "--out", str(tmp_path), "--threshold", "0", *FAST)
     assert code == 0, text
@@ -295,7 +297,7 @@ def test_tokenizer_counts_tokens(verl_dir: Path, tmp_path: Path) -> None:
     r = load(tmp_path / "o")
     # "w w" = 3 tokens, "w w w" = 5, "w" = 1, "w w w w w" = 9: step 1 12+20+4, step 2 12+20+18
     assert r["tokens"] == 86 and r["zero_variance_tokens"] == 12 + 4 + 18
-    assert r["tokens_method"] == f"tokenizer {tok_dir}"
+    assert r["tokens_method"].startswith(f"tokenizer {tok_dir} on the completion text")
     code, text = replay(str(verl_dir), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "nope"), *FAST)
     assert code == 2 and "--tokenizer" in text
 
@@ -308,8 +310,8 @@ def test_replay_lengths_reach_the_length_model_by_outcome(tmp_path: Path) -> Non
     from vipalloc.replay.readers import GroupTable
 
     table = GroupTable()
-    table.add_group(0, "a", "qa", 3, 1, 700.0, 100.0)  # the success wrote 100 tokens, the two failures 600
-    table.add_group(0, "b", "qb", 4, 2, 1000.0)  # which lengths belong to which outcome is unknown
+    table.add_group(0, "g1", "a", "qa", 3, 1, 700.0, 100.0)  # the success wrote 100 tokens, the two failures 600
+    table.add_group(0, "g2", "b", "qb", 4, 2, 1000.0)  # which lengths belong to which outcome is unknown
     arr = table.arrays()
     assert arr["tokens_success"][0] == 100.0 and np.isnan(arr["tokens_success"][1])
     sd = StepData(0, ["a", "b"], ["qa", "qb"], arr["trials"], arr["successes"], arr["tokens"], arr["tokens_success"])

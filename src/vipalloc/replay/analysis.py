@@ -1,16 +1,19 @@
 """What a logged run spent, how well predictors would have forecast it, and model-based counterfactual plans.
 
-Input: the per-(step, prompt) groups of :class:`~vipalloc.replay.readers.GroupTable` (``G`` groups: ``trials``
-rollouts of which ``successes`` succeeded, ``tokens`` generated tokens summed over the group).
+Input: the trainer's groups of :class:`~vipalloc.replay.table.GroupTable` (``G`` groups: ``trials`` rollouts of
+which ``successes`` succeeded, ``tokens`` generated tokens summed over the group, the range of the training signal).
 
-* **Waste** (measured): a group whose rollouts all succeeded (*solved*) or all failed (*hopeless*) has zero reward
-  variance, so every group-relative estimator (GRPO, Dr.GRPO, RLOO) gives it zero advantage: its rollouts and
-  tokens bought no gradient. Reported overall and per step.
+* **Waste** (measured), two measures: *zero variance* on the chosen success reward (a group whose rollouts all
+  succeeded, *solved*, or all failed, *hopeless*), and *zero advantage as trained* (every rollout's logged
+  advantage 0, or every rollout's logged total score equal: every group-relative estimator then gives the group
+  zero advantage, so its rollouts and tokens bought no gradient). The run may train on more than the success
+  reward (a format bonus), so the two differ; the second is what "no gradient" means. Overall and per step.
 * **Predictors** (measured forecast quality): each predictor is trained on steps ``< t`` and scored on step ``t``'s
   outcomes (Brier, :func:`vipalloc.predictors.metrics.calibration_metrics`), from the second step on.
 * **Counterfactuals** (model-based estimates, not training outcomes): one :class:`~vipalloc.Allocator` per
   strategy is replayed through the log step by step. At step ``t`` it plans the step's real prompts at the step's
-  real total rollouts, then ingests the real outcomes. The policy, and so the outcomes, are the logged run's: the
+  real total rollouts, then ingests the real outcomes (the allocator plans per prompt: a prompt drawn twice in a
+  step is one prompt with both groups' rollouts). The policy, and so the outcomes, are the logged run's: the
   plans say what the allocator would have *asked for* at each point of that run, and the variance ratio is the
   engine's gradient-variance model evaluated at the predicted ``p``.
 * **Same tokens** (when the log has lengths): the step is planned again with ``Allocator.plan(token_budget=T)``,
@@ -39,21 +42,54 @@ import numpy as np
 from vipalloc import Allocator
 from vipalloc.history import RolloutHistory
 from vipalloc.predictors.metrics import calibration_metrics
-from vipalloc.replay.readers import GroupTable
+from vipalloc.replay.table import GroupTable
 
-__all__ = ["CounterfactualConfig", "StepData", "replay_engine", "split_steps", "waste", "waste_per_step"]
+__all__ = [
+    "CounterfactualConfig",
+    "StepData",
+    "replay_engine",
+    "split_steps",
+    "waste",
+    "waste_per_step",
+    "zero_advantage_groups",
+]
 
 _CAL_BINS = 10
+ADV_ZERO = 1e-6  # |advantage| at most this: zero
+ADV_EQUAL_ZERO = 1e-2  # equal advantages this small: zero up to float32 rounding of the group mean / (std + 1e-4)
+SCORE_EQUAL = 1e-6  # relative spread of a group's total scores counted as "all equal"
+
+
+def zero_advantage_groups(arrays: dict[str, np.ndarray], signal: str | None) -> np.ndarray | None:
+    """Groups that had zero advantage as trained, bool ``(G,)``; ``None`` when the log does not say for every group.
+
+    ``signal == "advantage"`` (TRL's logged advantage): every rollout's ``|advantage| <= 1e-6``, or all equal and
+    below 0.01 (TRL divides an all-equal group's float32 rounding residue by ``std + 1e-4``). ``"score"`` (the logged
+    total score or rewards): the group's scores are all equal (relative spread ``<= 1e-6``), so every group-relative
+    estimator gives it zero advantage.
+    """
+    if signal is None or not len(arrays["trials"]) or np.any(arrays["signal_n"] < arrays["trials"]):
+        return None
+    lo, hi = arrays["signal_lo"], arrays["signal_hi"]
+    size = np.maximum(np.abs(lo), np.abs(hi))
+    if signal == "advantage":
+        return (size <= ADV_ZERO) | ((hi == lo) & (size <= ADV_EQUAL_ZERO))
+    return (hi - lo) <= SCORE_EQUAL * np.maximum(1.0, size)
 
 
 def _share(part: float, whole: float) -> float | None:
     return float(part / whole) if whole > 0 else None
 
 
-def waste(trials: np.ndarray, successes: np.ndarray, tokens: np.ndarray) -> dict[str, Any]:
-    """Rollouts and tokens in zero-variance groups for groups ``(G,)``; shares are ``None`` when undefined.
+def waste(
+    trials: np.ndarray, successes: np.ndarray, tokens: np.ndarray, zero_adv: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Rollouts and tokens in zero-variance (and zero-advantage) groups for groups ``(G,)``; shares are ``None``
+    when undefined.
 
     ``tokens`` (float64, NaN = unknown): token fields are ``None`` unless every group has a token count.
+    ``zero_adv`` (bool ``(G,)``, from :func:`zero_advantage_groups`): the ``zero_advantage_*`` fields, ``None``
+    without it.
     """
     t = np.asarray(trials, np.int64)
     s = np.asarray(successes, np.int64)
@@ -88,6 +124,18 @@ def waste(trials: np.ndarray, successes: np.ndarray, tokens: np.ndarray) -> dict
             "zero_variance_tokens_share": _share(float(tok[zero].sum()), total) if known and total else None,
         }
     )
+    za = None if zero_adv is None else np.asarray(zero_adv, bool)
+    out.update(
+        {
+            "zero_advantage_rollouts": None if za is None else int(t[za].sum()),
+            "zero_advantage_groups": None if za is None else int(za.sum()),
+            "zero_advantage_share": None if za is None else _share(float(t[za].sum()), rollouts),
+            "zero_advantage_tokens": float(tok[za].sum()) if za is not None and known else None,
+            "zero_advantage_tokens_share": (
+                _share(float(tok[za].sum()), total) if za is not None and known and total else None
+            ),
+        }
+    )
     return out
 
 
@@ -100,10 +148,18 @@ def split_steps(arrays: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]]:
     return [(int(steps[c[0]]), c) for c in np.split(np.arange(len(steps)), bounds)]
 
 
-def waste_per_step(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """:func:`waste` for each step, with its ``step``."""
+def waste_per_step(arrays: dict[str, np.ndarray], zero_adv: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """:func:`waste` for each step, with its ``step`` (``zero_adv``: bool ``(G,)`` or ``None``)."""
     return [
-        {"step": step, **waste(arrays["trials"][idx], arrays["successes"][idx], arrays["tokens"][idx])}
+        {
+            "step": step,
+            **waste(
+                arrays["trials"][idx],
+                arrays["successes"][idx],
+                arrays["tokens"][idx],
+                None if zero_adv is None else zero_adv[idx],
+            ),
+        }
         for step, idx in split_steps(arrays)
     ]
 
@@ -156,20 +212,31 @@ def allocator_ids(table: GroupTable) -> list[str]:
 
 
 def iter_step_data(table: GroupTable, arrays: dict[str, np.ndarray]) -> list[StepData]:
-    """The log cut into :class:`StepData`, steps increasing."""
+    """The log cut into :class:`StepData`, steps increasing, one entry per distinct prompt of the step (groups of
+    one prompt in one step are summed: the allocator plans per prompt)."""
     ids = allocator_ids(table)
     out = []
     for step, idx in split_steps(arrays):
-        pid = arrays["prompt_index"][idx]
+        uniq, inv = np.unique(arrays["prompt_index"][idx], return_inverse=True)
+        order = np.argsort(np.unique(inv, return_index=True)[1], kind="stable")  # first appearance in the step
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        pos = rank[inv]
+        m = len(uniq)
+
+        def total(col: str, dtype: type, pos: np.ndarray = pos, idx: np.ndarray = idx, m: int = m) -> np.ndarray:
+            return np.bincount(pos, weights=arrays[col][idx], minlength=m).astype(dtype)
+
+        pid = uniq[order]
         out.append(
             StepData(
                 step=step,
                 ids=[ids[i] for i in pid],
                 texts=[table.texts[i] or table.prompt_ids[i] for i in pid],
-                trials=arrays["trials"][idx],
-                successes=arrays["successes"][idx],
-                tokens=arrays["tokens"][idx],
-                tokens_success=arrays["tokens_success"][idx] if "tokens_success" in arrays else None,
+                trials=total("trials", np.int64),
+                successes=total("successes", np.int64),
+                tokens=total("tokens", np.float64),
+                tokens_success=total("tokens_success", np.float64) if "tokens_success" in arrays else None,
             )
         )
     return out
@@ -487,6 +554,7 @@ def _score(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -
                     "lo": float(edges[i]),
                     "hi": float(edges[i + 1]),
                     "groups": int(sel.sum()),
+                    "rollouts": int(n[sel].sum()),
                     "p_mean": float(np.average(p[sel], weights=n[sel])),
                     "observed": float(s[sel].sum() / n[sel].sum()),
                 }

@@ -38,6 +38,7 @@ def run_replay(
     reward: list[str] | None = None,
     threshold: float | None = None,
     id_field: str | None = None,
+    group_size: int | None = None,
     tokenizer: str | None = None,
     strategies: list[str] | None = None,
     predictor: str = "gp",
@@ -61,13 +62,14 @@ def run_replay(
         replay_engine,
         waste,
         waste_per_step,
+        zero_advantage_groups,
     )
     from vipalloc.replay.readers import ReadOptions, read_logs
     from vipalloc.replay.report import write_report
 
     say = console.line if console is not None else (lambda s: None)
     _check_engine_options(strategies, predictor, predictors, estimator)
-    opts = ReadOptions(fmt=fmt, reward=reward or None, threshold=threshold, id_field=id_field)
+    opts = ReadOptions(fmt=fmt, reward=reward or None, threshold=threshold, id_field=id_field, group_size=group_size)
     if tokenizer:
         opts.count_tokens = _tokenizer_counter(tokenizer)
     t0 = time.perf_counter()
@@ -77,18 +79,41 @@ def run_replay(
         now = time.perf_counter()
         if now - last[0] >= 2.0:  # a line every couple of seconds: visible in a log, not a flood
             last[0] = now
-            say(f"read {stats.rollouts:,} rollouts from {stats.files} file(s) ({now - t0:.0f} s)")
+            say(
+                f"read {stats.rollouts:,} rollouts, file {stats.current_file} of {stats.files_total} ({now - t0:.0f} s)"
+            )
 
     table, stats = read_logs(paths, opts, tick)
     arrays = table.arrays()
-    say(f"read {stats.rollouts:,} rollouts in {len(table):,} (prompt, step) groups ({time.perf_counter() - t0:.1f} s)")
-    overall = waste(arrays["trials"], arrays["successes"], arrays["tokens"])
-    per_step = waste_per_step(arrays)
+    skipped = len(stats.skipped_duplicate_files)
+    say(
+        f"read {stats.rollouts:,} rollouts from {stats.files} of {stats.files_total} file(s)"
+        + (f" ({skipped} repeated file(s) skipped)" if skipped else "")
+        + f" in {len(table):,} groups ({time.perf_counter() - t0:.1f} s)"
+    )
+    zero_adv = zero_advantage_groups(arrays, stats.signal)
+    overall = waste(arrays["trials"], arrays["successes"], arrays["tokens"], zero_adv)
+    per_step = waste_per_step(arrays, zero_adv)
     tokens_known = overall["tokens"] is not None
     cannot: list[str] = []
-    notes: list[str] = []
-    if stats.rollouts == 0:
-        cannot.append("the log holds no rollouts: nothing to compute (is it the right folder?)")
+    notes: list[str] = list(stats.notes)
+    if stats.rollouts == 0 and stats.unscored_rollouts:
+        cannot.append(
+            f"every one of the {stats.unscored_rollouts:,} rollouts read had no value in the reward column(s) "
+            f"{stats.reward_label} (the reward function returned None): nothing to compute; name a scored reward "
+            "with --reward"
+        )
+    elif stats.rollouts == 0:
+        cannot.append(
+            f"the log holds no rollouts ({stats.files_total} file(s) found, all empty): nothing to compute "
+            "(is it the right folder?)"
+        )
+    if zero_adv is None and stats.rollouts:
+        cannot.append(
+            "zero advantage as trained: the log has no per-rollout advantage or total score for every group "
+            "(TRL: the 'advantage' column; verl: 'score'; history: rows with 'rewards'); the zero-variance measure "
+            "on the success reward stands in for it"
+        )
     if not tokens_known and stats.rollouts:
         cannot.append(
             "token figures: the log has no completions or lengths (history rows need a 'lengths' list per rollout)"
@@ -104,6 +129,13 @@ def run_replay(
         notes.append(
             "TRL keeps only the last generation batch when it logs: steps generated between two logging steps are "
             "not in the log, and 'step' is the logging step"
+        )
+    dup = len(arrays["trials"]) - sum(len(sd.ids) for sd in iter_step_data(table, arrays))
+    if dup:
+        notes.append(
+            f"{dup:,} group(s) share their step and prompt with another group (the same prompt drawn twice): each is "
+            "its own group in the measured figures; the counterfactual plans such a prompt once with both groups' "
+            "rollouts"
         )
     if overall["singleton_groups"]:
         notes.append(f"{overall['singleton_groups']:,} groups have one rollout (zero advantage; counted zero-variance)")
@@ -141,22 +173,23 @@ def run_replay(
         )
         if not tokens_known and cfg.strategies:
             cannot.append("counterfactuals at the same token budget: the log has no token counts")
+    nothing = _nothing_to_gain(arrays, zero_adv) if strats else None
     result: dict[str, Any] = {
         "format": stats.fmt,
         "files": stats.files,
+        "files_found": stats.files_total,
         "skipped_duplicate_files": stats.skipped_duplicate_files,
         "success": f"{stats.reward_label} >= {opts.success_threshold:g}"
         if stats.fmt != "history"
         else stats.reward_label,
-        "tokens_method": (
-            f"tokenizer {tokenizer}"
-            if tokenizer and tokens_known
-            else "approximate: whitespace-separated words of each completion (pass --tokenizer for exact counts)"
-            if tokens_known and stats.fmt != "history"
-            else "the history's recorded lengths"
-            if tokens_known
-            else "unavailable"
+        "grouping": stats.grouping,
+        "zero_advantage_method": _zero_adv_method(stats.signal, stats.signal_label) if zero_adv is not None else None,
+        "reward_range": (
+            {"min": stats.reward_min, "max": stats.reward_max, "non_binary_rollouts": stats.reward_non_binary}
+            if stats.reward_values
+            else None
         ),
+        "tokens_method": _tokens_method(stats.fmt, tokenizer, tokens_known),
         **overall,
         "steps": len(per_step),
         "prompts": prompts_over_run(arrays, len(table.prompt_ids)),
@@ -164,13 +197,73 @@ def run_replay(
         "predictors": preds,
         "strategies": strats,
         "counterfactual_settings": info,
+        "counterfactual_nothing_to_gain": nothing,
         "cannot_compute": cannot,
         "notes": notes,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    result["headline"] = headline(result)
     written = write_report(out, result, command)
     say(f"wrote {', '.join(str(p) for p in written[:2])} and {len(written) - 2} plot(s)")
     return result
+
+
+def _tokens_method(fmt: str, tokenizer: str | None, known: bool) -> str:
+    if not known:
+        return "unavailable"
+    if fmt == "history":
+        return "the history's recorded lengths"
+    if fmt == "tinker":
+        return "exact: Tinker's logged action tokens (steps[*].ac_len)"
+    text = "the completion text (a conversation's assistant content, no role prefix)"
+    if tokenizer:
+        return f"tokenizer {tokenizer} on {text}"
+    return f"approximate: whitespace-separated words of {text}; pass --tokenizer for exact counts"
+
+
+def _zero_adv_method(signal: str | None, label: str) -> str:
+    if signal == "advantage":
+        return f"the logged '{label}': a group all of whose rollouts had advantage 0 (what TRL trained on)"
+    return (
+        f"the logged '{label}': a group whose rollouts all scored the same (every group-relative estimator then "
+        "gives it zero advantage)"
+    )
+
+
+def _nothing_to_gain(arrays: dict[str, Any], zero_adv: Any) -> str | None:
+    """The sentence for a log where no group of a planned step (the second on) was informative, else ``None``."""
+    import numpy as np
+
+    steps = arrays["step"]
+    if not len(steps):
+        return None
+    later = steps > steps.min()
+    zero = zero_adv if zero_adv is not None else (arrays["successes"] == 0) | (arrays["successes"] == arrays["trials"])
+    if later.any() and bool(np.all(np.asarray(zero)[later])):
+        what = "zero advantage as trained" if zero_adv is not None else "zero variance"
+        return (
+            f"Nothing to gain: every group of the planned steps had {what}, so no allocation of these rollouts would "
+            "have bought gradient from this run's outcomes (the plans and their modelled variance are still in "
+            "replay.json and counterfactuals/, but they describe predictions, not a gain)"
+        )
+    return None
+
+
+def headline(result: dict[str, Any]) -> str:
+    """The report's first sentence: the share of rollouts (and tokens) that bought no gradient, by the measure that
+    means it (zero advantage as trained when the log says, else zero variance on the success reward)."""
+    if not result["rollouts"]:
+        return "No rollouts to report."
+    if result["zero_advantage_share"] is not None:
+        share, tok = result["zero_advantage_share"], result["zero_advantage_tokens_share"]
+        what = "were in groups with zero advantage as trained: they bought no gradient"
+        extra = f" (zero variance on {result['success']}: {100 * result['zero_variance_share']:.1f}%)"
+    else:
+        share, tok = result["zero_variance_share"], result["zero_variance_tokens_share"]
+        what = f"were in groups with zero variance on {result['success']}: they bought no gradient"
+        extra = ""
+    tok_text = "" if tok is None else f" ({100 * tok:.1f}% of the generated tokens)"
+    return f"{100 * share:.1f}% of the {result['rollouts']:,} rollouts{tok_text} {what}{extra}."
 
 
 def _check_engine_options(
@@ -216,10 +309,18 @@ def register(app: typer.Typer) -> None:
             [], "--reward", help="Reward column/field (repeat to sum several; default: the total score)."
         ),
         threshold: float | None = typer.Option(
-            None, "--threshold", help="A rollout succeeds when its reward >= this (default 1.0; history: its own)."
+            None,
+            "--threshold",
+            help="A rollout succeeds when its reward >= this (default 1.0, only for a 0/1 reward; history: its own).",
         ),
         id_field: str | None = typer.Option(
             None, "--id-field", help="Column/field naming the prompt (default: prompt_id if present, else the text)."
+        ),
+        group_size: int | None = typer.Option(
+            None,
+            "--group-size",
+            help="TRL: rollouts per group (num_generations; default: read from the log's layout); 0: each run of "
+            "consecutive rows of one prompt is a group.",
         ),
         tokenizer: str | None = typer.Option(
             None, "--tokenizer", help="Tokenizer folder or cached name (offline) for exact token counts."
@@ -251,6 +352,7 @@ def register(app: typer.Typer) -> None:
                     reward=reward,
                     threshold=threshold,
                     id_field=id_field,
+                    group_size=group_size,
                     tokenizer=tokenizer,
                     strategies=_split(strategies),
                     predictor=predictor,
@@ -266,10 +368,6 @@ def register(app: typer.Typer) -> None:
         except (ValueError, OSError) as exc:
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             return
-        share = result["zero_variance_share"]
-        typer.echo(
-            f"{result['rollouts']:,} rollouts, {result['prompt_steps']:,} (prompt, step) groups; "
-            f"zero-variance share {'-' if share is None else f'{100 * share:.1f}%'}; report: {out / 'replay.md'}"
-        )
+        typer.echo(f"{result['headline']} {result['prompt_steps']:,} groups; report: {out / 'replay.md'}")
         for line in result["cannot_compute"]:
             typer.echo(f"cannot compute: {line}")

@@ -51,6 +51,10 @@ def _plots(out: Path, result: dict[str, Any]) -> list[str]:
         ax.stackplot(steps, wrong, correct, labels=["all-wrong groups", "all-correct groups"], alpha=0.7)
         if per_step[0].get("zero_variance_tokens_share") is not None:
             ax.plot(steps, [r["zero_variance_tokens_share"] for r in per_step], "k--", lw=1, label="tokens")
+        if per_step[0].get("zero_advantage_share") is not None:
+            ax.plot(
+                steps, [r["zero_advantage_share"] for r in per_step], "r-", lw=1.2, label="zero advantage as trained"
+            )
         ax.set_xlabel("step")
         ax.set_ylabel("share of the step's rollouts")
         ax.set_ylim(0, 1)
@@ -67,8 +71,18 @@ def _plots(out: Path, result: dict[str, Any]) -> list[str]:
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
         for name, v in preds.items():
             bins = v["calibration"]
-            ax.plot([b["p_mean"] for b in bins], [b["observed"] for b in bins], marker="o", ms=3, label=name)
-        ax.set_xlabel("predicted success probability (next step)")
+            xs, ys = [b["p_mean"] for b in bins], [b["observed"] for b in bins]
+            line = ax.plot(xs, ys, marker="o", ms=3, label=name)[0]
+            for b, x, y in zip(bins, xs, ys):  # how many groups each point stands for
+                ax.annotate(
+                    str(b["groups"]),
+                    (x, y),
+                    fontsize=6,
+                    color=line.get_color(),
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.set_xlabel("predicted success probability (next step; labels: groups per bin)")
         ax.set_ylabel("observed success rate")
         ax.set_title("Predictor calibration on this run")
         ax.legend(fontsize=8)
@@ -98,12 +112,14 @@ def _plots(out: Path, result: dict[str, Any]) -> list[str]:
 
 def _markdown(result: dict[str, Any], plots: list[str], command: str) -> str:
     r = result
-    lines = ["# Replay of a training log", "", provenance(command), ""]
+    lines = ["# Replay of a training log", "", f"**{r['headline']}**", "", provenance(command), ""]
     dup = len(r["skipped_duplicate_files"])
     dup_note = f", {dup} repeated TRL file(s) skipped" if dup else ""
     lines += [
-        f"- format: `{r['format']}`, {r['files']} file(s) read{dup_note}",
-        f"- success: {r['success']}",
+        f"- format: `{r['format']}`, {r['files']} of {r['files_found']} file(s) read{dup_note}",
+        f"- groups: {'; '.join(r['grouping']) or '-'}",
+        f"- success (zero-variance measure): {r['success']}",
+        f"- zero advantage as trained: {r['zero_advantage_method'] or 'not in this log'}",
         f"- tokens: {r['tokens_method']}",
         "",
         "## What the run spent (measured)",
@@ -134,13 +150,25 @@ def _markdown(result: dict[str, Any], plots: list[str], command: str) -> str:
             _f(r["all_wrong_tokens"] / r["tokens"] if r["tokens"] else None, pct=True),
         ],
     ]
+    if r["zero_advantage_rollouts"] is not None:
+        rows.insert(
+            1,
+            [
+                "zero advantage as trained",
+                _f(r["zero_advantage_rollouts"]),
+                _f(r["zero_advantage_share"], pct=True),
+                _tok(r["zero_advantage_tokens"]),
+                _f(r["zero_advantage_tokens_share"], pct=True),
+            ],
+        )
     lines += [md_table(headers, rows)]
     lines += [
-        f"{r['prompt_steps']:,} (prompt, step) groups over {r['steps']} step(s) and {r['prompts']['prompts']:,} "
+        f"{r['prompt_steps']:,} groups over {r['steps']} step(s) and {r['prompts']['prompts']:,} "
         f"prompts: {_f(r['solved_share'], pct=True)} of groups solved, {_f(r['hopeless_share'], pct=True)} "
         f"hopeless; {r['prompts']['never_solved']:,} prompts never solved and {r['prompts']['always_solved']:,} "
-        "always solved over the whole log. A zero-variance group gives every group-relative estimator (GRPO, "
-        "Dr.GRPO, RLOO) zero advantage: its rollouts bought no gradient.",
+        "always solved over the whole log. Zero variance is measured on the success reward; a run that trains on "
+        "more (a format bonus) can still give such a group an advantage, which the zero-advantage row (from what the "
+        "trainer logged) counts: that row is what bought no gradient.",
         "",
     ]
     if r["per_step"]:
@@ -148,11 +176,12 @@ def _markdown(result: dict[str, Any], plots: list[str], command: str) -> str:
         shown = r["per_step"] if len(r["per_step"]) <= 40 else r["per_step"][:: max(1, len(r["per_step"]) // 40)]
         lines += [
             md_table(
-                ["step", "rollouts", "zero-var share", "zero-var token share", "solved", "hopeless"],
+                ["step", "rollouts", "zero-adv share", "zero-var share", "zero-var token share", "solved", "hopeless"],
                 [
                     [
                         s["step"],
                         _f(s["rollouts"]),
+                        _f(s["zero_advantage_share"], pct=True),
                         _f(s["zero_variance_share"], pct=True),
                         _f(s["zero_variance_tokens_share"], pct=True),
                         _f(s["solved_share"], pct=True),
@@ -190,66 +219,113 @@ def _markdown(result: dict[str, Any], plots: list[str], command: str) -> str:
         ]
         if "calibration.png" in plots:
             lines += ["![calibration](calibration.png)", ""]
-    lines += ["## Counterfactual allocation (model-based estimates)", "", MODEL_NOTE, ""]
-    strats = {k: v for k, v in r["strategies"].items() if v.get("steps_planned")}
-    if strats:
-        info = r["counterfactual_settings"]
+        lines += ["Calibration bins (a bin with few groups is noise):", ""]
         lines += [
-            f"Settings: predictor `{info['predictor']}`, estimator `{info['estimator']}`, n_min {info['n_min']}, "
-            f"n_max {info['n_max']}; the first step is not planned (no history to predict from). Rollouts moved: "
-            "rollouts the log spent on groups that turned out zero-variance minus what the plan gave them "
-            "(positive: the plan spent less there), tokens at each prompt's realised mean length.",
-            "",
-            "### Same rollout budget",
-            "",
             md_table(
-                ["strategy", "var ratio vs uniform", "vs logged", "rollouts moved", "tokens moved", "dropped", "steps"],
+                ["predictor", "bin", "groups", "rollouts", "mean predicted", "observed"],
                 [
                     [
                         k,
-                        _f(v["variance_ratio"]),
-                        _f(v["variance_ratio_vs_logged"]),
-                        _f(v["rollouts_moved_from_zero_variance"]),
-                        _tok(v["tokens_moved_from_zero_variance"]),
-                        _f(v["dropped_prompt_steps"]),
-                        f"{v['steps_planned']}" + (f" ({v['steps_skipped']} skipped)" if v["steps_skipped"] else ""),
+                        f"{b['lo']:.1f}-{b['hi']:.1f}",
+                        _f(b["groups"]),
+                        _f(b["rollouts"]),
+                        _f(b["p_mean"]),
+                        _f(b["observed"]),
                     ]
-                    for k, v in strats.items()
+                    for k, v in preds.items()
+                    for b in v["calibration"]
                 ],
-            ),
+            )
         ]
-        tok = {k: v["same_token_budget"] for k, v in strats.items() if v.get("same_token_budget")}
-        if tok:
-            lines += [
-                "### Same token budget",
-                "",
-                f"Method: {info['token_budget_method']}.",
-                "",
-                md_table(
-                    ["strategy", "rollouts", "var ratio vs uniform", "predicted tokens / logged", "tokens moved"],
-                    [
-                        [
-                            k,
-                            _f(v["rollouts"]),
-                            _f(v["variance_ratio"]),
-                            _f(v["predicted_tokens"] / v["target_tokens"] if v["target_tokens"] else None),
-                            _tok(v["tokens_moved_from_zero_variance"]),
-                        ]
-                        for k, v in tok.items()
-                    ],
-                ),
-            ]
-        if "counterfactual_variance.png" in plots:
-            lines += ["![counterfactual variance per step](counterfactual_variance.png)", ""]
-        lines += ["Per-(step, prompt) counts of every plan: `counterfactuals/<strategy>.jsonl`.", ""]
-        for k, v in r["strategies"].items():
-            if v["steps_skipped"]:
-                lines += [f"- `{k}` skipped {v['steps_skipped']} step(s), e.g. {v['skip_reasons'][0]}"]
+    lines += ["## Counterfactual allocation (model-based estimates)", "", MODEL_NOTE, ""]
+    strats = r["strategies"]
+    if r.get("counterfactual_nothing_to_gain"):
+        lines += [f"**{r['counterfactual_nothing_to_gain']}.**", ""]
+    elif strats:
+        lines += _strategy_tables(r, plots)
     if r["cannot_compute"]:
         lines += ["", "## What this log cannot tell", ""] + [f"- {c}" for c in r["cannot_compute"]]
     if r["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _why_not(v: dict[str, Any]) -> str:
+    return v["skip_reasons"][0] if v.get("skip_reasons") else "no step could be planned"
+
+
+def _strategy_tables(r: dict[str, Any], plots: list[str]) -> list[str]:
+    """Both counterfactual tables with a row for every strategy asked for (its reason where it has no figure)."""
+    strats = r["strategies"]
+    info = r["counterfactual_settings"]
+    lines = [
+        f"Settings: predictor `{info['predictor']}`, estimator `{info['estimator']}`, n_min {info['n_min']}, "
+        f"n_max {info['n_max']}; the first step is not planned (no history to predict from). Rollouts moved: "
+        "rollouts the log spent on groups that turned out zero-variance minus what the plan gave them "
+        "(positive: the plan spent less there), tokens at each prompt's realised mean length.",
+        "",
+        "### Same rollout budget",
+        "",
+    ]
+    rows = []
+    for k, v in strats.items():
+        if not v["steps_planned"]:
+            rows.append([k, "-", "-", "-", "-", "-", f"0: {_why_not(v)}"])
+            continue
+        rows.append(
+            [
+                k,
+                _f(v["variance_ratio"]),
+                _f(v["variance_ratio_vs_logged"]),
+                _f(v["rollouts_moved_from_zero_variance"]),
+                _tok(v["tokens_moved_from_zero_variance"]),
+                _f(v["dropped_prompt_steps"]),
+                f"{v['steps_planned']}" + (f" ({v['steps_skipped']} skipped)" if v["steps_skipped"] else ""),
+            ]
+        )
+    lines += [
+        md_table(
+            ["strategy", "var ratio vs uniform", "vs logged", "rollouts moved", "tokens moved", "dropped", "steps"],
+            rows,
+        )
+    ]
+    if r["tokens"] is not None:
+        rows = []
+        for k, v in strats.items():
+            t = v.get("same_token_budget")
+            if t:
+                rows.append(
+                    [
+                        k,
+                        _f(t["rollouts"]),
+                        _f(t["variance_ratio"]),
+                        _f(t["predicted_tokens"] / t["target_tokens"] if t["target_tokens"] else None),
+                        _tok(t["tokens_moved_from_zero_variance"]),
+                        "",
+                    ]
+                )
+            else:
+                why = v.get("same_token_budget_refused") or (
+                    _why_not(v) if not v["steps_planned"] else "no step had a token budget to plan"
+                )
+                rows.append([k, "-", "-", "-", "-", str(why).splitlines()[0]])
+        lines += [
+            "### Same token budget",
+            "",
+            f"Method: {info['token_budget_method']}.",
+            "",
+            md_table(
+                ["strategy", "rollouts", "var ratio vs uniform", "predicted tokens / logged", "tokens moved", "note"],
+                rows,
+            ),
+        ]
+    if "counterfactual_variance.png" in plots:
+        lines += ["![counterfactual variance per step](counterfactual_variance.png)", ""]
+    lines += ["Per-(step, prompt) counts of every plan: `counterfactuals/<strategy>.jsonl`.", ""]
+    for k, v in strats.items():
+        if v["steps_skipped"] and v["steps_planned"]:
+            lines += [f"- `{k}` skipped {v['steps_skipped']} step(s), e.g. {v['skip_reasons'][0]}"]
+    return lines
 
 
 def write_report(out: Path, result: dict[str, Any], command: str) -> list[Path]:
