@@ -42,19 +42,31 @@ _TRL_FIXED = ("step", "prompt", "completion", "advantage", "image", "images")
 _PARQUET_BATCH = 16_384  # rows per pyarrow batch: bounded memory whatever the file size
 
 
-def layout_groups(keys: Sequence[str], group_size: int | None, where: str) -> tuple[np.ndarray, str]:
+def runs_of(keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and lengths (int64 ``(R,)`` each) of the runs of consecutive equal keys."""
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    change = np.fromiter((keys[i] != keys[i - 1] for i in range(1, n)), bool, n - 1)
+    starts = np.r_[0, np.flatnonzero(change) + 1].astype(np.int64)
+    return starts, np.diff(np.r_[starts, n]).astype(np.int64)
+
+
+def layout_groups(
+    keys: Sequence[str], group_size: int | None, where: str, log_runs: np.ndarray | None = None
+) -> tuple[np.ndarray, str]:
     """Group index of each row of one TRL generation batch (int64 ``(N,)``) and how the groups were formed.
 
     ``keys``: the rows' prompt identities in file order; ``group_size``: TRL's ``num_generations`` (``None``:
-    inferred, ``0``: each run of consecutive rows of one prompt is a group). Raises
-    :class:`ReplayInputError` when a run of one prompt is not a whole number of groups of ``group_size``.
+    inferred, ``0``: each run of consecutive rows of one prompt is a group); ``log_runs``: the run lengths of every
+    file of the log (inference reads them all: one batch may draw a prompt twice in a row, the whole run rarely
+    does); default this file's. Raises :class:`ReplayInputError` when a run of one prompt is not a whole number of
+    groups of ``group_size``.
     """
     n = len(keys)
     if n == 0:
         return np.zeros(0, np.int64), ""
-    change = np.fromiter((keys[i] != keys[i - 1] for i in range(1, n)), bool, n - 1)
-    starts = np.r_[0, np.flatnonzero(change) + 1]
-    runs = np.diff(np.r_[starts, n])
+    starts, runs = runs_of(keys)
     run_of_row = np.repeat(np.arange(len(runs)), runs)
     if group_size == 0:
         return run_of_row, "each run of consecutive rows of one prompt (--group-size 0)"
@@ -68,18 +80,33 @@ def layout_groups(keys: Sequence[str], group_size: int | None, where: str) -> tu
             )
         how = f"TRL's consecutive blocks of {group_size} rows (--group-size)"
         return np.arange(n, dtype=np.int64) // group_size, how
-    if runs.max() == 1:
+    every = runs if log_runs is None or not len(log_runs) else log_runs
+    if every.max() == 1:
         first: dict[str, int] = {}
         gid = np.fromiter((first.setdefault(k, len(first)) for k in keys), np.int64, n)
         return gid, (
             "merged by prompt within each step: no two consecutive rows share a prompt, so the log's layout names "
             "no group"
         )
-    g = int(np.gcd.reduce(runs))
+    g = int(np.gcd.reduce(every))
     if g >= 2:
-        how = f"TRL's consecutive blocks of {g} rows (num_generations, inferred from the log)"
+        how = (
+            f"TRL's consecutive blocks of {g} rows (num_generations, inferred from the log: the greatest common "
+            "divisor of its runs of one prompt; --group-size overrides)"
+        )
         return np.arange(n, dtype=np.int64) // g, how
     return run_of_row, "each run of consecutive rows of one prompt (group sizes vary, e.g. vipalloc's TRL plug-in)"
+
+
+def _keys(data: dict[str, list[Any]], id_col: str | None, where: Any) -> tuple[list[str], list[str]]:
+    """Prompt keys (the id column, else the prompt: text, or a conversation's JSON) and prompt texts of a batch."""
+    prompts = data["prompt"]
+    texts = [prompt_text(p) for p in prompts]
+    if id_col:
+        keys = [prompt_key(v, where(i), id_col) for i, v in enumerate(data[id_col])]
+    else:
+        keys = [t if isinstance(p, str) else json.dumps(p, sort_keys=True) for p, t in zip(prompts, texts)]
+    return keys, texts
 
 
 def _trl_columns(path: Path, names: list[str], opts: ReadOptions) -> tuple[list[str], str | None]:
@@ -117,19 +144,41 @@ def _parquet_batches(pf: Any, path: Path, cols: list[str]) -> Iterable[Any]:
         raise ReplayInputError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
 
-def read_trl(files: Sequence[Path], opts: ReadOptions, table: GroupTable, stats: ReadStats, tick: Any) -> None:
-    """Fold TRL's completion parquet files into ``table`` (see the module docstring)."""
+def _open(path: Path) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ReplayInputError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+
+
+def _log_runs(files: Sequence[Path], opts: ReadOptions) -> np.ndarray:
+    """Run lengths of consecutive rows of one prompt in every file (a first pass over the prompt column only)."""
+    out = []
+    for path in files:
+        pf = _open(path)
+        names = [n for n in pf.schema_arrow.names if not n.startswith("__index_level")]
+        _, id_col = _trl_columns(path, names, opts)
+        keys: list[str] = []
+        for batch in _parquet_batches(pf, path, [id_col or "prompt"]):
+            data = batch.to_pydict()
+            if id_col:
+                data["prompt"] = data[id_col]
+            keys += _keys(data, id_col, lambda i, path=path: f"{path}: row {i + 1}")[0]
+        out.append(runs_of(keys)[1])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def read_trl(files: Sequence[Path], opts: ReadOptions, table: GroupTable, stats: ReadStats, tick: Any) -> None:
+    """Fold TRL's completion parquet files into ``table`` (see the module docstring)."""
     previous: bytes | None = None
     thr = opts.success_threshold
+    log_runs = _log_runs(files, opts) if opts.group_size is None else None
     for k, path in enumerate(files):
         stats.current_file = k + 1
-        try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as exc:
-            raise ReplayInputError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+        pf = _open(path)
         names = [n for n in pf.schema_arrow.names if not n.startswith("__index_level")]
         rewards, id_col = _trl_columns(path, names, opts)
         adv_col = "advantage" if "advantage" in names else None
@@ -155,12 +204,7 @@ def read_trl(files: Sequence[Path], opts: ReadOptions, table: GroupTable, stats:
                 return f"{path}: row {row0 + i + 1}"
 
             steps += [step_of(v, where(i)) for i, v in enumerate(data["step"])]
-            prompts = data["prompt"]
-            b_texts = [prompt_text(p) for p in prompts]
-            if id_col:
-                b_keys = [prompt_key(v, where(i), id_col) for i, v in enumerate(data[id_col])]
-            else:
-                b_keys = [t if isinstance(p, str) else json.dumps(p, sort_keys=True) for p, t in zip(prompts, b_texts)]
+            b_keys, b_texts = _keys(data, id_col, where)
             total = np.zeros(n)
             ok = np.zeros(n, bool)
             for col in rewards:
@@ -193,7 +237,7 @@ def read_trl(files: Sequence[Path], opts: ReadOptions, table: GroupTable, stats:
         if not row0:
             tick(stats)
             continue
-        gid, how = layout_groups(keys, opts.group_size, f"{path}: rows")
+        gid, how = layout_groups(keys, opts.group_size, f"{path}: rows", log_runs)
         stats.group_method(how)
         total_a, ok_a, adv_a = np.concatenate(totals), np.concatenate(scored), np.concatenate(advs)
         keep = np.flatnonzero(ok_a)
