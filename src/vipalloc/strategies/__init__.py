@@ -9,8 +9,10 @@ own module, and none of them imports this one:
 | :mod:`~vipalloc.strategies.base` | :class:`Strategy` and its flags, :class:`AllocationContext`, checks, ties |
 | :mod:`~vipalloc.strategies.uniform` | ``uniform``, ``inverse_acc``, ``inverse_var`` |
 | :mod:`~vipalloc.strategies.vip` | ``vip``, ``vip_pure`` |
+| :mod:`~vipalloc.strategies.error` | ``vip_error`` (the gradient error at the best step size; the default) |
 | :mod:`~vipalloc.strategies.authors` | ``vip_authors`` (the VIP authors' whole procedure) |
 | :mod:`~vipalloc.strategies.peers` | ``knapsack``, ``gvm``, ``dynamo``, ``hora`` |
+| :mod:`~vipalloc.strategies.coba` | ``coba`` (CoBA-RL) |
 | :mod:`~vipalloc.strategies.two_phase` | ``vip_two_phase``, ``pilot_commit`` (pilot, then commit) |
 
 Ties are broken toward earlier prompts; the ``Allocator`` shuffles prompts with a seeded per-step permutation, so
@@ -34,6 +36,8 @@ from vipalloc.strategies.base import (
     tie_classes,
     uniform_counts,
 )
+from vipalloc.strategies.coba import CoBA
+from vipalloc.strategies.error import VIPError
 from vipalloc.strategies.peers import GVM, HORA, DynaMO, Knapsack, knapsack_value, proportional_counts
 from vipalloc.strategies.two_phase import PilotCommit, TwoPhaseStrategy, VIPTwoPhase
 from vipalloc.strategies.uniform import InverseAcc, InverseVar, Uniform
@@ -48,6 +52,7 @@ __all__ = [
     "TWO_PHASE_STRATEGIES",
     "VIP",
     "AllocationContext",
+    "CoBA",
     "DynaMO",
     "InverseAcc",
     "InverseVar",
@@ -58,6 +63,7 @@ __all__ = [
     "TwoPhaseStrategy",
     "Uniform",
     "VIPAuthors",
+    "VIPError",
     "VIPPure",
     "VIPTwoPhase",
     "balance_ties",
@@ -82,6 +88,8 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "vip_authors": lambda estimator, **kw: VIPAuthors(estimator=estimator, **kw),
     "dynamo": lambda estimator, **kw: DynaMO(**kw),
     "hora": lambda estimator, **kw: HORA(**kw),
+    "coba": lambda estimator, **kw: CoBA(**kw),
+    "vip_error": lambda estimator, **kw: VIPError(estimator=estimator, **kw),
     "vip_two_phase": lambda estimator, **kw: VIPTwoPhase(estimator=estimator, **kw),
     "pilot_commit": lambda estimator, **kw: PilotCommit(**kw),
 }

@@ -27,6 +27,8 @@ StrategyName = Literal[
     "hora",
     "vip_two_phase",
     "pilot_commit",
+    "coba",
+    "vip_error",
     "dapo",
 ]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
