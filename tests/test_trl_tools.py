@@ -175,9 +175,15 @@ def test_refused_tool_setups(tmp_path) -> None:
         VIPGRPOTrainer(
             model=model, reward_funcs=w.correct, args=two_phase, train_dataset=w.sum_prompts(), tools=[w.add]
         )
-    with pytest.raises(NotImplementedError, match="environment_factory without train_dataset"):
+    # environment-owned tasks (no train_dataset) are supported (tests/test_trl_environments.py); TRL's own rule
+    # that max_steps then sets the training length still applies
+    with pytest.raises(ValueError, match="max_steps"):
         VIPGRPOTrainer(
-            model=model, reward_funcs=w.correct, args=VIPGRPOConfig(**base), environment_factory=w.CalculatorEnv
+            model=model,
+            reward_funcs=w.correct,
+            args=VIPGRPOConfig(**base),
+            processing_class=tok,
+            environment_factory=w.CalculatorEnv,
         )
     with pytest.raises(NotImplementedError, match="rollout_func"):
         VIPGRPOTrainer(

@@ -284,10 +284,12 @@ def default_config(model: Any) -> VIPGRPOConfig:
 
 
 def _prompt_key(row: dict[str, Any], column: str) -> str:
+    """A row's prompt id: its ``column`` value, else ``"h"`` + 16 hex digits of SHA-1 over its ``prompt`` (JSON),
+    else over the whole row (a dataset without a ``prompt`` column, e.g. one that only routes to environments)."""
     value = row.get(column)
     if value is not None:
         return str(value)
-    blob = json.dumps(row["prompt"], sort_keys=True, default=str)
+    blob = json.dumps(row["prompt"] if "prompt" in row else row, sort_keys=True, default=str)
     return "h" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

@@ -20,9 +20,18 @@ from accelerate.utils import gather_object
 
 from vipalloc import Allocator, Plan
 from vipalloc.integrations.trl.config import VIPGRPOConfig, _prompt_key, _prompt_text
+from vipalloc.integrations.trl.environments import ResetTasks, check_group_tasks, group_keys
 from vipalloc.strategies import TWO_PHASE_STRATEGIES
 
-__all__ = ["Layout", "PilotRound", "VIPBatchRecord", "check_allocator", "group_rows", "two_phase_layout"]
+__all__ = [
+    "Layout",
+    "PilotRound",
+    "VIPBatchRecord",
+    "check_allocator",
+    "check_dataset_rows",
+    "group_rows",
+    "two_phase_layout",
+]
 
 
 @dataclass
@@ -125,15 +134,45 @@ def check_allocator(cfg: VIPGRPOConfig, allocator: Allocator | None) -> Allocato
     return allocator
 
 
-def group_rows(trainer: Any, inputs: list[dict[str, Any]]) -> tuple[list[str], list[str], np.ndarray, int]:
-    """Distinct prompt ids and texts of the global rectangular batch, the prompt of each block, the budget."""
+def check_dataset_rows(bound: dict[str, Any]) -> None:
+    """Refuse, before TRL starts, a ``train_dataset`` without a ``prompt`` column when no environment supplies the
+    prompt (``bound``: the trainer's bound constructor arguments). With ``environment_factory`` such rows are
+    keyed by their environment's ``reset()`` output; datasets that list no columns are not checked."""
+    dataset = bound.get("train_dataset")
+    columns = getattr(dataset, "column_names", None)
+    if dataset is None or bound.get("environment_factory") is not None or not isinstance(columns, list):
+        return
+    if "prompt" not in columns:
+        raise ValueError(
+            f"train_dataset has no 'prompt' column (columns: {columns}) and no environment_factory supplies the "
+            "prompt: GRPOTrainer generates from each row's 'prompt'; rename the prompt column to 'prompt', or pass an "
+            "environment_factory whose reset(**row) returns it"
+        )
+
+
+def group_rows(
+    trainer: Any, inputs: list[dict[str, Any]], tasks: ResetTasks | None = None
+) -> tuple[list[str], list[str], np.ndarray, int]:
+    """Distinct prompt ids and texts of the global rectangular batch, the prompt of each block, the budget.
+
+    A row's id is its ``prompt_id_column`` value, else a hash of its ``prompt``, else (``tasks``: environments reset
+    before the plan, :mod:`~vipalloc.integrations.trl.environments`) a hash of the row and its environment's
+    observation, else a hash of the whole row.
+    """
     args = cast(VIPGRPOConfig, trainer.args)
     g = trainer.num_generations
-    rows = [(_prompt_key(x, args.prompt_id_column), x["prompt"]) for x in inputs]
+    if tasks is None:
+        rows = [(_prompt_key(x, args.prompt_id_column), _prompt_text(x.get("prompt", x))) for x in inputs]
+    else:
+        rows = list(zip(tasks.keys, tasks.texts))
     if trainer._vip_world > 1:  # groups may span processes: look at the gathered batch in process order
         rows = gather_object(rows)
     if len(rows) % g:
         raise RuntimeError(f"generation batch of {len(rows)} rows is not made of full groups of {g}")
+    if tasks is not None:
+        check_group_tasks([key for key, _ in rows], g)
+        if tasks.per_group:  # no dataset: each group is its own draw of the environment
+            rows = list(zip(group_keys([key for key, _ in rows], g), [text for _, text in rows]))
     ids: list[str] = []
     texts: list[str] = []
     index: dict[str, int] = {}
@@ -148,7 +187,7 @@ def group_rows(trainer: Any, inputs: list[dict[str, Any]]) -> tuple[list[str], l
         if key not in index:  # a prompt sampled twice (duplicate rows, no id column) is planned once
             index[key] = len(ids)
             ids.append(key)
-            texts.append(_prompt_text(rows[start][1]))
+            texts.append(rows[start][1])
         group_prompt.append(index[key])
     groups = len(group_prompt)
     budget = int(round(args.budget_per_generation * groups / args.prompts_per_generation))

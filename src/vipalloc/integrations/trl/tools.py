@@ -39,12 +39,6 @@ def check_tool_setup(cfg: VIPGRPOConfig, bound: Mapping[str, Any]) -> None:
             "resets every row's environment there, so a pilot episode would run without its tools; use a "
             "single-phase strategy for tool rollouts"
         )
-    if bound.get("environment_factory") is not None and bound.get("train_dataset") is None:
-        raise NotImplementedError(
-            "environment_factory without train_dataset is not supported: the environment then chooses the task in "
-            "reset(), after the plan, so the allocator cannot know which prompt a row is; give a train_dataset with "
-            "a stable id column (VIPGRPOConfig.prompt_id_column) whose rows reset(**row) turns into tasks"
-        )
     world = int(cfg.world_size)
     vllm_collective = cfg.use_vllm and (cfg.vllm_mode == "server" or int(cfg.vllm_tensor_parallel_size) > 1)
     if world > 1 and vllm_collective:

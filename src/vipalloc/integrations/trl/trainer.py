@@ -28,8 +28,15 @@ from vipalloc import Allocator, Plan
 from vipalloc.integrations.trl.config import (
     ALLOCATOR_FILE,
     VIPGRPOConfig,
+    _prompt_text,
     default_config,
     step_token_budget,
+)
+from vipalloc.integrations.trl.environments import (
+    ResetTasks,
+    cached_resets,
+    needs_reset_before_plan,
+    reset_before_plan,
 )
 from vipalloc.integrations.trl.layout import (
     SHIFT_KEY,
@@ -43,6 +50,7 @@ from vipalloc.integrations.trl.planning import (
     PilotRound,
     VIPBatchRecord,
     check_allocator,
+    check_dataset_rows,
     group_rows,
     two_phase_layout,
 )
@@ -84,9 +92,13 @@ class VIPGRPOTrainer(GRPOTrainer):
                 "selection cannot be applied; use tools=[...] or environment_factory for multi-turn rollouts"
             )
         check_tool_setup(cfg, bound)
+        check_dataset_rows(bound)
+        # The environment owns the data (TRL trains on placeholder rows): tasks are keyed by reset()'s observation.
+        env_owned = bound.get("train_dataset") is None and bound.get("environment_factory") is not None
         assert cfg.n_max is not None  # VIPGRPOConfig.__post_init__ sets it
         allocator = check_allocator(cfg, allocator)
         super().__init__(**bound)
+        self._vip_env_owned = env_owned
         # From here on TRL's group width is n_max (the sampler, the advantage view and the logs use it); evaluation
         # keeps TRL's plain groups of num_generations_eval (default: num_generations).
         self.num_generations = int(cfg.n_max)
@@ -176,9 +188,11 @@ class VIPGRPOTrainer(GRPOTrainer):
         )
 
     # ------------------------------------------------------------------ planning
-    def _vip_groups(self, inputs: list[dict[str, Any]]) -> tuple[list[str], list[str], np.ndarray, int]:
+    def _vip_groups(
+        self, inputs: list[dict[str, Any]], tasks: ResetTasks | None = None
+    ) -> tuple[list[str], list[str], np.ndarray, int]:
         """Distinct prompt ids and texts of the global rectangular batch, the prompt of each block, the budget."""
-        return group_rows(self, inputs)
+        return group_rows(self, inputs, tasks)
 
     def _vip_on_main(self, make: Any) -> Any:
         """``make()`` on the main process (the one allocator that decides), its result sent to every process."""
@@ -196,9 +210,10 @@ class VIPGRPOTrainer(GRPOTrainer):
         per_block[first_block] = counts
         return first_block, (np.arange(g)[None, :] < per_block[:, None]).reshape(-1)
 
-    def _vip_layout(self, inputs: list[dict[str, Any]]) -> Layout:
-        """Plan for the global rectangular batch (main process) and place each prompt's real rows."""
-        ids, texts, gp, budget = self._vip_groups(inputs)
+    def _vip_layout(self, inputs: list[dict[str, Any]], tasks: ResetTasks | None = None) -> Layout:
+        """Plan for the global rectangular batch (main process) and place each prompt's real rows; ``tasks``: the
+        rows' environments were reset before the plan and key the rows (:func:`reset_before_plan`)."""
+        ids, texts, gp, budget = self._vip_groups(inputs, tasks)
         plan = cast(Plan, self._vip_on_main(lambda: self._vip_plan(ids, texts, budget)))
         first_block, real_global = self._vip_place(plan.counts, gp)
         return Layout(plan=plan, group_prompt=gp, first_block=first_block, real_global=real_global)
@@ -245,12 +260,16 @@ class VIPGRPOTrainer(GRPOTrainer):
         if not self.model.training:  # evaluation keeps TRL's plain rectangular groups
             return super()._generate_and_score_completions(inputs)
         args = cast(VIPGRPOConfig, self.args)
-        layout = self._vip_two_phase_layout(inputs) if args.two_phase else self._vip_layout(inputs)
+        tasks = None  # two-phase steps have no environments (refused at construction)
+        if not args.two_phase and needs_reset_before_plan(self, inputs, args.prompt_id_column):
+            tasks = reset_before_plan(self, inputs, _prompt_text)
+        layout = self._vip_two_phase_layout(inputs) if args.two_phase else self._vip_layout(inputs, tasks)
         rank, n_local = self.accelerator.process_index, len(inputs)
         real = layout.real_global[rank * n_local : (rank + 1) * n_local]  # TRL's process slice of the gathered batch
         self._vip_real, self._vip_rewards, self._vip_lengths = real, None, None
         try:
-            output = super()._generate_and_score_completions(inputs)
+            with cached_resets(tasks):  # TRL's reset of each row's environment returns the planned task
+                output = super()._generate_and_score_completions(inputs)
             rewards_per_func = self._vip_rewards
             self._vip_batch_lengths = self._vip_gather_lengths(n_local)
         finally:
