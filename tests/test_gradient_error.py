@@ -269,3 +269,31 @@ def test_coba_gives_hard_and_easy_prompts_only_leftovers() -> None:
     assert coba_shape(0.2)[0] == pytest.approx(1 + 5 / (1 + np.exp(3)))
     with pytest.raises(ValueError, match="no token form"):
         get_strategy("coba").allocate_tokens(p, 1e4, np.full(6, 10.0), 2, 32)
+
+
+# ------------------------------------------------------------------------------------------ Plan.error_ratio
+def test_plan_error_ratio_counts_the_signal_a_plan_gives_up() -> None:
+    """variance_ratio flatters drops; error_ratio does not: vip parks rollouts on p = 0 prompts (worse than
+    uniform), vip_error beats uniform, on the objective issue's batch at 8 rollouts a prompt."""
+    from vipalloc.allocator import Allocator
+    from vipalloc.telemetry import PLAN_METRIC_NAMES
+
+    p = _realistic(np.random.default_rng(11))
+    ids = [f"q{i}" for i in range(len(p))]
+    ratios = {}
+    for name in ("uniform", "vip", "vip_error"):
+        alloc = Allocator(strategy=name, predictor="oracle", n_min=4, n_max=32)
+        alloc.predictor.set_true_p(ids, p)  # type: ignore[attr-defined]
+        plan = alloc.plan(ids, budget=8 * len(p))
+        assert plan.uniform_counts is not None and plan.uniform_counts.sum() == plan.counts.sum()
+        ratios[name] = plan.error_ratio
+        assert plan.metrics()["vip/expected_error_ratio_vs_uniform"] == pytest.approx(plan.error_ratio)
+    assert "vip/expected_error_ratio_vs_uniform" in PLAN_METRIC_NAMES
+    assert ratios["uniform"] == pytest.approx(1.0)
+    assert ratios["vip"] > 1.0 > ratios["vip_error"]
+    # a plan that keeps only hopeless prompts: no variance at all, the whole signal lost
+    from vipalloc.plan import Plan
+
+    q = np.array([0.0, 0.0, 0.5, 0.5])
+    bad = Plan(["a", "b", "c", "d"], np.array([8, 8, 0, 0]), q, np.zeros(4), 16, 0, "x", "drgrpo", 0.0, 1.0)
+    assert bad.variance_ratio == 0.0 and bad.error_ratio > 1.0

@@ -249,6 +249,7 @@ class Allocator(StepPlanner):
             expected_tokens=None if c is None else float(counts @ c),
             token_budget=tokens,
             optimality_gap=gap,
+            uniform_counts=np.asarray(uniform, np.int64),
         )
 
     def expected_lengths(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from vipalloc.gradient_error import DEFAULT_SIGNAL_RATIO, scaled_error
 from vipalloc.telemetry import plan_metrics
 from vipalloc.variance import gradient_variance
 
@@ -54,6 +55,11 @@ class Plan:
     expected_tokens: float | None = None
     token_budget: float | None = None
     optimality_gap: float = 0.0
+    # The uniform plan this one is compared with (int64 (M,), groups as in group_sizes): at the same rollouts, or at
+    # the same tokens (and rollout cap) for a token plan. None: the even split of group_sizes.sum().
+    uniform_counts: np.ndarray | None = None
+    # rho of the gradient-error model behind error_ratio (vipalloc.gradient_error; the strategy's own when it has one)
+    signal_ratio: float = DEFAULT_SIGNAL_RATIO
 
     @property
     def group_sizes(self) -> np.ndarray:
@@ -82,6 +88,27 @@ class Plan:
             return 1.0 if self.expected_variance <= 0.0 else float("inf")
         return self.expected_variance / self.uniform_variance
 
+    @property
+    def error_ratio(self) -> float:
+        """The plan's modelled gradient error at the best step size over the uniform plan's
+        (:func:`vipalloc.gradient_error.scaled_error`: the noise it adds plus the signal it gives up, under the
+        predictions ``p_mean`` and their spread ``p_std``); below 1 means a better gradient than uniform's.
+
+        Read this one to judge a plan. ``variance_ratio`` counts a dropped prompt as zero variance, so any drop
+        lowers it, even one that throws away the batch's signal (docs/variance.md, "The gradient error")."""
+        uniform = self.uniform_counts
+        if uniform is None:
+            m, total = len(self.counts), int(self.group_sizes.sum())
+            uniform = np.full(m, total // m, np.int64) + (np.arange(m) < total % m)
+        kw = {"signal_ratio": self.signal_ratio, "p_std": self.p_std}
+        est = self.estimator if self.estimator in ("drgrpo", "rloo") else "drgrpo"
+        sizes = np.where(self.group_sizes >= 2, self.group_sizes, 0)  # a group of one carries no gradient
+        ours = scaled_error(self.p_mean, sizes, est, **kw)
+        ref = scaled_error(self.p_mean, np.where(uniform >= 2, uniform, 0), est, **kw)
+        if ref <= 0.0:
+            return 1.0 if ours <= 0.0 else float("inf")
+        return ours / ref
+
     def metrics(self) -> dict[str, float]:
         """Where the budget goes, as ``vip/...`` scalars (:func:`vipalloc.telemetry.plan_metrics`).
 
@@ -93,6 +120,7 @@ class Plan:
             self.group_sizes,
             self.p_mean,
             variance_ratio=self.variance_ratio,
+            error_ratio=self.error_ratio,
             timings=self.timings,
             min_keep_relaxed=self.min_keep_relaxed,
             expected_lengths=self.expected_lengths,

@@ -49,6 +49,7 @@ PLAN_METRIC_NAMES = (
     "vip/share_hopeless",
     "vip/share_solved",
     "vip/expected_var_ratio_vs_uniform",
+    "vip/expected_error_ratio_vs_uniform",
     "vip/plan_seconds",
     "vip/p_mean",
     "vip/min_keep_relaxed",
@@ -82,6 +83,7 @@ def plan_metrics(
     p_mean: np.ndarray,
     *,
     variance_ratio: float,
+    error_ratio: float = 1.0,
     timings: Mapping[str, float] | None = None,
     min_keep_relaxed: bool = False,
     expected_lengths: np.ndarray | None = None,
@@ -96,6 +98,7 @@ def plan_metrics(
     ``vip/max_n`` are over kept prompts only, because a dropped prompt is not generated at all. With
     ``expected_lengths`` (float ``(M,)``, tokens per rollout) the token metrics are added; ``expected_tokens``, when
     given, is the plan's own total (a two-phase commit counts its pilot's tokens as spent, not as predicted).
+    ``variance_ratio`` and ``error_ratio`` are :attr:`vipalloc.plan.Plan.variance_ratio` and ``error_ratio``.
     """
     counts = np.asarray(counts, np.int64)
     p = np.asarray(p_mean, np.float64)
@@ -119,6 +122,7 @@ def plan_metrics(
         "vip/share_hopeless": share(p < HOPELESS_P),
         "vip/share_solved": share(p > SOLVED_P),
         "vip/expected_var_ratio_vs_uniform": float(variance_ratio),
+        "vip/expected_error_ratio_vs_uniform": float(error_ratio),
         "vip/plan_seconds": float(sum((timings or {}).values())),
         "vip/p_mean": float(p.mean()) if m else 0.0,
         "vip/min_keep_relaxed": float(bool(min_keep_relaxed)),
