@@ -21,7 +21,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +200,7 @@ def parse_json_line(
 
 def iter_json_lines(
     path: str | os.PathLike[str], error: type[ValueError] = ValueError, hint: str = ""
-) -> Iterator[tuple[int, str, dict[str, Any]]]:
+) -> Generator[tuple[int, str, dict[str, Any]], None, None]:
     """Stream a JSON Lines file: ``(line number, raw line, object)`` for every non-blank line, one at a time.
 
     The file is never held whole in memory. Errors (``error``, one line naming the file and the line): text that is

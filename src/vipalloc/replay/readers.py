@@ -16,12 +16,12 @@ full marks on a continuous reward would call every group hopeless.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from vipalloc._io import iter_json_lines
 from vipalloc.replay.read_jsonl import VERL_NAME, read_history, read_tinker, read_verl
 from vipalloc.replay.read_trl import read_trl
 from vipalloc.replay.table import (
@@ -78,19 +78,12 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
 def _sniff(path: Path) -> str:
     if path.suffix == ".parquet":
         return "trl"
-    try:
-        with path.open(encoding="utf-8") as f:
-            first = next((ln for ln in f if ln.strip()), "")
-    except UnicodeDecodeError:
-        raise ReplayInputError(f"{path}: line 1: not UTF-8 text (expected JSON Lines or parquet)") from None
-    if not first:
+    lines = iter_json_lines(path, ReplayInputError, "; cannot tell the log format")
+    first = next(lines, None)
+    lines.close()
+    if first is None:
         return "empty"
-    try:
-        row = json.loads(first)
-    except json.JSONDecodeError as exc:
-        raise ReplayInputError(f"{path}: line 1: not valid JSON ({exc.msg}); cannot tell the log format") from None
-    if not isinstance(row, dict):
-        raise ReplayInputError(f"{path}: line 1: expected a JSON object, got {type(row).__name__}")
+    row = first[2]
     if row.get("format") == "vipalloc.history" or "prompt_id" in row and ("rewards" in row or "trials" in row):
         return "history"
     if "input" in row and "output" in row:
