@@ -100,11 +100,13 @@ class Plan:
         if uniform is None:
             m, total = len(self.counts), int(self.group_sizes.sum())
             uniform = np.full(m, total // m, np.int64) + (np.arange(m) < total % m)
-        kw = {"signal_ratio": self.signal_ratio, "p_std": self.p_std}
         est = self.estimator if self.estimator in ("drgrpo", "rloo") else "drgrpo"
-        sizes = np.where(self.group_sizes >= 2, self.group_sizes, 0)  # a group of one carries no gradient
-        ours = scaled_error(self.p_mean, sizes, est, **kw)
-        ref = scaled_error(self.p_mean, np.where(uniform >= 2, uniform, 0), est, **kw)
+
+        def error(counts: np.ndarray) -> float:  # a group of one carries no gradient
+            sizes = np.where(counts >= 2, counts, 0)
+            return scaled_error(self.p_mean, sizes, est, signal_ratio=self.signal_ratio, p_std=self.p_std)
+
+        ours, ref = error(self.group_sizes), error(uniform)
         if ref <= 0.0:
             return 1.0 if ours <= 0.0 else float("inf")
         return ours / ref
