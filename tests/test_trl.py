@@ -300,10 +300,14 @@ def test_config_defaults_to_the_uniform_budget_it_replaces(tmp_path) -> None:
 
 def test_config_rejects_conflicting_or_infeasible_settings(tmp_path) -> None:
     common = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=16, report_to=[])
-    with pytest.raises(ValueError, match="raise n_max to at least 8"):
+    with pytest.raises(ValueError, match="raise n_max of VIPGRPOConfig to at least 8"):
         VIPGRPOConfig(n_max=4, **common)  # num_generations=8 (TRL's default) with n_max=4 cannot meet the budget
-    with pytest.raises(ValueError, match="n_min <= num_generations"):
+    with pytest.raises(ValueError, match="n_min <= num_generations.*lower n_min of VIPGRPOConfig to at most 4"):
         VIPGRPOConfig(num_generations=4, n_min=5, n_max=8, **common)
+    # n_min above n_max: the advice is not to raise n_max to what it already is (issue 30)
+    with pytest.raises(ValueError, match="n_min exceeds n_max") as info:
+        VIPGRPOConfig(num_generations=4, n_min=6, n_max=4, **common)
+    assert "raise n_max" not in str(info.value)
     with pytest.raises(ValueError, match="num_generations"):
         VIPGRPOConfig(num_generations=None, **common)
     with pytest.raises(ValueError, match="unknown allocation_strategy 'nope'"):
@@ -338,7 +342,7 @@ def test_trainer_rejects_unsupported_setups(tmp_path) -> None:
         VIPGRPOTrainer(model=model, reward_funcs=DigitReward(), args=plain, train_dataset=sums())
     with pytest.raises(NotImplementedError, match="rollout_func"):  # tools: tests/test_trl_tools.py
         VIPGRPOTrainer(model, DigitReward(), vip_args(tmp_path), sums(), rollout_func=lambda prompts, trainer: {})
-    with pytest.raises(ValueError, match="cannot meet the budget of 3 rollouts per prompt"):
+    with pytest.raises(ValueError, match="budget is 3 rollouts per prompt.*lower n_min of the allocator to at most 3"):
         VIPGRPOTrainer(
             model,
             DigitReward(),

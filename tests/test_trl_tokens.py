@@ -565,6 +565,12 @@ def test_async_trainer_refuses_token_mode_without_a_token_strategy(tmp_path) -> 
     args = AsyncGRPOConfig(output_dir=str(tmp_path), max_steps=2, num_generations=4, use_cpu=True, bf16=False)
     authors = Allocator(strategy="vip_authors", predictor="beta", n_min=2, n_max=8, embedder="hashing")
     with pytest.raises(ValueError, match="cannot plan under a token budget"):
-        VIPAsyncGRPOTrainer("m", ta.solved, args, ta._dataset(), allocator=authors, token_budget="uniform")
+        VIPAsyncGRPOTrainer("m", ta.solved, args, ta._dataset(), allocator=authors, rollout_token_budget="uniform")
     with pytest.raises(ValueError, match="token_budget"):
-        VIPAsyncGRPOTrainer("m", ta.solved, args, ta._dataset(), token_budget="lots")
+        VIPAsyncGRPOTrainer("m", ta.solved, args, ta._dataset(), rollout_token_budget="lots")
+    # the old keyword (the name TRL's AsyncGRPOConfig uses for packed training rows) still works, with a warning
+    with pytest.warns(FutureWarning, match="renamed rollout_token_budget"):
+        with pytest.raises(ValueError, match="cannot plan under a token budget"):
+            VIPAsyncGRPOTrainer("m", ta.solved, args, ta._dataset(), allocator=authors, token_budget="uniform")
+    with pytest.raises(ValueError, match="give rollout_token_budget= only"):
+        VIPAsyncGRPOTrainer("m", ta.solved, args, ta._dataset(), token_budget=5.0, rollout_token_budget=5.0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ from vipalloc import Allocator, Plan
 from vipalloc.integrations.trl.config import (  # the plug-in's prompt id rule and token mode
     _prompt_key,
     _prompt_text,
+    bounds_message,
     normalise_token_budget,
     step_token_budget,
 )
@@ -298,7 +300,10 @@ def build_async_trainer_class() -> type:
 
         Same arguments as ``AsyncGRPOTrainer`` plus ``allocator`` (default: ``vip`` with the ``gp`` predictor,
         ``n_min=2``, ``n_max=2 x num_generations``), ``success_threshold``, ``prompt_id_column`` and
-        ``token_budget`` (None, ``"uniform"`` or a cap in tokens per chunk, as ``VIPGRPOConfig.token_budget``).
+        ``rollout_token_budget`` (None, ``"uniform"`` or a cap in generated tokens per chunk, as
+        ``VIPGRPOConfig.token_budget``). ``AsyncGRPOConfig.token_budget`` is TRL's, a different quantity (tokens per
+        packed training row); the keyword ``token_budget=`` is still accepted for ``rollout_token_budget`` with a
+        ``FutureWarning``.
         ``args.num_generations`` is the uniform group size replaced (the budget per prompt). Refused before anything
         starts: a custom ``rollout_worker`` (VIP is the worker), no ``train_dataset`` (the environment would choose
         the task after the plan), two-phase strategies, ``max_steps <= 0`` (TRL's epoch stop counts one group per
@@ -315,17 +320,32 @@ def build_async_trainer_class() -> type:
             allocator: Allocator | None = None,
             success_threshold: float = 0.5,
             prompt_id_column: str = "prompt_id",
-            token_budget: float | str | None = None,
+            rollout_token_budget: float | str | None = None,
             **kwargs: Any,
         ) -> None:
+            if "token_budget" in kwargs:  # the old name, which TRL's AsyncGRPOConfig uses for packed training rows
+                old = kwargs.pop("token_budget")
+                if rollout_token_budget is not None:
+                    raise ValueError(
+                        "give rollout_token_budget= only (token_budget= is its old name, and AsyncGRPOConfig."
+                        "token_budget is TRL's tokens per packed training row)"
+                    )
+                warnings.warn(
+                    "VIPAsyncGRPOTrainer(token_budget=...) is renamed rollout_token_budget=...: it is the generated "
+                    "tokens each chunk of rollouts may spend, while AsyncGRPOConfig.token_budget (TRL's) is the tokens "
+                    "per packed training row; pass rollout_token_budget= instead",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                rollout_token_budget = old
             if args is None:  # as AsyncGRPOTrainer does
                 args = AsyncGRPOConfig(f"{model.split('/')[-1]}-AsyncGRPO")
             allocator, chunk = check_async_setup(args, train_dataset, allocator, kwargs.get("rollout_worker"), rest)
-            token_budget = normalise_token_budget(token_budget)
+            token_budget = normalise_token_budget(rollout_token_budget)
             refusal = allocator.strategy.token_refusal
             if token_budget is not None and refusal is not None:
                 raise ValueError(
-                    f"token_budget={token_budget!r} needs a strategy with a token mode; the allocator's "
+                    f"rollout_token_budget={token_budget!r} needs a strategy with a token mode; the allocator's "
                     f"{allocator.strategy_name!r} cannot plan under a token budget: {refusal}"
                 )
             state_path = os.path.join(str(args.output_dir), state_file)
@@ -400,10 +420,7 @@ def build_async_trainer_class() -> type:
                 "group only when all num_generations rows are back; use a single-phase strategy"
             )
         if not allocator.n_min <= g <= allocator.n_max:
-            raise ValueError(
-                f"the allocator's bounds [n_min={allocator.n_min}, n_max={allocator.n_max}] cannot meet the budget of "
-                f"num_generations={g} rollouts per prompt; give it n_min <= {g} <= n_max"
-            )
+            raise ValueError(bounds_message(allocator.n_min, g, allocator.n_max, "the allocator"))
         samples_per_step = int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps)
         samples_per_step *= int(args.world_size)
         return allocator, max(1, samples_per_step // g)

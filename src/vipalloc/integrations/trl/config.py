@@ -105,12 +105,7 @@ class VIPGRPOConfig(GRPOConfig):
         n_max = _positive_int("n_max", self.n_max, 2)
         n_min = _positive_int("n_min", self.n_min, 2)
         if not n_min <= g <= n_max:
-            raise ValueError(
-                f"need n_min <= num_generations <= n_max, got n_min={n_min}, num_generations={g}, n_max={n_max}: "
-                f"the budget is num_generations={g} rollouts per prompt on average, which prompts of at most "
-                f"n_max and at least n_min rollouts cannot meet; raise n_max to at least {g} (default "
-                f"2 x num_generations) or lower num_generations/n_min"
-            )
+            raise ValueError(bounds_message(n_min, g, n_max, "VIPGRPOConfig"))
         if self.allocation_strategy not in STRATEGY_NAMES:
             raise ValueError(
                 f"unknown allocation_strategy {self.allocation_strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}"
@@ -187,6 +182,24 @@ class VIPGRPOConfig(GRPOConfig):
         """Rows of width ``n_max`` each process receives per generation batch (``prompts x n_max / processes``)."""
         assert self.n_max is not None
         return self.prompts_per_generation * int(self.n_max) // int(self.world_size)
+
+
+def bounds_message(n_min: int, mean: float, n_max: int, owner: str) -> str:
+    """Why ``n_min <= mean <= n_max`` fails and the fix that applies (``mean``: the budget in rollouts per prompt,
+    ``num_generations``; ``owner``: whose bounds, e.g. ``"VIPGRPOConfig"`` or ``"the allocator"``)."""
+    head = (
+        f"need n_min <= num_generations <= n_max, got n_min={n_min}, num_generations={mean:g}, n_max={n_max}: the "
+        f"budget is {mean:g} rollouts per prompt on average, which prompts of at least n_min and at most n_max "
+        "rollouts cannot meet; "
+    )
+    if n_min > n_max:
+        return head + f"n_min exceeds n_max: give {owner} n_min <= {mean:g} <= n_max (e.g. n_min=2, n_max={n_max})"
+    if mean < n_min:
+        return head + f"lower n_min of {owner} to at most {mean:g}, or raise num_generations to at least {n_min}"
+    return (
+        head + f"raise n_max of {owner} to at least {mean:g} (VIPGRPOConfig's default: 2 x num_generations), or "
+        f"lower num_generations to at most {n_max}"
+    )
 
 
 def normalise_token_budget(value: Any) -> float | str | None:

@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import gather_object
 
 from vipalloc import Allocator, Plan
-from vipalloc.integrations.trl.config import VIPGRPOConfig, _prompt_key, _prompt_text
+from vipalloc.integrations.trl.config import VIPGRPOConfig, _prompt_key, _prompt_text, bounds_message
 from vipalloc.integrations.trl.environments import ResetTasks, check_group_tasks, group_keys
 from vipalloc.strategies import TWO_PHASE_STRATEGIES
 
@@ -116,10 +116,7 @@ def check_allocator(cfg: VIPGRPOConfig, allocator: Allocator | None) -> Allocato
         )
     mean = cfg.budget_per_generation / cfg.prompts_per_generation
     if not allocator.n_min <= mean <= allocator.n_max:
-        raise ValueError(
-            f"the allocator's bounds [n_min={allocator.n_min}, n_max={allocator.n_max}] cannot meet the budget of "
-            f"{mean:g} rollouts per prompt (num_generations); give it n_min <= {mean:g} <= n_max"
-        )
+        raise ValueError(bounds_message(allocator.n_min, mean, allocator.n_max, "the allocator"))
     refusal = allocator.strategy.token_refusal
     if cfg.token_budget is not None and refusal is not None:
         raise ValueError(
