@@ -130,7 +130,8 @@ def run_replay(
             "TRL keeps only the last generation batch when it logs: steps generated between two logging steps are "
             "not in the log, and 'step' is the logging step"
         )
-    dup = len(arrays["trials"]) - sum(len(sd.ids) for sd in iter_step_data(table, arrays))
+    steps = iter_step_data(table, arrays)
+    dup = len(arrays["trials"]) - sum(len(sd.ids) for sd in steps)
     if dup:
         notes.append(
             f"{dup:,} group(s) share their step and prompt with another group (the same prompt drawn twice): each is "
@@ -139,7 +140,6 @@ def run_replay(
         )
     if overall["singleton_groups"]:
         notes.append(f"{overall['singleton_groups']:,} groups have one rollout (zero advantage; counted zero-variance)")
-    steps = iter_step_data(table, arrays)
     cfg = CounterfactualConfig(
         strategies=list(strategies) if strategies is not None else CounterfactualConfig().strategies,
         predictor=predictor,
