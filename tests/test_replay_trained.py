@@ -223,3 +223,57 @@ def test_verl_dump_with_uid_and_extras(tmp_path: Path) -> None:
     code, text = replay(str(dump), "--out", str(tmp_path / "t"), "--threshold", "1", *FAST)
     assert code == 0, text
     assert load(tmp_path / "t")["zero_variance_groups"] == 4
+
+
+def test_trl_conversational_run_counts_completion_tokens_only(tmp_path: Path) -> None:
+    """A real conversational GRPOTrainer run: TRL logs each completion as ``[{"role": "assistant", ...}]``; replay
+    counts the re-tokenised assistant content, not the role."""
+    pytest.importorskip("trl")
+    import pandas as pd
+    import torch
+    from _trl_helpers import tiny_llama, tiny_tokenizer
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(1)
+    tok = tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    )
+
+    def correct(prompts, completions, **kw):
+        return [float(any(ch.isdigit() for ch in c[0]["content"])) for c in completions]
+
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{i}+1"}] for i in range(8)]})
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        log_completions=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    GRPOTrainer(
+        model=tiny_llama(len(tok)), reward_funcs=[correct], args=args, train_dataset=data, processing_class=tok
+    ).train()
+    files = sorted((tmp_path / "run" / "completions").glob("*.parquet"))
+    df = pd.concat([pd.read_parquet(f) for f in files])
+    first = df["completion"].iloc[0]
+    assert first[0]["role"] == "assistant"  # conversational: a list of messages
+    contents = [c[0]["content"] for c in df["completion"]]
+    retok = sum(len(tok(c, add_special_tokens=False)["input_ids"]) for c in contents)
+    tok.save_pretrained(tmp_path / "tok")
+    code, text = replay(
+        str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tok"), *FAST
+    )
+    assert code == 0, text
+    r = load(tmp_path / "o")
+    assert r["rollouts"] == len(df) == 16 and r["prompt_steps"] == 4
+    assert r["tokens"] == retok
