@@ -125,10 +125,13 @@ class VIP(StrategyBase):
 
         Stage 1 keeps every prompt on ``[2, n_max]``; prompts whose stage-1 count is below the kept minimum are
         dropped (equal prompts, same prediction and length, as one group), as under a rollout budget. The kept set
-        must be able to spend the tokens (``sum_kept n_max c >= token_budget``, the token analogue of "absorb the
-        budget") and to afford its minimum; the most-served dropped groups are added back, or the least-served
-        kept ones dropped, until it does. Uniform (:class:`~vipalloc.strategies.uniform.Uniform`) when the
-        predictions carry no information."""
+        must be able to reach the limit that binds (``sum_kept n_max c >= token_budget``, or ``n_max * |kept| >=
+        max_rollouts`` when the rollout cap binds first: the token analogue of "absorb the budget") and to afford
+        its minimum; the most-served dropped groups are added back, or the least-served kept ones dropped, until
+        it does. So loosening a token budget that does not bind never changes the plan, and with equal lengths and
+        the cap binding the plan is the rollout-mode plan at ``budget = max_rollouts``. The returned gap certifies
+        the last stage (the exact program over the kept set), not the drop rule, which optimises nothing.
+        Uniform (:class:`~vipalloc.strategies.uniform.Uniform`) when the predictions carry no information."""
         self.last_min_keep_relaxed = False
         m = len(p)
         if no_information(p):
@@ -158,7 +161,12 @@ class VIP(StrategyBase):
         afford = np.cumsum(lo * c[order]) <= t * (1 + 1e-12) + 1e-9
         if cap is not None:
             afford &= lo * np.arange(1, m + 1) <= cap
+        # ... and to reach the limit that binds: the token budget, or the rollout cap when it binds first (a kept
+        # set that fills the cap spends all the tokens the plan can spend; requiring it to reach a looser token
+        # budget would keep prompts the cap leaves no rollouts for, and a looser budget would change the plan)
         spend = np.cumsum(n_max * c[order]) >= t * (1 - 1e-12)
+        if cap is not None:
+            spend |= n_max * np.arange(1, m + 1) >= cap
         j_max = int(afford.sum())
         j_min = int(np.argmax(spend)) + 1 if spend.any() else m
         if j_max == 0:  # not even one prompt can have the kept minimum: keep everyone on [n_min, n_max]
