@@ -74,10 +74,16 @@ def run_train(
     total = base.steps * base.budget
     commit = git_commit()
     t_start = time.perf_counter()
-    progress("phase", {"name": "warm-up (cached after the first run)", "total": 1})
-    warm = warmup_policy(base)
+    progress("phase", {"name": "warm-up (cached after the first run)", "total": base.warmup.steps})
+    # a bar step by step on a terminal; in a log a line every tenth with the supervised loss
+    warm = warmup_policy(
+        base,
+        progress=lambda s, n: progress("advance", {}),
+        on_tenth=lambda s, n, loss: progress(
+            "eval", {"label": "warm-up", "step": f"{s}/{n}", "metric": "loss", "value": loss}
+        ),
+    )
     t_warm = time.perf_counter() - t_start
-    progress("advance", {})
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
     cfgs: list[Any] = []  # TrainConfig, one per strategy x seed
     done: dict[int, dict[str, Any]] = {}  # index in cfgs -> reused result

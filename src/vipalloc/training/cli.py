@@ -145,6 +145,7 @@ def register(app: typer.Typer) -> None:
         """Train with a config file; resumes from the run folder's last checkpoint after a kill."""
         from vipalloc.training.config import load_config
         from vipalloc.training.trainer import train as run_train
+        from vipalloc.training.warmup import warmup_policy
 
         try:
             cfg = load_config(config, steps=steps, run_dir=run_dir)
@@ -152,6 +153,14 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         with ProgressConsole("train") as console:
+            warm_task = console.add_task("warm-up", total=cfg.warmup.steps)
+            console.note("warm-up (cached after the first run): started")
+            warm = warmup_policy(
+                cfg,
+                progress=lambda s, n: console.update(warm_task, completed=s),
+                on_tenth=lambda s, n, loss: console.note(f"warm-up step {s}/{n}: loss {loss:.3f}"),
+            )
+            console.update(warm_task, visible=False)
             task = console.add_task(f"train {cfg.strategy}", total=cfg.steps)
 
             def on_step(step: int, total: int, rec: dict[str, Any]) -> None:
@@ -162,6 +171,6 @@ def register(app: typer.Typer) -> None:
                         format_eval({"label": cfg.strategy, "step": step, "metric": metric, "value": rec["eval_acc"]})
                     )
 
-            res = run_train(cfg, progress=on_step)
+            res = run_train(cfg, progress=on_step, warm_state=warm)
         final = [m for m in res.metrics if "eval_acc" in m][-1]
         typer.echo(f"done: {res.run_dir} (final eval accuracy {final['eval_acc']:.3f})")

@@ -25,10 +25,10 @@ StrategyName = Literal[
     "vip_authors",
     "dynamo",
     "hora",
-    "vip_two_phase",
-    "pilot_commit",
     "coba",
     "vip_error",
+    "vip_two_phase",
+    "pilot_commit",
     "dapo",
 ]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)

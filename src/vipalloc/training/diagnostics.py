@@ -20,9 +20,9 @@ import torch
 
 from vipalloc.training.config import TrainConfig
 from vipalloc.training.evaluation import eval_metrics
+from vipalloc.training.generation import sample, sequence_logprobs
 from vipalloc.training.model import EOS, CharTokenizer
 from vipalloc.training.tasks import Problem
-from vipalloc.training.trainer import sample, sequence_logprobs
 
 __all__ = ["gradient_line_search", "pool_profile", "sharpening_headroom", "success_probability"]
 

@@ -29,12 +29,10 @@ optimizer, allocator and metrics; a resumed run reproduces the uninterrupted run
 from __future__ import annotations
 
 import json
-import os
-import random
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,192 +41,37 @@ import torch
 
 from vipalloc import Allocator, Plan
 from vipalloc._io import atomic_write_text
+from vipalloc.budget import BudgetSpec, StepBudget
 from vipalloc.telemetry import COUNTS_TAG
+from vipalloc.training.checkpoint import CKPT_NAME, CheckpointError, read_checkpoint, write_checkpoint
 from vipalloc.training.config import TrainConfig
 from vipalloc.training.evaluation import eval_metrics
+from vipalloc.training.generation import resolve_device, sample, sequence_logprobs, token_logprobs
 from vipalloc.training.losses import group_advantages
-from vipalloc.training.model import BOS, EOS, PAD, CharTokenizer, build_policy
-from vipalloc.training.tasks import Problem, corrupt, corrupt_target, final_answer, make_problems, reward, target
-from vipalloc.training.two_phase import two_phase_round
+from vipalloc.training.model import CharTokenizer, build_policy
+from vipalloc.training.tasks import Problem, final_answer, make_problems, reward
+from vipalloc.training.two_phase import TwoPhaseRound, two_phase_round
+from vipalloc.training.update import NO_UPDATE, policy_update
+from vipalloc.training.warmup import warmup_policy
 
-CKPT_NAME = "checkpoint.pt"
+__all__ = [  # the generation and warm-up helpers keep their old import path
+    "CKPT_NAME",
+    "RunResult",
+    "Trainer",
+    "budget_spec",
+    "checkpoint_config",
+    "evaluate",
+    "resolve_device",
+    "same_run",
+    "sample",
+    "sequence_logprobs",
+    "token_logprobs",
+    "train",
+    "warmup_policy",
+]
+
 TWO_PHASE = ("vip_two_phase", "pilot_commit")  # strategies with two generation rounds a step
 METRICS_NAME = "metrics.jsonl"
-
-
-# ----------------------------------------------------------------------------------------------- device
-def resolve_device(name: str) -> torch.device:
-    """``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda when torch sees a GPU, else cpu) as a ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "device='cuda' but torch sees no GPU (CPU-only build or no driver); use device='cpu' or 'auto'"
-        )
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; choose cpu, cuda or auto")
-    return torch.device(name)
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-# ----------------------------------------------------------------------------------------------- generation
-@torch.no_grad()
-def sample(
-    model: torch.nn.Module,
-    tok: CharTokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    temperature: float,
-    generator: torch.Generator,
-    greedy: bool = False,
-) -> list[list[int]]:
-    """Sample one completion per prompt (token ids, EOS included if produced). KV-cached, left-padded batch.
-
-    The model may live on any device; the draws are made on the CPU ``generator`` (probabilities are copied to
-    the CPU, ``(N, vocab)`` float64 a token), so the seeding is the same on every device."""
-    if not prompts:
-        return []
-    dev = _device_of(model)
-    ids, mask = (t.to(dev) for t in tok.left_pad(prompts))
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
-    cur_pos = pos[:, -1]
-    gen: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits.double() / temperature, -1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(dev)
-        nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
-        gen.append(nxt)
-        done |= nxt == EOS
-        if bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=dev)], 1)
-        cur_pos = cur_pos + 1
-        out = model(
-            input_ids=nxt[:, None],
-            attention_mask=mask,
-            position_ids=cur_pos[:, None],
-            past_key_values=past,
-            use_cache=True,
-        )
-        past, logits = out.past_key_values, out.logits[:, -1]
-    seqs = torch.stack(gen, 1).tolist()
-    result = []
-    for s in seqs:
-        cut = s.index(EOS) + 1 if EOS in s else len(s)
-        result.append([t for t in s[:cut] if t != PAD])
-    return result
-
-
-def token_logprobs(
-    model: torch.nn.Module, tok: CharTokenizer, prompts: list[str], completions: list[list[int]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of each completion given its prompt (one right-padded forward pass).
-
-    Returns ``(logp, mask, entropy)``, each float32 ``(R, T)`` with ``T`` the longest completion: ``logp[r, t]`` is
-    the (differentiable) log-probability of completion token ``t`` of row ``r``, ``mask`` is 1 on real tokens and
-    0 on padding, ``entropy`` the policy's entropy (nats, detached) at that position.
-    """
-    plen = [len(tok.encode(p)) + 1 for p in prompts]  # BOS + prompt
-    seqs = [[BOS, *tok.encode(p)] + c for p, c in zip(prompts, completions)]
-    width = max(len(s) for s in seqs)
-    t_max = max(max(len(c) for c in completions), 1)
-    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s)
-        attn[r, : len(s)] = 1
-    dev = _device_of(model)
-    ids, attn = ids.to(dev), attn.to(dev)
-    logits = model(input_ids=ids, attention_mask=attn).logits.float()
-    # completion token t of row r sits at position plen[r] + t and is predicted by the logits at plen[r] + t - 1
-    rows = torch.arange(len(seqs), device=dev)[:, None]
-    cols = torch.tensor(plen, device=dev)[:, None] - 1 + torch.arange(t_max, device=dev)[None, :]
-    lens = torch.tensor([len(c) for c in completions], device=dev)
-    mask = (torch.arange(t_max, device=dev)[None, :] < lens[:, None]).float()
-    cols = cols.clamp(max=width - 2)  # padded positions are masked out; keep their index in range
-    logprobs = torch.log_softmax(logits[rows, cols], -1)
-    targets = ids[rows, cols + 1]
-    logp = logprobs.gather(-1, targets[..., None]).squeeze(-1) * mask
-    entropy = -(logprobs.detach().exp() * logprobs.detach()).sum(-1) * mask
-    return logp, mask, entropy
-
-
-def sequence_logprobs(
-    model: torch.nn.Module, tok: CharTokenizer, prompts: list[str], completions: list[list[int]]
-) -> torch.Tensor:
-    """Summed log-probability of each completion given its prompt: float (R,), differentiable."""
-    logp, _, _ = token_logprobs(model, tok, prompts, completions)
-    return logp.sum(1)
-
-
-# ----------------------------------------------------------------------------------------------- warm-up
-def warmup_policy(cfg: TrainConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Supervised warm-up on fresh problems of the task generator (cached by config hash under warmup_cache)."""
-    device = resolve_device(cfg.device)
-    cache = Path(cfg.warmup_cache) / f"warmup-{cfg.warmup_key(device.type)}.pt"
-    if cache.exists():
-        return torch.load(cache, weights_only=True, map_location="cpu")
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.warmup.threads)
-    try:
-        return _warmup(cfg, cache, progress, device)
-    finally:
-        torch.set_num_threads(prev_threads)
-
-
-def _warmup(
-    cfg: TrainConfig, cache: Path, progress: Callable[[int, int], None] | None, device: torch.device
-) -> dict[str, torch.Tensor]:
-    torch.manual_seed(cfg.warmup.seed)
-    noise_rng = random.Random(cfg.warmup.seed)
-    model = build_policy(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head).to(device)
-    tok = CharTokenizer()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(cfg.warmup.steps, 1))
-    chunk = max(cfg.warmup.batch_size * 50, 1)
-    problems: list[Problem] = []
-    for step in range(cfg.warmup.steps):
-        lo = (step * cfg.warmup.batch_size) % chunk
-        if lo == 0:
-            problems = make_problems(chunk, seed=cfg.warmup.seed + step, levels=cfg.level_tuples, tag="w")
-            random.Random(step).shuffle(problems)
-        batch = problems[lo : lo + cfg.warmup.batch_size]
-        noise = cfg.level_noise
-        if cfg.task == "chain_sum":  # the original draws, kept as they were: cached warm-ups stay valid
-            answers = [corrupt(p.answer, noise_rng) if noise_rng.random() < noise[p.level] else p.answer for p in batch]
-        else:
-            answers = [
-                corrupt_target(p, cfg.task, noise_rng) if noise_rng.random() < noise[p.level] else target(p, cfg.task)
-                for p in batch
-            ]
-        comps = [[*tok.encode(a), EOS] for a in answers]
-        loss = -sequence_logprobs(model, tok, [p.prompt for p in batch], comps).sum() / sum(len(c) for c in comps)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if progress is not None:
-            progress(step + 1, cfg.warmup.steps)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # CPU: shippable to workers
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, cache)
-    return state
-
-
-# ----------------------------------------------------------------------------------------------- RL loop
 #: options that may differ between a killed run and its resumption (they do not change what is computed)
 RESUME_FREE = frozenset({"steps", "threads", "tensorboard", "ckpt_every", "run_dir"})
 
@@ -239,14 +82,30 @@ def same_run(a: TrainConfig, b: TrainConfig) -> bool:
 
 
 def checkpoint_config(run_dir: str | Path) -> TrainConfig | None:
-    """The config stored in ``run_dir``'s checkpoint, or None when there is none (or it cannot be read)."""
+    """The config stored in ``run_dir``'s checkpoint, or None when there is none (or it cannot be read safely)."""
     path = Path(run_dir) / CKPT_NAME
     if not path.exists():
         return None
     try:
-        return TrainConfig.model_validate_json(torch.load(path, weights_only=False)["config"])
-    except Exception:  # a corrupt checkpoint: the caller decides (the demo restarts that run)
+        return TrainConfig.model_validate_json(read_checkpoint(path)["config"])
+    except (CheckpointError, ValueError):  # a corrupt or foreign checkpoint: the caller decides (the demo restarts)
         return None
+
+
+def budget_spec(cfg: TrainConfig) -> BudgetSpec:
+    """The run's budget under the engine's one policy (:mod:`vipalloc.budget`): ``prompts_per_step x n_mean``
+    rollouts; in token mode ``token_budget`` ("uniform" or tokens a step) with the rollouts capped at
+    ``token_rollout_cap`` x that (two-phase strategies: the rollout budget itself, their pilot is sized from it),
+    a first step priced at ``max_new_tokens`` a rollout."""
+    two_phase = cfg.strategy in TWO_PHASE
+    factor = 1.0 if two_phase else cfg.token_rollout_cap
+    return BudgetSpec(
+        rollouts=cfg.budget,
+        tokens=cfg.token_budget,
+        rollout_cap=None if factor is None else int(round(cfg.budget * factor)),
+        max_length=cfg.max_new_tokens,
+        least=max(cfg.n_min, cfg.pilot_n) if two_phase else None,
+    )
 
 
 @dataclass
@@ -256,6 +115,39 @@ class RunResult:
     run_dir: Path
     metrics: list[dict[str, Any]]
     plans: list[dict[str, Any]]
+
+
+@dataclass
+class StepRollouts:
+    """One step's generation and the batch it trains on.
+
+    ``plan``: the prediction made before generating (a two-phase step's pilot); ``final``: the plan whose metrics
+    and variances are logged (the commit's); ``counts[i]``: rollouts prompt ``i`` got; ``owners[r]``, ``comps[r]``,
+    ``rewards[r]``: rollout ``r``'s prompt index, completion (token ids) and reward; ``per_prompt[i]``: prompt
+    ``i``'s rewards. ``train_*``: what the update sees (``train_owners`` index ``train_probs``): the step's own
+    rollouts, a two-phase step's trained groups, or DAPO's kept mixed groups. ``used`` / ``tokens``: rollouts and
+    tokens generated (DAPO's extra batches included); ``alloc_seconds``: time in the allocator.
+    """
+
+    plan: Plan
+    final: Plan
+    counts: np.ndarray
+    owners: list[int]
+    comps: list[list[int]]
+    rewards: list[float]
+    per_prompt: list[list[float]]
+    train_probs: list[Problem]
+    train_owners: list[int]
+    train_comps: list[list[int]]
+    train_rewards: list[float]
+    alloc_seconds: float
+    used: int = 0
+    tokens: int = 0
+    two_phase: TwoPhaseRound | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.used = self.used or len(self.owners)
+        self.tokens = self.tokens or sum(len(c) for c in self.comps)
 
 
 def evaluate(
@@ -298,23 +190,10 @@ class Trainer:
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.pool = make_problems(cfg.pool_size, seed=cfg.pool_seed, levels=cfg.level_tuples, tag="t")
         self.eval_set = make_problems(cfg.eval_size, seed=cfg.pool_seed + 7919, levels=cfg.level_tuples, tag="e")
-        by_id = {p.prompt_id: p for p in self.pool}
-        assert len(by_id) == len(self.pool)
-        alloc_strategy = "uniform" if cfg.strategy == "dapo" else cfg.strategy
-        # uniform plans ignore predictions: give them the cheap empirical predictor so that their wall time is not
-        # charged for a GP they do not use (their logged predictor error is then the empirical predictor's)
-        predictor = "empirical" if alloc_strategy == "uniform" else cfg.predictor
-        self.alloc = Allocator(
-            strategy=alloc_strategy,
-            predictor=predictor,
-            estimator="rloo" if cfg.loss == "rloo" else "drgrpo",
-            n_min=cfg.n_min,
-            n_max=cfg.n_max,
-            seed=cfg.seed,
-            embedder=cfg.embedder,
-            predictor_kwargs=cfg.predictor_kwargs if predictor == cfg.predictor else None,
-            strategy_kwargs={"pool_factor": cfg.pilot_pool_factor} if cfg.strategy == "pilot_commit" else None,
-        )
+        if len({p.prompt_id for p in self.pool}) != len(self.pool):
+            raise ValueError("the training pool repeats a prompt id; use another pool_seed or a smaller pool_size")
+        self.alloc = _allocator(cfg)
+        self.budget = budget_spec(cfg)
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
@@ -326,37 +205,37 @@ class Trainer:
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        """Everything needed to continue identically, in one file written atomically."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.run_dir) as tmpdir:
+        """Everything needed to continue identically, in one file written atomically (tensors and plain data)."""
+        with tempfile.TemporaryDirectory() as tmpdir:
             apath = Path(tmpdir) / "allocator.json"
             self.alloc.save(apath)
-            payload = {
+            allocator = apath.read_text()
+        write_checkpoint(
+            self.run_dir,
+            {
                 "step": self.step,
                 "cum_rollouts": self.cum_rollouts,
                 "cum_tokens": self.cum_tokens,
                 "model": self.model.state_dict(),
                 "opt": self.opt.state_dict(),
-                "allocator": apath.read_text(),
+                "allocator": allocator,
                 "np_rng": json.dumps(self.rng.bit_generator.state),
                 "torch_gen": self.gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "metrics": json.dumps(self.metrics),
                 "plans": json.dumps(self.plans),
                 "config": self.cfg.model_dump_json(),
-            }
-            tmp = Path(tmpdir) / CKPT_NAME
-            torch.save(payload, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.run_dir / CKPT_NAME)
+            },
+        )
 
     def load_checkpoint(self) -> bool:
-        """Restore the last checkpoint of ``run_dir`` if there is one; returns whether it did."""
+        """Restore the last checkpoint of ``run_dir`` if there is one; returns whether it did. Raises
+        :class:`~vipalloc.training.checkpoint.CheckpointError` for a file that cannot be read safely and
+        ``ValueError`` for one written by another configuration."""
         path = self.run_dir / CKPT_NAME
         if not path.exists():
             return False
-        payload = torch.load(path, weights_only=False, map_location="cpu")  # load_state_dict moves to the device
+        payload = read_checkpoint(path)  # on the CPU; load_state_dict moves to the device
         if not same_run(TrainConfig.model_validate_json(payload["config"]), self.cfg):
             raise ValueError(f"{path} was written by a different configuration; use another run_dir or the same config")
         self.step = int(payload["step"])
@@ -380,6 +259,85 @@ class Trainer:
         atomic_write_text(self.run_dir / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in self.metrics))
 
     # -------------------------------------------------------------- one step
+    def train_step(self) -> dict[str, Any]:
+        """One step: draw prompts, plan and generate (one or two rounds), fill DAPO's batch, update, log."""
+        t0 = time.perf_counter()
+        for group in self.opt.param_groups:  # linear lr ramp over the first lr_warmup_steps (a function of the step)
+            group["lr"] = self.cfg.lr * min(1.0, (self.step + 1) / max(self.cfg.lr_warmup_steps, 1))
+        idx = self.rng.choice(len(self.pool), size=self.cfg.candidate_prompts, replace=False)
+        problems = [self.pool[i] for i in idx]
+        gen = self._two_phase_rollouts(problems) if self.cfg.strategy in TWO_PHASE else self._plan_rollouts(problems)
+        if self.cfg.strategy == "dapo":
+            self._dapo_fill(gen)
+        upd = self._update(gen)
+        self.cum_rollouts += gen.used
+        self.cum_tokens += gen.tokens
+        rec = self._record(gen, upd, time.perf_counter() - t0)
+        self.plans.append(
+            {
+                "step": self.step,
+                "counts": gen.counts.tolist(),
+                "p_mean": gen.plan.p_mean.round(5).tolist(),
+                "rate": _success_rates(gen.per_prompt).tolist(),
+                **({"pilot": gen.plan.counts.tolist()} if gen.two_phase is not None else {}),
+            }
+        )
+        return rec
+
+    def _step_budget(self, problems: list[Problem]) -> StepBudget:
+        """This step's budget for the batch (:func:`budget_spec` resolved by the engine's policy)."""
+        return self.budget.resolve(self.alloc, [p.prompt_id for p in problems], self.step, [p.prompt for p in problems])
+
+    def _plan_rollouts(self, problems: list[Problem]) -> StepRollouts:
+        """One round: plan, generate ``counts[i]`` rollouts of prompt ``i``, observe rewards and lengths."""
+        ids = [p.prompt_id for p in problems]
+        ta = time.perf_counter()
+        budget = self._step_budget(problems)
+        plan = self.alloc.plan(ids, prompts=[p.prompt for p in problems], step=self.step, **budget.kwargs())
+        t_alloc = time.perf_counter() - ta
+        counts = plan.counts.copy()
+        owners, comps, rewards = self._rollouts(problems, counts)
+        per_prompt = [[r for o, r in zip(owners, rewards) if o == i] for i in range(len(problems))]
+        ta = time.perf_counter()
+        self.alloc.observe(ids, per_prompt, step=self.step, lengths=_group_lengths(owners, comps, len(problems)))
+        t_alloc += time.perf_counter() - ta
+        return StepRollouts(
+            plan, plan, counts, owners, comps, rewards, per_prompt, problems, owners, comps, rewards, t_alloc
+        )
+
+    def _two_phase_rollouts(self, problems: list[Problem]) -> StepRollouts:
+        """Pilot round, commit round (:func:`vipalloc.training.two_phase.two_phase_round`); both observe their
+        lengths, and in token mode the pilot's tokens come off the step's budget."""
+        ta = time.perf_counter()
+        budget = self._step_budget(problems)
+        t_budget = time.perf_counter() - ta
+        assert budget.rollouts is not None  # budget_spec: two-phase steps always carry the rollout budget
+        tp = two_phase_round(
+            self.alloc,
+            problems,
+            self._rollouts,
+            budget=budget.rollouts,
+            step=self.step,
+            pilot_n=self.cfg.pilot_n,
+            token_budget=budget.tokens,
+            expected_lengths=None if budget.expected_lengths is None else budget.expected_lengths.tolist(),
+        )
+        return StepRollouts(
+            tp.pilot,  # the prediction made before generating
+            tp.commit,
+            tp.commit.group_sizes,
+            tp.owners,
+            tp.comps,
+            tp.rewards,
+            tp.per_prompt,
+            tp.train_probs,  # each trained prompt's whole group; pilot_commit: committed prompts only
+            tp.train_owners,
+            tp.train_comps,
+            tp.train_rewards,
+            tp.alloc_seconds + t_budget,
+            two_phase=tp,
+        )
+
     def _rollouts(self, problems: list[Problem], counts: np.ndarray) -> tuple[list[int], list[list[int]], list[float]]:
         """``counts[i]`` samples of ``problems[i]``: ``(owners, completions, rewards)``, one entry per rollout; a
         completion's length (``len``) is its generated tokens, end-of-sequence included, at most max_new_tokens."""
@@ -395,237 +353,38 @@ class Trainer:
         rewards = [reward(self.tok.decode(c), problems[i].answer, self.cfg.task) for c, i in zip(comps, owners)]
         return owners, comps, rewards
 
-    def _token_args(self, ids: list[str], texts: list[str]) -> tuple[float | None, list[float] | None]:
-        """This step's ``(token_budget, expected_lengths)`` for the allocator: ``(None, None)`` plans by rollouts.
-        Token mode's first step has no observed lengths: 'uniform' plans it by rollouts, a fixed budget predicts
-        ``max_new_tokens`` a rollout (so the step cannot overspend)."""
-        cfg = self.cfg
-        if cfg.token_budget is None:
-            return None, None
-        if cfg.token_budget == "uniform":
-            return self.alloc.uniform_tokens(ids, cfg.n_mean, step=self.step, prompts=texts), None
-        first = self.alloc.uniform_tokens(ids, 1, step=self.step, prompts=texts) is None
-        return float(cfg.token_budget), ([float(cfg.max_new_tokens)] * len(ids) if first else None)
-
-    def _plan(self, ids: list[str], problems: list[Problem]) -> Plan:
-        """This step's plan: by rollouts (``budget``), or by tokens (``token_budget``) with the rollout budget as
-        a cap (:meth:`_token_args`)."""
-        texts = [p.prompt for p in problems]
-        tokens, given = self._token_args(ids, texts)
-        if tokens is None:  # the default path is exactly the rollout-budget call it always was
-            return self.alloc.plan(ids, prompts=texts, budget=self.cfg.budget, step=self.step)
-        cap = self.cfg.token_rollout_cap
-        return self.alloc.plan(
-            ids,
-            prompts=texts,
-            budget=None if cap is None else int(round(self.cfg.budget * cap)),
-            step=self.step,
-            token_budget=tokens,
-            expected_lengths=given,
+    def _update(self, gen: StepRollouts) -> Mapping[str, float | None]:
+        """Group advantages (any group size) and the policy-gradient update on the step's training batch."""
+        owners_t = torch.tensor(gen.train_owners, dtype=torch.long)
+        rewards_t = torch.tensor(gen.train_rewards, dtype=torch.float64)
+        adv = group_advantages(rewards_t, owners_t, self.cfg.loss) if len(gen.train_owners) else torch.zeros(0)
+        if not len(gen.train_owners) or float(adv.abs().sum()) == 0:
+            return NO_UPDATE
+        prompts = [p.prompt for p in gen.train_probs]
+        return policy_update(
+            self.model,
+            self.opt,
+            self.ref_model,
+            self.tok,
+            self.cfg,
+            self.rng,
+            prompts,
+            gen.train_owners,
+            gen.train_comps,
+            adv,
         )
 
-    def train_step(self) -> dict[str, Any]:
+    def _dapo_fill(self, gen: StepRollouts) -> None:
+        """DAPO dynamic sampling: keep the mixed groups (0 < successes < n); draw fresh uniform batches until
+        ``prompts_per_step`` are kept or ``dapo_max_batches`` were drawn. Every generated rollout and token counts
+        (``gen.used``, ``gen.tokens``); ``gen.train_*`` become the kept groups."""
         cfg = self.cfg
-        t0 = time.perf_counter()
-        m = cfg.candidate_prompts  # prompts_per_step; pilot_commit: its candidate pool, pool_factor x that
-        # linear lr ramp over the first lr_warmup_steps training steps (a function of the step: nothing to checkpoint)
-        for group in self.opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.lr_warmup_steps, 1))
-        idx = self.rng.choice(len(self.pool), size=m, replace=False)
-        problems = [self.pool[i] for i in idx]
-        ids = [p.prompt_id for p in problems]
-        tp = None
-        if cfg.strategy in TWO_PHASE:  # pilot round, commit round (vipalloc.training.two_phase)
-            ta = time.perf_counter()
-            tokens, given = self._token_args(ids, [p.prompt for p in problems])
-            t_tok = time.perf_counter() - ta
-            tp = two_phase_round(
-                self.alloc,
-                problems,
-                self._rollouts,
-                budget=cfg.budget,
-                step=self.step,
-                pilot_n=cfg.pilot_n,
-                token_budget=tokens,
-                expected_lengths=given,
-            )  # both rounds observe their lengths; in token mode the pilot's tokens come off the step's budget
-            plan, t_alloc = tp.pilot, tp.alloc_seconds + t_tok  # plan = the prediction made before generating
-            counts, owners, comps, rewards, per_prompt = (
-                tp.commit.group_sizes,
-                tp.owners,
-                tp.comps,
-                tp.rewards,
-                tp.per_prompt,
-            )
-            used = len(owners)
-        else:
-            ta = time.perf_counter()
-            plan = self._plan(ids, problems)
-            t_alloc = time.perf_counter() - ta
-            counts = plan.counts.copy()
-            owners, comps, rewards = self._rollouts(problems, counts)
-            used = len(owners)
-            per_prompt = [[r for o, r in zip(owners, rewards) if o == i] for i in range(m)]
-            ta = time.perf_counter()
-            self.alloc.observe(ids, per_prompt, step=self.step, lengths=_group_lengths(owners, comps, m))
-            t_alloc += time.perf_counter() - ta
-        lengths = _group_lengths(owners, comps, m)  # generated tokens of each rollout, grouped like per_prompt
-        tokens = sum(len(c) for c in comps)
-        train_probs, train_owners, train_comps, train_rewards = problems, owners, comps, rewards
-        if tp is not None:  # each trained prompt's whole group (pilot + commit); pilot_commit: committed prompts only
-            train_probs, train_owners, train_comps, train_rewards = (
-                tp.train_probs,
-                tp.train_owners,
-                tp.train_comps,
-                tp.train_rewards,
-            )
-        if cfg.strategy == "dapo":
-            train_probs, train_owners, train_comps, train_rewards, used, tokens = self._dapo_fill(
-                problems, per_prompt, comps, owners
-            )
-        # groups by prompt (index into train_probs); advantages for any group size
-        owners_t = torch.tensor(train_owners, dtype=torch.long)
-        rewards_t = torch.tensor(train_rewards, dtype=torch.float64)
-        adv = group_advantages(rewards_t, owners_t, cfg.loss) if len(train_owners) else torch.zeros(0)
-        upd: Mapping[str, float | None] = {
-            "loss": 0.0,
-            "kl": 0.0,
-            "clip_frac": 0.0,
-            "entropy": None,
-            "grad_norm": 0.0,
-        }
-        if len(train_owners) and float(adv.abs().sum()) > 0:
-            upd = self._update([p.prompt for p in train_probs], train_owners, train_comps, adv)
-        self.cum_rollouts += used
-        self.cum_tokens += tokens
-        succ = np.array([sum(g) for g in per_prompt])
-        n_arr = np.array([len(g) for g in per_prompt])
-        gen_mask = n_arr > 0
-        rate = np.where(gen_mask, succ / np.maximum(n_arr, 1), np.nan)
-        # where the budget went, under the names every trainer and plug-in logs (vipalloc.telemetry): the plan's
-        # vip/mean_n, vip/num_dropped, vip/expected_var_ratio_vs_uniform, ...; the outcome's vip/rollout_accuracy
-        # (the mean training reward), vip/frac_zero_var_groups, vip/pred_abs_err (against the pre-generation p)
-        rec: dict[str, Any] = {
-            "step": self.step,
-            **_finite_token_metrics((tp.commit if tp else plan).metrics()),
-            **_finite_token_metrics(
-                self.alloc.outcome_metrics(per_prompt, plan, lengths=lengths, max_length=cfg.max_new_tokens)
-            ),
-            "rollouts_used": int(used),
-            "cum_rollouts": int(self.cum_rollouts),
-            "tokens_used": int(tokens),  # every generated token of the step (DAPO's extra batches included)
-            "cum_tokens": int(self.cum_tokens),
-            "frac_all_correct": float(np.mean(succ[gen_mask] == n_arr[gen_mask])),
-            "frac_all_wrong": float(np.mean(succ[gen_mask] == 0)),
-            "expected_variance": float((tp.commit if tp else plan).expected_variance),
-            "uniform_variance": float((tp.commit if tp else plan).uniform_variance),
-            **upd,
-            "alloc_seconds": t_alloc,
-            "step_seconds": time.perf_counter() - t0,
-        }
-        # training wall-clock so far (evaluations excluded), from the records: correct across kills and resumes
-        rec["cum_seconds"] = sum(float(r.get("step_seconds", 0.0)) for r in self.metrics) + rec["step_seconds"]
-        if tp is not None:  # two rounds: where the budget went, what trained, each round's generation time
-            rec.update(
-                pilot_rollouts=int(tp.pilot.counts.sum()),
-                commit_rollouts=int(tp.commit.counts.sum()),
-                pilot_tokens=int(sum(len(c) for c in tp.comps[: int(tp.pilot.counts.sum())])),
-                trained_prompts=int(tp.commit.train_mask.sum()),
-                pilot_gen_seconds=tp.gen_seconds[0],
-                commit_gen_seconds=tp.gen_seconds[1],
-            )
-            if tp.commit.expected_lengths is not None:  # the commit's extra rollouts at their expected lengths
-                rec["commit_tokens_planned"] = float(tp.commit.counts @ tp.commit.expected_lengths)
-        if not (np.isfinite(rec["loss"]) and np.isfinite(rec["grad_norm"])):
-            raise FloatingPointError(f"non-finite loss at step {self.step}")
-        self.plans.append(
-            {
-                "step": self.step,
-                "counts": counts.tolist(),
-                "p_mean": plan.p_mean.round(5).tolist(),
-                "rate": rate.tolist(),
-                **({"pilot": tp.pilot.counts.tolist()} if tp is not None else {}),
-            }
-        )
-        return rec
+        kept_probs: list[Problem] = []
+        kept_owners: list[int] = []
+        kept_comps: list[list[int]] = []
+        kept_rewards: list[float] = []
 
-    def _update(
-        self, prompts: list[str], owners: list[int], comps: list[list[int]], adv: torch.Tensor
-    ) -> dict[str, float]:
-        """Policy-gradient update on one step's rollouts; returns loss/KL/clip/entropy/grad-norm diagnostics.
-
-        ``prompts[g]`` is group g's text, ``owners[r]`` the group of rollout r, ``adv`` (R,) its advantage.
-        Per-token clipped surrogate ``-min(rho A, clip(rho, 1-eps, 1+eps) A)`` with ``rho = pi/pi_old`` (plain
-        policy gradient when each batch is used once: rho = 1). Rollout r of group g has weight
-        ``1 / (n_g * G_mb * max_new_tokens)``: mean over a prompt's rollouts, mean over the minibatch's prompts,
-        Dr.GRPO's constant token normaliser (no per-sequence length division, which would bias towards short
-        wrong answers). Groups are split across minibatches whole, never by reshaping to a fixed width.
-        """
-        cfg = self.cfg
-        dev = self.device
-        adv = adv.to(dev)
-        owners_t = torch.tensor(owners, dtype=torch.long, device=dev)
-        n_groups = len(prompts)
-        n_per = torch.zeros(n_groups, device=dev).index_add_(0, owners_t, torch.ones(len(owners), device=dev))
-        row_prompts = [prompts[g] for g in owners]
-        need_old = cfg.ppo_epochs * cfg.minibatches > 1
-        with torch.no_grad():
-            old = token_logprobs(self.model, self.tok, row_prompts, comps)[0] if need_old else None
-            ref = None
-            if cfg.kl_coef > 0:
-                assert self.ref_model is not None  # built in __init__ whenever kl_coef > 0
-                ref = token_logprobs(self.ref_model, self.tok, row_prompts, comps)[0]
-        active = sorted(set(owners))  # groups with at least one rollout, ascending
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-        n_updates = 0
-        for _ in range(cfg.ppo_epochs):
-            order = [active[i] for i in self.rng.permutation(len(active))] if cfg.minibatches > 1 else active
-            for chunk in np.array_split(np.array(order, dtype=np.int64), min(cfg.minibatches, len(order))):
-                in_mb = torch.zeros(n_groups, dtype=torch.bool, device=dev)
-                in_mb[torch.from_numpy(chunk).to(dev)] = True
-                rows = torch.nonzero(in_mb[owners_t]).squeeze(1)
-                rows_l = rows.tolist()
-                logp, mask, ent = token_logprobs(
-                    self.model, self.tok, [row_prompts[r] for r in rows_l], [comps[r] for r in rows_l]
-                )
-                t = logp.shape[1]
-                a = adv[rows].float()[:, None]
-                w = (1.0 / (n_per[owners_t[rows]] * len(chunk) * cfg.max_new_tokens))[:, None] * mask
-                if old is not None:
-                    ratio = torch.exp(logp - old[rows, :t])
-                    surr = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * a)
-                    clipped = ((ratio - 1).abs() > cfg.clip_eps).float()
-                else:
-                    surr = torch.exp(logp - logp.detach()) * a  # value = A, gradient = A * grad log pi
-                    clipped = torch.zeros_like(logp)
-                loss = -(w * surr).sum()
-                kl = torch.zeros((), device=dev)
-                if ref is not None:
-                    d = ref[rows, :t] - logp
-                    kl = (w * (torch.exp(d) - d - 1)).sum()  # k3 estimator of KL(pi || pi_ref), >= 0
-                    loss = loss + cfg.kl_coef * kl
-                self.opt.zero_grad()
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.opt.step()
-                tokens = float(mask.sum())
-                stats["loss"] += float(loss.detach())
-                stats["kl"] += float(kl.detach())
-                stats["clip_frac"] += float((clipped * mask).sum()) / max(tokens, 1.0)
-                stats["entropy"] += float(ent.sum()) / max(tokens, 1.0)
-                stats["grad_norm"] += float(gn)
-                n_updates += 1
-        return {k: v / max(n_updates, 1) for k, v in stats.items()}
-
-    def _dapo_fill(self, problems, per_prompt, comps, owners):
-        """Keep mixed groups; draw fresh uniform batches until M mixed groups or the batch cap (all counted).
-        Returns the kept groups' problems, owners, completions, rewards, and the rollouts and tokens generated."""
-        cfg = self.cfg
-        kept_probs, kept_owners, kept_comps, kept_rewards = [], [], [], []
-        used = len(owners)
-        tokens = sum(len(c) for c in comps)
-
-        def take(probs, groups, comps_, owners_):
+        def take(probs: list[Problem], groups: list[list[float]], comps_: list[list[int]], owners_: list[int]) -> None:
             for i, g in enumerate(groups):
                 if len(kept_probs) >= cfg.prompts_per_step:
                     return
@@ -637,19 +396,67 @@ class Trainer:
                     kept_comps.extend(comps_[k] for k in rows)
                     kept_rewards.extend(g)
 
-        take(problems, per_prompt, comps, owners)
+        take(gen.train_probs, gen.per_prompt, gen.comps, gen.owners)
         for _ in range(cfg.dapo_max_batches - 1):
             if len(kept_probs) >= cfg.prompts_per_step:
                 break
             idx = self.rng.choice(len(self.pool), size=cfg.prompts_per_step, replace=False)
             extra = [self.pool[i] for i in idx]
-            counts = np.full(len(extra), cfg.n_mean)
-            o2, c2, r2 = self._rollouts(extra, counts)
-            used += len(o2)
-            tokens += sum(len(c) for c in c2)
-            groups = [[r for o, r in zip(o2, r2) if o == i] for i in range(len(extra))]
-            take(extra, groups, c2, o2)
-        return kept_probs, kept_owners, kept_comps, kept_rewards, used, tokens
+            o2, c2, r2 = self._rollouts(extra, np.full(len(extra), cfg.n_mean))
+            gen.used += len(o2)
+            gen.tokens += sum(len(c) for c in c2)
+            take(extra, [[r for o, r in zip(o2, r2) if o == i] for i in range(len(extra))], c2, o2)
+        gen.train_probs, gen.train_owners, gen.train_comps, gen.train_rewards = (
+            kept_probs,
+            kept_owners,
+            kept_comps,
+            kept_rewards,
+        )
+
+    def _record(self, gen: StepRollouts, upd: Mapping[str, float | None], seconds: float) -> dict[str, Any]:
+        """The step's metrics line: the plan's and the outcome's ``vip/*`` telemetry (:mod:`vipalloc.telemetry`:
+        where the budget went, against the pre-generation prediction), rollouts and tokens, the update's
+        diagnostics, timings; a two-phase step adds each round's share."""
+        cfg = self.cfg
+        succ = np.array([sum(g) for g in gen.per_prompt])
+        n_arr = np.array([len(g) for g in gen.per_prompt])
+        gen_mask = n_arr > 0
+        lengths = _group_lengths(gen.owners, gen.comps, len(gen.per_prompt))
+        outcome = self.alloc.outcome_metrics(gen.per_prompt, gen.plan, lengths=lengths, max_length=cfg.max_new_tokens)
+        rec: dict[str, Any] = {
+            "step": self.step,
+            **_finite_token_metrics(gen.final.metrics()),
+            **_finite_token_metrics(outcome),
+            "rollouts_used": int(gen.used),
+            "cum_rollouts": int(self.cum_rollouts),
+            "tokens_used": int(gen.tokens),  # every generated token of the step (DAPO's extra batches included)
+            "cum_tokens": int(self.cum_tokens),
+            "frac_all_correct": float(np.mean(succ[gen_mask] == n_arr[gen_mask])),
+            "frac_all_wrong": float(np.mean(succ[gen_mask] == 0)),
+            "expected_variance": float(gen.final.expected_variance),
+            "uniform_variance": float(gen.final.uniform_variance),
+            **upd,
+            "alloc_seconds": gen.alloc_seconds,
+            "step_seconds": seconds,
+        }
+        # training wall-clock so far (evaluations excluded), from the records: correct across kills and resumes
+        rec["cum_seconds"] = sum(float(r.get("step_seconds", 0.0)) for r in self.metrics) + rec["step_seconds"]
+        tp = gen.two_phase
+        if tp is not None:  # two rounds: where the budget went, what trained, each round's generation time
+            n_pilot = int(tp.pilot.counts.sum())
+            rec.update(
+                pilot_rollouts=n_pilot,
+                commit_rollouts=int(tp.commit.counts.sum()),
+                pilot_tokens=int(sum(len(c) for c in tp.comps[:n_pilot])),
+                trained_prompts=int(tp.commit.train_mask.sum()),
+                pilot_gen_seconds=tp.gen_seconds[0],
+                commit_gen_seconds=tp.gen_seconds[1],
+            )
+            if tp.commit.expected_lengths is not None:  # the commit's extra rollouts at their expected lengths
+                rec["commit_tokens_planned"] = float(tp.commit.counts @ tp.commit.expected_lengths)
+        if not (np.isfinite(rec["loss"]) and np.isfinite(rec["grad_norm"])):
+            raise FloatingPointError(f"non-finite loss at step {self.step}")
+        return rec
 
     # -------------------------------------------------------------- loop
     def run(
@@ -710,6 +517,32 @@ def _finite_token_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
         for k, v in metrics.items()
         if not (k.startswith(("vip/token", "vip/frac_truncated")) and isinstance(v, float) and v != v)
     }
+
+
+def _allocator(cfg: TrainConfig) -> Allocator:
+    """The run's :class:`~vipalloc.Allocator`. DAPO plans uniform groups; uniform plans ignore predictions, so they
+    get the cheap empirical predictor (their wall time is not charged for a GP they do not use; their logged
+    predictor error is then the empirical predictor's)."""
+    strategy = "uniform" if cfg.strategy == "dapo" else cfg.strategy
+    predictor = "empirical" if strategy == "uniform" else cfg.predictor
+    return Allocator(
+        strategy=strategy,
+        predictor=predictor,
+        estimator="rloo" if cfg.loss == "rloo" else "drgrpo",
+        n_min=cfg.n_min,
+        n_max=cfg.n_max,
+        seed=cfg.seed,
+        embedder=cfg.embedder,
+        predictor_kwargs=cfg.predictor_kwargs if predictor == cfg.predictor else None,
+        strategy_kwargs={"pool_factor": cfg.pilot_pool_factor} if cfg.strategy == "pilot_commit" else None,
+    )
+
+
+def _success_rates(per_prompt: list[list[float]]) -> np.ndarray:
+    """Each prompt's share of correct rollouts, float ``(M,)``; NaN for a prompt that got none."""
+    succ = np.array([sum(g) for g in per_prompt])
+    n_arr = np.array([len(g) for g in per_prompt])
+    return np.where(n_arr > 0, succ / np.maximum(n_arr, 1), np.nan)
 
 
 def _group_lengths(owners: list[int], comps: list[list[int]], m: int) -> list[list[int]]:
