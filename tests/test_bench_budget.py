@@ -1,11 +1,11 @@
-"""``vipalloc bench budget``: where the budget goes, per strategy and predicted-p bin (issue 13 item 5)."""
+"""``vipalloc bench budget``: where the budget goes, per strategy and predicted-p bin ."""
 
 from __future__ import annotations
 
 import numpy as np
 from typer.testing import CliRunner
 
-from vipalloc.bench.budget import BINS, batch_table, format_table, issue_batch, trace_table
+from vipalloc.bench.budget import BINS, batch_table, format_table, skewed_batch, trace_table
 from vipalloc.bench.predictors import Trace
 from vipalloc.cli import app
 
@@ -18,14 +18,14 @@ def conserved(table, budget_per_plan: float) -> None:
         assert abs(float(mean @ prompts) - budget_per_plan) < 1e-6 * budget_per_plan
 
 
-def test_issue_batch_table() -> None:
-    p = issue_batch(0)
+def test_skewed_batch_table() -> None:
+    p = skewed_batch(0)
     assert len(p) == 256 and (p == 0).sum() == 51 and (p == 1).sum() == 25 and np.all((p >= 0) & (p <= 1))
     table = batch_table(("uniform", "vip", "vip_authors"), estimator="rloo", seeds=3)
     conserved(table, 2048)
     assert table.rows["uniform"]["mean_n"] == [8.0] * len(BINS) and table.rows["uniform"]["dropped"] == 0
     mid = [label for label, _, _ in BINS].index("[.2,.8)")
-    assert table.rows["vip_authors"]["mean_n"][mid] > table.rows["vip"]["mean_n"][mid] + 2  # issue 13 item 1
+    assert table.rows["vip_authors"]["mean_n"][mid] > table.rows["vip"]["mean_n"][mid] + 2  # authors: more mid-p
     assert table.rows["vip"]["mean_n"][0] > table.rows["vip_authors"]["mean_n"][0]  # never-solved prompts
     lines = format_table(table)
     assert lines[2].startswith("| strategy | p~0 |") and any(line.startswith("| `vip_authors` |") for line in lines)

@@ -1,10 +1,10 @@
-"""``vipalloc bench budget``: where each strategy spends the rollout budget (issue 13, item 5).
+"""``vipalloc bench budget``: where each strategy spends the rollout budget per predicted-p bin.
 
 Mean rollouts a prompt gets per predicted-``p`` bin, prompts dropped, and the share of rollouts on hopeless
 (``p < 0.05``) prompts, for ``uniform``, ``vip``, ``vip_authors``, ``vip_pure``, ``knapsack`` (or any strategies
 named) on two inputs:
 
-* the issue-13 batch (:func:`issue_batch`): 256 prompts, budget 2,048, ``n in [4, 32]``; 20% never solved
+* a skewed synthetic batch (:func:`skewed_batch`): 256 prompts, budget 2,048, ``n in [4, 32]``; 20% never solved
   (``p = 0``), 10% always solved (``p = 1``), the rest spread over ``(0, 1)`` (logit-normal, mean logit -1, sd 3,
   a predictor's spread with long tails), averaged over ``seeds`` draws;
 * optionally a trace of the real CPU trainer (``vipalloc.bench.predictors.trainer_trace``, saved as JSONL): each
@@ -32,7 +32,7 @@ __all__ = [
     "BudgetTable",
     "batch_table",
     "format_table",
-    "issue_batch",
+    "skewed_batch",
     "run_budget",
     "trace_table",
 ]
@@ -50,8 +50,9 @@ BINS: tuple[tuple[str, float, float], ...] = (
 )
 
 
-def issue_batch(seed: int, m: int = 256) -> np.ndarray:
-    """The issue-13 batch (module docstring): float64 ``(m,)``, first the never-solved, then the solved prompts."""
+def skewed_batch(seed: int, m: int = 256) -> np.ndarray:
+    """The skewed synthetic batch (module docstring): float64 ``(m,)``, the never-solved prompts first, then the
+    solved ones."""
     rng = np.random.default_rng(seed)
     n0, n1 = m // 5, m // 10
     return np.r_[np.zeros(n0), np.ones(n1), 1 / (1 + np.exp(-rng.normal(-1.0, 3.0, m - n0 - n1)))]
@@ -129,16 +130,16 @@ def batch_table(
     n_min: int = 4,
     n_max: int = 32,
 ) -> BudgetTable:
-    """Where the budget goes on ``seeds`` draws of :func:`issue_batch`."""
+    """Where the budget goes on ``seeds`` draws of :func:`skewed_batch`."""
     accs = {s: _Acc() for s in strategies}
     ids = [f"q{i}" for i in range(m)]
     for s in strategies:
         alloc = _planner(s, estimator, n_min, n_max)
         for seed in range(seeds):
-            p = issue_batch(seed, m)
+            p = skewed_batch(seed, m)
             counts, relaxed = _plan(alloc, ids, p, budget, seed)
             accs[s].add(p, counts, relaxed)
-    title = f"issue-13 batch: {m} prompts, budget {budget}, n in [{n_min}, {n_max}], {seeds} draws"
+    title = f"skewed batch: {m} prompts, budget {budget}, n in [{n_min}, {n_max}], {seeds} draws"
     return _finish(title, estimator, accs)
 
 

@@ -213,7 +213,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--peer-code",
             help="Folder with the peers' public files (bernoulli_allocation.py from HieuNT91/VIP, "
-            "exploration_utils.py from liziniu/KnapsackRL) to time them too; never committed.",
+            "exploration_utils.py from liziniu/KnapsackRL) to time them too; not shipped with vipalloc.",
         ),
         slsqp_max: int = typer.Option(1024, "--slsqp-max", help="Largest M for the SLSQP solver."),
         dp_max: int = typer.Option(1024, "--dp-max", help="Largest M for the Knapsack DP."),
@@ -410,9 +410,12 @@ def register(app: typer.Typer) -> None:
     @bench.command()
     def budget(
         strategies: str = typer.Option(
-            "uniform,vip,vip_authors,vip_pure,knapsack", help="Comma-separated strategies (any STRATEGY_NAMES)."
+            "uniform,vip,vip_authors,vip_pure,knapsack",
+            help="Comma-separated strategies (any allocation strategy, e.g. vip_two_phase).",
         ),
-        seeds: int = typer.Option(10, min=1, help="Draws of the issue-13 batch."),
+        seeds: int = typer.Option(
+            10, min=1, help="Draws of the skewed synthetic batch (256 prompts, 20% never and 10% always solved)."
+        ),
         trace: Path | None = typer.Option(None, help="A saved CPU-trainer trace (JSONL) to tabulate too."),
         predictor: str = typer.Option("gp", help="Predictor replaying the trace: gp | beta | empirical | ridge."),
         out: Path = typer.Option(Path("reports"), help="Report folder."),
