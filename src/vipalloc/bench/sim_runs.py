@@ -1,19 +1,126 @@
-"""What both simulator loops share (:mod:`vipalloc.bench.simulate` for single-phase rows,
-:mod:`vipalloc.bench.two_phase_sim` for two-phase ones): the row spec, one run's record (:class:`SimRun`), the
-per-step logs that build it (:class:`StepLog`), and the reference variances of a step's plan.
+"""What the simulator loops share (:mod:`vipalloc.bench.simulate` for single-phase rows,
+:mod:`vipalloc.bench.two_phase_sim` for two-phase ones, :mod:`vipalloc.bench.token_sim` with response lengths):
+one seed's world and its set-up (:class:`SimWorld`: argument checks, simulator, prompt stream, random streams,
+allocators, the batch drawn each step), the row spec, one run's record (:class:`SimRun`), the per-step logs that
+build it (:class:`StepLog`), and the reference variances of a step's plan.
 
-Imports neither simulator loop, so both import it and not each other.
+Imports none of the loops, so they import it and not each other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["RowSpec", "SimRun", "StepLog", "alloc_estimator", "mean_telemetry", "reference_variances"]
+from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
+
+__all__ = [
+    "Draw",
+    "RowSpec",
+    "SimRun",
+    "SimWorld",
+    "StepLog",
+    "alloc_estimator",
+    "mean_telemetry",
+    "reference_variances",
+]
+
+#: the random streams of a seed, one per purpose, the same for every row (common random numbers)
+REWARDS, GRADIENT, DAPO_EXTRA, LENGTHS = 1, 2, 3, 4
+
+
+class Draw(NamedTuple):
+    """One step's batch: pool indices (int64 ``(M,)``), prompt ids and texts, and the TRUE success probabilities
+    (float64 ``(M,)``)."""
+
+    idx: np.ndarray
+    ids: list[str]
+    texts: list[str]
+    p_true: np.ndarray
+
+
+@dataclass
+class SimWorld:
+    """One seed's simulator world, as every row of the seed sees it: the simulator (its policy, trained by the
+    row), the prompt stream (the same order for every row), the reward and gradient-noise streams, and the
+    allocators' common options (``estimator``, ``n_min``, ``n_max``, ``seed``, ``embedder``).
+
+    Build it with :meth:`build`, which checks the run's arguments once for every loop."""
+
+    cfg: SimConfig
+    seed: int
+    sim: Simulator
+    stream: PromptStream
+    rng_r: np.random.Generator  # reward uniforms of the planned batch
+    rng_g: np.random.Generator  # gradient noise
+    alloc_kwargs: dict[str, Any]
+
+    @classmethod
+    def build(
+        cls,
+        cfg: SimConfig,
+        seed: int,
+        *,
+        steps: int,
+        draw: int,
+        n_mean: int,
+        n_min: int,
+        n_max: int,
+        embedder: str,
+        draw_name: str = "batch",
+    ) -> SimWorld:
+        """The world of ``seed``, after checking ``2 <= n_min <= n_mean <= n_max``, ``steps >= 1`` and that a
+        step's ``draw`` prompts (``draw_name`` in the message) fit in the pool. Raises ``ValueError`` naming the
+        bad value."""
+        if not (2 <= n_min <= n_mean <= n_max):
+            raise ValueError(f"need 2 <= n_min <= n_mean <= n_max, got {n_min}, {n_mean}, {n_max}")
+        if draw > cfg.n_prompts:
+            raise ValueError(f"{draw_name} ({draw}) cannot exceed the pool size n_prompts ({cfg.n_prompts})")
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        return cls(
+            cfg=cfg,
+            seed=seed,
+            sim=Simulator(cfg, seed),
+            stream=PromptStream(cfg.n_prompts, seed),
+            rng_r=cls.rng_for(seed, REWARDS),
+            rng_g=cls.rng_for(seed, GRADIENT),
+            alloc_kwargs={
+                "estimator": alloc_estimator(cfg.estimator),
+                "n_min": n_min,
+                "n_max": n_max,
+                "seed": seed,
+                "embedder": embedder,
+            },
+        )
+
+    @staticmethod
+    def rng_for(seed: int, stream: int) -> np.random.Generator:
+        """The seed's random stream number ``stream`` (:data:`REWARDS`, :data:`GRADIENT`, :data:`DAPO_EXTRA`,
+        :data:`LENGTHS`)."""
+        return np.random.default_rng([seed, stream])
+
+    def allocator(self, strategy: str, predictor: str, **options: Any) -> Any:
+        """An :class:`~vipalloc.Allocator` with the world's common options (``options``: e.g. strategy_kwargs)."""
+        from vipalloc import Allocator
+
+        return Allocator(strategy=strategy, predictor=predictor, **self.alloc_kwargs, **options)
+
+    def shadows(self) -> tuple[Any, Any]:
+        """The reference allocators of :func:`reference_variances`: ``uniform``, and ``vip_pure`` with the oracle p."""
+        return self.allocator("uniform", "empirical"), self.allocator("vip_pure", "oracle")
+
+    def draw(self, m: int, alloc: Any = None, predictor: str | None = None) -> Draw:
+        """The next ``m`` prompts of the stream; an ``oracle`` row's allocator is told their true p."""
+        idx = self.stream.next(m)
+        ids = [self.sim.ids[i] for i in idx]
+        p_true = self.sim.true_p(idx)
+        if predictor == "oracle" and alloc is not None:
+            alloc.predictor.set_true_p(ids, p_true)
+        return Draw(idx, ids, [self.sim.texts[i] for i in idx], p_true)
 
 
 @dataclass(frozen=True)

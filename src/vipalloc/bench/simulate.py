@@ -18,8 +18,8 @@ from typing import Any, TypedDict
 import numpy as np
 
 from vipalloc.bench.progress import Progress, noop
-from vipalloc.bench.sim_runs import RowSpec, SimRun, StepLog, alloc_estimator, mean_telemetry, reference_variances
-from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
+from vipalloc.bench.sim_runs import DAPO_EXTRA, RowSpec, SimRun, SimWorld, StepLog, mean_telemetry, reference_variances
+from vipalloc.bench.simulator import SimConfig
 from vipalloc.reporting import fmt_ci, git_commit, md_table, plot_bands, plot_lines, provenance
 
 __all__ = [
@@ -123,7 +123,6 @@ def simulate_run(
     and the same random numbers per step and prompt slot (common random numbers). DAPO's extra batches are capped
     so its cumulative rollouts never exceed the budget: every row ends at exactly the same cumulative rollouts.
     """
-    from vipalloc import Allocator
     from vipalloc.strategies import TWO_PHASE_STRATEGIES
 
     if row.strategy in TWO_PHASE_STRATEGIES:  # pilot round + commit round per step: vipalloc.bench.two_phase_sim
@@ -133,22 +132,13 @@ def simulate_run(
             row, cfg, seed, steps=steps, batch=batch, n_mean=n_mean, n_min=n_min, n_max=n_max, embedder=embedder,
             on_step=on_step,
         )  # fmt: skip
-    if not (2 <= n_min <= n_mean <= n_max):
-        raise ValueError(f"need 2 <= n_min <= n_mean <= n_max, got {n_min}, {n_mean}, {n_max}")
-    if batch > cfg.n_prompts:
-        raise ValueError(f"batch ({batch}) cannot exceed the pool size n_prompts ({cfg.n_prompts})")
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    sim = Simulator(cfg, seed)
-    stream = PromptStream(cfg.n_prompts, seed)
-    rng_r = np.random.default_rng([seed, 1])  # rewards of the planned batch
-    rng_g = np.random.default_rng([seed, 2])  # gradient noise
-    rng_x = np.random.default_rng([seed, 3])  # rewards of DAPO's extra batches
-    est = alloc_estimator(cfg.estimator)
-    common = {"estimator": est, "n_min": n_min, "n_max": n_max, "seed": seed, "embedder": embedder}
-    alloc = Allocator(strategy=row.strategy, predictor=row.predictor, **common)
-    shadow_uniform = Allocator(strategy="uniform", predictor="empirical", **common)
-    shadow_oracle = Allocator(strategy="vip_pure", predictor="oracle", **common)
+    world = SimWorld.build(
+        cfg, seed, steps=steps, draw=batch, n_mean=n_mean, n_min=n_min, n_max=n_max, embedder=embedder
+    )
+    sim, stream, rng_r, rng_g = world.sim, world.stream, world.rng_r, world.rng_g
+    rng_x = world.rng_for(seed, DAPO_EXTRA)  # rewards of DAPO's extra batches
+    alloc = world.allocator(row.strategy, row.predictor)
+    shadow_uniform, shadow_oracle = world.shadows()
     budget = batch * n_mean
     total = steps * budget
     cum = 0
@@ -156,12 +146,7 @@ def simulate_run(
     log = StepLog.start(sim.mean_success())
     dapo_batches: list[int] = []
     while cum < total:
-        idx = stream.next(batch)
-        ids = [sim.ids[i] for i in idx]
-        texts = [sim.texts[i] for i in idx]
-        p_true = sim.true_p(idx)
-        if row.predictor == "oracle":
-            alloc.predictor.set_true_p(ids, p_true)
+        idx, ids, texts, p_true = world.draw(batch, alloc, row.predictor)
         t0 = time.perf_counter()
         plan = alloc.plan(ids, prompts=texts, budget=budget, step=t)
         a_s = time.perf_counter() - t0

@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from vipalloc.bench.sim_lengths import LengthConfig, prompt_length_factors, sample_lengths
-from vipalloc.bench.sim_runs import alloc_estimator, mean_telemetry
-from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
+from vipalloc.bench.sim_runs import LENGTHS, SimWorld, mean_telemetry
+from vipalloc.bench.simulator import SimConfig
+from vipalloc.budget import BudgetSpec
 
 __all__ = ["BUDGET_KINDS", "TokenRow", "TokenRun", "token_run"]
 
@@ -126,32 +127,18 @@ def token_run(
 ) -> TokenRun:
     """Train with ``row``'s allocation: ``steps`` steps when ``token_total`` is None, else until the cumulative
     generated tokens reach ``token_total`` (at most ``max_steps``, default ``3 x steps``)."""
-    from vipalloc import Allocator
-
-    if not (2 <= n_min <= n_mean <= n_max):
-        raise ValueError(f"need 2 <= n_min <= n_mean <= n_max, got {n_min}, {n_mean}, {n_max}")
-    if batch > cfg.n_prompts:
-        raise ValueError(f"batch ({batch}) cannot exceed the pool size n_prompts ({cfg.n_prompts})")
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
     if token_total is not None and not (np.isfinite(token_total) and token_total > 0):
         raise ValueError(f"token_total must be a positive number of tokens, got {token_total!r}")
-    sim = Simulator(cfg, seed)
-    stream = PromptStream(cfg.n_prompts, seed)
-    factors = prompt_length_factors(sim, lengths)
-    rng_r = np.random.default_rng([seed, 1])  # reward uniforms (the stream every simulator row uses)
-    rng_g = np.random.default_rng([seed, 2])  # gradient noise
-    rng_l = np.random.default_rng([seed, 4])  # length noise
-    alloc = Allocator(
-        strategy=row.strategy,
-        predictor=row.predictor,
-        estimator=alloc_estimator(cfg.estimator),
-        n_min=n_min,
-        n_max=n_max,
-        seed=seed,
-        embedder=embedder,
+    world = SimWorld.build(
+        cfg, seed, steps=steps, draw=batch, n_mean=n_mean, n_min=n_min, n_max=n_max, embedder=embedder
     )
+    sim, rng_r, rng_g = world.sim, world.rng_r, world.rng_g
+    factors = prompt_length_factors(sim, lengths)
+    rng_l = world.rng_for(seed, LENGTHS)  # length noise
+    alloc = world.allocator(row.strategy, row.predictor)
     budget = batch * n_mean
+    # "tokens" rows: what uniform's n_mean rollouts a prompt are predicted to spend, no rollout cap
+    spec = BudgetSpec(rollouts=budget, tokens="uniform" if row.budget == "tokens" else None)
     limit = steps if token_total is None else int(max_steps if max_steps is not None else 3 * steps)
     t = 0
     cum_r = 0
@@ -161,18 +148,12 @@ def token_run(
     per: dict[str, list[float]] = {k: [] for k in _ARRAYS[4:]}
     telemetry: list[dict[str, float]] = []
     while t < limit and (token_total is None or cum_tok < token_total):
-        idx = stream.next(batch)
-        ids = [sim.ids[i] for i in idx]
-        texts = [sim.texts[i] for i in idx]
-        p_true = sim.true_p(idx)
-        if row.predictor == "oracle":
-            alloc.predictor.set_true_p(ids, p_true)
+        idx, ids, texts, p_true = world.draw(batch, alloc, row.predictor)
         t0 = time.perf_counter()
-        tb = alloc.uniform_tokens(ids, n_mean, step=t, prompts=texts) if row.budget == "tokens" else None
-        if tb is not None:
-            plan = alloc.plan(ids, prompts=texts, token_budget=tb, step=t)
-        else:  # a rollout row, or the first step of a token row (no length observed yet)
-            plan = alloc.plan(ids, prompts=texts, budget=budget, step=t)
+        # the engine's budget policy: a token row's first step (no length observed yet) is planned by rollouts
+        step_budget = spec.resolve(alloc, ids, t, texts)
+        plan = alloc.plan(ids, prompts=texts, step=t, **step_budget.kwargs())
+        tb = step_budget.tokens
         a_s = time.perf_counter() - t0
         raw = sim.rollouts(idx, plan.counts, rng_r, width=n_max)
         smp = sample_lengths(sim, idx, raw, rng_l, lengths, factors, n_max)

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from vipalloc.bench.sim_runs import RowSpec, SimRun, StepLog, alloc_estimator, reference_variances
-from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
+from vipalloc.bench.sim_runs import RowSpec, SimRun, SimWorld, StepLog, reference_variances
+from vipalloc.bench.simulator import SimConfig
 
 __all__ = ["PILOT_N", "pilot_commit_pool_factor", "simulate_two_phase_run", "two_phase_report_lines"]
 
@@ -70,28 +70,18 @@ def simulate_two_phase_run(
     and the uniform / oracle references) are the allocator's estimator model under the TRUE p of the final groups;
     NaN for ``pilot_commit``, whose trained prompts are chosen after seeing rewards (as for DAPO).
     """
-    from vipalloc import Allocator
-
-    if not (2 <= n_min <= n_mean <= n_max):
-        raise ValueError(f"need 2 <= n_min <= n_mean <= n_max, got {n_min}, {n_mean}, {n_max}")
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
     is_pc = row.strategy == "pilot_commit"
     pf = (pool_factor if pool_factor is not None else pilot_commit_pool_factor(n_mean, pilot_n)) if is_pc else 1.0
     pool = max(batch, int(round(batch * pf)))
-    if pool > cfg.n_prompts:
-        raise ValueError(f"candidate pool ({pool}) cannot exceed the pool size n_prompts ({cfg.n_prompts})")
-    sim = Simulator(cfg, seed)
-    stream = PromptStream(cfg.n_prompts, seed)
-    rng_r = np.random.default_rng([seed, 1])  # rewards (the same stream the single-phase rows use)
-    rng_g = np.random.default_rng([seed, 2])  # gradient noise
-    est = alloc_estimator(cfg.estimator)
-    common = {"estimator": est, "n_min": n_min, "n_max": n_max, "seed": seed, "embedder": embedder}
+    world = SimWorld.build(
+        cfg, seed, steps=steps, draw=pool, n_mean=n_mean, n_min=n_min, n_max=n_max, embedder=embedder,
+        draw_name="candidate pool",
+    )  # fmt: skip
+    sim, rng_r, rng_g = world.sim, world.rng_r, world.rng_g  # rewards: the stream the single-phase rows use
     kwargs: dict[str, Any] = {"pool_factor": pf} if is_pc else {}
     kwargs.update(strategy_kwargs or {})
-    alloc = Allocator(strategy=row.strategy, predictor=row.predictor, strategy_kwargs=kwargs, **common)
-    shadow_uniform = Allocator(strategy="uniform", predictor="empirical", **common)
-    shadow_oracle = Allocator(strategy="vip_pure", predictor="oracle", **common)
+    alloc = world.allocator(row.strategy, row.predictor, strategy_kwargs=kwargs)
+    shadow_uniform, shadow_oracle = world.shadows()
     budget = batch * n_mean
     total = steps * budget
     cum = 0
@@ -105,12 +95,7 @@ def simulate_two_phase_run(
     mae_post: list[float] = []
     extra_zero: list[float] = []
     while cum < total:
-        idx = stream.next(pool)
-        ids = [sim.ids[i] for i in idx]
-        texts = [sim.texts[i] for i in idx]
-        p_true = sim.true_p(idx)
-        if row.predictor == "oracle":
-            alloc.predictor.set_true_p(ids, p_true)
+        idx, ids, texts, p_true = world.draw(pool, alloc, row.predictor)
         # one block of uniforms per step, as the single-phase rows draw: pilot = first columns, commit = next ones
         full = sim.rollouts(idx, np.full(pool, n_max, np.int64), rng_r, width=n_max)
         t0 = time.perf_counter()
