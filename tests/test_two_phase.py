@@ -13,10 +13,10 @@ from vipalloc import Allocator
 from vipalloc._io import atomic_write_json
 from vipalloc.allocator import FORMAT
 from vipalloc.strategies import HARDNESS_BONUS, P_CLIP, get_strategy
+from vipalloc.strategies.pilot_commit import PilotCommit
 from vipalloc.strategies.two_phase import (
     PRIOR_NU_MAX,
     PRIOR_NU_MIN,
-    PilotCommit,
     beta_mean_std,
     beta_posterior,
     beta_prior,

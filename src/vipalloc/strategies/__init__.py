@@ -39,7 +39,8 @@ from vipalloc.strategies.base import (
 from vipalloc.strategies.coba import CoBA
 from vipalloc.strategies.error import VIPError
 from vipalloc.strategies.peers import GVM, HORA, DynaMO, Knapsack, knapsack_value, proportional_counts
-from vipalloc.strategies.two_phase import PilotCommit, TwoPhaseStrategy, VIPTwoPhase
+from vipalloc.strategies.pilot_commit import PilotCommit
+from vipalloc.strategies.two_phase import TwoPhaseStrategy, VIPTwoPhase
 from vipalloc.strategies.uniform import InverseAcc, InverseVar, Uniform
 from vipalloc.strategies.vip import VIP, VIPPure
 
