@@ -6,7 +6,8 @@ Variants (all LoRA r=8 on q/k/v/o, fp32, the same prompts):
 * ``today``: ``LMPolicy`` (peft LoRA on all 30 layers), HF ``generate`` over one row per rollout, the plain chat
   prompt (sentence replies, ``--old-tokens`` new tokens), full-vocabulary logits over every position, micro-batches
   of 16 (``vipalloc.bench.lm_league`` before this change);
-* ``fast-all``: :class:`vipalloc.bench.lm_fast.FastPolicy` with LoRA on every layer (kept as an option);
+* ``fast-all``: :class:`vipalloc.bench.lm_fast.FastPolicy` with LoRA on every layer (kept as an option), each
+  prompt processed once for its group in the backward pass too (``FastPolicy.group_logprobs``);
 * ``fast-top<k>``: the same with LoRA on the top ``k`` layers (lower layers under ``no_grad``).
 
 Both fast variants: the short answer format (pre-filled "The answer is", ``--new-tokens``), prompt-once sampling,
@@ -26,6 +27,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
 
@@ -79,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 groups = pol.sample(questions, [args.n] * len(questions), args.new_tokens, 1.0)
                 comps = [c for g in groups for c in g]
-                prompts = [pol.prompt_ids(q) for q in questions for _ in range(args.n)]
-                micro = 64
-                score = pol.logprobs
+                uniq = [pol.prompt_ids(q) for q in questions]
+                micro = len(comps)
+
+                def score(_p: list[list[int]], cs: list[list[int]], pol: Any = pol, uniq: list = uniq) -> Any:
+                    # every prompt once for its group (all rows of the step in one micro-batch)
+                    return pol.group_logprobs(uniq, [(i // args.n, c) for i, c in enumerate(cs)])
+
+                prompts = [[] for _ in comps]
             t2 = time.perf_counter()
             opts[name].zero_grad()
             w_all = torch.linspace(-1.0, 1.0, len(comps)) / len(comps)

@@ -7,6 +7,10 @@ backward through all 30 layers, logits over every position of every row (a ``(B,
 
 * **LoRA on the top ``k`` layers only** (``top_layers``; ``None`` = every layer, kept as an option). The frozen
   lower layers run once under ``torch.no_grad`` (no activations kept for backward), then the top layers with grad.
+* **Each prompt once for its whole group, in the backward pass too** (:meth:`FastPolicy.group_logprobs`): the
+  distinct prompts run through the model once, their keys/values are copied to every rollout of the group
+  (``index_select``, differentiable), and only the completion tokens run per rollout. With ~50-token prompts and
+  ~5-token answers this removes most of the forward work.
 * **Logits only at completion positions**: the final hidden states are gathered at the positions that predict a
   completion token before the LM head, so the head costs ``(completion tokens, 576) x (576, 49152)``, not the whole
   padded rectangle.
@@ -28,7 +32,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -295,6 +299,96 @@ class FastPolicy:
         logp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(tgt, device=self.device)[:, None])[:, 0]
         return torch.zeros(len(lens), device=self.device, dtype=logp.dtype).index_add(0, ri, logp)
 
+    def group_logprobs(self, prompts: Sequence[list[int]], rows: Sequence[tuple[int, list[int]]]) -> Any:
+        """``log pi(completion | prompts[i])`` for every ``(i, completion)`` row, each prompt processed ONCE for
+        its whole group: a float tensor ``(R,)``, differentiable in the adapters.
+
+        Pass 1 runs the distinct prompts (right-padded) through every layer -- the lower ``first`` layers under
+        ``torch.no_grad``, the adapted ones with grad -- keeping their keys and values; pass 2 copies each prompt's
+        keys/values to its rows (``index_select``, differentiable) and runs only the completion tokens. The first
+        completion token is scored from the prompt's last hidden state, the others from the completion's own."""
+        import torch
+        from transformers import DynamicCache
+        from transformers.masking_utils import create_causal_mask
+
+        self._merge(False)
+        body = self.model.model
+        dev = self.device
+        pad = int(self.tok.pad_token_id)
+        plen = torch.tensor([len(p) for p in prompts], device=dev)
+        width = int(plen.max())
+        p_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=dev)
+        p_mask = torch.zeros((len(prompts), width), dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            p_ids[i, : len(p)] = torch.tensor(p)
+            p_mask[i, : len(p)] = 1
+        cache = DynamicCache(config=body.config)
+
+        def run(hidden: Any, mask: Any, pos: Any) -> Any:
+            causal = create_causal_mask(
+                config=body.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=cache, position_ids=pos
+            )
+            pe = body.rotary_emb(hidden, position_ids=pos)
+            with torch.no_grad():
+                for layer in body.layers[: self.first]:
+                    hidden = layer(
+                        hidden,
+                        attention_mask=causal,
+                        position_embeddings=pe,
+                        position_ids=pos,
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+            for layer in body.layers[self.first :]:
+                hidden = layer(
+                    hidden,
+                    attention_mask=causal,
+                    position_embeddings=pe,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            return body.norm(hidden)
+
+        p_pos = torch.arange(width, device=dev)[None].expand(len(prompts), -1)
+        with torch.no_grad():
+            p_emb = body.embed_tokens(p_ids)
+        h_prompt = run(p_emb, p_mask, p_pos)  # (M, W, D)
+        sel = torch.tensor([i for i, _ in rows], device=dev, dtype=torch.long)
+        cache.reorder_cache(cast("torch.LongTensor", sel))
+        clen = [len(c) for _, c in rows]
+        cw = max(clen)
+        c_ids = torch.full((len(rows), cw), pad, dtype=torch.long, device=dev)
+        c_mask = torch.zeros((len(rows), cw), dtype=torch.long, device=dev)
+        for r, (_, c) in enumerate(rows):
+            c_ids[r, : len(c)] = torch.tensor(c)
+            c_mask[r, : len(c)] = 1
+        c_pos = plen.index_select(0, sel)[:, None] + torch.arange(cw, device=dev)[None]
+        with torch.no_grad():
+            c_emb = body.embed_tokens(c_ids)
+        h_comp = run(c_emb, torch.cat([p_mask.index_select(0, sel), c_mask], dim=1), c_pos)  # (R, C, D)
+        # predictors of each completion token: the prompt's last position, then completion positions 0..len-2
+        first_h = h_prompt[sel, plen.index_select(0, sel) - 1]  # (R, D)
+        r_idx = [r for r, n in enumerate(clen) for _ in range(n - 1)]
+        t_idx = [t for n in clen for t in range(n - 1)]
+        rest_h = h_comp[
+            torch.tensor(r_idx, device=dev, dtype=torch.long), torch.tensor(t_idx, device=dev, dtype=torch.long)
+        ]
+        hid = torch.cat([first_h, rest_h], dim=0)
+        tgt = torch.cat(
+            [
+                c_ids[:, 0],
+                c_ids[
+                    torch.tensor(r_idx, device=dev, dtype=torch.long),
+                    torch.tensor(t_idx, device=dev, dtype=torch.long) + 1,
+                ],
+            ]
+        )
+        owner = torch.cat([torch.arange(len(rows), device=dev), torch.tensor(r_idx, device=dev, dtype=torch.long)])
+        logits = self.model.lm_head(hid).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, tgt[:, None])[:, 0]
+        return torch.zeros(len(rows), device=dev, dtype=logp.dtype).index_add(0, owner, logp)
+
 
 def grpo_update(
     policy: Any,
@@ -302,33 +396,34 @@ def grpo_update(
     prompts: Sequence[list[int]],
     comps: Sequence[Sequence[list[int]]],
     rewards: Sequence[np.ndarray],
-    micro: int = 32,
+    micro: int = 16,
 ) -> int:
-    """One Dr.GRPO step ``-(1/M) sum_i (1/n_i) sum_j A_ij log pi(y_ij | x_i)`` (``A = r - mean r``), micro-batched
-    backward then one optimiser step. ``policy`` is a :class:`FastPolicy` or the old ``LMPolicy`` (anything with
-    ``logprobs(prompts, completions)`` or ``seq_logprobs``); ``prompts[i]`` token ids, ``comps[i]`` the group's
-    completions, ``rewards[i]`` float ``(n_i,)``. Returns the rows trained on (0: every group had equal rewards, no
-    step taken)."""
+    """One Dr.GRPO step ``-(1/M) sum_i (1/n_i) sum_j A_ij log pi(y_ij | x_i)`` (``A = r - mean r``): backward
+    over micro-batches of ``micro`` groups, then one optimiser step. ``policy`` is a :class:`FastPolicy` (each
+    prompt processed once for its group, :meth:`FastPolicy.group_logprobs`) or the old ``LMPolicy`` (one row per
+    rollout, ``seq_logprobs``); ``prompts[i]`` token ids, ``comps[i]`` the group's completions, ``rewards[i]`` float
+    ``(n_i,)``. Returns the rollouts trained on (0: every group had equal rewards, no step taken)."""
     import torch
 
-    rows: list[tuple[list[int], list[int], float]] = []
     m = len(prompts)
-    for prompt, cs, r in zip(prompts, comps, rewards):
-        if r.size < 2 or r.min() == r.max():
-            continue
-        adv = (r - r.mean()) / (r.size * m)
-        rows.extend((prompt, c, float(a)) for c, a in zip(cs, adv))
-    if not rows:
+    groups = [i for i, r in enumerate(rewards) if r.size >= 2 and r.min() != r.max()]
+    if not groups:
         return 0
-    score = getattr(policy, "logprobs", None) or policy.seq_logprobs
     opt.zero_grad()
-    for k in range(0, len(rows), micro):
-        part = rows[k : k + micro]
-        lp = score([p for p, _, _ in part], [c for _, c, _ in part])
-        w = torch.tensor([a for _, _, a in part], device=lp.device, dtype=lp.dtype)
+    n_rows = 0
+    for k in range(0, len(groups), micro):
+        part = groups[k : k + micro]
+        adv = np.concatenate([(rewards[i] - rewards[i].mean()) / (rewards[i].size * m) for i in part])
+        if isinstance(policy, FastPolicy):
+            rows = [(j, c) for j, i in enumerate(part) for c in comps[i]]
+            lp = policy.group_logprobs([prompts[i] for i in part], rows)
+        else:
+            lp = policy.seq_logprobs([prompts[i] for i in part for _ in comps[i]], [c for i in part for c in comps[i]])
+        w = torch.tensor(adv, device=lp.device, dtype=lp.dtype)
         (-(w * lp).sum()).backward()
+        n_rows += len(adv)
     opt.step()
-    return len(rows)
+    return n_rows
 
 
 def rewards_of(policy: FastPolicy, comps: Sequence[Sequence[list[int]]], answers: Sequence[str]) -> list[np.ndarray]:
