@@ -198,3 +198,29 @@ def test_ingest_history_replays_into_predictor(tmp_path) -> None:
     plan = alloc.plan(["a", "b"], budget=8)
     assert plan.step == 2
     assert plan.p_mean[0] > plan.p_mean[1]
+
+
+def test_from_settings_reads_attributes_or_mappings_with_renames() -> None:
+    """The one config-to-Allocator constructor: parameter names read from any settings object or mapping,
+    surface-specific names mapped, overrides winning, absent or None values leaving the defaults."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Surface:  # a front-end's config with its own names for two parameters
+        allocation_strategy: str = "knapsack"
+        allocator_seed: int = 7
+        n_min: int = 3
+        n_max: int = 12
+        predictor: str = "beta"
+        embedder: str | None = None  # None: keep the constructor's default
+        unrelated: str = "ignored"
+
+    alloc = Allocator.from_settings(
+        Surface(), names={"strategy": "allocation_strategy", "seed": "allocator_seed"}, estimator="rloo"
+    )
+    expected = Allocator(strategy="knapsack", predictor="beta", estimator="rloo", n_min=3, n_max=12, seed=7)
+    assert alloc.config() == expected.config()
+    mapped = Allocator.from_settings({"strategy": "uniform", "n_min": 2, "n_max": 4, "history_window": None})
+    assert (mapped.strategy_name, mapped.n_max, mapped.history_window, mapped.seed) == ("uniform", 4, None, 0)
+    with pytest.raises(ValueError, match="unknown Allocator parameter"):
+        Allocator.from_settings({}, names={"strategies": "x"})

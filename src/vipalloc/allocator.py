@@ -26,9 +26,10 @@ outstanding plans) in one checksummed JSON file written atomically, and a loaded
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -435,6 +436,31 @@ class Allocator(StepPlanner):
         else:
             self.history.merge(history)
 
+    # ------------------------------------------------------------------ construction from settings
+    @classmethod
+    def from_settings(cls, settings: Any, *, names: Mapping[str, str] | None = None, **overrides: Any) -> Allocator:
+        """An allocator built from a front-end's settings: any object with attributes (a pydantic model, a
+        dataclass) or a mapping that carries constructor parameters (``strategy``, ``n_min``, ``seed``, ...).
+
+        ``names`` maps a parameter to the settings' own name for it (e.g. ``{"seed": "allocator_seed"}``);
+        ``overrides`` win over the settings. A parameter the settings lack, or set to None where the constructor's
+        default is not None, keeps the constructor's default. The one way a config becomes an ``Allocator``."""
+        names = dict(names or {})
+        unknown = sorted(set(names) - set(_PARAMS))
+        if unknown:
+            raise ValueError(f"names maps unknown Allocator parameter(s) {unknown}; choose from {sorted(_PARAMS)}")
+        kwargs: dict[str, Any] = {}
+        for param, default in _PARAMS.items():
+            key = names.get(param, param)
+            if isinstance(settings, Mapping):
+                present, value = key in settings, settings.get(key)
+            else:
+                present, value = hasattr(settings, key), getattr(settings, key, None)
+            if present and (value is not None or default is None):
+                kwargs[param] = value
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict[str, Any]:
         """Constructor arguments, enough to rebuild an empty allocator of the same kind."""
@@ -511,3 +537,9 @@ class Allocator(StepPlanner):
             f"Allocator(strategy={self.strategy_name!r}, predictor={self.predictor_name!r}, "
             f"estimator={self.estimator!r}, n_min={self.n_min}, n_max={self.n_max}, seed={self.seed})"
         )
+
+
+# the constructor's parameters and their defaults (what Allocator.from_settings reads from a config)
+_PARAMS: dict[str, Any] = {
+    name: par.default for name, par in inspect.signature(Allocator.__init__).parameters.items() if name != "self"
+}

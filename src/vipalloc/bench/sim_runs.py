@@ -107,7 +107,7 @@ class SimWorld:
         """An :class:`~vipalloc.Allocator` with the world's common options (``options``: e.g. strategy_kwargs)."""
         from vipalloc import Allocator
 
-        return Allocator(strategy=strategy, predictor=predictor, **self.alloc_kwargs, **options)
+        return Allocator.from_settings(self.alloc_kwargs, strategy=strategy, predictor=predictor, **options)
 
     def shadows(self) -> tuple[Any, Any]:
         """The reference allocators of :func:`reference_variances`: ``uniform``, and ``vip_pure`` with the oracle p."""

@@ -525,14 +525,11 @@ def _allocator(cfg: TrainConfig) -> Allocator:
     predictor error is then the empirical predictor's)."""
     strategy = "uniform" if cfg.strategy == "dapo" else cfg.strategy
     predictor = "empirical" if strategy == "uniform" else cfg.predictor
-    return Allocator(
+    return Allocator.from_settings(  # n_min, n_max, seed, embedder: the config's own
+        cfg,
         strategy=strategy,
         predictor=predictor,
         estimator="rloo" if cfg.loss == "rloo" else "drgrpo",
-        n_min=cfg.n_min,
-        n_max=cfg.n_max,
-        seed=cfg.seed,
-        embedder=cfg.embedder,
         predictor_kwargs=cfg.predictor_kwargs if predictor == cfg.predictor else None,
         strategy_kwargs={"pool_factor": cfg.pilot_pool_factor} if cfg.strategy == "pilot_commit" else None,
     )
