@@ -209,7 +209,14 @@ def iter_json_lines(
     try:
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    yield lineno, line, parse_json_line(path, lineno, line, error, hint)
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if type(row) is not dict:  # the error message (rare): the shared single-line parser words it
+                    row = parse_json_line(path, lineno, line, error, hint)
+                yield lineno, line, row
     except UnicodeDecodeError:
         raise error(f"{path}: not UTF-8 text; expected JSON Lines (one JSON object per line)") from None

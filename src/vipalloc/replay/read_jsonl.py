@@ -99,7 +99,10 @@ def read_verl(files: Sequence[Path], opts: ReadOptions, table: GroupTable, stats
                 if name not in row:
                     raise ReplayInputError(f"{where}: field '{name}': missing (fields: {sorted(row)})")
                 reward += number(row[name], where, name, allow_bool=True)
-            score = number(row["score"], where, "score", allow_bool=True) if "score" in row else float("nan")
+            if fields == ["score"]:
+                score = reward
+            else:
+                score = number(row["score"], where, "score", allow_bool=True) if "score" in row else float("nan")
             text = row["input"]
             key = None
             if opts.id_field:

@@ -269,6 +269,8 @@ class GroupTable:
 # ---------------------------------------------------------------------------------------------- field checks
 def number(value: Any, where: str, name: str, *, allow_bool: bool = False) -> float:
     """A finite number from a log field; ``allow_bool``: JSON ``true``/``false`` read as 1/0 (rewards)."""
+    if type(value) is float and math.isfinite(value):  # the common case first: millions of rows
+        return value
     if isinstance(value, bool):
         if allow_bool:
             return float(value)
@@ -286,6 +288,8 @@ def number(value: Any, where: str, name: str, *, allow_bool: bool = False) -> fl
 
 def step_of(value: Any, where: str, name: str = "step") -> int:
     """A non-negative integer (a step, or a count) below :data:`MAX_STEP` from a log field."""
+    if type(value) is int and 0 <= value < MAX_STEP:  # the common case first
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ReplayInputError(f"{where}: field '{name}': expected an integer, got {value!r}")
     if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer()):
