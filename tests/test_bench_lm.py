@@ -103,22 +103,77 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     import dataclasses
     import json
 
-    from vipalloc.bench.lm import PRESETS, _league_section
+    from vipalloc.bench.lm import PRESETS
     from vipalloc.bench.lm_league import RunResult, load_runs
+    from vipalloc.bench.lm_report import league_section, power_lines
 
     cfg = PRESETS["cpu"]["league"]
-    for seed, (u, v) in enumerate([(0.20, 0.25), (0.10, 0.18), (0.30, 0.31)]):
-        for strat, end in (("uniform", u), ("vip", v)):
-            run = RunResult(strat, seed, steps=[1], rollouts=[32], tokens=[500], train_success=[0.1])
-            run.eval_steps, run.eval_mean_at_k = [0, cfg.steps], [0.1, end]
-            run.brier = {"gp": [0.1], "beta": [0.2], "empirical": [float("nan")]}
-            run.brier_n = [8]
-            (tmp_path / f"{strat}-seed{seed}.json").write_text(json.dumps(dataclasses.asdict(run)))
-    (tmp_path / "vip-seedx.json").write_text("{}")  # not a run: ignored
-    runs = load_runs(tmp_path, ["uniform", "vip"])
-    assert [(r.seed, r.strategy) for r in runs] == [(s, k) for s in range(3) for k in ("uniform", "vip")]
-    text = _league_section(runs, cfg, ["uniform", "vip"])
-    assert "paired over seeds [0, 1, 2]" in text
+    for seed, (u, v, vt) in enumerate([(0.20, 0.25, 0.22), (0.10, 0.18, 0.12), (0.30, 0.31, 0.33)]):
+        for strat, mode, end in (("uniform", "rollouts", u), ("vip", "rollouts", v), ("vip", "tokens", vt)):
+            run = RunResult(
+                strat,
+                seed,
+                mode,
+                steps=[1, 2],
+                rollouts=[32, 64],
+                tokens=[500, 900],
+                train_seconds=[5.0, 10.0],
+                train_success=[0.1, 0.2],
+            )
+            run.eval_steps, run.eval_mean_at_k = [0, 1, 2], [0.1, (0.1 + end) / 2, end]
+            run.eval_pass_at_k, run.eval_se = [0.3, 0.35, 0.4], [0.02, 0.02, 0.02]
+            run.brier = {"gp": [0.1, 0.1], "beta": [0.2, 0.2], "empirical": [float("nan")] * 2}
+            run.brier_n = [8, 8]
+            (tmp_path / f"{strat}-{mode}-seed{seed}.json").write_text(json.dumps(dataclasses.asdict(run)))
+    (tmp_path / "vip-rollouts-seedx.json").write_text("{}")  # not a run: ignored
+    labels = ["uniform", "vip", "vip@tokens"]
+    runs = load_runs(tmp_path, labels)
+    assert [(r.seed, r.strategy, r.mode) for r in runs] == [
+        (s, k, m) for s in range(3) for k, m in (("uniform", "rollouts"), ("vip", "rollouts"), ("vip", "tokens"))
+    ]
+    text = league_section(runs, cfg, labels, None)
+    assert "`vip` - `uniform`, paired over seeds [0, 1, 2]" in text
+    assert "`vip@tokens` - `uniform`" in text
     assert "3/3 seeds ahead" in text  # vip's final mean@4 is above uniform's on every seed
-    assert "| gp | 6 | 0.1000" in text and "| empirical | 0 | —" in text
+    assert "| gp | 9 | 0.1000" in text and "| empirical | 0 | —" in text
     assert "Brier of `beta` minus `gp`, paired by run (positive: `gp` better): +0.1000" in text
+    # the level table of bench train: rollouts, tokens and wall-clock ratios at 50-100% of uniform's gain
+    assert "Ratio vs uniform at several target levels" in text
+    for axis in ("rollouts", "tokens", "wall-clock"):
+        assert f"| {axis} | vip |" in text
+    power = power_lines(runs, effect=0.03)[0]
+    assert "seeds" in power and "se 0.020" in power
+
+
+def test_error_ratio_is_measured_beside_the_model(tmp_path):
+    """Score vectors with signal (``s = (r - p) Delta + noise``): uniform's measured error ratio is 1 by
+    construction, every row carries the modelled ``Plan.error_ratio``, and dropping the mixed prompts costs error."""
+    rng = np.random.default_rng(3)
+    p = np.array([0.0, 0.0, 0.1, 0.3, 0.5, 0.6, 0.9, 1.0])
+    pool = _pool(p, pool_n=200, dim=32, seed=4)
+    delta = rng.standard_normal((p.size, 32)) * 2.0
+    pool.sketches = (
+        (pool.rewards - pool.rewards.mean(axis=1, keepdims=True))[:, :, None] * delta[:, None, :]
+        + rng.standard_normal(pool.sketches.shape)
+    ).astype(np.float32)
+    rows = measure_variance(
+        pool,
+        mean_n=4,
+        n_min=2,
+        n_max=16,
+        resamples=300,
+        boots=100,
+        seed=0,
+        predictors=("oracle",),
+        estimators=("rloo",),
+        strategies=("uniform", "vip_pure", "vip"),
+        progress=lambda _: None,
+    )
+    uni = rows[0]
+    assert uni.strategy == "uniform" and uni.error_ratio == pytest.approx(1.0)
+    assert uni.best_error_ratio == pytest.approx(1.0) and uni.modelled_error == pytest.approx(1.0)
+    for r in rows:
+        assert r.mean_n == 4 and np.isfinite(r.modelled_error) and r.modelled_error > 0
+        assert r.error_ratio_ci[0] <= r.error_ratio <= r.error_ratio_ci[1]
+    pure = rows[1]
+    assert pure.error_ratio < 1.0  # more rollouts where the signal and the noise are: a better gradient

@@ -368,38 +368,69 @@ def register(app: typer.Typer) -> None:
         parts: str = typer.Option("variance,league", help="Comma-separated parts: variance (a), league (b and c)."),
         preset: str | None = typer.Option(None, help="cpu | gpu (default: gpu with --device cuda, else cpu)."),
         device: str = typer.Option("cpu", help="cpu | cuda."),
-        seeds: int | None = typer.Option(None, min=1, help="League seeds (default: the preset's, cpu 3, gpu 8)."),
+        seeds: int | None = typer.Option(None, min=1, help="League seeds (default: the preset's, 8)."),
         first_seed: int = typer.Option(
             0, min=0, help="First league seed (runs seeds first_seed.. in a second process; the report reads all)."
         ),
-        strategies: str = typer.Option("uniform,vip", help="League strategies (uniform first; vip_two_phase too)."),
+        strategies: str = typer.Option(
+            "uniform,vip", help="Strategies by registry name (uniform is the baseline); the variance part's too."
+        ),
+        token_strategies: str | None = typer.Option(
+            None, help="Strategies also run at equal tokens (default: every strategy but uniform)."
+        ),
+        modes: str = typer.Option("rollouts,tokens", help="League budget modes: rollouts and/or tokens."),
+        jobs: int = typer.Option(1, min=1, help="League runs side by side (spawned processes)."),
         resamples: int | None = typer.Option(None, min=10, help="Variance resamples per allocation."),
         steps: int | None = typer.Option(None, min=1, help="League steps (default: the preset's)."),
-        prompts: int | None = typer.Option(None, min=2, help="Pool prompts (default: the preset's)."),
+        prompts: int | None = typer.Option(None, min=2, help="Pool prompts per task setting (default: the preset's)."),
+        eval_prompts: int | None = typer.Option(None, min=2, help="Held-out prompts (default: the preset's)."),
+        snapshots: str = typer.Option(
+            "pretrained", help="Variance: comma-separated 'pretrained' and/or adapter files saved by the league."
+        ),
+        settings: str | None = typer.Option(None, help="Variance task settings as TERMSxDIGITS, e.g. 2x1,3x1."),
+        budgets: str | None = typer.Option(None, help="Variance budgets, rollouts a prompt (default 2,4,8)."),
+        top_layers: int | None = typer.Option(None, min=1, help="LoRA layers from the top (default: the preset's)."),
         out: Path = typer.Option(Path("reports"), help="Report folder (work files under <out>/lm, resumable)."),
-        threads: int = typer.Option(1, min=1, help="torch CPU threads."),
+        threads: int = typer.Option(1, min=1, help="torch CPU threads per process."),
     ) -> None:
-        """A real pretrained LM (SmolLM2-135M-Instruct, LoRA): measured vs modelled variance, Brier, GRPO league."""
+        """A real pretrained LM (SmolLM2-135M-Instruct, LoRA): gradient error at snapshots, Brier, GRPO league."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: read when torch loads
         import torch
 
         from vipalloc.bench.lm import run_lm
 
         torch.set_num_threads(threads)
         _limit_threads()
+
+        def split(text: str | None) -> list[str]:
+            return [p.strip() for p in (text or "").split(",") if p.strip()]
+
         try:
+            pairs = [tuple(int(x) for x in s.lower().split("x")) for s in split(settings)]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(f"--settings takes TERMSxDIGITS items such as 2x1,3x1, got {settings!r}")
             path = run_lm(
                 out,
-                parts=[p.strip() for p in parts.split(",") if p.strip()],
+                parts=split(parts),
                 preset=preset or ("gpu" if device == "cuda" else "cpu"),
                 device=device,
                 seeds=seeds,
                 first_seed=first_seed,
-                strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                strategies=split(strategies),
+                token_strategies=None if token_strategies is None else split(token_strategies),
+                modes=split(modes),
+                jobs=jobs,
+                threads=threads,
                 resamples=resamples,
                 steps=steps,
                 prompts=prompts,
+                eval_prompts=eval_prompts,
+                snapshots=split(snapshots),
+                settings=[(p[0], p[1]) for p in pairs] or None,
+                budgets=[int(b) for b in split(budgets)],
+                top_layers="preset" if top_layers is None else top_layers,
                 command=_command(),
                 progress=lambda msg: typer.echo(f"[bench lm] {msg}"),
             )

@@ -1,18 +1,22 @@
 """``vipalloc bench lm``: a real pretrained LM (SmolLM2-135M-Instruct, LoRA) in the loop.
 
-(a) ``variance``: the variance model on real rollouts -- a fixed-policy pool, per-rollout sketched score vectors,
-allocations resampled at equal budget (``uniform``, ``vip``, ``vip_two_phase``, ``knapsack``; oracle p and GP
-predictions), measured ``tr Cov`` of the Dr.GRPO and RLOO batch gradients and cosine to the whole-pool gradient,
-against ``Plan.variance_ratio`` (:mod:`vipalloc.bench.lm_variance`).
-(b) ``brier`` and (c) ``league``: a short GRPO league at equal rollouts per step with held-out mean@k and paired
-intervals, and the next-step Brier of ``gp``/``beta``/``empirical`` along its runs (:mod:`vipalloc.bench.lm_league`).
+(a) ``variance``: the gradient-error and variance models on real rollouts, at policy snapshots (the pretrained model
+and LoRA adapters saved by the league's uniform runs), per task setting and budget (2, 4, 8 rollouts a prompt): a
+fixed-policy pool, per-rollout sketched score vectors, allocations resampled at equal budget (any registered
+strategy; oracle p and GP predictions), measured squared error to the whole-pool gradient and cosine, beside
+``Plan.error_ratio`` and ``Plan.variance_ratio`` (:mod:`vipalloc.bench.lm_variance`).
+(b) ``brier`` and (c) ``league``: a GRPO league at equal rollouts and at equal tokens with held-out mean@k / pass@k,
+cost ratios at 50-100% of uniform's gain, and the next-step Brier of ``gp``/``beta``/``empirical`` along its runs
+(:mod:`vipalloc.bench.lm_league`, the cheap step of :mod:`vipalloc.bench.lm_fast`).
 
-Presets: ``cpu`` (minutes to an hour on 2 cores, one thread) and ``gpu`` (``--device cuda``: larger pool, more steps
-and seeds). Everything is written under ``<out>/lm/`` and resumes: the pool and each league run are files.
+Presets: ``cpu`` (sized for 2 cores: see docs/results.md) and ``gpu`` (``--device cuda``). Everything is written
+under ``<out>/lm/`` and resumes: pools, league runs (one file per strategy, budget mode and seed) and snapshots are
+files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -20,191 +24,137 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from vipalloc.bench.lm_league import BRIER_PREDICTORS, LeagueConfig, RunResult, load_runs, run_league
-from vipalloc.reporting import fmt_ci, git_commit, md_table, paired_verdict, provenance
+from vipalloc.bench.lm_league import MODES, LeagueConfig, label, load_runs, run_league
+from vipalloc.bench.lm_report import league_section, power_lines, variance_section
+from vipalloc.reporting import git_commit, provenance
 
 __all__ = ["PRESETS", "run_lm"]
 
 PARTS = ("variance", "league")
 _TITLE = "# `vipalloc bench lm`: SmolLM2-135M-Instruct (LoRA) in the loop\n"
+VARIANCE_STRATEGIES = ("uniform", "vip", "vip_pure", "vip_authors", "knapsack", "vip_two_phase")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
-        "pool": dict(prompts=24, prior_n=4, pool_n=16, max_new_tokens=24, temperature=1.0, sketch_dim=2048),
+        "pool": dict(prompts=24, prior_n=4, pool_n=16, max_new_tokens=8, temperature=1.0, sketch_dim=2048),
         "pool_levels": ((2, 1), (3, 1)),
-        "variance": dict(mean_n=4, n_min=2, n_max=16, resamples=300, boots=300),
+        "variance": dict(budgets=(2, 4, 8), n_min=2, n_max=16, resamples=300, boots=300),
         "league": LeagueConfig(
-            steps=6,
-            batch=8,
+            steps=40,
+            batch=16,
             mean_n=4,
             n_min=2,
             n_max=12,
-            train_prompts=24,
-            eval_prompts=16,
+            train_prompts=128,
+            eval_prompts=192,
             eval_k=4,
-            eval_every=6,
-            max_new_tokens=24,
+            eval_every=10,
+            max_new_tokens=8,
             temperature=1.0,
-            lr=5e-4,
-            levels=((2, 1),),
+            lr=2e-3,
+            levels=((2, 1), (3, 1)),
+            top_layers=4,
+            snapshots=(10, 40),
         ),
-        "seeds": 3,
+        "seeds": 8,
     },
     "gpu": {
-        "pool": dict(prompts=64, prior_n=8, pool_n=32, max_new_tokens=32, temperature=1.0, sketch_dim=4096),
+        "pool": dict(prompts=64, prior_n=8, pool_n=32, max_new_tokens=8, temperature=1.0, sketch_dim=4096),
         "pool_levels": ((2, 1), (3, 1), (2, 2)),
-        "variance": dict(mean_n=8, n_min=2, n_max=32, resamples=1000, boots=1000),
+        "variance": dict(budgets=(2, 4, 8), n_min=2, n_max=32, resamples=1000, boots=1000),
         "league": LeagueConfig(
-            steps=60,
+            steps=100,
             batch=32,
             mean_n=8,
             n_min=2,
             n_max=24,
-            train_prompts=256,
-            eval_prompts=128,
+            train_prompts=512,
+            eval_prompts=256,
             eval_k=8,
             eval_every=10,
-            max_new_tokens=32,
+            max_new_tokens=8,
             temperature=1.0,
-            lr=5e-4,
+            lr=2e-3,
             levels=((2, 1), (3, 1)),
+            top_layers=8,
+            snapshots=(20, 100),
+            eval_chunk=128,
         ),
         "seeds": 8,
     },
 }
 
 
-def _ci(lo_hi: tuple[float, float] | list[float], digits: int = 3) -> str:
-    return f"[{lo_hi[0]:.{digits}f}, {lo_hi[1]:.{digits}f}]"
+def _snapshot_policy(snapshot: str, device: str, top_layers: int | None) -> Any:
+    """The policy of a snapshot: ``pretrained`` (fresh adapters, B = 0) or a file saved by the league."""
+    from vipalloc.bench.lm_fast import FastPolicy
+
+    if snapshot == "pretrained":
+        return FastPolicy(0, device, top_layers=top_layers)
+    path = Path(snapshot)
+    if not path.is_file():
+        raise ValueError(
+            f"snapshot {snapshot!r} is neither 'pretrained' nor a file: run the league's uniform runs first "
+            "(their adapters go to <out>/lm/league-*/snapshots/uniform-seed<k>-step<t>.pt) and pass that path"
+        )
+    import torch
+
+    state = torch.load(path, map_location="cpu")
+    n_layers = 30
+    top = n_layers - int(state["first_layer"])
+    policy = FastPolicy(0, device, top_layers=None if top == n_layers else top, rank=int(state["rank"]))
+    policy.load_adapters(path)
+    return policy
 
 
-def _variance_section(rows: Sequence[Any], pool: Any) -> str:
-    p = pool.p
-    mixed = int(((p > 0) & (p < 1)).sum())
-    lines = [
-        "## (a) The variance model on real rollouts\n",
-        f"Pool: {len(p)} prompts x {pool.rewards.shape[1]} rollouts (+{pool.prior_rewards.shape[1]} earlier "
-        f"rollouts each as predictor history), mean success {p.mean():.3f}, {mixed} prompts with 0 < p < 1; "
-        f"score vectors sketched to {pool.sketches.shape[2]} dims; sampling {pool.seconds['sample']:.0f} s, "
-        f"gradients {pool.seconds['grad']:.0f} s.\n",
-        "Ratios are against `uniform` with the same estimator and predictor. *measured*: tr Cov of the batch "
-        "gradient over resamples (95% bootstrap interval); *modelled*: mean `Plan.variance_ratio` (the allocator's "
-        "model at its own predictions; for `vip_two_phase` against the same pilot plus a uniform commit); *model at "
-        "pool p*: the model's ratio with the pool's rates; *cos*: mean cosine to the whole-pool gradient.\n",
-    ]
-    table = []
-    for r in rows:
-        table.append(
-            [
-                r.estimator,
-                r.predictor,
-                r.strategy,
-                f"{r.ratio:.3f} {_ci(r.ratio_ci)}",
-                f"{r.modelled:.3f}",
-                f"{r.modelled_pool_p:.3f}",
-                f"{r.cosine:.3f} {_ci(r.cosine_ci)}",
-                f"{r.dropped:.1f}",
-            ]
-        )
-    lines.append(
-        md_table(
-            ["estimator", "p from", "strategy", "measured ratio", "modelled", "model at pool p", "cos", "dropped"],
-            table,
-            align="lllrrrrr",
-        )
-    )
-    return "\n".join(lines)
+def _run_variance(
+    work: Path,
+    cfg: dict[str, Any],
+    *,
+    snapshots: Sequence[str],
+    settings: Sequence[tuple[int, int]],
+    budgets: Sequence[int],
+    strategies: Sequence[str],
+    prompts: int | None,
+    resamples: int | None,
+    device: str,
+    top_layers: int | None,
+    progress: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    from vipalloc.bench.lm_model import chain_sum_problems
+    from vipalloc.bench.lm_pool import Pool, build_policy_pool
+    from vipalloc.bench.lm_variance import measure_variance
 
-
-def _league_section(results: Sequence[RunResult], cfg: LeagueConfig, strategies: Sequence[str]) -> str:
-    by: dict[str, dict[int, RunResult]] = {}
-    for r in results:
-        by.setdefault(r.strategy, {})[r.seed] = r
-    lines = [
-        "## (c) GRPO league at equal rollouts\n",
-        f"{cfg.steps} steps of {cfg.batch} prompts x {cfg.mean_n} rollouts on average (n in [{cfg.n_min}, "
-        f"{cfg.n_max}]), {cfg.train_prompts} training prompts revisited, LoRA r=8 lr {cfg.lr}, Dr.GRPO loss; "
-        f"held-out mean@{cfg.eval_k} on {cfg.eval_prompts} prompts (same sampling seeds per seed for every "
-        f"strategy); predictor `{cfg.predictor}`.\n",
-    ]
-    table = []
-    for s in strategies:
-        runs = list(by.get(s, {}).values())
-        if not runs:
-            continue
-        table.append(
-            [
-                s,
-                len(runs),
-                fmt_ci([r.eval_mean_at_k[0] for r in runs]),
-                fmt_ci([r.eval_mean_at_k[-1] for r in runs]),
-                fmt_ci([float(np.mean(r.train_success)) for r in runs]),
-                fmt_ci([r.tokens[-1] for r in runs], digits=0),
-                fmt_ci([r.seconds for r in runs], digits=0),
-            ]
-        )
-    lines.append(
-        md_table(
-            [
-                "strategy",
-                "seeds",
-                f"mean@{cfg.eval_k} start",
-                f"mean@{cfg.eval_k} end",
-                "train success (mean)",
-                "tokens",
-                "seconds",
-            ],
-            table,
-        )
-    )
-    base = by.get("uniform", {})
-    for s in strategies:
-        if s == "uniform" or s not in by:
-            continue
-        common = sorted(set(base) & set(by[s]))
-        if not common:
-            continue
-        d_end = [by[s][k].eval_mean_at_k[-1] - base[k].eval_mean_at_k[-1] for k in common]
-        d_gain = [
-            (by[s][k].eval_mean_at_k[-1] - by[s][k].eval_mean_at_k[0])
-            - (base[k].eval_mean_at_k[-1] - base[k].eval_mean_at_k[0])
-            for k in common
-        ]
-        d_train = [float(np.mean(by[s][k].train_success) - np.mean(base[k].train_success)) for k in common]
-        lines.append(
-            f"- `{s}` - `uniform`, paired over seeds {common}: final held-out mean@{cfg.eval_k} "
-            f"{paired_verdict(d_end)}; gain over start {paired_verdict(d_gain)}; mean training success "
-            f"{paired_verdict(d_train)}"
-        )
-    lines.append("")
-    lines.append("## (b) Next-step Brier along the league runs\n")
-    lines.append(
-        "Rollout-weighted Brier of each predictor's prediction made before the step, on prompts seen at an earlier "
-        "step (binary outcomes; lower is better); one value per run (mean over its steps), mean ± 95% interval "
-        "over runs.\n"
-    )
-    rows = []
-    per_run: dict[str, list[float]] = {}
-    for name in BRIER_PREDICTORS:
-        vals = []
-        for r in results:
-            b, w = np.array(r.brier[name], float), np.array(r.brier_n, float)
-            ok = np.isfinite(b) & (w > 0)
-            vals.append(float((b[ok] * w[ok]).sum() / w[ok].sum()) if ok.any() else float("nan"))
-        per_run[name] = vals
-        rows.append([name, int(np.isfinite(vals).sum()), fmt_ci(vals, digits=4)])
-    lines.append(md_table(["predictor", "runs", "Brier"], rows))
-    for other in BRIER_PREDICTORS[1:]:
-        diff = np.array(per_run[other]) - np.array(per_run[BRIER_PREDICTORS[0]])
-        diff = diff[np.isfinite(diff)]
-        if diff.size:
-            lines.append(
-                f"- Brier of `{other}` minus `{BRIER_PREDICTORS[0]}`, paired by run (positive: "
-                f"`{BRIER_PREDICTORS[0]}` better): {paired_verdict(diff)}"
+    blocks = []
+    for snap in snapshots:
+        policy = None
+        tag = "pretrained" if snap == "pretrained" else Path(snap).stem
+        for terms, digits in settings:
+            pc = dict(cfg["pool"])
+            n_prompts = prompts if prompts is not None else pc.pop("prompts")
+            pc.pop("prompts", None)
+            path = work / f"pool-{tag}-{terms}x{digits}-{n_prompts}.npz"
+            if path.is_file():
+                pool = Pool.load(path)
+                progress(f"variance: pool loaded from {path}")
+            else:
+                if policy is None:
+                    progress(f"variance: loading snapshot {snap}")
+                    policy = _snapshot_policy(snap, device, top_layers)
+                problems = chain_sum_problems(n_prompts, 7, levels=((terms, digits),), tag=f"pool{terms}x{digits}-")
+                pool = build_policy_pool(problems, policy, seed=0, progress=progress, **pc)
+                pool.save(path)
+            vc = dict(cfg["variance"])
+            buds = vc.pop("budgets")
+            if resamples is not None:
+                vc["resamples"] = resamples
+            rows = []
+            for mean_n in budgets or buds:
+                rows += measure_variance(pool, mean_n=mean_n, seed=0, strategies=strategies, progress=progress, **vc)
+            blocks.append(
+                {"snapshot": tag, "setting": f"{terms} terms x {digits} digit(s)", "pool": pool, "rows": rows}
             )
-    return "\n".join(lines)
+    return blocks
 
 
 def run_lm(
@@ -216,23 +166,40 @@ def run_lm(
     seeds: int | None = None,
     first_seed: int = 0,
     strategies: Sequence[str] = ("uniform", "vip"),
+    token_strategies: Sequence[str] | None = None,
+    modes: Sequence[str] = MODES,
     resamples: int | None = None,
     steps: int | None = None,
     prompts: int | None = None,
+    eval_prompts: int | None = None,
+    jobs: int = 1,
+    threads: int = 1,
+    snapshots: Sequence[str] = ("pretrained",),
+    settings: Sequence[tuple[int, int]] | None = None,
+    budgets: Sequence[int] = (),
+    top_layers: int | None | str = "preset",
     command: str = "vipalloc bench lm",
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Run the requested parts (resuming from ``<out>/lm``); each writes ``<out>/lm_<part>.md`` and ``.json``.
-    Returns the last report written."""
-    import dataclasses
-
+    Returns the last report written. ``strategies``: any registered names (``uniform`` is the baseline and runs
+    whatever the list says); ``token_strategies``: those also run at equal tokens (default: all but uniform);
+    ``modes``: ``rollouts`` and/or ``tokens``."""
     import torch
+
+    from vipalloc.strategies import STRATEGY_NAMES
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise ValueError(f"parts must be among {', '.join(PARTS)}, got {list(parts)}")
+    unknown = [s for s in [*strategies, *(token_strategies or ())] if s not in STRATEGY_NAMES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}: choose from {', '.join(STRATEGY_NAMES)}")
+    bad_modes = [m for m in modes if m not in MODES]
+    if bad_modes or not modes:
+        raise ValueError(f"modes must be among {', '.join(MODES)}, got {list(modes)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is visible")
     commit = os.environ.get("VIPALLOC_COMMIT") or git_commit()
@@ -241,43 +208,74 @@ def run_lm(
     work.mkdir(parents=True, exist_ok=True)
     head = provenance(command, {"preset": preset, "device": device}, commit)
     written = out / "lm.md"
+    lc: LeagueConfig = cfg["league"]
+    if top_layers != "preset":
+        lc = dataclasses.replace(lc, top_layers=top_layers if isinstance(top_layers, int) else None)
     if "variance" in parts:
-        from vipalloc.bench.lm_model import chain_sum_problems
-        from vipalloc.bench.lm_pool import Pool, build_pool
-        from vipalloc.bench.lm_variance import measure_variance
-
-        pc = dict(cfg["pool"])
-        if prompts is not None:
-            pc["prompts"] = prompts
-        path = work / f"pool-{preset}-{pc['prompts']}.npz"
-        if path.is_file():
-            pool = Pool.load(path)
-            progress(f"variance: pool loaded from {path}")
-        else:
-            problems = chain_sum_problems(pc.pop("prompts"), 7, levels=cfg["pool_levels"], tag="pool")
-            pool = build_pool(problems, seed=0, device=device, progress=progress, **pc)
-            pool.save(path)
-        vc = dict(cfg["variance"])
-        if resamples is not None:
-            vc["resamples"] = resamples
-        rows = measure_variance(pool, seed=0, progress=progress, **vc)
+        vstrats = [s for s in strategies if s != "uniform"] if len(strategies) > 2 else list(VARIANCE_STRATEGIES)
+        vstrats = ["uniform", *vstrats]
+        blocks = _run_variance(
+            work,
+            cfg,
+            snapshots=snapshots,
+            settings=settings or cfg["pool_levels"],
+            budgets=budgets,
+            strategies=vstrats,
+            prompts=prompts,
+            resamples=resamples,
+            device=device,
+            top_layers=lc.top_layers,
+            progress=progress,
+        )
         written = out / "lm_variance.md"
-        written.write_text(_TITLE + "\n" + head + "\n" + _variance_section(rows, pool))
-        summary = {"commit": commit, "preset": preset, "device": device, "settings": vc, "pool_p": pool.p.tolist()}
-        summary["rows"] = [asdict(r) for r in rows]
+        written.write_text(_TITLE + "\n" + head + "\n" + variance_section(blocks))
+        summary: dict[str, Any] = {"commit": commit, "preset": preset, "device": device, "blocks": []}
+        for b in blocks:
+            summary["blocks"].append(
+                {
+                    "snapshot": b["snapshot"],
+                    "setting": b["setting"],
+                    "pool_p": b["pool"].p.tolist(),
+                    "rows": [asdict(r) for r in b["rows"]],
+                }
+            )
         (out / "lm_variance.json").write_text(json.dumps(summary, indent=1))
     if "league" in parts:
-        lc: LeagueConfig = cfg["league"]
         if steps is not None:
-            lc = dataclasses.replace(lc, steps=steps, eval_every=max(1, min(lc.eval_every, steps)))
+            lc = dataclasses.replace(
+                lc,
+                steps=steps,
+                eval_every=max(1, min(lc.eval_every, steps)),
+                snapshots=tuple(t for t in lc.snapshots if t <= steps) or (steps,),
+            )
+        if eval_prompts is not None:
+            lc = dataclasses.replace(lc, eval_prompts=eval_prompts)
         n_seeds = cfg["seeds"] if seeds is None else seeds
         folder = work / f"league-{preset}-{lc.steps}"
-        results = run_league(folder, strategies, range(first_seed, first_seed + n_seeds), lc, device, progress)
+        run_league(
+            folder,
+            strategies,
+            range(first_seed, first_seed + n_seeds),
+            lc,
+            device,
+            progress,
+            modes=modes,
+            token_strategies=token_strategies,
+            jobs=jobs,
+            threads=threads,
+            commit=commit,
+        )
+        tok = [s for s in strategies if s != "uniform"] if token_strategies is None else list(token_strategies)
+        labels = [label(s, "rollouts") for s in strategies] if "rollouts" in modes else []
+        labels += [label(s, "tokens") for s in tok] if "tokens" in modes else []
+        if "uniform" not in labels:
+            labels.insert(0, "uniform")
         # the report covers every finished run in the folder (other processes may have run other seeds)
-        results = load_runs(folder, strategies)
+        results = load_runs(folder, labels)
         written = out / "lm_league.md"
-        written.write_text(_TITLE + "\n" + head + "\n" + _league_section(results, lc, strategies))
+        text = league_section(results, lc, labels, out) + "\n\n" + "\n".join(power_lines(results))
+        written.write_text(_TITLE + "\n" + head + "\n" + text + "\n")
         summary = {"commit": commit, "preset": preset, "device": device, "config": asdict(lc)}
-        summary["runs"] = [asdict(r) for r in results]
+        summary["runs"] = [{k: v for k, v in asdict(r).items() if k != "trace"} for r in results]
         (out / "lm_league.json").write_text(json.dumps(summary, indent=1))
     return written

@@ -232,3 +232,62 @@ def build_pool(
         sketches,
         {"sample": t1 - t0, "grad": t2 - t1},
     )
+
+
+def build_policy_pool(
+    problems: Sequence[LMProblem],
+    policy: Any,
+    *,
+    prior_n: int,
+    pool_n: int,
+    max_new_tokens: int,
+    temperature: float,
+    sketch_dim: int,
+    seed: int,
+    progress: Callable[[str], None] = print,
+) -> Pool:
+    """:func:`build_pool` at any policy: ``policy`` is a :class:`vipalloc.bench.lm_fast.FastPolicy` (pretrained
+    or with a snapshot's adapters loaded). Replies are sampled prompt-once for all problems (in chunks of 8
+    prompts), score vectors are the sketched gradients over the policy's adapter parameters (``A`` and ``B``; at
+    the pretrained policy ``B = 0`` and only ``B`` carries gradient)."""
+    import torch
+
+    from vipalloc.bench.lm_fast import rewards_of
+
+    sketch = CountSketch(policy.params, sketch_dim, seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    m = len(problems)
+    prior = np.zeros((m, prior_n))
+    rewards = np.zeros((m, pool_n))
+    comps: list[list[list[int]]] = []
+    t0 = time.perf_counter()
+    for k in range(0, m, 8):
+        chunk = problems[k : k + 8]
+        groups = policy.sample(
+            [p.question for p in chunk], [prior_n + pool_n] * len(chunk), max_new_tokens, temperature, gen
+        )
+        for j, (g, r) in enumerate(zip(groups, rewards_of(policy, groups, [p.answer for p in chunk]))):
+            prior[k + j], rewards[k + j] = r[:prior_n], r[prior_n:]
+            comps.append(g[prior_n:])
+        progress(f"pool: sampled {min(k + 8, m)}/{m} prompts (pool success so far {rewards[: k + 8].mean():.2f})")
+    t1 = time.perf_counter()
+    sketches = np.zeros((m, pool_n, sketch_dim), np.float32)
+    for i, prob in enumerate(problems):
+        if rewards[i].min() == rewards[i].max():
+            continue  # every advantage of every resample is 0: the score vectors never enter an estimator
+        prompt = policy.prompt_ids(prob.question)
+        for j, c in enumerate(comps[i]):
+            lp = policy.logprobs([prompt], [c])[0]
+            grads = torch.autograd.grad(lp, policy.params, allow_unused=True)
+            sketches[i, j] = sketch(grads)
+        progress(f"pool: score vectors of prompt {i + 1}/{m}")
+    t2 = time.perf_counter()
+    return Pool(
+        [p.prompt_id for p in problems],
+        [p.question for p in problems],
+        np.array([p.level for p in problems]),
+        prior,
+        rewards,
+        sketches,
+        {"sample": t1 - t0, "grad": t2 - t1},
+    )

@@ -23,7 +23,7 @@ from vipalloc import Allocator
 from vipalloc.bench.lm_pool import Pool
 from vipalloc.history import RolloutHistory
 
-__all__ = ["VarianceRow", "group_gradient", "measure_variance"]
+__all__ = ["VarianceRow", "group_gradient", "measure_variance", "reference_gradient"]
 
 SINGLE = ("uniform", "vip", "vip_pure", "knapsack")
 TWO_PHASE = ("vip_two_phase",)
@@ -43,6 +43,16 @@ def group_gradient(rewards: np.ndarray, scores: np.ndarray, estimator: str) -> n
     return (adv @ scores.astype(np.float64)) / n
 
 
+def reference_gradient(pool: Pool) -> np.ndarray:
+    """The batch's expected gradient as the pool estimates it without bias: every pool rollout, RLOO advantages
+    (``sum_i (1/N) sum_j (r_ij - mean of the others) s_ij``, whose mean is ``sum_i E[r s]`` with no ``(N-1)/N``
+    shrinkage), float64 ``(d,)``. The target of the measured squared error, for both estimators."""
+    out = np.zeros(pool.sketches.shape[2], np.float64)
+    for i in range(len(pool.prompt_ids)):
+        out += group_gradient(pool.rewards[i], pool.sketches[i], "rloo")
+    return out
+
+
 @dataclass
 class VarianceRow:
     strategy: str
@@ -58,6 +68,12 @@ class VarianceRow:
     cosine_ci: tuple[float, float]
     dropped: float  # mean prompts with no rollouts
     counts: list[float] = field(default_factory=list)  # mean group size per prompt
+    mean_n: int = 0  # the budget, rollouts a prompt on average
+    error_ratio: float = float("nan")  # measured E|G - g|^2 over uniform's (g: reference_gradient)
+    error_ratio_ci: tuple[float, float] = (float("nan"), float("nan"))
+    best_error_ratio: float = float("nan")  # measured error at the best step size over uniform's
+    best_error_ratio_ci: tuple[float, float] = (float("nan"), float("nan"))
+    modelled_error: float = float("nan")  # mean Plan.error_ratio (variance plus lost signal, best step size)
 
 
 def _allocator(strategy: str, predictor: str, estimator: str, pool: Pool, n_min: int, n_max: int) -> Allocator:
@@ -79,6 +95,21 @@ def _trace(g: np.ndarray) -> float:
     return float(g.var(axis=0, ddof=1).sum())
 
 
+def _sq_err(g: np.ndarray, ref: np.ndarray) -> float:
+    return float(((g - ref) ** 2).sum(axis=1).mean())
+
+
+def _best_err(g: np.ndarray, ref: np.ndarray) -> float:
+    """``min_c E|c G - g|^2 / |g|^2 = 1 - E<G, g>^2 / (|g|^2 E|G|^2)`` (the error at the best step size)."""
+    num = float((g @ ref).mean()) ** 2
+    den = float((ref @ ref) * (g * g).sum(axis=1).mean())
+    return 1.0 - num / den if den > 0 else 1.0
+
+
+def _ci(x: np.ndarray) -> tuple[float, float]:
+    return float(np.quantile(x, 0.025)), float(np.quantile(x, 0.975))
+
+
 def measure_variance(
     pool: Pool,
     *,
@@ -93,11 +124,14 @@ def measure_variance(
     strategies: Sequence[str] = SINGLE + TWO_PHASE,
     progress: Callable[[str], None] = print,
 ) -> list[VarianceRow]:
-    """Measured vs modelled variance for every (estimator, predictor, strategy), uniform first."""
+    """Measured vs modelled variance and gradient error for every (estimator, predictor, strategy), uniform first,
+    at ``mean_n`` rollouts a prompt. Any registered strategy name works; two-phase ones (``Strategy.two_phase``)
+    re-plan their commit from each resample's drawn pilot."""
     m, pool_n = pool.rewards.shape
     budget = m * mean_n
     p = pool.p
     rows: list[VarianceRow] = []
+    ref_g = reference_gradient(pool)
     for est in estimators:
         full = sum(group_gradient(pool.rewards[i], pool.sketches[i], est) for i in range(m))
         full_norm = float(np.linalg.norm(full)) or 1.0
@@ -107,16 +141,18 @@ def measure_variance(
             for strat in order:
                 rng = np.random.default_rng([seed, len(rows)])
                 alloc0 = _allocator(strat, pred, est, pool, n_min, n_max)
+                two_phase = alloc0.strategy.two_phase
                 g = np.zeros((resamples, pool.sketches.shape[2]))
                 sizes = np.zeros((resamples, m))
                 modelled = np.zeros(resamples)
-                uni_counts: np.ndarray | None = None
-                plan = None if strat in TWO_PHASE else alloc0.plan(pool.prompt_ids, pool.questions, budget, step=1)
+                modelled_err = np.zeros(resamples)
+                plan = None if two_phase else alloc0.plan(pool.prompt_ids, pool.questions, budget, step=1)
                 for r in range(resamples):
                     if plan is not None:
                         counts = plan.counts
                         idx = [rng.integers(0, pool_n, int(c)) for i, c in enumerate(counts)]
                         modelled[r] = plan.variance_ratio
+                        modelled_err[r] = plan.error_ratio
                     else:
                         alloc = copy.deepcopy(alloc0)
                         pilot = alloc.plan_pilot(pool.prompt_ids, pool.questions, budget, step=1, pilot_n=2)
@@ -132,13 +168,13 @@ def measure_variance(
                         ]
                         counts = commit.group_sizes
                         modelled[r] = commit.variance_ratio
+                        modelled_err[r] = commit.error_ratio
                     sizes[r] = counts
                     g[r] = sum(
                         group_gradient(pool.rewards[i, ix], pool.sketches[i, ix], est) for i, ix in enumerate(idx)
                     )
                 if strat == "uniform":
-                    uni_counts = sizes[0].astype(np.int64)
-                    base = {"g": g, "counts": uni_counts}
+                    base = {"g": g, "counts": sizes[0].astype(np.int64)}
                 ref = Allocator(strategy="uniform", predictor="empirical", estimator=est, n_min=n_min, n_max=n_max)
                 model_pool = np.mean(
                     [ref.expected_variance(p, s.astype(np.int64)) for s in sizes[: min(resamples, 64)]]
@@ -150,6 +186,10 @@ def measure_variance(
                 other = [brng.integers(0, resamples, resamples) for _ in range(boots)]
                 tr_boot = np.array([_trace(g[ix]) for ix in own])
                 ratio_boot = tr_boot / np.array([_trace(ug[ix]) for ix in other])
+                err_boot = np.array([_sq_err(g[a], ref_g) / _sq_err(ug[b], ref_g) for a, b in zip(own, other)])
+                best_boot = np.array(
+                    [_best_err(g[a], ref_g) / max(_best_err(ug[b], ref_g), 1e-300) for a, b in zip(own, other)]
+                )
                 cos_boot = np.array([float(cos[ix].mean()) for ix in own])
                 tr = _trace(g)
                 rows.append(
@@ -158,19 +198,26 @@ def measure_variance(
                         predictor=pred,
                         estimator=est,
                         trace=tr,
-                        trace_ci=(float(np.quantile(tr_boot, 0.025)), float(np.quantile(tr_boot, 0.975))),
+                        trace_ci=_ci(tr_boot),
                         ratio=tr / _trace(ug),
-                        ratio_ci=(float(np.quantile(ratio_boot, 0.025)), float(np.quantile(ratio_boot, 0.975))),
+                        ratio_ci=_ci(ratio_boot),
                         modelled=float(modelled.mean()),
                         modelled_pool_p=float(model_pool),
                         cosine=float(cos.mean()),
-                        cosine_ci=(float(np.quantile(cos_boot, 0.025)), float(np.quantile(cos_boot, 0.975))),
+                        cosine_ci=_ci(cos_boot),
                         dropped=float((sizes == 0).sum(axis=1).mean()),
                         counts=sizes.mean(axis=0).round(2).tolist(),
+                        mean_n=mean_n,
+                        error_ratio=_sq_err(g, ref_g) / _sq_err(ug, ref_g),
+                        error_ratio_ci=_ci(err_boot),
+                        best_error_ratio=_best_err(g, ref_g) / max(_best_err(ug, ref_g), 1e-300),
+                        best_error_ratio_ci=_ci(best_boot),
+                        modelled_error=float(modelled_err.mean()),
                     )
                 )
                 progress(
-                    f"variance: {est} {pred} {strat}: measured ratio {rows[-1].ratio:.3f} "
-                    f"modelled {rows[-1].modelled:.3f} (at pool p {model_pool:.3f}) cos {rows[-1].cosine:.3f}"
+                    f"variance: {mean_n}/prompt {est} {pred} {strat}: error ratio {rows[-1].error_ratio:.3f} "
+                    f"(best step {rows[-1].best_error_ratio:.3f}, modelled {rows[-1].modelled_error:.3f}) "
+                    f"variance ratio {rows[-1].ratio:.3f} (modelled {rows[-1].modelled:.3f}) cos {rows[-1].cosine:.3f}"
                 )
     return rows

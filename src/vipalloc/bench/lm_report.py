@@ -1,0 +1,232 @@
+"""The reports of ``vipalloc bench lm``: the variance part at policy snapshots (measured gradient error and cosine
+next to the modelled values) and the league (costs to reach 50/75/90/100% of uniform's gain on rollouts, tokens and
+wall-clock with paired bootstrap intervals, AUC, final mean@k and pass@k, next-step Brier).
+
+The level ratios, their bootstrap and the AUC come from :mod:`vipalloc.bench.train_levels` (the same code as
+``bench train``); this module only turns league runs into its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vipalloc.bench.lm_league import BRIER_PREDICTORS, LeagueConfig, RunResult, label
+from vipalloc.bench.train_levels import levels_lines
+from vipalloc.reporting import fmt_ci, md_table, paired_verdict
+
+__all__ = ["league_section", "power_lines", "variance_section"]
+
+
+def _ci(lo_hi: Sequence[float], digits: int = 3) -> str:
+    return f"[{lo_hi[0]:.{digits}f}, {lo_hi[1]:.{digits}f}]"
+
+
+def variance_section(blocks: Sequence[dict[str, Any]]) -> str:
+    """``blocks``: one per (snapshot, task setting): ``{"snapshot", "setting", "pool" (a Pool), "rows"}``."""
+    lines = [
+        "## (a) Gradient error and variance on real rollouts, at policy snapshots\n",
+        "For each snapshot (the pretrained model, or LoRA adapters saved by the league's uniform runs) and task "
+        "setting, a pool of replies per prompt (the first few are the predictors' history); allocations at a budget "
+        "of `mean_n` rollouts a prompt are resampled from the pool. *error*: measured `E|G - g|^2` over uniform's, "
+        "with `g` the pool's unbiased whole-pool gradient (RLOO advantages over every pool reply); *best step*: the "
+        "same at the best step size, `1 - E<G,g>^2 / (|g|^2 E|G|^2)`, over uniform's (what `Plan.error_ratio` "
+        "models); *model err*: mean `Plan.error_ratio`; *var*: measured tr Cov ratio, *model var*: mean "
+        "`Plan.variance_ratio`; *cos*: mean cosine to the whole-pool gradient of the same estimator. Brackets: 95% "
+        "bootstrap over resamples (resampling noise only, not another pool).\n",
+    ]
+    for b in blocks:
+        pool = b["pool"]
+        p = pool.p
+        mixed = int(((p > 0) & (p < 1)).sum())
+        lines.append(
+            f"### snapshot `{b['snapshot']}`, chain_sum {b['setting']}\n\nPool: {len(p)} prompts x "
+            f"{pool.rewards.shape[1]} replies (+{pool.prior_rewards.shape[1]} history each), mean success "
+            f"{p.mean():.3f}, {mixed} prompts with 0 < p < 1, {int((p == 0).sum())} never solved; sampling "
+            f"{pool.seconds['sample']:.0f} s, gradients {pool.seconds['grad']:.0f} s.\n"
+        )
+        table = []
+        for r in b["rows"]:
+            table.append(
+                [
+                    r.mean_n,
+                    r.estimator,
+                    r.predictor,
+                    r.strategy,
+                    f"{r.error_ratio:.3f} {_ci(r.error_ratio_ci)}",
+                    f"{r.best_error_ratio:.3f} {_ci(r.best_error_ratio_ci)}",
+                    f"{r.modelled_error:.3f}",
+                    f"{r.ratio:.3f} {_ci(r.ratio_ci)}",
+                    f"{r.modelled:.3f}",
+                    f"{r.cosine:.3f} {_ci(r.cosine_ci)}",
+                    f"{r.dropped:.1f}",
+                ]
+            )
+        lines.append(
+            md_table(
+                [
+                    "n/prompt",
+                    "estimator",
+                    "p from",
+                    "strategy",
+                    "error",
+                    "best step",
+                    "model err",
+                    "var",
+                    "model var",
+                    "cos",
+                    "dropped",
+                ],
+                table,
+                align="rlllrrrrrrr",
+            )
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _as_train_runs(results: Sequence[RunResult]) -> dict[str, list[dict[str, Any]]]:
+    """League runs in ``bench train``'s shape for :func:`levels_lines`: per label, per seed, one metrics record per
+    evaluation with cumulative rollouts, tokens, training seconds and ``eval_acc`` (mean@k)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        metrics = []
+        for step, acc in zip(r.eval_steps, r.eval_mean_at_k):
+            k = step - 1
+            metrics.append(
+                {
+                    "cum_rollouts": float(r.rollouts[k]) if k >= 0 else 0.0,
+                    "cum_tokens": float(r.tokens[k]) if k >= 0 else 0.0,
+                    "cum_seconds": float(r.train_seconds[k]) if k >= 0 and r.train_seconds else 0.0,
+                    "eval_acc": float(acc),
+                }
+            )
+        runs.setdefault(label(r.strategy, r.mode), []).append({"seed": r.seed, "metrics": metrics})
+    return runs
+
+
+def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequence[str], out: Path | None) -> str:
+    """The league's markdown: per-row summary, cost ratios at four levels (train_levels), pass@k, Brier."""
+    by: dict[str, dict[int, RunResult]] = {}
+    for r in results:
+        by.setdefault(label(r.strategy, r.mode), {})[r.seed] = r
+    k = cfg.eval_k
+    lines = [
+        "## (c) GRPO league on SmolLM2: equal rollouts, and equal tokens (`<strategy>@tokens`)\n",
+        f"{cfg.steps} steps of {cfg.batch} prompts x {cfg.mean_n} rollouts on average (n in [{cfg.n_min}, "
+        f"{cfg.n_max}]; `@tokens` rows: `token_budget = Allocator.uniform_tokens(ids, {cfg.mean_n})`), "
+        f"{cfg.train_prompts} training prompts revisited, LoRA r={cfg.rank} on the top "
+        f"{cfg.top_layers or 'all'} layers, Adam lr {cfg.lr}, Dr.GRPO loss, short answers "
+        f"({cfg.max_new_tokens} new tokens at most), predictor `{cfg.predictor}`; held-out mean@{k} and pass@{k} "
+        f"on {cfg.eval_prompts} prompts (the same prompts and sampling seeds for every row of a seed).\n",
+    ]
+    table = []
+    for name in labels:
+        runs = list(by.get(name, {}).values())
+        if not runs:
+            continue
+        table.append(
+            [
+                name,
+                len(runs),
+                fmt_ci([r.eval_mean_at_k[0] for r in runs]),
+                fmt_ci([r.eval_mean_at_k[-1] for r in runs]),
+                fmt_ci([r.eval_pass_at_k[-1] for r in runs if r.eval_pass_at_k]),
+                f"{np.mean([r.eval_se[-1] for r in runs if r.eval_se]):.3f}" if runs[0].eval_se else "-",
+                fmt_ci([float(np.mean(r.train_success)) for r in runs]),
+                fmt_ci([r.rollouts[-1] for r in runs], digits=0),
+                fmt_ci([r.tokens[-1] for r in runs], digits=0),
+                fmt_ci([r.train_seconds[-1] / len(r.steps) for r in runs if r.train_seconds], digits=1),
+            ]
+        )
+    lines.append(
+        md_table(
+            [
+                "row",
+                "seeds",
+                f"mean@{k} start",
+                f"mean@{k} end",
+                f"pass@{k} end",
+                "eval se",
+                "train success",
+                "rollouts",
+                "tokens",
+                "s / step",
+            ],
+            table,
+        )
+    )
+    lines.append("")
+    base = by.get("uniform", {})
+    for name in labels:
+        if name == "uniform" or name not in by:
+            continue
+        common = sorted(set(base) & set(by[name]))
+        if not common:
+            continue
+        d_end = [by[name][s].eval_mean_at_k[-1] - base[s].eval_mean_at_k[-1] for s in common]
+        d_pass = [
+            by[name][s].eval_pass_at_k[-1] - base[s].eval_pass_at_k[-1]
+            for s in common
+            if by[name][s].eval_pass_at_k and base[s].eval_pass_at_k
+        ]
+        lines.append(
+            f"- `{name}` - `uniform`, paired over seeds {common}: final mean@{k} {paired_verdict(d_end)}"
+            + (f"; final pass@{k} {paired_verdict(d_pass)}" if d_pass else "")
+        )
+    lines.append("")
+    train_runs = _as_train_runs([r for r in results if label(r.strategy, r.mode) in labels])
+    if "uniform" in train_runs and len(train_runs) > 1:
+        seeds = {r["seed"] for r in train_runs["uniform"]}
+        paired = {n: rs for n, rs in train_runs.items() if seeds <= {r["seed"] for r in rs}}
+        paired = {n: [r for r in rs if r["seed"] in seeds] for n, rs in paired.items()}
+        lines += levels_lines({"runs": paired}, out)
+    lines.append("## (b) Next-step Brier along the league runs\n")
+    lines.append(
+        "Rollout-weighted Brier of each predictor's prediction made before the step, on prompts seen at an earlier "
+        "step (binary outcomes; lower is better); one value per run (mean over its steps), mean ± 95% interval.\n"
+    )
+    rows = []
+    per_run: dict[str, list[float]] = {}
+    for name in BRIER_PREDICTORS:
+        vals = []
+        for r in results:
+            b, w = np.array(r.brier.get(name, []), float), np.array(r.brier_n, float)
+            ok = np.isfinite(b) & (w > 0) if b.size == w.size else np.zeros(0, bool)
+            vals.append(float((b[ok] * w[ok]).sum() / w[ok].sum()) if ok.any() else float("nan"))
+        per_run[name] = vals
+        rows.append([name, int(np.isfinite(vals).sum()), fmt_ci([v for v in vals if np.isfinite(v)], digits=4)])
+    lines.append(md_table(["predictor", "runs", "Brier"], rows))
+    for other in BRIER_PREDICTORS[1:]:
+        diff = np.array(per_run[other]) - np.array(per_run[BRIER_PREDICTORS[0]])
+        diff = diff[np.isfinite(diff)]
+        if diff.size:
+            lines.append(
+                f"- Brier of `{other}` minus `{BRIER_PREDICTORS[0]}`, paired by run (positive: "
+                f"`{BRIER_PREDICTORS[0]}` better): {paired_verdict(diff)}"
+            )
+    return "\n".join(lines)
+
+
+def power_lines(results: Sequence[RunResult], effect: float = 0.03) -> list[str]:
+    """Seeds needed to resolve a final mean@k difference of ``effect`` (paired, two-sided 5%, 80% power), from
+    the runs at hand: the between-seed sd of a paired difference is estimated as ``sqrt(2) x`` the sd of uniform's
+    gain over seeds (no correlation credited) and, when pairs exist, from the pairs themselves."""
+    from scipy.stats import norm
+
+    uni = [r for r in results if r.strategy == "uniform" and r.mode == "rollouts"]
+    if len(uni) < 2:
+        return ["- power: needs 2 or more uniform seeds."]
+    gains = np.array([r.eval_mean_at_k[-1] - r.eval_mean_at_k[0] for r in uni])
+    sd = float(np.sqrt(2) * gains.std(ddof=1))
+    z = float(norm.ppf(0.975) + norm.ppf(0.8))
+    need = int(np.ceil((z * sd / effect) ** 2))
+    se = float(np.mean([r.eval_se[-1] for r in uni if r.eval_se])) if uni[0].eval_se else float("nan")
+    return [
+        f"- power: uniform's gain over {len(uni)} seeds {gains.mean():+.3f} (sd {gains.std(ddof=1):.3f}); one "
+        f"evaluation's se {se:.3f}; a paired difference of {effect:.2f} in final mean@k needs about {need} seeds "
+        f"(sd of a difference taken as {sd:.3f})."
+    ]
