@@ -297,3 +297,68 @@ def test_plan_error_ratio_counts_the_signal_a_plan_gives_up() -> None:
     q = np.array([0.0, 0.0, 0.5, 0.5])
     bad = Plan(["a", "b", "c", "d"], np.array([8, 8, 0, 0]), q, np.zeros(4), 16, 0, "x", "drgrpo", 0.0, 1.0)
     assert bad.variance_ratio == 0.0 and bad.error_ratio > 1.0
+
+
+# ----------------------------------------------------------------------------------------- vip_error_two_phase
+def test_error_commit_is_optimal_against_brute_force() -> None:
+    """The commit maximises N^2 / D of the final groups under the posteriors (each a Beta-Binomial draw)."""
+    from vipalloc.strategies.commit import beta_mean_std, beta_posterior, beta_prior, commit_domain
+
+    rng = np.random.default_rng(5)
+    strat = get_strategy("vip_error_two_phase")
+    for _ in range(12):
+        m, pilot_n, n_min, n_max = 4, 2, 2, 7
+        mean, std = rng.uniform(0.02, 0.98, m), rng.uniform(0.02, 0.2, m)
+        trials = np.full(m, pilot_n)
+        succ = rng.integers(0, pilot_n + 1, m)
+        budget = int(rng.integers(2, 12))
+        dec = strat.commit(mean, std, trials, succ, trials, budget, n_min, n_max, pilot_n)
+        assert dec.extra.sum() == budget
+        a, b = beta_posterior(*beta_prior(mean, std), succ, trials)
+        pm, ps = beta_mean_std(a, b)
+        vals = commit_domain(pilot_n, n_min, n_max, allow_drop=True, min_keep=2)
+        best = max(
+            _snr(pm, trials + np.array(e), "drgrpo", 1.0, ps)
+            for e in itertools.product(vals.tolist(), repeat=m)
+            if sum(e) == budget
+        )
+        assert _snr(pm, trials + dec.extra, "drgrpo", 1.0, ps) >= best * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("budget", [40, 77, 90])  # the 6 informative prompts can absorb each (6 x 16 = 96)
+def test_error_two_phase_cycle_spends_the_budget_and_skips_hopeless_prompts(budget: int) -> None:
+    from vipalloc.allocator import Allocator
+
+    ids = [f"q{i}" for i in range(10)]
+    p = np.array([0.0, 0.0, 0.3, 0.5, 0.6, 1.0, 0.45, 0.2, 0.7, 0.0])
+    rng = np.random.default_rng(budget)
+    alloc = Allocator(strategy="vip_error_two_phase", predictor="oracle", n_min=2, n_max=16, seed=1)
+    alloc.predictor.set_true_p(ids, p)  # type: ignore[attr-defined]
+    pilot = alloc.plan_pilot(ids, budget=budget, step=0, pilot_n=2)
+    exact = (p == 0) | (p == 1)
+    assert np.all(pilot.counts[exact] == 0) and set(pilot.counts.tolist()) <= {0, 2}
+    assert np.array_equal(pilot.counts == 0, alloc_single_drops(ids, p, budget))
+    alloc.observe(ids, [(rng.uniform(size=int(c)) < q).astype(float) for c, q in zip(pilot.counts, p)], step=0)
+    commit = alloc.plan_commit(step=0)
+    assert int(pilot.counts.sum() + commit.counts.sum()) == budget
+    assert np.all(commit.group_sizes[exact] == 0) and np.all(commit.group_sizes <= 16)
+    assert commit.error_ratio <= 1.0 + 1e-9
+
+
+def alloc_single_drops(ids: list[str], p: np.ndarray, budget: int) -> np.ndarray:
+    """What single-phase vip_error drops on the same (exact) predictions: the pilot's skip rule."""
+    from vipalloc.allocator import Allocator
+
+    single = Allocator(strategy="vip_error", predictor="oracle", n_min=2, n_max=16, seed=1)
+    single.predictor.set_true_p(ids, p)  # type: ignore[attr-defined]
+    return single.plan(ids, budget=budget, step=0).dropped
+
+
+def test_error_two_phase_token_commit_stays_within_the_tokens() -> None:
+    strat = get_strategy("vip_error_two_phase")
+    mean, std = np.array([0.3, 0.5, 0.05, 0.8]), np.full(4, 0.1)
+    trials = np.full(4, 2)
+    c = np.array([10.0, 30.0, 20.0, 15.0])
+    dec = strat.commit_tokens(mean, std, trials, np.array([1, 1, 0, 2]), trials, 200.0, c, 2, 8, 2, None)
+    assert float(dec.extra @ c) <= 200.0 * (1 + 1e-9) and np.all(trials + dec.extra <= 8)
+    assert 0.0 <= dec.gap < 1e-3

@@ -13,7 +13,9 @@ own module, and none of them imports this one:
 | :mod:`~vipalloc.strategies.authors` | ``vip_authors`` (the VIP authors' whole procedure) |
 | :mod:`~vipalloc.strategies.peers` | ``knapsack``, ``gvm``, ``dynamo``, ``hora`` |
 | :mod:`~vipalloc.strategies.coba` | ``coba`` (CoBA-RL) |
-| :mod:`~vipalloc.strategies.two_phase` | ``vip_two_phase``, ``pilot_commit`` (pilot, then commit) |
+| :mod:`~vipalloc.strategies.two_phase` | ``vip_two_phase`` (pilot, then commit), the shared two-phase pieces |
+| :mod:`~vipalloc.strategies.pilot_commit` | ``pilot_commit`` (the Pilot-Commit peer) |
+| :mod:`~vipalloc.strategies.error_two_phase` | ``vip_error_two_phase`` (two-phase on the gradient error) |
 
 Ties are broken toward earlier prompts; the ``Allocator`` shuffles prompts with a seeded per-step permutation, so
 no prompt is favoured systematically. Details and worked examples: ``docs/strategies.md``.
@@ -38,6 +40,7 @@ from vipalloc.strategies.base import (
 )
 from vipalloc.strategies.coba import CoBA
 from vipalloc.strategies.error import VIPError
+from vipalloc.strategies.error_two_phase import VIPErrorTwoPhase
 from vipalloc.strategies.peers import GVM, HORA, DynaMO, Knapsack, knapsack_value, proportional_counts
 from vipalloc.strategies.pilot_commit import PilotCommit
 from vipalloc.strategies.two_phase import TwoPhaseStrategy, VIPTwoPhase
@@ -65,6 +68,7 @@ __all__ = [
     "Uniform",
     "VIPAuthors",
     "VIPError",
+    "VIPErrorTwoPhase",
     "VIPPure",
     "VIPTwoPhase",
     "balance_ties",
@@ -89,10 +93,11 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "vip_authors": lambda estimator, **kw: VIPAuthors(estimator=estimator, **kw),
     "dynamo": lambda estimator, **kw: DynaMO(**kw),
     "hora": lambda estimator, **kw: HORA(**kw),
-    "coba": lambda estimator, **kw: CoBA(**kw),
-    "vip_error": lambda estimator, **kw: VIPError(estimator=estimator, **kw),
     "vip_two_phase": lambda estimator, **kw: VIPTwoPhase(estimator=estimator, **kw),
     "pilot_commit": lambda estimator, **kw: PilotCommit(**kw),
+    "coba": lambda estimator, **kw: CoBA(**kw),
+    "vip_error": lambda estimator, **kw: VIPError(estimator=estimator, **kw),
+    "vip_error_two_phase": lambda estimator, **kw: VIPErrorTwoPhase(estimator=estimator, **kw),
 }
 STRATEGY_NAMES = tuple(_FACTORIES)
 TWO_PHASE_STRATEGIES = tuple(n for n, f in _FACTORIES.items() if f("drgrpo").two_phase)

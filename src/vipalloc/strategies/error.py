@@ -43,7 +43,7 @@ from vipalloc.strategies.base import (
 )
 from vipalloc.strategies.uniform import uniform_token_counts
 
-__all__ = ["VIPError", "signal_to_noise"]
+__all__ = ["VIPError", "best_plan", "signal_to_noise"]
 
 _GRID = np.geomspace(1 / 16, 16, 17)  # multiples of uniform's lam tried before refining
 _MAX_REFINE = 50
@@ -110,7 +110,7 @@ class VIPError(StrategyBase):
         def solve(lam: float) -> np.ndarray:
             return minimize_separable(lam * d_tab - 2.0 * n_tab, vals, budget)
 
-        idx = _best_plan(solve, n_tab, d_tab, rows, np.searchsorted(vals, start))
+        idx = best_plan(solve, n_tab, d_tab, rows, np.searchsorted(vals, start))
         counts = vals[idx]
         return _even_within_classes(counts, self._classes(p, context), vals, n_tab, d_tab)
 
@@ -134,7 +134,7 @@ class VIPError(StrategyBase):
             return np.searchsorted(vals, sol.counts)
 
         start = uniform_token_counts(c, t, n_max, cap)
-        idx = _best_plan(solve, n_tab, d_tab, rows, np.searchsorted(vals, np.clip(start, n_min, n_max)))
+        idx = best_plan(solve, n_tab, d_tab, rows, np.searchsorted(vals, np.clip(start, n_min, n_max)))
         return TokenCounts(vals[idx], float(max(gaps)) if gaps else 0.0)
 
 
@@ -178,7 +178,7 @@ def _even_within_classes(
     return out
 
 
-def _best_plan(
+def best_plan(
     solve: Callable[[float], np.ndarray], n_tab: np.ndarray, d_tab: np.ndarray, rows: np.ndarray, start: np.ndarray
 ) -> np.ndarray:
     """Column per prompt maximising ``N^2 / D``: exact parametric solves over a grid of ``lam`` around the
