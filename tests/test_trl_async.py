@@ -199,3 +199,16 @@ def test_async_trainer_refusals(tmp_path) -> None:
     epochs = AsyncGRPOConfig(output_dir=str(tmp_path), num_generations=4, use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="max_steps"):
         VIPAsyncGRPOTrainer("m", solved, epochs, _dataset())
+
+
+def test_resume_position_skips_positions_without_a_group(tmp_path) -> None:
+    """TRL resumes at ``start + first untrained group``; with VIP, positions the plans dropped never train, so the
+    resume position is the first one that is neither trained nor listed as skipped by the loop."""
+    from vipalloc.integrations.trl.async_trainer import resume_position
+
+    path = tmp_path / "skipped.txt"
+    path.write_text("1\n4\n")
+    assert resume_position({0, 2, 3}, str(path)) == 5
+    assert resume_position({0, 2}, str(path)) == 3
+    assert resume_position({0, 2, 3}, None) == 1  # without the list: TRL's own count, stopping at the drop
+    assert resume_position(set(), str(tmp_path / "missing.txt")) == 0

@@ -26,7 +26,10 @@ budget with that rollout budget as a cap; every group's generated tokens (``Grou
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -93,8 +96,16 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
     ``vip_mean_n`` (rollouts per prompt on average: the budget), ``vip_chunk_prompts`` (prompts per chunk),
     ``vip_success_threshold`` (reward ``>=`` this is a success), ``vip_prompt_id_column``, ``vip_state_path``
     (where the allocator is saved after every fully observed chunk; ``None``: not saved), ``vip_token_budget``
-    (None, ``"uniform"`` or a cap in tokens per chunk; ``max_tokens`` bounds a rollout before lengths are known).
-    ``num_generations`` must be the allocator's ``n_max``.
+    (None, ``"uniform"`` or a cap in tokens per chunk; ``max_tokens`` bounds a rollout before lengths are known),
+    ``vip_skipped_path`` (a text file to which the stream positions that form no group are appended, one a line:
+    dropped prompts and a prompt's repeat inside one chunk; ``None``: not written). ``num_generations`` must be the
+    allocator's ``n_max``.
+
+    Group ids are stream positions: group ``k`` is the ``k``-th row the loop took from the dataset since it started
+    (TRL's ``dataset_start_index`` is position 0), so TRL's checkpoint arithmetic (``prompt_index = start + first
+    untrained group``) holds once the positions without a group are known (:func:`resume_position`). Chunks are
+    planned at the allocator's next step (one past the last planned or observed), so a resumed allocator continues
+    its step numbering.
     """
 
     def __init__(
@@ -107,6 +118,7 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
         vip_prompt_id_column: str = "prompt_id",
         vip_state_path: str | None = None,
         vip_token_budget: float | str | None = None,
+        vip_skipped_path: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -125,8 +137,8 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
         self.vip_chunks: dict[int, ChunkRecord] = {}
         self.vip_log: list[GroupRecord] = []
         self._vip_groups: dict[int, tuple[int, str, int, int]] = {}  # group id -> (step, prompt id, n, version)
+        self.vip_skipped_path = vip_skipped_path
         self._vip_rows = self._cycle()
-        self._vip_next_step = 0
 
     def _cycle(self) -> Iterator[dict[str, Any]]:
         while True:  # TRL's order: the dataset iterator (resumable at dataset_start_index), then whole passes
@@ -137,41 +149,55 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
         return _prompt_key(row, self.vip_column)
 
     def _repeat_iterator(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        group_id = 0
+        position = 0  # stream position of the next row taken from the dataset: the group id of its group
         while True:
             rows: list[dict[str, Any]] = []
             ids: list[str] = []
+            positions: list[int] = []
+            skipped: list[int] = []
             for _ in range(8 * self.vip_chunk_prompts):  # a prompt sampled twice in a chunk is planned once
                 row = next(self._vip_rows)
                 key = self._vip_key(row)
-                if key not in ids:
+                if key in ids:
+                    skipped.append(position)
+                else:
                     rows.append(row)
                     ids.append(key)
+                    positions.append(position)
+                position += 1
                 if len(ids) == self.vip_chunk_prompts:
                     break
-            step = self._vip_next_step
-            self._vip_next_step += 1
             budget = min(self.vip_mean_n * len(ids), int(self.allocator.n_max) * len(ids))
             texts = [_prompt_text(r.get("prompt", "")) for r in rows]
             tokens, lengths = step_token_budget(
                 self.vip_token_budget, self.max_tokens, self.allocator, ids, texts, budget
             )
-            if tokens is None:
-                plan = self.allocator.plan(ids, prompts=texts, budget=budget, step=step)
+            if tokens is None:  # step: one past the allocator's last (a resumed allocator continues its numbering)
+                plan = self.allocator.plan(ids, prompts=texts, budget=budget)
             else:
                 plan = self.allocator.plan(
-                    ids, prompts=texts, budget=budget, step=step, token_budget=tokens, expected_lengths=lengths
+                    ids, prompts=texts, budget=budget, token_budget=tokens, expected_lengths=lengths
                 )
+            step = plan.step
             self._push_metrics(plan.metrics())  # vip/* plan metrics (vip/tokens_planned, vip/token_budget, ...)
             self.vip_chunks[step] = ChunkRecord(step, plan, self.model_version, len(self.vip_log))
-            for row, pid, n in zip(rows, ids, plan.counts):
-                if n <= 0:  # dropped: no group at all
+            skipped += [pos for pos, n in zip(positions, plan.counts) if n <= 0]  # dropped: no group at all
+            self._vip_record_skipped(skipped)
+            for row, pid, n, group_id in zip(rows, ids, plan.counts, positions):
+                if n <= 0:
                     continue
                 self._vip_groups[group_id] = (step, pid, int(n), self.model_version)
                 skip = {**row, "prompt": mark_skip(row["prompt"])}
                 for j in range(int(self.num_generations)):
                     yield group_id, (row if j < n else skip)
-                group_id += 1
+
+    def _vip_record_skipped(self, positions: list[int]) -> None:
+        """Append stream positions that form no group to ``vip_skipped_path`` (read at checkpoints by the trainer)."""
+        if not positions or not self.vip_skipped_path:
+            return
+        with open(self.vip_skipped_path, "a") as f:
+            f.write("".join(f"{p}\n" for p in sorted(positions)))
+            f.flush()
 
     async def _generate_one(self, prompt: Any, tool_dict: Any, tools: Any, group_id: int = 0) -> Any:
         if is_skip(prompt):  # a row beyond the prompt's planned count: nothing generated, nothing trained
@@ -243,7 +269,8 @@ class VIPAsyncRolloutWorker(AsyncRolloutWorker):
     """``AsyncRolloutWorker`` that runs :class:`VIPRolloutLoop` in its child process.
 
     Takes ``AsyncRolloutWorker``'s keyword arguments (as ``AsyncGRPOTrainer`` builds them) plus ``allocator``,
-    ``chunk_prompts``, ``success_threshold``, ``prompt_id_column``, ``state_path`` and ``token_budget``.
+    ``chunk_prompts``, ``success_threshold``, ``prompt_id_column``, ``state_path``, ``token_budget`` and
+    ``skipped_path`` (the loop's ``vip_*`` arguments).
     ``num_generations`` (the trainer's ``args.num_generations``) becomes the budget per prompt; the group width sent
     to the loop is the allocator's ``n_max``. The allocator is pickled into the child (``AsyncRolloutWorker.start``
     checks it).
@@ -260,12 +287,14 @@ class VIPAsyncRolloutWorker(AsyncRolloutWorker):
         prompt_id_column: str = "prompt_id",
         state_path: str | None = None,
         token_budget: float | str | None = None,
+        skipped_path: str | None = None,
         num_generations: int = 8,
         **kwargs: Any,
     ) -> None:
         super().__init__(
             num_generations=int(allocator.n_max),
             vip_token_budget=token_budget,
+            vip_skipped_path=skipped_path,
             vip_allocator=allocator,
             vip_mean_n=int(num_generations),
             vip_chunk_prompts=int(chunk_prompts),
@@ -276,6 +305,18 @@ class VIPAsyncRolloutWorker(AsyncRolloutWorker):
         )
 
 
+def resume_position(trained: Any, skipped_path: str | None) -> int:
+    """The first stream position a resumed run must serve again: the smallest position that is neither a trained
+    group (``trained``: TRL's ``_trained_groups``, group ids = positions) nor a position without a group (listed in
+    ``skipped_path`` by the loop: dropped prompts, a prompt's repeat inside a chunk)."""
+    skipped: set[int] = set()
+    if skipped_path and os.path.exists(skipped_path):
+        with open(skipped_path) as f:
+            skipped = {int(line) for line in f if line.strip()}
+    done = set(trained) | skipped
+    return next(k for k in itertools.count() if k not in done)
+
+
 def build_async_trainer_class() -> type:
     """``VIPAsyncGRPOTrainer``: TRL's ``AsyncGRPOTrainer`` with :class:`VIPAsyncRolloutWorker` as its worker.
 
@@ -284,7 +325,6 @@ def build_async_trainer_class() -> type:
     """
     import contextlib
     import functools
-    import os
     import shutil
 
     import trl.experimental.async_grpo.async_grpo_trainer as trainer_module
@@ -294,6 +334,7 @@ def build_async_trainer_class() -> type:
     from vipalloc.strategies import TWO_PHASE_STRATEGIES
 
     state_file = "vip_allocator.json"
+    skipped_file = "vip_skipped_positions.txt"
 
     class VIPAsyncGRPOTrainer(AsyncGRPOTrainer):
         """``AsyncGRPOTrainer`` whose rollout worker gives prompt ``i`` the allocator's ``n_i`` rollouts.
@@ -349,6 +390,7 @@ def build_async_trainer_class() -> type:
                     f"{allocator.strategy_name!r} cannot plan under a token budget: {refusal}"
                 )
             state_path = os.path.join(str(args.output_dir), state_file)
+            skipped_path = os.path.join(str(args.output_dir), skipped_file)
             worker = functools.partial(
                 VIPAsyncRolloutWorker,
                 allocator=allocator,
@@ -357,8 +399,10 @@ def build_async_trainer_class() -> type:
                 prompt_id_column=prompt_id_column,
                 state_path=state_path,
                 token_budget=token_budget,
+                skipped_path=skipped_path,
             )
             self.vip_state_path = state_path
+            self.vip_skipped_path = skipped_path
             # AsyncGRPOTrainer.__init__ builds `AsyncRolloutWorker(...)` by its module-level name; this one call
             # builds VIP's worker with the same arguments (TRL 1.16, async_grpo_trainer.py).
             with _swap(trainer_module, "AsyncRolloutWorker", worker):
@@ -366,15 +410,30 @@ def build_async_trainer_class() -> type:
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             super()._save_checkpoint(model, trial)
-            if self.accelerator.is_main_process and os.path.exists(self.vip_state_path):
-                folder = os.path.join(
-                    self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-                )
+            if not self.accelerator.is_main_process:
+                return
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            if os.path.exists(self.vip_state_path):
                 shutil.copyfile(self.vip_state_path, os.path.join(folder, state_file))
+            rollout_state = os.path.join(folder, "rollout_state.json")
+            worker = self.rollout_worker
+            if os.path.exists(rollout_state) and isinstance(worker, VIPAsyncRolloutWorker):
+                # TRL wrote start + first untrained group id; positions that form no group (drops) are not trained
+                # either, so the resume position skips them (:func:`resume_position`).
+                with open(rollout_state) as f:
+                    saved = json.load(f)
+                start = int(worker._loop_kwargs["dataset_start_index"])
+                saved["prompt_index"] = start + resume_position(self._trained_groups, self.vip_skipped_path)
+                with open(rollout_state, "w") as f:
+                    json.dump(saved, f)
 
         def _inner_training_loop(self, *args: Any, **kwargs: Any) -> Any:
             checkpoint = kwargs.get("resume_from_checkpoint")
             worker = self.rollout_worker
+            if self.accelerator.is_main_process and os.path.exists(self.vip_skipped_path):
+                os.remove(self.vip_skipped_path)  # positions count from this run's start
             if checkpoint and isinstance(worker, VIPAsyncRolloutWorker):  # it starts at train begin: hand it over now
                 path = os.path.join(str(checkpoint), state_file)
                 if os.path.exists(path):
