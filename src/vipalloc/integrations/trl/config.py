@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from trl import GRPOConfig
 
 from vipalloc import Allocator
+from vipalloc.budget import BudgetSpec
 from vipalloc.predictors import PREDICTOR_NAMES
 from vipalloc.strategies import STRATEGY_NAMES, TWO_PHASE_STRATEGIES, get_strategy
 
@@ -242,45 +242,23 @@ def step_token_budget(
     """The token budget of one generation batch (None: plan it by rollouts) and the expected tokens per rollout to
     plan with (None: the allocator's length model), for the token mode ``mode`` (``VIPGRPOConfig.token_budget``,
     normalised); ``max_length``: the most tokens a rollout can hold (``max_completion_length``); ``budget``: the
-    rollout cap; ``least``: the fewest rollouts per prompt a cap must pay for (default the allocator's ``n_min``; a
-    two-phase step passes ``max(n_min, pilot_n)``, its pilot being part of the budget).
+    step's rollouts, also the rollout cap in token mode; ``least``: the fewest rollouts per prompt a cap must pay for
+    (default the allocator's ``n_min``; a two-phase step passes ``max(n_min, pilot_n)``, its pilot being part of the
+    budget).
 
-    ``"uniform"``: :meth:`Allocator.uniform_tokens` at ``budget / M`` rollouts per prompt (``num_generations``
-    unless the batch repeats a prompt); None until a length was observed. A cap: the cap, planned before any length
-    is known at ``max_completion_length`` tokens per rollout (the most a completion can hold, so the cap then holds
-    for any lengths), and raised, with a warning, to ``n_min`` rollouts per prompt at the expected lengths when it
-    cannot pay for them (the allocator's smallest feasible token budget; ``least`` rollouts per prompt when given).
+    The engine's one budget policy (:class:`vipalloc.budget.BudgetSpec`, shared with the CPU trainer and verl):
+    ``"uniform"`` prices ``budget / M`` rollouts a prompt at the predicted lengths (by rollouts before any length is
+    known); a cap is planned before any length at ``max_completion_length`` tokens a rollout and raised, with a
+    warning, to ``least`` rollouts a prompt at the expected lengths when it cannot pay for them. The lengths are
+    forecast once for the batch and step; the plan that follows reuses them.
     """
     if mode is None:
         return None, None
-    m = len(ids)
-    if mode == "uniform":
-        if budget % m == 0:
-            return allocator.uniform_tokens(ids, budget // m, prompts=texts), None
-        per_rollout = allocator.uniform_tokens(ids, 1, prompts=texts)
-        return (None if per_rollout is None else per_rollout * budget / m), None
-    cap = float(mode)
-    pred = allocator.expected_lengths(ids, prompts=texts)
-    lengths = None
-    if pred is not None:
-        c = pred.expected
-    elif max_length is None:  # nothing bounds a rollout's length yet: plan by rollouts
+    spec = BudgetSpec(rollouts=budget, tokens=mode, rollout_cap=budget, max_length=max_length, least=least)
+    resolved = spec.resolve(allocator, ids, prompts=texts)
+    if resolved.tokens is None:  # "uniform" before any length: uniform's rollouts
         return None, None
-    else:
-        c = lengths = np.full(m, float(max_length))
-    n_least = allocator.n_min if least is None else max(int(least), allocator.n_min)
-    need = float(n_least * c.sum())
-    if cap < need:
-        what = f"n_min={allocator.n_min}" if n_least == allocator.n_min else f"max(n_min, pilot_n)={n_least}"
-        warnings.warn(
-            f"token_budget={cap:g} cannot pay for {what} rollouts of each of the {m} prompts at the "
-            f"expected lengths ({need:,.0f} tokens); this generation batch is planned at {need:,.0f} tokens. Raise "
-            "token_budget or lower n_min" + ("" if n_least == allocator.n_min else " / pilot_n"),
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        cap = need
-    return cap, lengths
+    return resolved.tokens, resolved.expected_lengths
 
 
 def default_config(model: Any) -> VIPGRPOConfig:
