@@ -112,11 +112,12 @@ def read_verl(files: Sequence[Path], opts: ReadOptions, table: GroupTable, stats
             elif "prompt_id" in row:
                 key = prompt_key(row["prompt_id"], where, "prompt_id")
             key = text if key is None else key
-            if row.get("uid") is not None:
-                group = "u:" + prompt_key(row["uid"], where, "uid")
+            uid = row.get("uid")
+            if uid is not None:
+                group = "\x00uid:" + prompt_key(uid, where, "uid")  # never a prompt's text or id
                 with_uid += 1
             else:
-                group = "p:" + key
+                group = key
                 no_uid += 1
             buf.steps.append(step)
             buf.groups.append(group)
