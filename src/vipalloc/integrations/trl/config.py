@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from trl import GRPOConfig
@@ -254,7 +254,8 @@ def step_token_budget(
     """
     if mode is None:
         return None, None
-    spec = BudgetSpec(rollouts=budget, tokens=mode, rollout_cap=budget, max_length=max_length, least=least)
+    tokens: float | Literal["uniform"] = "uniform" if mode == "uniform" else float(mode)
+    spec = BudgetSpec(rollouts=budget, tokens=tokens, rollout_cap=budget, max_length=max_length, least=least)
     resolved = spec.resolve(allocator, ids, prompts=texts)
     if resolved.tokens is None:  # "uniform" before any length: uniform's rollouts
         return None, None
