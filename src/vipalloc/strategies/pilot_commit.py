@@ -77,6 +77,20 @@ class PilotCommit(StrategyBase):
         self.check_pilot(len(p_mean), budget, n_min, n_max, pilot_n)
         return np.full(len(p_mean), pilot_n, np.int64)
 
+    def _bands(self, successes: np.ndarray, trials: np.ndarray) -> list[np.ndarray]:
+        """The candidates in the order the commit fills them, for both budgets: the kept batch (in-band, earlier
+        first, at most :meth:`batch_size`), the spare in-band ones, then the others by distance of their pilot
+        pass-rate to the band, a batch at a time (the nearest batch first). Lists of int64 indices."""
+        rate = np.where(trials > 0, successes / np.maximum(trials, 1), np.nan)
+        lo, hi = self.band
+        in_band = (rate >= lo) & (rate <= hi)  # NaN (no pilot came back) is never in band
+        band_idx = np.flatnonzero(in_band)
+        k = self.batch_size(len(trials))
+        dist = np.where(np.isnan(rate), np.inf, np.maximum(lo - rate, rate - hi))
+        others = np.flatnonzero(~in_band)
+        others = others[np.argsort(dist[others], kind="stable")]
+        return [band_idx[:k], band_idx[k:], *np.array_split(others, max(1, -(-others.size // k)))]
+
     def commit(
         self,
         prior_mean: np.ndarray,
@@ -93,20 +107,10 @@ class PilotCommit(StrategyBase):
         s = np.asarray(successes, np.int64)
         t = np.asarray(trials, np.int64)
         m = len(t)
-        rate = np.where(t > 0, s / np.maximum(t, 1), np.nan)
-        lo, hi = self.band
-        in_band = (rate >= lo) & (rate <= hi)  # NaN (no pilot came back) is never in band
-        band_idx = np.flatnonzero(in_band)
-        k = self.batch_size(m)
-        kept, spare = band_idx[:k], band_idx[k:]
-        dist = np.where(np.isnan(rate), np.inf, np.maximum(lo - rate, rate - hi))
-        others = np.flatnonzero(~in_band)
-        others = others[np.argsort(dist[others], kind="stable")]
         cap = np.maximum(n_max - t, 0)  # extra rollouts a prompt can still take
         extra = np.zeros(m, np.int64)
         left = int(budget)
-        # others by distance to the band, a batch at a time (the nearest batch first)
-        for group in (kept, spare, *np.array_split(others, max(1, -(-others.size // k)))):
+        for group in self._bands(s, t):
             if left == 0 or group.size == 0:
                 continue
             left -= fill_uniform(extra, group, cap, left)
@@ -148,20 +152,11 @@ class PilotCommit(StrategyBase):
         s = np.asarray(successes, np.int64)
         t = np.asarray(trials, np.int64)
         c = np.asarray(lengths, np.float64)
-        m = len(t)
-        rate = np.where(t > 0, s / np.maximum(t, 1), np.nan)
-        lo, hi = self.band
-        in_band = (rate >= lo) & (rate <= hi)
-        band_idx = np.flatnonzero(in_band)
-        k = self.batch_size(m)
-        dist = np.where(np.isnan(rate), np.inf, np.maximum(lo - rate, rate - hi))
-        others = np.flatnonzero(~in_band)
-        others = others[np.argsort(dist[others], kind="stable")]
         cap = np.maximum(n_max - t, 0)
-        extra = np.zeros(m, np.int64)
+        extra = np.zeros(len(t), np.int64)
         tokens = max(float(token_budget), 0.0)
         rolls = float("inf") if max_rollouts is None else float(max_rollouts)
-        for group in (band_idx[:k], band_idx[k:], *np.array_split(others, max(1, -(-others.size // k)))):
+        for group in self._bands(s, t):
             if group.size:
                 tokens, rolls = fill_uniform_tokens(extra, group, cap, c, tokens, rolls)
         return Commit(extra, 1.0 + s, 1.0 + (t - s), False, float("nan"))

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from vipalloc.allocation import domain, solve
+from vipalloc.allocation import cost_table, domain, solve
 from vipalloc.strategies.base import (
     HARDNESS_BONUS,
     P_CLIP,
@@ -101,17 +101,8 @@ class VIP(StrategyBase):
         if j_min > j_max:  # no kept set fits [lo, n_max] (lo close to n_max): keep everyone on [n_min, n_max]
             self.last_min_keep_relaxed = True
             return exact(every, n_min, n_max)
-        stage1 = exact(every, 2, n_max)
-        # A group of equal prompts is kept or dropped as one, by its mean stage-1 count (a singleton: its count).
-        k = np.bincount(cls)
-        mean1 = np.bincount(cls, weights=stage1) / k
-        keep_mask = (mean1 >= lo)[cls]
-        j = int(keep_mask.sum())
-        if not (j_min <= j <= j_max):  # the budget forces more or fewer: the most-served groups first
-            order = np.lexsort((every, cls, -mean1[cls]))  # members of a group adjacent; earlier groups on ties
-            keep_mask = np.zeros(m, bool)
-            keep_mask[order[: min(max(j, j_min), j_max)]] = True
-        keep = np.flatnonzero(keep_mask)
+        mean1, order = _served(exact(every, 2, n_max), cls)
+        keep = np.flatnonzero(_kept(mean1, cls, order, lo, j_min, j_max))
         counts = np.zeros(m, np.int64)
         counts[keep] = exact(keep, lo, n_max)
         return counts
@@ -142,21 +133,14 @@ class VIP(StrategyBase):
 
         def exact(idx: np.ndarray, lo: int, hi: int) -> TokenCounts:
             vals = domain(lo, hi)
-            cost = gradient_variance(pc[idx, None], vals[None, :], self.estimator) + bonus * np.log(
-                pc[idx, None]
-            ) * vals[None, :].astype(np.float64)
+            cost = cost_table(pc[idx], vals, self.estimator, bonus)  # the rollout mode's objective, as a table
             return table_tokens(cost, vals, c[idx], t, cap, equal_classes(cls[idx]))
 
         every = np.arange(m)
         if not self.allow_drop:
             return exact(every, n_min, n_max)
         lo = min(max(n_min, int(self.min_keep)), n_max)
-        stage1 = exact(every, 2, n_max).counts
-        k = np.bincount(cls)
-        mean1 = np.bincount(cls, weights=stage1) / k
-        order = np.lexsort((every, cls, -mean1[cls]))  # the most-served groups first, a group's members adjacent
-        keep_mask = (mean1 >= lo)[cls]
-        j = int(keep_mask.sum())
+        mean1, order = _served(exact(every, 2, n_max).counts, cls)
         # the kept prompts must afford lo each and be able to spend the tokens (n_max each)
         afford = np.cumsum(lo * c[order]) <= t * (1 + 1e-12) + 1e-9
         if cap is not None:
@@ -172,14 +156,31 @@ class VIP(StrategyBase):
         if j_max == 0:  # not even one prompt can have the kept minimum: keep everyone on [n_min, n_max]
             self.last_min_keep_relaxed = True
             return exact(every, n_min, n_max)
-        if not (j_min <= j <= j_max):
-            keep_mask = np.zeros(m, bool)
-            keep_mask[order[: min(max(j, j_min), j_max)]] = True
-        keep = np.flatnonzero(keep_mask)
+        keep = np.flatnonzero(_kept(mean1, cls, order, lo, j_min, j_max))
         counts = np.zeros(m, np.int64)
         sol = exact(keep, lo, n_max)
         counts[keep] = sol.counts
         return TokenCounts(counts, sol.gap)
+
+
+def _served(stage1: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The drop rule's ranking, shared by both budgets: each class's mean stage-1 count (float ``(C,)``; a group
+    of equal prompts is kept or dropped as one) and the prompts ordered most-served class first, a class's members
+    adjacent, earlier classes on ties (int64 ``(M,)``)."""
+    mean1 = np.bincount(cls, weights=stage1) / np.bincount(cls)
+    return mean1, np.lexsort((np.arange(len(cls)), cls, -mean1[cls]))
+
+
+def _kept(mean1: np.ndarray, cls: np.ndarray, order: np.ndarray, lo: int, j_min: int, j_max: int) -> np.ndarray:
+    """The drop rule (both budgets): keep the classes whose mean stage-1 count reaches the kept minimum ``lo``;
+    where the budget needs more or fewer kept prompts than that (``[j_min, j_max]``), the most-served first.
+    Bool ``(M,)``."""
+    keep = (mean1 >= lo)[cls]
+    j = int(keep.sum())
+    if not (j_min <= j <= j_max):
+        keep = np.zeros(len(cls), bool)
+        keep[order[: min(max(j, j_min), j_max)]] = True
+    return keep
 
 
 @dataclass
