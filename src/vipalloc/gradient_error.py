@@ -142,27 +142,13 @@ def gradient_error(
         float64, the broadcast shape of ``n`` against ``(M, 1)`` (``(M,)`` for 1-D ``n``), in units of the score
         noise ``E|eps|^2`` (the unit of :func:`vipalloc.variance.gradient_variance`).
     """
-    if estimator not in ERROR_ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r} for the gradient error; choose 'drgrpo' or 'rloo'")
-    rho = check_signal_ratio(signal_ratio)
-    mom = beta_moments(p_mean, p_std)
-    n_arr = np.asarray(n)
-    flat = n_arr.ndim == 1
-    n2 = n_arr.reshape(-1, 1) if flat else n_arr
-    nf = n2.astype(np.float64)
-    if not np.all(np.isfinite(nf)) or np.any(nf != np.round(nf)) or np.any(nf < 0):
-        raise ValueError("n must hold whole, non-negative numbers of rollouts")
-    if estimator == "rloo" and np.any(nf == 1):
+    if estimator == "rloo" and np.any(np.asarray(n) == 1):
         raise ValueError("RLOO needs n >= 2 rollouts per generated prompt (n = 1 has no leave-one-out baseline)")
-    e_s, e_s2, e_sa, q = _terms(mom, n2)
-    d = nf if estimator == "drgrpo" else nf - 1.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        safe = np.where(d > 0, d, 1.0)
-        kept = e_s / safe**2 + rho * (e_s2 / safe**2 - 2.0 * e_sa / safe + q)
-    # n = 1 (Dr.GRPO): the advantage is 0, so the estimate is 0 and the whole signal is lost, as when dropped
-    out = np.where(nf >= 2, kept, rho * q)
-    out = np.maximum(out, 0.0)  # cancellation can leave -1e-17 where the error is exactly 0
-    return out.reshape(-1) if flat else out
+    n_term, d_term = signal_terms(p_mean, n, estimator, signal_ratio=signal_ratio, p_std=p_std)
+    q = lost_signal(p_mean, signal_ratio=signal_ratio, p_std=p_std)
+    # E|g_hat - g|^2 = D - 2N + rho E[a^2]; a dropped prompt (N = D = 0) costs its signal, and so does Dr.GRPO's
+    # n = 1, whose advantage is identically 0. Cancellation can leave -1e-17 where the error is exactly 0.
+    return np.maximum(d_term - 2.0 * n_term + (q if n_term.ndim == 1 else q[:, None]), 0.0)
 
 
 def lost_signal(
