@@ -301,10 +301,12 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def replay(
         paths: list[Path] = typer.Argument(
-            ..., help="Log files or folders: TRL's completions/ parquet, verl's rollout_data_dir, a history.jsonl."
+            ...,
+            help="Log files or folders: TRL's completions/ parquet, verl's rollout_data_dir, a Tinker log_path, a "
+            "history.jsonl or {prompt_id, rewards} rows.",
         ),
         out: Path = typer.Option(..., "--out", help="Folder for replay.md, replay.json, plots and plans."),
-        fmt: str | None = typer.Option(None, "--format", help="trl | verl | history (default: detected)."),
+        fmt: str | None = typer.Option(None, "--format", help="trl | verl | tinker | history (default: detected)."),
         reward: list[str] = typer.Option(
             [], "--reward", help="Reward column/field (repeat to sum several; default: the total score)."
         ),
@@ -340,7 +342,7 @@ def register(app: typer.Typer) -> None:
         embedder: str = typer.Option("auto", help="auto | minilm | hashing (prompt features for gp)."),
         seed: int = typer.Option(0, help="Seed for tie-breaking."),
     ) -> None:
-        """What your last run spent on zero-variance groups, and what allocation would have changed."""
+        """What your last run spent on groups that bought no gradient, and what allocation would have changed."""
         from vipalloc.console import ProgressConsole, fail
 
         try:

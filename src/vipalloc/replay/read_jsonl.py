@@ -56,6 +56,16 @@ class _Buffer:
         self.tokens: list[float] = []
         self.signal: list[float] = []
 
+    def add(self, step: int, group: str, key: str, text: str, reward: float, output: str, signal: float) -> None:
+        """Buffer one rollout whose tokens are counted from ``output``."""
+        self.steps.append(step)
+        self.groups.append(group)
+        self.keys.append(key)
+        self.texts.append(text)
+        self.rewards.append(reward)
+        self.outputs.append(output)
+        self.signal.append(signal)
+
     def flush(self, opts: ReadOptions, table: GroupTable, stats: ReadStats, tick: Any, count: bool = True) -> None:
         """Fold the buffered rollouts in (``count``: tokens from ``outputs``, else the buffered ``tokens``)."""
         if not self.steps:
@@ -78,6 +88,8 @@ def read_verl(files: Sequence[Path], opts: ReadOptions, table: GroupTable, stats
     stats.reward_label = " + ".join(fields)
     stats.signal, stats.signal_label = "score", "score"
     no_uid = with_uid = 0
+    score_is_reward = fields == ["score"]
+    id_field = opts.id_field
     for k, path in enumerate(files):
         stats.current_file = k + 1
         m = VERL_NAME.search(path.name)
@@ -99,19 +111,18 @@ def read_verl(files: Sequence[Path], opts: ReadOptions, table: GroupTable, stats
                 if name not in row:
                     raise ReplayInputError(f"{where}: field '{name}': missing (fields: {sorted(row)})")
                 reward += number(row[name], where, name, allow_bool=True)
-            if fields == ["score"]:
+            if score_is_reward:
                 score = reward
             else:
                 score = number(row["score"], where, "score", allow_bool=True) if "score" in row else float("nan")
             text = row["input"]
-            key = None
-            if opts.id_field:
-                if opts.id_field not in row:
-                    raise ReplayInputError(f"{where}: field '{opts.id_field}': missing (--id-field)")
-                key = prompt_key(row[opts.id_field], where, opts.id_field)
+            key = text
+            if id_field:
+                if id_field not in row:
+                    raise ReplayInputError(f"{where}: field '{id_field}': missing (--id-field)")
+                key = prompt_key(row[id_field], where, id_field)
             elif "prompt_id" in row:
                 key = prompt_key(row["prompt_id"], where, "prompt_id")
-            key = text if key is None else key
             uid = row.get("uid")
             if uid is not None:
                 group = "\x00uid:" + prompt_key(uid, where, "uid")  # never a prompt's text or id
@@ -119,13 +130,7 @@ def read_verl(files: Sequence[Path], opts: ReadOptions, table: GroupTable, stats
             else:
                 group = key
                 no_uid += 1
-            buf.steps.append(step)
-            buf.groups.append(group)
-            buf.keys.append(key)
-            buf.texts.append(text)
-            buf.rewards.append(reward)
-            buf.outputs.append(row["output"])
-            buf.signal.append(score)
+            buf.add(step, group, key, text, reward, row["output"], score)
             if len(buf.steps) >= _CHUNK:
                 buf.flush(opts, table, stats, tick)
         buf.flush(opts, table, stats, tick)
