@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from vipalloc import Allocator, Plan
+from vipalloc.budget import BudgetSpec, StepBudget, resolve_tokens
 from vipalloc.integrations.verl.core import ALLOCATOR_FILE, SUPPORTED_VERL, VIPConfig, trim_to_multiple
 from vipalloc.integrations.verl.layers import as_list, merge_plans, occurrence_layers, one_text_per_id, split_budget
 
@@ -176,15 +177,17 @@ class VIPHook:
         budgets = split_budget(int(budget), sizes, self.cfg.n_min, self.cfg.n_max)
         step = max(int(step), self._last_plan_step + 1)
         rows_of = [np.flatnonzero(layer == k) for k in range(len(budgets))]
-        totals = (
-            None if self.cfg.token_budget is None else self._token_budgets(ids, texts, rows_of, step, rollout_n, share)
+        layers = (
+            None
+            if self.cfg.token_budget is None
+            else self._token_budgets(ids, texts, rows_of, budgets, step, rollout_n, share)
         )
         plans = [
-            self._plan_layer(ids, texts, rows, b, step + k, token_budget=None if totals is None else totals[k])
+            self._plan_layer(ids, texts, rows, b, step + k, given=None if layers is None else layers[k])
             for k, (rows, b) in enumerate(zip(rows_of, budgets))
         ]
-        if totals is not None and multiple is not None:  # rollout plans sum to `budget`, a multiple, already
-            plans = self._round_to_multiple(plans, ids, texts, rows_of, int(multiple))
+        if layers is not None and multiple is not None:  # rollout plans sum to `budget`, a multiple, already
+            plans = self._round_to_multiple(plans, ids, texts, rows_of, int(multiple), layers)
         counts = np.zeros(len(ids), dtype=np.int64)
         for rows, plan in zip(rows_of, plans):
             if np.any(plan.counts == 1):  # strategies keep counts in {0} U [n_min, n_max]; guard verl's gotcha anyway
@@ -205,19 +208,28 @@ class VIPHook:
         rows: np.ndarray,
         budget: int,
         step: int,
-        token_budget: float | None = None,
+        given: StepBudget | None = None,
         before: Plan | None = None,
     ) -> Plan:
-        """``Allocator.plan`` for the rows ``rows`` (int ``(r,)``) of the submission; ``before``: an earlier plan of
-        the same layer this one replaces (its seconds are added, so ``vip/plan_seconds`` is the whole cost)."""
+        """``Allocator.plan`` for the rows ``rows`` (int ``(r,)``) of the submission: by rollouts (``budget``), or
+        under the layer's resolved token budget ``given`` with ``budget`` as its rollout cap; ``before``: an earlier
+        plan of the same layer this one replaces (its seconds are added, so ``vip/plan_seconds`` is the whole
+        cost)."""
         t0 = time.perf_counter()
         sub_texts = None if texts is None else [texts[i] for i in rows]
         sub_ids = [ids[i] for i in rows]
+        token_budget = None if given is None else given.tokens
+        lengths = None if given is None else given.expected_lengths
         try:
             plan = self.allocator.plan(
-                sub_ids, prompts=sub_texts, budget=int(budget), step=step, token_budget=token_budget
+                sub_ids,
+                prompts=sub_texts,
+                budget=int(budget),
+                step=step,
+                token_budget=token_budget,
+                expected_lengths=lengths,
             )
-        except ValueError as exc:  # e.g. a cap below n_min rollouts of every prompt at the predicted lengths
+        except ValueError as exc:  # e.g. the rollout cap below n_min rollouts of every prompt
             if token_budget is None:
                 raise
             raise ValueError(
@@ -234,35 +246,55 @@ class VIPHook:
         ids: list[str],
         texts: list[str] | None,
         rows_of: list[np.ndarray],
+        budgets: list[int],
         step: int,
         rollout_n: int | None,
         share: float,
-    ) -> list[float] | None:
-        """Each occurrence layer's token budget (layer ``k`` is planned at ``step + k``), ``None`` before any length
-        was observed (the step is then planned by rollouts).
+    ) -> list[StepBudget] | None:
+        """Each occurrence layer's token budget, resolved by the engine's one budget policy
+        (:class:`vipalloc.budget.BudgetSpec`, shared with the CPU trainer and the TRL plug-in; layer ``k`` is
+        planned at ``step + k`` with its rollout budget ``budgets[k]`` as the rollout cap). ``None``: this step is
+        planned by rollouts (``"uniform"`` before any length was observed).
 
-        The submission's tokens: ``"uniform"`` = ``Allocator.uniform_tokens(ids, rollout_n)``, what the uniform plan
-        of ``rollout.n`` per prompt is predicted to generate; a number = that cap x ``share``. Layers get shares in
-        proportion to their ``sum_i c_i`` (``c_i``: expected tokens per rollout), so ``"uniform"`` gives each layer
-        exactly its own uniform tokens.
+        The submission's tokens: ``"uniform"`` = what the uniform plan of ``rollout.n`` per prompt is predicted to
+        generate, layer by layer; a number = that cap x ``share``, split over the layers in proportion to their
+        ``sum_i c_i`` (``c_i``: expected tokens per rollout; before any length is observed ``c_i`` is verl's
+        ``response_length``, the most a rollout can generate, so the cap holds whatever the lengths turn out to be).
+        A cap that cannot pay for ``n_min`` rollouts of a layer's prompts is raised to that minimum with a warning.
+        The lengths are forecast once per layer and step; the plan reuses them.
         """
-        unit = []  # tokens of one rollout per prompt, per layer
-        for k, rows in enumerate(rows_of):
-            sub_texts = None if texts is None else [texts[i] for i in rows]
-            u = self.allocator.uniform_tokens([ids[i] for i in rows], 1, step + k, prompts=sub_texts)
-            if u is None:
-                self._warn_once("tokens-first", "no generated lengths observed yet: this step is planned by rollouts")
-                return None
-            unit.append(u)
+        subs = [[ids[i] for i in rows] for rows in rows_of]
+        sub_texts = [None if texts is None else [texts[i] for i in rows] for rows in rows_of]
+        preds = [
+            self.allocator.expected_lengths(sub, step + k, prompts=t) for k, (sub, t) in enumerate(zip(subs, sub_texts))
+        ]
+        specs: list[BudgetSpec]
         if self.cfg.token_budget == "uniform":
             if rollout_n is None:
                 raise ValueError("vip.token_budget='uniform' needs verl's rollout.n to price the uniform plan")
-            return [int(rollout_n) * u for u in unit]
-        cap = float(self.cfg.token_budget) * float(share)  # type: ignore[arg-type]
-        return [cap * u / sum(unit) for u in unit]
+            specs = [BudgetSpec(int(rollout_n) * len(sub), "uniform", rollout_cap=b) for sub, b in zip(subs, budgets)]
+        else:
+            total = float(self.cfg.token_budget) * float(share)  # type: ignore[arg-type]
+            known = [None if p is None else float(p.expected.sum()) for p in preds]
+            unit = [u if u is not None else float(len(sub) * (self.max_length or 0)) for u, sub in zip(known, subs)]
+            caps = [total * u / sum(unit) if sum(unit) > 0 else total / len(subs) for u in unit]
+            specs = [BudgetSpec(b, cap, rollout_cap=b, max_length=self.max_length) for b, cap in zip(budgets, caps)]
+        out = [
+            resolve_tokens(spec, pred, len(sub), self.allocator.n_min) for spec, pred, sub in zip(specs, preds, subs)
+        ]
+        if any(o.tokens is None for o in out):
+            self._warn_once("tokens-first", "no generated lengths observed yet: this step is planned by rollouts")
+            return None
+        return out
 
     def _round_to_multiple(
-        self, plans: list[Plan], ids: list[str], texts: list[str] | None, rows_of: list[np.ndarray], multiple: int
+        self,
+        plans: list[Plan],
+        ids: list[str],
+        texts: list[str] | None,
+        rows_of: list[np.ndarray],
+        multiple: int,
+        layers: list[StepBudget],
     ) -> list[Plan]:
         """Make the token plans' total rollouts a multiple of ``multiple`` (the legacy loop's rows must be; verl's
         v1 loop pads instead) without adding tokens.
@@ -278,7 +310,7 @@ class VIPHook:
         down = total - total % multiple
         if len(plans) == 1 and down >= len(ids) * self.cfg.n_min:  # the engine refuses a cap below M x n_min
             p = plans[0]
-            plans = [self._plan_layer(ids, texts, rows_of[0], down, p.step, token_budget=p.token_budget, before=p)]
+            plans = [self._plan_layer(ids, texts, rows_of[0], down, p.step, given=layers[0], before=p)]
             if int(plans[0].counts.sum()) % multiple == 0:
                 return plans
         counts = np.zeros(len(ids), dtype=np.int64)
