@@ -91,3 +91,17 @@ def test_resolve_through_an_allocator_plans_the_first_step_and_later_ones() -> N
     assert later.expected_lengths is None and later.tokens == 200.0
     plan1 = alloc.plan(ids, step=1, **later.kwargs())
     assert plan1.expected_lengths is not None and float(plan1.counts @ plan1.expected_lengths) <= 200.0 + 1e-6
+
+
+def test_the_trainer_states_its_budget_as_the_plug_ins_do() -> None:
+    """The CPU trainer's budget is the policy's spec with the plug-ins' meaning of each field: the rollout budget,
+    the token mode, uniform's rollouts as the cap, the most tokens a rollout can hold for the first step."""
+    from vipalloc.training.config import TrainConfig
+    from vipalloc.training.trainer import budget_spec
+
+    cfg = TrainConfig(prompts_per_step=8, n_mean=4, token_budget=300.0, max_new_tokens=12)
+    assert budget_spec(cfg) == BudgetSpec(rollouts=32, tokens=300.0, rollout_cap=32, max_length=12)
+    uncapped = TrainConfig(prompts_per_step=8, n_mean=4, token_budget="uniform", token_rollout_cap=None)
+    assert budget_spec(uncapped) == BudgetSpec(rollouts=32, tokens="uniform", rollout_cap=None, max_length=6)
+    two_phase = TrainConfig(strategy="vip_two_phase", prompts_per_step=8, n_mean=4, n_min=2, pilot_n=3)
+    assert budget_spec(two_phase).rollout_cap == 32 and budget_spec(two_phase).least == 3

@@ -144,9 +144,10 @@ def resolve_tokens(
     if spec.tokens == "uniform":
         if pred is None:  # nothing to price uniform's tokens with yet: uniform's rollouts
             return StepBudget(spec.rollouts, first=True)
-        b = spec.rollouts
-        per_prompt = b // m if b % m == 0 else b / m
-        return StepBudget(spec.rollout_cap, float(per_prompt * pred.expected.sum()))
+        b, per_rollout = spec.rollouts, float(pred.expected.sum())
+        # b / m rollouts a prompt (uniform_tokens(ids, b // m) when whole, as the trainer and the plug-ins price it)
+        tokens = (b // m) * per_rollout if b % m == 0 else per_rollout * b / m
+        return StepBudget(spec.rollout_cap, float(tokens))
     cap = float(spec.tokens)
     given = None
     if pred is not None:
