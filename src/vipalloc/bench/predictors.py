@@ -190,7 +190,12 @@ def trainer_trace(
     if Path(cfg.run_dir).exists() and (old is None or not same_run(old, cfg)):
         shutil.rmtree(cfg.run_dir)  # written by another configuration (e.g. an older version): trace afresh
     t0 = time.perf_counter()
-    warm = warmup_policy(cfg)
+    warm = warmup_policy(  # a line every tenth in a log: the first warm-up takes minutes
+        cfg,
+        on_tenth=lambda s, n, loss: progress(
+            "eval", {"label": "warm-up", "step": f"{s}/{n}", "metric": "loss", "value": loss}
+        ),
+    )
     trainer = Trainer(cfg, warm_state=warm)
     trainer.run(progress=lambda s, n, rec: progress("advance", {}))
     progress(
