@@ -15,6 +15,7 @@ import os
 import pickle
 import queue
 import random
+import re
 import threading
 from collections import Counter
 from types import SimpleNamespace
@@ -78,12 +79,13 @@ def _loop(**extra) -> StandInServerLoop:
     PartialState()  # the loop logs through accelerate (TRL's child process calls it first too)
     tok = chat_tokenizer()
     version = SimpleNamespace(value=0)
+    dataset = extra.pop("dataset", None)
     loop = StandInServerLoop(
         vip_allocator=Allocator(strategy="vip", predictor="beta", n_min=2, n_max=8, embedder="hashing", seed=0),
         vip_mean_n=4,
         vip_chunk_prompts=4,
         model_name="stand-in",
-        dataset=_dataset(),
+        dataset=_dataset() if dataset is None else dataset,
         reward_funcs=[solved],
         processing_class=tok,
         eos_token_ids=[tok.eos_token_id],
@@ -212,3 +214,22 @@ def test_resume_position_skips_positions_without_a_group(tmp_path) -> None:
     assert resume_position({0, 2}, str(path)) == 3
     assert resume_position({0, 2, 3}, None) == 1  # without the list: TRL's own count, stopping at the drop
     assert resume_position(set(), str(tmp_path / "missing.txt")) == 0
+
+
+def test_rows_without_a_prompt_column_are_planned_and_skipped_by_marker() -> None:
+    """A dataset whose environment supplies the prompt (no ``prompt`` column): rows keyed by the whole row, skip rows
+    carry TRL's empty placeholder prompt with the marker; no KeyError."""
+    from vipalloc.integrations.trl.async_trainer import is_skip
+
+    data = Dataset.from_dict({"environment": ["counter", "echo", "count", "shout"], "level": [0, 1, 2, 3]})
+    loop = _loop(dataset=data)
+    try:
+        rows = [next(it) for it in [loop._repeat_iterator()] for _ in range(4 * 8)]
+    finally:
+        loop._tool_pool.shutdown(wait=False, cancel_futures=True)
+    plan = loop.vip_chunks[0].plan
+    assert int(plan.counts.sum()) == 16 and all(re.fullmatch(r"h[0-9a-f]{16}", p) for p in plan.prompt_ids)
+    real = [row for _, row in rows if "prompt" not in row]
+    skips = [row for _, row in rows if "prompt" in row]
+    assert len(real) == 16 and all(is_skip(row["prompt"]) for row in skips)
+    assert all(row["prompt"][-1]["content"] == "" for row in skips)

@@ -187,7 +187,8 @@ class VIPRolloutLoop(_AsyncRolloutLoop):
                 if n <= 0:
                     continue
                 self._vip_groups[group_id] = (step, pid, int(n), self.model_version)
-                skip = {**row, "prompt": mark_skip(row["prompt"])}
+                # a row without a prompt (its environment's reset() supplies it) gets TRL's empty placeholder, marked
+                skip = {**row, "prompt": mark_skip(row.get("prompt", [{"role": "user", "content": ""}]))}
                 for j in range(int(self.num_generations)):
                     yield group_id, (row if j < n else skip)
 
