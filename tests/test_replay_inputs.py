@@ -228,3 +228,69 @@ def test_report_tables_calibration_and_nothing_to_gain(tmp_path: Path) -> None:
     assert sum(b["groups"] for b in bins) == r["predictors"]["beta"]["count"] == 9
     assert sum(b["rollouts"] for b in bins) == 36
     assert "Calibration bins" in md and "| beta |" in md.split("Calibration bins")[1]
+
+
+# ------------------------------------------------------------------------------------------------ no tracebacks
+_ODD = [None, True, "x", 1e308, -1, 10**30, [], {"a": 1}, 0.5, float("nan"), "", 2**63, [1, "a"]]
+_BASE = {
+    "1.jsonl": lambda s: {
+        "input": f"q{s % 3}",
+        "output": "a b",
+        "score": float(s % 2),
+        "step": 1 + s // 6,
+        "uid": s // 3,
+    },
+    "h.jsonl": lambda s: {"step": s // 3, "prompt_id": f"p{s % 3}", "rewards": [1, 0, s % 2], "lengths": [1, 2, 3]},
+    "train_rollout_summaries.jsonl": lambda s: {
+        "iteration": s // 6,
+        "group_idx": (s // 3) % 2,
+        "traj_idx": s % 3,
+        "total_reward": float(s % 2),
+        "steps": [{"ac_len": 3}],
+    },
+}
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_odd_values_never_give_a_traceback(tmp_path: Path, case: int) -> None:
+    """One field of one row of a valid log set to an odd value: exit 0 with a result, or 2 with one error line."""
+    rng = np.random.default_rng(case)
+    name = list(_BASE)[case % 3]
+    rows = [_BASE[name](s) for s in range(12)]
+    row = rows[int(rng.integers(12))]
+    row[list(row)[int(rng.integers(len(row)))]] = _ODD[int(rng.integers(len(_ODD)))]
+    write_jsonl(tmp_path / "log" / name, rows)
+    res = CliRunner().invoke(app, ["replay", str(tmp_path / "log"), "--out", str(tmp_path / "o"), *FAST])
+    assert res.exit_code in (0, 2), (row, res.exception)
+    if res.exit_code == 2:
+        assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize(
+    ("column", "values"),
+    [
+        ("step", [float("nan")] * 4),
+        ("prompt", [None] * 4),
+        ("completion", [None, "a", "b", "c"]),
+        ("advantage", ["x"] * 4),
+        ("acc", [[1], [1], [0], [0]]),
+        ("acc", [None] * 4),
+    ],
+)
+def test_odd_trl_columns_never_give_a_traceback(tmp_path: Path, column: str, values: list[Any]) -> None:
+    import pandas as pd
+
+    data: dict[str, list[Any]] = {
+        "step": [1] * 4,
+        "prompt": ["p"] * 4,
+        "completion": ["c d"] * 4,
+        "acc": [1.0, 0.0, 1.0, 0.0],
+        "advantage": [0.5, -0.5, 0.5, -0.5],
+    }
+    data[column] = values
+    (tmp_path / "completions").mkdir()
+    pd.DataFrame(data).to_parquet(tmp_path / "completions" / "completions_00001.parquet")
+    res = CliRunner().invoke(app, ["replay", str(tmp_path), "--out", str(tmp_path / "o"), *FAST])
+    assert res.exit_code in (0, 2), res.exception
+    if res.exit_code == 2:
+        assert res.stderr.startswith("error: ") and "completions_00001.parquet" in res.stderr
