@@ -13,7 +13,9 @@ Variants (all LoRA r=8 on q/k/v/o, fp32, the same prompts):
 Both fast variants: the short answer format (pre-filled "The answer is", ``--new-tokens``), prompt-once sampling,
 logits at completion positions only. One step = sample ``prompts x n`` replies, then forward + backward over every
 reply with fixed non-zero weights (the work of a step where every group is mixed, so reward luck does not change
-the work), then Adam. Phases are timed separately (``sample``, ``fwd+bwd``, ``optim``).
+the work), then Adam. Phases are timed separately in wall-clock (``sample``, ``fwd+bwd``, ``optim``), and the whole
+step in CPU seconds of this process (``time.process_time``, one torch thread): on a shared machine the wall-clock of
+one round swings with the other jobs' load, the CPU seconds much less.
 
 Run (prints a markdown table, writes ``--out`` JSON)::
 
@@ -64,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded 3 policies in {time.perf_counter() - t0:.0f} s", flush=True)
     opts = {k: torch.optim.Adam(v.params, lr=1e-6) for k, v in variants.items()}
     times: dict[str, dict[str, list[float]]] = {k: {"sample": [], "fwd+bwd": [], "optim": []} for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}  # CPU seconds of the whole step (this process)
     tokens: dict[str, list[float]] = {k: [] for k in variants}
     for rnd in range(args.rounds):
         order = list(variants) if rnd % 2 == 0 else list(reversed(variants))
         for name in order:
             pol = variants[name]
             torch.manual_seed(rnd)
+            c1 = time.process_time()
             t1 = time.perf_counter()
             if name == "today":
                 rows = [q for q in questions for _ in range(args.n)]
@@ -98,24 +102,30 @@ def main(argv: list[str] | None = None) -> int:
             t3 = time.perf_counter()
             opts[name].step()
             t4 = time.perf_counter()
+            cpu[name].append(time.process_time() - c1)
             times[name]["sample"].append(t2 - t1)
             times[name]["fwd+bwd"].append(t3 - t2)
             times[name]["optim"].append(t4 - t3)
             tokens[name].append(float(np.mean([len(c) for c in comps])))
             print(
                 f"round {rnd + 1}/{args.rounds} {name}: sample {t2 - t1:.1f} s, fwd+bwd {t3 - t2:.1f} s, "
-                f"optim {t4 - t3:.2f} s, {tokens[name][-1]:.1f} tokens a reply",
+                f"optim {t4 - t3:.2f} s, {tokens[name][-1]:.1f} tokens a reply; CPU {cpu[name][-1]:.1f} s",
                 flush=True,
             )
     step = {k: [sum(x) for x in zip(*v.values())] for k, v in times.items()}
     base = np.array(step["today"])
+    base_cpu = np.array(cpu["today"])
     rows = []
     for name in variants:
         s = np.array(step[name])
         ratio = base / s  # paired by round
+        c = np.array(cpu[name])
+        c_ratio = base_cpu / c
         rows.append(
             [
                 name,
+                f"{np.median(c):.1f}",
+                f"{np.median(c_ratio):.2f} (min {c_ratio.min():.2f}, max {c_ratio.max():.2f})",
                 f"{np.median(s):.1f}",
                 f"{np.median(times[name]['sample']):.1f}",
                 f"{np.median(times[name]['fwd+bwd']):.1f}",
@@ -126,14 +136,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     commit = os.environ.get("VIPALLOC_COMMIT") or git_commit(os.getcwd())
     table = md_table(
-        ["variant", "s / step", "sample s", "fwd+bwd s", "optim s", "tokens / reply", "speed-up vs today"], rows
+        [
+            "variant",
+            "CPU s / step",
+            "CPU speed-up vs today",
+            "wall s / step",
+            "sample s",
+            "fwd+bwd s",
+            "optim s",
+            "tokens / reply",
+            "wall speed-up vs today",
+        ],
+        rows,
     )
     print(
         f"\n{args.prompts} prompts x {args.n} rollouts a step, {args.rounds} alternating rounds, "
         f"{args.threads} thread(s), commit {commit}; medians over rounds, speed-up paired by round\n"
     )
     print(table)
-    out = {"args": vars(args), "commit": commit, "times": times, "tokens": tokens, "step": step}
+    out = {"args": vars(args), "commit": commit, "times": times, "tokens": tokens, "step": step, "cpu": cpu}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
