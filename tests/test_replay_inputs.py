@@ -294,3 +294,27 @@ def test_odd_trl_columns_never_give_a_traceback(tmp_path: Path, column: str, val
     assert res.exit_code in (0, 2), res.exception
     if res.exit_code == 2:
         assert res.stderr.startswith("error: ") and "completions_00001.parquet" in res.stderr
+
+
+def test_trl_groups_of_varying_size_are_whole_runs(tmp_path: Path) -> None:
+    """vipalloc's TRL plug-in logs groups of different sizes (4, 6, 8 rollouts): their common divisor 2 is not the
+    group size; whole runs have zero-mean advantages, blocks of 2 do not, so whole runs are the groups."""
+    import pandas as pd
+
+    acc = [1, 0, 0, 0] + [1, 1, 1, 1, 1, 1] + [1, 1, 0, 0, 1, 0, 0, 0]
+    prompts = ["A"] * 4 + ["B"] * 6 + ["C"] * 8
+    adv: list[float] = []
+    for q in ("A", "B", "C"):
+        a = np.array([x for x, p in zip(acc, prompts) if p == q], float)
+        adv += list(a - a.mean())  # group-relative, zero mean per group
+    (tmp_path / "completions").mkdir()
+    pd.DataFrame(
+        {"step": [3] * 18, "prompt": prompts, "completion": ["x"] * 18, "acc": acc, "advantage": adv}
+    ).to_parquet(tmp_path / "completions" / "completions_00003.parquet")
+    code, text = replay(str(tmp_path), "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0, text
+    r = load(tmp_path / "o")
+    assert r["prompt_steps"] == 3 and "group sizes vary" in r["grouping"][0]
+    assert r["zero_advantage_groups"] == 1 and r["zero_advantage_rollouts"] == 6  # B: all correct
+    code, text = replay(str(tmp_path), "--out", str(tmp_path / "o"), "--group-size", "2", *FAST)
+    assert code == 0 and load(tmp_path / "o")["prompt_steps"] == 9  # what the user asked for

@@ -8,9 +8,10 @@ and writes it at every logging step, so a file holds at most one generation batc
 **Groups as TRL formed them.** TRL lays out a generation batch as groups of ``num_generations`` consecutive rows
 (each dataset row repeated) and normalises rewards over each block. Two dataset rows with the same prompt text in
 one batch are two groups. So groups are consecutive blocks of the group size (``--group-size``, or the greatest
-common divisor of the runs of consecutive rows of one prompt); with ``--group-size 0`` (or when the runs share no
-divisor above 1, as in vipalloc's TRL plug-in, whose groups vary in size) each run is one group; only when no two
-consecutive rows share a prompt are rows merged by prompt text, and the report says so.
+common divisor of the runs of consecutive rows of one prompt over every file); with ``--group-size 0``, or when the
+runs share no divisor above 1, or when blocks of that divisor do not have zero-mean logged advantages but whole runs
+do (vipalloc's TRL plug-in, whose groups vary in size), each run is one group; only when no two consecutive rows
+share a prompt are rows merged by prompt text, and the report says so.
 """
 
 from __future__ import annotations
@@ -144,6 +145,17 @@ def _parquet_batches(pf: Any, path: Path, cols: list[str]) -> Iterable[Any]:
         raise ReplayInputError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
 
+def _zero_sum(gid: np.ndarray, adv: np.ndarray) -> bool | None:
+    """Whether every group's logged advantages (float64 ``(N,)``, NaN unknown) sum to zero, as TRL's group-relative
+    advantages do (``scale_rewards`` group, batch or none); ``None`` when no advantage is known."""
+    known = np.isfinite(adv)
+    if not known.any():
+        return None
+    sums = np.bincount(gid[known], weights=adv[known])
+    size = np.bincount(gid[known], weights=np.abs(adv[known]))
+    return bool(np.all(np.abs(sums) <= 1e-4 * np.maximum(1.0, size)))
+
+
 def _open(path: Path) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -237,9 +249,20 @@ def read_trl(files: Sequence[Path], opts: ReadOptions, table: GroupTable, stats:
         if not row0:
             tick(stats)
             continue
-        gid, how = layout_groups(keys, opts.group_size, f"{path}: rows", log_runs)
-        stats.group_method(how)
         total_a, ok_a, adv_a = np.concatenate(totals), np.concatenate(scored), np.concatenate(advs)
+        gid, how = layout_groups(keys, opts.group_size, f"{path}: rows", log_runs)
+        if opts.group_size is None and adv_col and _zero_sum(gid, adv_a) is False:
+            lens = runs_of(keys)[1]
+            runs = np.repeat(np.arange(len(lens)), lens)
+            if _zero_sum(runs, adv_a):  # whole runs are the groups: sizes vary (vipalloc's TRL plug-in)
+                gid, how = (
+                    runs,
+                    (
+                        "each run of consecutive rows of one prompt (group sizes vary: blocks of the runs' common "
+                        "divisor would not have zero-mean advantages, whole runs do)"
+                    ),
+                )
+        stats.group_method(how)
         keep = np.flatnonzero(ok_a)
         stats.unscored_rollouts += row0 - keep.size
         if adv_col:
