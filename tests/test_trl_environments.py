@@ -16,8 +16,13 @@ TRL parses and executes).
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -278,3 +283,24 @@ def test_dataset_without_prompt_and_without_environment_is_refused(tmp_path) -> 
             train_dataset=Dataset.from_dict({"question": ["1+1="] * 4}),
             processing_class=tok,
         )
+
+
+def test_environment_owned_tasks_on_two_processes(tmp_path) -> None:
+    """Two processes (torchrun, gloo): each resets its own pooled environments, the groups' observation keys are
+    gathered in process order, the plan (6 real rows on one process, 2 on the other, then 4 / 4) is applied to
+    every process's groups, and each task gets its planned episodes on the process that holds it."""
+    import _trl_env_worker as ew
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", ew.__file__]
+    proc = subprocess.run([*cmd, str(tmp_path)], timeout=600, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    d0, d1 = (json.loads((Path(tmp_path) / f"env.rank{r}.json").read_text()) for r in (0, 1))
+    assert d0["world"] == d1["world"] == 2 and d0["loss"] is not None
+    assert d0["ids"] == d1["ids"] and len(set(d0["ids"])) == 4  # the four groups: four tasks, same on both
+    assert d0["counts"] == d1["counts"] == ew.SCRIPT[1]
+    for d in (d0, d1):  # each process reset its 8 rows' environments once per step
+        assert Counter(d["resets"]) == {s: 2 for s in range(8)}
+    # step 0: tasks 0..3 get 4, 2, 0, 2 episodes; step 1: tasks 4..7 get 2, 2, 4, 0 (groups 0, 1 on rank 0)
+    assert Counter(d0["scored"]) == {0: 4, 1: 2, 4: 2, 5: 2}
+    assert Counter(d1["scored"]) == {3: 2, 6: 4}
