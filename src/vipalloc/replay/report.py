@@ -82,7 +82,7 @@ def _plots(out: Path, result: dict[str, Any]) -> list[str]:
                     xytext=(3, 3),
                     textcoords="offset points",
                 )
-        ax.set_xlabel("predicted success probability (next step; labels: groups per bin)")
+        ax.set_xlabel("predicted success probability (next step; labels: (prompt, step) pairs per bin)")
         ax.set_ylabel("observed success rate")
         ax.set_title("Predictor calibration on this run")
         ax.legend(fontsize=8)
@@ -203,7 +203,14 @@ def _markdown(result: dict[str, Any], plots: list[str], command: str) -> str:
             "squared error per rollout, lower is better; 0.25 is a constant 0.5).",
             "",
             md_table(
-                ["predictor", "Brier", "Brier, seen prompts", "Brier, new prompts", "log loss", "groups scored"],
+                [
+                    "predictor",
+                    "Brier",
+                    "Brier, seen prompts",
+                    "Brier, new prompts",
+                    "log loss",
+                    "(prompt, step) pairs scored",
+                ],
                 [
                     [
                         k,
@@ -219,10 +226,10 @@ def _markdown(result: dict[str, Any], plots: list[str], command: str) -> str:
         ]
         if "calibration.png" in plots:
             lines += ["![calibration](calibration.png)", ""]
-        lines += ["Calibration bins (a bin with few groups is noise):", ""]
+        lines += ["Calibration bins (a bin with few (prompt, step) pairs is noise):", ""]
         lines += [
             md_table(
-                ["predictor", "bin", "groups", "rollouts", "mean predicted", "observed"],
+                ["predictor", "bin", "(prompt, step) pairs", "rollouts", "mean predicted", "observed"],
                 [
                     [
                         k,
