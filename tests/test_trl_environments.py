@@ -31,6 +31,7 @@ pytest.importorskip("trl")
 pytest.importorskip("jmespath")  # TRL 1.16 parses tool calls with it on transformers < 5.13
 
 import _trl_tools_worker as w  # noqa: E402
+import torch  # noqa: E402
 from _trl_helpers import ScriptedAllocator  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
@@ -304,3 +305,72 @@ def test_environment_owned_tasks_on_two_processes(tmp_path) -> None:
     # step 0: tasks 0..3 get 4, 2, 0, 2 episodes; step 1: tasks 4..7 get 2, 2, 4, 0 (groups 0, 1 on rank 0)
     assert Counter(d0["scored"]) == {0: 4, 1: 2, 4: 2, 5: 2}
     assert Counter(d1["scored"]) == {3: 2, 6: 4}
+
+
+# ---------------------------------------------------------------------- TRL's own counter-environment setup
+class CounterEnvironment:
+    """TRL's ``test_train_with_environment_factory`` environment: ``reset`` returns nothing (the task is the empty
+    placeholder prompt), ``increment`` is the tool."""
+
+    def reset(self, **kwargs: Any) -> None:
+        self._counter = 0
+
+    def increment(self, step: int) -> int:
+        """
+        Increment the internal counter.
+
+        Args:
+            step: Value to add to the counter.
+
+        Returns:
+            The updated counter value.
+        """
+        self._counter += step
+        return self._counter
+
+
+def test_trl_counter_environment_setup(tmp_path) -> None:
+    """TRL's setup with ``VIPGRPOTrainer``: no dataset, 3 generations, the policy emits a valid tool call, an
+    unknown tool, and no call; the plan's 3 rows are the ones generated and TRL's own checks hold (call frequency
+    2/3, failure frequency 1/2, the environments' counters 1, 0, 0, the parameters trained)."""
+    tok = w.chat_tokenizer()
+    model = w.tiny_chat_llama(len(tok))
+    first = [
+        '<tool_call>\n{"name": "increment", "arguments": {"step": 1}}\n</tool_call><|im_end|>',
+        '<tool_call>\n{"name": "decrement", "arguments": {"step": 2}}\n</tool_call><|im_end|>',
+        "I won't increment<|im_end|>",
+    ]
+    calls: list[int] = []
+
+    def generate(input_ids, attention_mask=None, **kw):
+        calls.append(int(input_ids.shape[0]))
+        texts = first if input_ids.shape[0] == 3 else ["Done!<|im_end|>"] * int(input_ids.shape[0])
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(len(x) for x in ids)
+        comp = [x + [tok.pad_token_id] * (width - len(x)) for x in ids]
+        return torch.cat([input_ids, torch.tensor(comp, device=input_ids.device)], dim=1)
+
+    model.generate = generate  # type: ignore[method-assign]
+
+    def reward_len(completions: list, **kwargs: Any) -> list[float]:
+        return [float(len(c[-1]["content"] or "")) for c in completions]
+
+    three = dict(per_device_train_batch_size=3, gradient_accumulation_steps=1, num_generations=3, n_max=None)
+    args = _config(tmp_path, embedder="hashing", **three)  # n_max: VIP's default, 2 x num_generations
+    trainer = VIPGRPOTrainer(
+        model=model,
+        reward_funcs=reward_len,
+        args=args,
+        processing_class=tok,
+        environment_factory=CounterEnvironment,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.allocator.n_max == 6 and calls[0] == 3  # 6 sampled rows, the planned 3 generated
+    last = trainer.state.log_history[-1]
+    assert last["train_loss"] is not None
+    logs = [h for h in trainer.state.log_history if "tools/call_frequency" in h]
+    assert logs[-1]["tools/call_frequency"] == pytest.approx(2 / 3)
+    assert logs[-1]["tools/failure_frequency"] == pytest.approx(1 / 2)
+    assert [trainer.environments[i]._counter for i in range(3)] == [1, 0, 0]
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
