@@ -372,8 +372,9 @@ def register(app: typer.Typer) -> None:
         first_seed: int = typer.Option(
             0, min=0, help="First league seed (runs seeds first_seed.. in a second process; the report reads all)."
         ),
-        strategies: str = typer.Option(
-            "uniform,vip", help="Strategies by registry name (uniform is the baseline); the variance part's too."
+        strategies: str = typer.Option("uniform,vip", help="League strategies by registry name (uniform: baseline)."),
+        variance_strategies: str | None = typer.Option(
+            None, help="Variance part's strategies (default: uniform, vip, vip_pure, vip_authors, knapsack, coba, ...)."
         ),
         token_strategies: str | None = typer.Option(
             None, help="Strategies also run at equal tokens (default: every strategy but uniform)."
@@ -419,6 +420,7 @@ def register(app: typer.Typer) -> None:
                 seeds=seeds,
                 first_seed=first_seed,
                 strategies=split(strategies),
+                **({} if variance_strategies is None else {"variance_strategies": split(variance_strategies)}),
                 token_strategies=None if token_strategies is None else split(token_strategies),
                 modes=split(modes),
                 jobs=jobs,

@@ -32,7 +32,7 @@ __all__ = ["PRESETS", "run_lm"]
 
 PARTS = ("variance", "league")
 _TITLE = "# `vipalloc bench lm`: SmolLM2-135M-Instruct (LoRA) in the loop\n"
-VARIANCE_STRATEGIES = ("uniform", "vip", "vip_pure", "vip_authors", "knapsack", "vip_two_phase")
+VARIANCE_STRATEGIES = ("uniform", "vip", "vip_pure", "vip_authors", "knapsack", "coba", "vip_error", "vip_two_phase")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -166,6 +166,7 @@ def run_lm(
     seeds: int | None = None,
     first_seed: int = 0,
     strategies: Sequence[str] = ("uniform", "vip"),
+    variance_strategies: Sequence[str] = VARIANCE_STRATEGIES,
     token_strategies: Sequence[str] | None = None,
     modes: Sequence[str] = MODES,
     resamples: int | None = None,
@@ -182,9 +183,9 @@ def run_lm(
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Run the requested parts (resuming from ``<out>/lm``); each writes ``<out>/lm_<part>.md`` and ``.json``.
-    Returns the last report written. ``strategies``: any registered names (``uniform`` is the baseline and runs
-    whatever the list says); ``token_strategies``: those also run at equal tokens (default: all but uniform);
-    ``modes``: ``rollouts`` and/or ``tokens``."""
+    Returns the last report written. ``strategies``: the league's, any registered names (``uniform`` is the
+    baseline and runs whatever the list says); ``variance_strategies``: the variance part's; ``token_strategies``:
+    those also run at equal tokens (default: all but uniform); ``modes``: ``rollouts`` and/or ``tokens``."""
     import torch
 
     from vipalloc.strategies import STRATEGY_NAMES
@@ -194,7 +195,7 @@ def run_lm(
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise ValueError(f"parts must be among {', '.join(PARTS)}, got {list(parts)}")
-    unknown = [s for s in [*strategies, *(token_strategies or ())] if s not in STRATEGY_NAMES]
+    unknown = [s for s in [*strategies, *variance_strategies, *(token_strategies or ())] if s not in STRATEGY_NAMES]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}: choose from {', '.join(STRATEGY_NAMES)}")
     bad_modes = [m for m in modes if m not in MODES]
@@ -212,8 +213,7 @@ def run_lm(
     if top_layers != "preset":
         lc = dataclasses.replace(lc, top_layers=top_layers if isinstance(top_layers, int) else None)
     if "variance" in parts:
-        vstrats = [s for s in strategies if s != "uniform"] if len(strategies) > 2 else list(VARIANCE_STRATEGIES)
-        vstrats = ["uniform", *vstrats]
+        vstrats = ["uniform", *[s for s in variance_strategies if s != "uniform"]]
         blocks = _run_variance(
             work,
             cfg,
