@@ -8,6 +8,8 @@ are folded into (step, prompt) groups while reading).
 
     .venv/bin/python benchmarks/replay_stream.py                  # 1M rollouts: 500 steps x 250 prompts x 8
     .venv/bin/python benchmarks/replay_stream.py --rollouts 100000 --strategies vip --predictors gp,beta
+    .venv/bin/python benchmarks/replay_stream.py --dump /tmp/dump1m --predictors none   # reuse one dump: compare
+                                                                  # two versions of the code on the same files
 """
 
 from __future__ import annotations
@@ -53,24 +55,28 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8, help="rollouts per prompt")
     ap.add_argument("--pool", type=int, default=5000, help="distinct prompts")
     ap.add_argument("--strategies", default="", help="comma-separated (default: none)")
-    ap.add_argument("--predictors", default="beta")
+    ap.add_argument("--predictors", default="beta", help="comma-separated, or 'none'")
+    ap.add_argument("--dump", default=None, help="folder to write the dump to and keep (reused when it has files)")
     args = ap.parse_args()
     from vipalloc.replay.cli import run_replay
 
     steps = max(1, args.rollouts // (args.prompts * args.group))
     with tempfile.TemporaryDirectory() as tmp:
-        dump = Path(tmp) / "dump"
-        dump.mkdir()
-        t0 = time.perf_counter()
-        n = write_dump(dump, steps, args.prompts, args.group, args.pool)
-        size = sum(f.stat().st_size for f in dump.iterdir())
-        print(f"wrote {n:,} rollouts in {steps} files ({size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+        dump = Path(args.dump) if args.dump else Path(tmp) / "dump"
+        dump.mkdir(parents=True, exist_ok=True)
+        if any(dump.iterdir()):
+            print(f"reusing the dump in {dump} ({sum(1 for _ in dump.iterdir())} files)")
+        else:
+            t0 = time.perf_counter()
+            n = write_dump(dump, steps, args.prompts, args.group, args.pool)
+            size = sum(f.stat().st_size for f in dump.iterdir())
+            print(f"wrote {n:,} rollouts in {steps} files ({size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         r = run_replay(
             [dump],
             Path(tmp) / "out",
-            strategies=[s for s in args.strategies.split(",") if s],
-            predictors=[p for p in args.predictors.split(",") if p],
+            strategies=[s for s in args.strategies.split(",") if s and s != "none"],
+            predictors=[p for p in args.predictors.split(",") if p and p != "none"],
             embedder="hashing",
         )
         wall = time.perf_counter() - t0
