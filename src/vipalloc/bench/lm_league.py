@@ -89,6 +89,7 @@ class RunResult:
     brier_n: list[int] = field(default_factory=list)  # rollouts of seen prompts per step
     trace: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of the run's process (evaluations included); wall-clock swings with load
     commit: str = "unknown"
 
     @classmethod
@@ -193,6 +194,7 @@ def run_one(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     t0 = time.perf_counter()
+    c0 = time.process_time()
     what = f"{label(strategy, mode)} seed {seed}"
     progress(f"{what}: loading SmolLM2 (LoRA r={cfg.rank} on the top {cfg.top_layers or 'all'} layers)")
     policy = FastPolicy(seed, device, rank=cfg.rank, top_layers=cfg.top_layers, short=cfg.short)
@@ -295,6 +297,7 @@ def run_one(
                 f"pass@{cfg.eval_k} {res.eval_pass_at_k[-1]:.3f} after step {step + 1}"
             )
     res.seconds = time.perf_counter() - t0
+    res.cpu_seconds = time.process_time() - c0
     return res
 
 

@@ -140,6 +140,7 @@ def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequ
                 fmt_ci([r.rollouts[-1] for r in runs], digits=0),
                 fmt_ci([r.tokens[-1] for r in runs], digits=0),
                 fmt_ci([r.train_seconds[-1] / len(r.steps) for r in runs if r.train_seconds], digits=1),
+                f"{np.mean([r.cpu_seconds for r in runs]) / 60:.1f}",
             ]
         )
     lines.append(
@@ -154,7 +155,8 @@ def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequ
                 "train success",
                 "rollouts",
                 "tokens",
-                "s / step",
+                "wall s / step",
+                "CPU min / run",
             ],
             table,
         )
