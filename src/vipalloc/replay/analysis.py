@@ -266,13 +266,15 @@ def default_bounds(steps: Sequence[StepData], cfg: CounterfactualConfig) -> tupl
     return n_min, n_max
 
 
-def _even(total: float, count: int) -> np.ndarray:
-    """``count`` whole-number lengths summing to ``round(total)``, as even as possible (float64 ``(count,)``): the
-    length model reads only each outcome's summed tokens and count, so this loses nothing it uses."""
+def _even(total: float, count: int, out: np.ndarray) -> None:
+    """Fill ``out`` (float64 ``(count,)``) with ``count`` whole-number lengths summing to ``round(total)``, as even
+    as possible: the length model reads only each outcome's summed tokens and count, so this loses nothing it
+    uses."""
     if count <= 0:
-        return np.zeros(0)
+        return
     q, r = divmod(max(int(round(total)), 0), count)
-    return np.r_[np.full(r, q + 1.0), np.full(count - r, float(q))]
+    out[:] = float(q)
+    out[:r] += 1.0
 
 
 def step_lengths(sd: StepData) -> list[np.ndarray | None]:
@@ -287,7 +289,10 @@ def step_lengths(sd: StepData) -> list[np.ndarray | None]:
         if not math.isfinite(ts):
             ts = float(tok) * int(s) / int(t)
         ts = min(max(ts, 0.0), float(tok))
-        out.append(np.r_[_even(ts, int(s)), _even(float(tok) - ts, int(t - s))])
+        lens = np.empty(int(t))
+        _even(ts, int(s), lens[: int(s)])
+        _even(float(tok) - ts, int(t - s), lens[int(s) :])
+        out.append(lens)
     return out
 
 
@@ -295,7 +300,7 @@ def _ingest(alloc: Allocator, sd: StepData) -> None:
     """Feed the step's real outcomes (and lengths, when the log has them) to ``alloc`` as a one-step history (0/1
     rewards: success already decided)."""
     h = RolloutHistory(success_threshold=0.5)
-    rewards = [np.r_[np.ones(s), np.zeros(t - s)] for s, t in zip(sd.successes, sd.trials)]
+    rewards = [np.arange(t) < s for s, t in zip(sd.successes, sd.trials)]  # the s successes first, as lengths
     lens = step_lengths(sd)
     h.extend(sd.step, sd.ids, rewards, prompts=sd.texts, lengths=lens if any(x is not None for x in lens) else None)
     alloc.ingest_history(h)
