@@ -15,8 +15,16 @@ Multi-turn tool rollouts (``tools=[...]``, ``environment_factory``): only the fi
 rows; TRL's ``_tool_call_loop`` then continues exactly those episodes (``tools.py``), so a prompt planned ``n_i``
 rows gets ``n_i`` whole episodes, scored at the end, with TRL's ``tool_mask`` kept through the training layout.
 
+Tasks the environment chooses (``environment_factory`` without ``train_dataset``, or rows without a ``prompt``):
+the step's environments are reset before the plan and each group is keyed by its observation
+(``environments.py``).
+
 Scope: TRL's transformers generation path (plain ``generate`` or continuous batching), vLLM colocate and server
 mode, text prompts, no ``rollout_func``. Unsupported settings raise at construction with the reason.
+
+Package layout: ``config`` (``VIPGRPOConfig``, its checks, the step's token budget), ``trainer``
+(``VIPGRPOTrainer``), ``planning`` (a batch's groups and layout, two-phase rounds, the allocator check),
+``environments``, ``layout`` (the training layout), ``logs``, ``tools``, ``async_trainer`` (``VIPAsyncGRPOTrainer``).
 """
 
 from __future__ import annotations
