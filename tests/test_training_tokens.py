@@ -219,3 +219,22 @@ def test_steps_task_trains_and_longer_chains_generate_more_tokens(tmp_path: Path
     short = np.mean([n for lv, n, _ in seen if lv == 0])
     long = np.mean([n for lv, n, _ in seen if lv == 1])
     assert long > short + 2  # 4-term chains write three partial sums, 2-term chains one
+
+
+@pytest.mark.parametrize("token_budget", ["uniform", 400.0])
+def test_token_mode_predicts_once_a_step(tmp_path: Path, warm: Path, token_budget: Any) -> None:
+    """The budget policy prices the step from the same forecast the plan uses: one prediction a step."""
+    cfg = tiny(tmp_path / "run", warm, steps=3, strategy="vip", token_budget=token_budget)
+    tr = Trainer(cfg)
+    pred = tr.alloc.predictor
+    inner = pred.predict
+    calls: list[int] = []
+
+    def counted(ids: Any, step: int) -> Any:
+        calls.append(step)
+        return inner(ids, step)
+
+    pred.predict = counted
+    tr.run()
+    assert calls == [0, 1, 2]
+    assert [m.get("vip/token_budget") is not None for m in tr.metrics[1:]][1:] == [True, True]
