@@ -25,10 +25,11 @@ StrategyName = Literal[
     "vip_authors",
     "dynamo",
     "hora",
-    "coba",
-    "vip_error",
     "vip_two_phase",
     "pilot_commit",
+    "coba",
+    "vip_error",
+    "vip_error_two_phase",
     "dapo",
 ]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
@@ -39,6 +40,7 @@ STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 TOKEN_REFUSALS: dict[str, str] = {
     "dapo": "DAPO draws extra generation batches until it has enough mixed groups; it has no token mode",
     "vip_authors": "the engine refuses it: the authors' allocation has no token mode",
+    "coba": "the engine refuses it: CoBA-RL's rule splits a count budget and has no token form",
 }
 
 
