@@ -318,3 +318,24 @@ def test_trl_groups_of_varying_size_are_whole_runs(tmp_path: Path) -> None:
     assert r["zero_advantage_groups"] == 1 and r["zero_advantage_rollouts"] == 6  # B: all correct
     code, text = replay(str(tmp_path), "--out", str(tmp_path / "o"), "--group-size", "2", *FAST)
     assert code == 0 and load(tmp_path / "o")["prompt_steps"] == 9  # what the user asked for
+
+
+def test_library_never_imports_the_cli() -> None:
+    """The CLI sits on top: no module under src/vipalloc imports ``vipalloc.cli`` (function-level imports
+    included); commands report errors through ``vipalloc.console.fail``."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "vipalloc"
+    offenders = []
+    for path in src.rglob("*.py"):
+        if path == src / "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "vipalloc.cli" for n in names):
+                offenders.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert offenders == []
