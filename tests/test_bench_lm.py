@@ -177,3 +177,26 @@ def test_error_ratio_is_measured_beside_the_model(tmp_path):
         assert r.error_ratio_ci[0] <= r.error_ratio <= r.error_ratio_ci[1]
     pure = rows[1]
     assert pure.error_ratio < 1.0  # more rollouts where the signal and the noise are: a better gradient
+
+
+def test_common_random_numbers_an_allocation_equal_to_uniforms_measures_exactly_one():
+    """At 2 rollouts a prompt with n_min = 2 knapsack cannot differ from uniform: with common random numbers its
+    measured ratios are exactly 1, not 1 plus resampling noise."""
+    pool = _pool(np.array([0.1, 0.3, 0.5, 0.7]), pool_n=50, dim=8, seed=5)
+    rows = measure_variance(
+        pool,
+        mean_n=2,
+        n_min=2,
+        n_max=8,
+        resamples=50,
+        boots=20,
+        seed=0,
+        predictors=("oracle",),
+        estimators=("drgrpo",),
+        strategies=("uniform", "knapsack"),
+        progress=lambda _: None,
+    )
+    knap = rows[1]
+    assert knap.counts == [2.0, 2.0, 2.0, 2.0]
+    assert knap.ratio == pytest.approx(1.0, abs=1e-12) and knap.error_ratio == pytest.approx(1.0, abs=1e-12)
+    assert knap.ratio_ci == pytest.approx((1.0, 1.0))

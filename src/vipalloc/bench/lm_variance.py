@@ -2,7 +2,8 @@
 from a fixed-policy pool of real SmolLM2 rollouts, against the variance model's ratio.
 
 For a plan with counts ``n_i`` a resample draws ``n_i`` of prompt ``i``'s pool rollouts with replacement (so the
-pool's success rate is exactly the ``p`` of the draw) and forms the batch gradient ``G = sum_i g_i`` with
+pool's success rate is exactly the ``p`` of the draw; every strategy draws from the same stream, common random
+numbers, so differences between strategies are measured pairwise) and forms the batch gradient ``G = sum_i g_i`` with
 ``g_i = (1/n_i) sum_j A_ij s_ij`` (``A``: the Dr.GRPO or RLOO advantage, ``s``: sketched score vectors) -- the
 estimator :mod:`vipalloc.variance` models. Over ``R`` resamples we measure ``tr Cov(G)`` and the mean cosine between
 ``G`` and the whole-pool gradient (every pool rollout, same estimator). Intervals: percentile bootstrap over the
@@ -132,14 +133,17 @@ def measure_variance(
     p = pool.p
     rows: list[VarianceRow] = []
     ref_g = reference_gradient(pool)
-    for est in estimators:
+    for ei, est in enumerate(estimators):
         full = sum(group_gradient(pool.rewards[i], pool.sketches[i], est) for i in range(m))
         full_norm = float(np.linalg.norm(full)) or 1.0
-        for pred in predictors:
+        for pi, pred in enumerate(predictors):
             base: dict[str, Any] = {}
             order = ["uniform"] + [s for s in strategies if s != "uniform"]
             for strat in order:
-                rng = np.random.default_rng([seed, len(rows)])
+                # common random numbers: resample r of prompt i takes the first n_i entries of the same row of draws
+                # for every strategy, so an allocation equal to uniform's measures exactly 1 and the others are
+                # compared pairwise (two-phase: the pilot takes the first entries, the commit the next ones)
+                draws = np.random.default_rng([seed, ei, pi]).integers(0, pool_n, (resamples, m, n_max))
                 alloc0 = _allocator(strat, pred, est, pool, n_min, n_max)
                 two_phase = alloc0.strategy.two_phase
                 g = np.zeros((resamples, pool.sketches.shape[2]))
@@ -150,22 +154,19 @@ def measure_variance(
                 for r in range(resamples):
                     if plan is not None:
                         counts = plan.counts
-                        idx = [rng.integers(0, pool_n, int(c)) for i, c in enumerate(counts)]
+                        idx = [draws[r, i, : int(c)] for i, c in enumerate(counts)]
                         modelled[r] = plan.variance_ratio
                         modelled_err[r] = plan.error_ratio
                     else:
                         alloc = copy.deepcopy(alloc0)
                         pilot = alloc.plan_pilot(pool.prompt_ids, pool.questions, budget, step=1, pilot_n=2)
-                        idx = [rng.integers(0, pool_n, int(c)) for i, c in enumerate(pilot.counts)]
+                        idx = [draws[r, i, : int(c)] for i, c in enumerate(pilot.counts)]
                         kept = [i for i, c in enumerate(pilot.counts) if c > 0]
                         alloc.observe(
                             [pool.prompt_ids[i] for i in kept], [pool.rewards[i, idx[i]] for i in kept], step=1
                         )
                         commit = alloc.plan_commit(step=1)
-                        idx = [
-                            np.concatenate([idx[i], rng.integers(0, pool_n, int(c))])
-                            for i, c in enumerate(commit.counts)
-                        ]
+                        idx = [draws[r, i, : int(pilot.counts[i]) + int(c)] for i, c in enumerate(commit.counts)]
                         counts = commit.group_sizes
                         modelled[r] = commit.variance_ratio
                         modelled_err[r] = commit.error_ratio
@@ -180,10 +181,10 @@ def measure_variance(
                     [ref.expected_variance(p, s.astype(np.int64)) for s in sizes[: min(resamples, 64)]]
                 ) / max(ref.expected_variance(p, base["counts"]), 1e-300)
                 cos = (g @ full) / (np.linalg.norm(g, axis=1).clip(1e-300) * full_norm)
-                brng = np.random.default_rng([seed, 99, len(rows)])
+                brng = np.random.default_rng([seed, 99, ei, pi])
                 ug = base["g"]
                 own = [brng.integers(0, resamples, resamples) for _ in range(boots)]
-                other = [brng.integers(0, resamples, resamples) for _ in range(boots)]
+                other = own  # paired bootstrap: resample r of this strategy shares its draws with uniform's
                 tr_boot = np.array([_trace(g[ix]) for ix in own])
                 ratio_boot = tr_boot / np.array([_trace(ug[ix]) for ix in other])
                 err_boot = np.array([_sq_err(g[a], ref_g) / _sq_err(ug[b], ref_g) for a, b in zip(own, other)])
