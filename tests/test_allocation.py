@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vipalloc.allocation import (
-    _solve_dp,
     _weighted_kth,
     cost_table,
     domain,
@@ -19,6 +18,7 @@ from vipalloc.allocation import (
     objective,
     solve,
 )
+from vipalloc.allocation_dp import solve_dp
 
 REL = 1e-12
 
@@ -140,7 +140,7 @@ def test_nonconvex_drgrpo_where_greedy_fails() -> None:
 def dp_optimum(p, budget, n_min, n_max, estimator, bonus, drop, weights=None) -> float:
     vals = domain(n_min, n_max, drop)
     tab = cost_table(p, vals, estimator, bonus, weights)
-    return float(tab[np.arange(len(p)), _solve_dp(tab, vals, budget)].sum())
+    return float(tab[np.arange(len(p)), solve_dp(tab, vals, budget)].sum())
 
 
 def random_p(rng: np.random.Generator, m: int, mode: str) -> np.ndarray:
@@ -182,7 +182,7 @@ def test_random_tables_match_full_dp() -> None:
         c = rng.integers(-3, 4, size=(m, len(vals))).astype(float) + (rng.random() < 0.5) * rng.normal(size=(m, 1))
         budget = int(rng.choice(reachable_budgets(2, vals))) + int(vals[0]) * (m - 2)  # reachable: others at min
         idx = minimize_separable(c, vals, budget)
-        ref = _solve_dp(c, vals, budget)
+        ref = solve_dp(c, vals, budget)
         assert int(vals[idx].sum()) == budget
         assert close(float(c[np.arange(m), idx].sum()), float(c[np.arange(m), ref].sum()))
 

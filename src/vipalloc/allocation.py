@@ -20,8 +20,8 @@ per-item cost table over a shared set of counts (the knapsack strategy reuses it
    with ``rc <= U - L`` can appear in an optimum. A dynamic program over those few candidate moves, on the running
    deviation, returns the exact optimum.
 
-Proofs, complexity and measured speed: ``docs/allocation.md``. ``_solve_dp`` is a plain exact DP over the whole
-budget (O(M * budget * K)), kept for cross-checks in tests.
+Proofs, complexity and measured speed: ``docs/allocation.md``. The plain exact DP over the whole budget
+(O(M * budget * K)), the reference for cross-checks, is :func:`vipalloc.allocation_dp.solve_dp`.
 """
 
 from __future__ import annotations
@@ -575,34 +575,3 @@ def _correct(cands: _Cands, residual: int, bound: int, thresh: float) -> _Correc
             moves[i] = int(d_opt[o - 1])
             s -= moves[i]
     return _Correction(cost, moves)
-
-
-def _solve_dp(table: ArrayLike, vals: ArrayLike, budget: int) -> np.ndarray:
-    """Reference exact DP over the whole budget, O(M * budget * K) time and O(M * budget) memory."""
-    c = np.asarray(table, dtype=np.float64)
-    v = np.asarray(vals, dtype=np.int64)
-    m, k = c.shape
-    dp = np.full(budget + 1, np.inf)
-    dp[0] = 0.0
-    back = np.zeros((m, budget + 1), np.int16)
-    for i in range(m):
-        new = np.full(budget + 1, np.inf)
-        for o in range(k):
-            d = int(v[o])
-            if d > budget:
-                break
-            cand = dp[: budget + 1 - d] + c[i, o]
-            seg = new[d:]
-            better = cand < seg
-            seg[better] = cand[better]
-            back[i, d:][better] = o
-        dp = new
-    if not np.isfinite(dp[budget]):
-        raise ValueError(f"budget {budget} is not reachable")
-    choice = np.zeros(m, np.int64)
-    s = budget
-    for i in range(m - 1, -1, -1):
-        o = int(back[i, s])
-        choice[i] = o
-        s -= int(v[o])
-    return choice

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
-from vipalloc.allocation import _solve_dp, domain
+from vipalloc.allocation import domain
+from vipalloc.allocation_dp import solve_dp
 from vipalloc.strategies.authors import AUTHORS_GAMMA, authors_rounding, legacy_greedy_fill
 from vipalloc.strategies.base import equal_classes
 
@@ -142,4 +143,4 @@ def knapsack_dp_allocate(p: np.ndarray, budget: int, *, n_min: int = 2, n_max: i
     n = vals[None, :].astype(np.float64)
     pc = p[:, None]
     value = (1 - pc**n - (1 - pc) ** n) * pc * (1 - pc) ** 2
-    return vals[_solve_dp(-value, vals, budget)]
+    return vals[solve_dp(-value, vals, budget)]
