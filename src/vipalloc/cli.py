@@ -18,6 +18,7 @@ import typer
 from vipalloc import __version__
 from vipalloc._io import iter_json_lines
 from vipalloc.console import fail
+from vipalloc.defaults import DEFAULT_STRATEGY
 
 __all__ = ["app", "fail", "read_batch"]
 
@@ -81,9 +82,9 @@ def allocate(
     ),
     state: Path | None = typer.Option(None, "--state", help="Allocator state file (Allocator.save) to start from."),
     strategy: str = typer.Option(
-        "vip",
-        help="uniform | vip | vip_pure | inverse_acc | inverse_var | knapsack | gvm | vip_authors | dynamo | hora "
-        "(vip_authors plans by rollouts only)",
+        DEFAULT_STRATEGY,
+        help="Any single-phase name in vipalloc.strategies.STRATEGY_NAMES: uniform | vip | vip_error | vip_pure | "
+        "vip_authors | knapsack | coba | gvm | dynamo | hora | inverse_acc | inverse_var.",
     ),
     predictor: str = typer.Option("gp", help="gp | beta | empirical | ridge | oracle"),
     estimator: str = typer.Option("drgrpo", help="drgrpo | rloo"),

@@ -3,10 +3,12 @@ trainer): change a default here and every surface follows. Imports nothing of th
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = ["DEFAULT_ESTIMATOR", "DEFAULT_PREDICTOR", "DEFAULT_STRATEGY"]
 
 #: the allocation strategy an :class:`~vipalloc.allocator.Allocator` uses unless told otherwise
-DEFAULT_STRATEGY = "vip"
+DEFAULT_STRATEGY: Final = "vip"
 #: the success-probability predictor (:mod:`vipalloc.predictors`)
 DEFAULT_PREDICTOR = "gp"
 #: the policy-gradient estimator whose variance is minimised

@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vipalloc.defaults import DEFAULT_STRATEGY
 from vipalloc.training.tasks import LEVELS, TaskName, completion_tokens_bound
 
 # The strategies a run may use: the library's (vipalloc.strategies.STRATEGY_NAMES) plus DAPO dynamic sampling,
@@ -80,7 +81,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     run_dir: str = "runs/train"
-    strategy: StrategyName = "vip"
+    strategy: StrategyName = DEFAULT_STRATEGY
     predictor: Literal["gp", "beta", "empirical", "ridge", "oracle"] = "gp"
     predictor_kwargs: dict = Field(default_factory=dict)
     embedder: Literal["auto", "minilm", "hashing"] = "hashing"

@@ -20,6 +20,7 @@ from trl import GRPOConfig
 
 from vipalloc import Allocator
 from vipalloc.budget import BudgetSpec
+from vipalloc.defaults import DEFAULT_STRATEGY
 from vipalloc.predictors import PREDICTOR_NAMES
 from vipalloc.strategies import STRATEGY_NAMES, TWO_PHASE_STRATEGIES, get_strategy
 
@@ -56,7 +57,8 @@ class VIPGRPOConfig(GRPOConfig):
     )
     n_min: int = field(default=2, metadata={"help": "Fewest rollouts of a kept prompt (>= 2)."})
     allocation_strategy: str = field(
-        default="vip", metadata={"help": f"One of vipalloc.strategies.STRATEGY_NAMES: {', '.join(STRATEGY_NAMES)}."}
+        default=DEFAULT_STRATEGY,
+        metadata={"help": f"One of vipalloc.strategies.STRATEGY_NAMES: {', '.join(STRATEGY_NAMES)}."},
     )
     predictor: str = field(default="gp", metadata={"help": f"One of: {', '.join(PREDICTOR_NAMES)}."})
     variance_estimator: str = field(

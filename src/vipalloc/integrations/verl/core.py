@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from verl import DataProto
 
+from vipalloc.defaults import DEFAULT_STRATEGY
+
 __all__ = [
     "ADV_ESTIMATOR_TARGETS",
     "ALLOCATOR_FILE",
@@ -63,7 +65,7 @@ class VIPConfig:
     budget: int | None = None
     n_min: int = 4
     n_max: int = 32
-    strategy: str = "vip"
+    strategy: str = DEFAULT_STRATEGY
     predictor: str = "gp"
     estimator: str = "auto"
     embedder: str = "auto"
