@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     from vipalloc.reporting import fmt_ci, git_commit, md_table
 
     preds = [p.strip() for p in args.predictors.split(",") if p.strip()]
-    sources: dict[str, list[object]] = {
-        "simulator": [simulator_trace(SimConfig(), s, steps=40, batch=64, pool=512) for s in range(args.sim_seeds)]
-    }
+    sources: dict[str, list[object]] = {}
+    if args.sim_seeds > 0:
+        sim = SimConfig()
+        sources["simulator"] = [simulator_trace(sim, s, steps=40, batch=64, pool=512) for s in range(args.sim_seeds)]
     files = sorted(glob.glob(args.league)) if args.league else []
     if files:
         traces = [_league_trace(f) for f in files]
