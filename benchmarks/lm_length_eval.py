@@ -28,15 +28,17 @@ def _league_trace(path: str) -> object:
     data = json.loads(open(path).read())
     steps = []
     for st in data.get("trace", []):
+        keep = [j for j, n in enumerate(st["trials"]) if n > 0]  # dropped prompts (0 rollouts) left out
+        tok = np.asarray(st["tokens"], np.float64)[:, keep]
         steps.append(
             {
                 "step": int(st["step"]),
-                "ids": [str(i) for i in st["ids"]],
-                "texts": [str(t) for t in st["texts"]],
-                "successes": np.asarray(st["successes"], np.int64),
-                "trials": np.asarray(st["trials"], np.int64),
+                "ids": [str(st["ids"][j]) for j in keep],
+                "texts": [str(st["texts"][j]) for j in keep],
+                "successes": np.asarray(st["successes"], np.int64)[keep],
+                "trials": np.asarray(st["trials"], np.int64)[keep],
                 "p_true": None,
-                "tokens": np.asarray(st["tokens"], np.float64),
+                "tokens": tok,
             }
         )
     return Trace(os.path.basename(path), steps)
