@@ -90,14 +90,10 @@ def check_allocator(cfg: VIPGRPOConfig, allocator: Allocator | None) -> Allocato
     """The allocator to use (built from ``cfg`` when None), checked against the config before TRL starts."""
     assert cfg.n_max is not None
     if allocator is None:
-        return Allocator(
-            strategy=cfg.allocation_strategy,
-            predictor=cfg.predictor,
-            estimator=cfg.variance_estimator,
-            n_min=cfg.n_min,
-            n_max=cfg.n_max,
-            seed=cfg.allocator_seed,
-            embedder=cfg.embedder,
+        return Allocator.from_settings(
+            cfg,
+            # TRL's own names for three of them (GRPOConfig.seed is the training seed, not the allocator's)
+            names={"strategy": "allocation_strategy", "estimator": "variance_estimator", "seed": "allocator_seed"},
             # The trainer binarises rewards with cfg.success_threshold itself and reports 0/1 values.
             success_threshold=0.5,
         )

@@ -74,17 +74,9 @@ class VIPHook:
             max_length  # verl's rollout.response_length (tokens): vip/frac_truncated counts rollouts there
         )
         self.estimator = estimator
-        self.allocator = Allocator(
-            strategy=cfg.strategy,
-            predictor=cfg.predictor,
-            estimator=estimator,
-            n_min=cfg.n_min,
-            n_max=cfg.n_max,
-            seed=cfg.seed,
-            embedder=cfg.embedder,
-            predictor_kwargs=cfg.predictor_kwargs,
-            strategy_kwargs=cfg.strategy_kwargs,
-        )
+        # cfg.estimator may be "auto" (resolved by the caller into `estimator`); the hook binarises rewards with
+        # cfg.success_threshold itself, so the allocator keeps its default threshold for the 0/1 values it gets.
+        self.allocator = Allocator.from_settings(cfg, estimator=estimator, success_threshold=0.5)
         self._uids: dict[str, tuple[str, int]] = {}  # uid -> (prompt id, plan step)
         self._plans: dict[int, Plan] = {}
         self._pilots: dict[int, Plan] = {}  # two-phase steps whose commit is not finished
