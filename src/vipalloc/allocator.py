@@ -354,7 +354,7 @@ class Allocator(StepPlanner):
         # The predictor validates and may raise; do it before touching the history so a failure records nothing.
         self._fc.invalidate()  # new evidence: the step's forecasts are stale
         self._fc.predictor.observe(kept_ids, successes, trials, step)
-        self.history.extend(step, kept_ids, kept, lengths=kept_lens)
+        self.history.extend_validated(step, kept_ids, kept, lengths=kept_lens)  # validated above: not again
         if not late_pilot:
             for pid in kept_ids:  # each planned prompt is observed once (per phase, for a two-phase step)
                 del planned[pid]

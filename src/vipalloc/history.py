@@ -212,17 +212,34 @@ class RolloutHistory:
         if prompts is not None and len(prompts) != len(ids):
             raise ValueError(f"got {len(ids)} prompt ids but {len(prompts)} prompt texts")
         arrs = [validate_rewards(pid, r) for pid, r in zip(ids, rewards)]
+        lens: list[np.ndarray | None] | None = None
+        if lengths is not None:
+            if len(lengths) != len(ids):
+                raise ValueError(f"got {len(ids)} prompt ids but {len(lengths)} length arrays; pass one per prompt")
+            lens = [None if ln is None else validate_lengths(pid, ln, a.size) for pid, a, ln in zip(ids, arrs, lengths)]
+        self.extend_validated(step, ids, arrs, prompts, lens)
+
+    def extend_validated(
+        self,
+        step: int,
+        prompt_ids: list[str],
+        rewards: list[np.ndarray],
+        prompts: Sequence[str | None] | None = None,
+        lengths: list[np.ndarray | None] | None = None,
+    ) -> None:
+        """:meth:`extend` for inputs a caller has already checked (``step`` a whole number >= 0, ``rewards`` and
+        ``lengths`` the arrays :func:`validate_rewards` / :func:`validate_lengths` returned, ``prompts`` aligned):
+        records without checking them again (``Allocator.observe`` validates before it touches any state)."""
+        ids = prompt_ids
+        arrs = rewards
         trials = np.array([a.size for a in arrs], np.int64)
         succ = np.array([int(np.count_nonzero(a >= self.success_threshold)) for a in arrs], np.int64)
         rsum = np.array([float(a.sum()) for a in arrs], np.float64)
         tok = np.zeros((4, len(ids)))  # tokens of successes, of failures; lengths known among successes, failures
         if lengths is not None:
-            if len(lengths) != len(ids):
-                raise ValueError(f"got {len(ids)} prompt ids but {len(lengths)} length arrays; pass one per prompt")
-            for j, (pid, a, ln) in enumerate(zip(ids, arrs, lengths)):
+            for j, (a, ln) in enumerate(zip(arrs, lengths)):
                 if ln is None:
                     continue
-                ln = validate_lengths(pid, ln, a.size)
                 ok = a >= self.success_threshold
                 tok[:, j] = ln[ok].sum(), ln[~ok].sum(), ok.sum(), (~ok).sum()
         self._write_rows(np.full(len(ids), step, np.int64), ids, trials, succ, rsum, tok)
