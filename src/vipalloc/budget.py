@@ -17,8 +17,9 @@ The policy (``tokens`` of the spec):
 
 In token mode ``rollout_cap`` (None: none but ``n_max`` a prompt) caps the step's rollouts.
 
-The rollout-budget feasibility check and its message live here too (:func:`check_rollout_budget`), as does the
-token-budget check (:func:`check_token_budget`): the allocator validates a budget once, at its boundary.
+The rollout-budget feasibility check (:func:`check_rollout_budget`) and the token-budget check
+(:func:`check_token_budget`) are the strategies' own (:mod:`vipalloc.strategies.base`), written once: the
+allocator validates a budget at its boundary with them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from vipalloc._args import check_int, check_lengths_arg
+from vipalloc.strategies.base import check_budget_range as check_rollout_budget
+from vipalloc.strategies.base import check_token_budget
 
 if TYPE_CHECKING:  # annotations only: the allocator imports this module
     from vipalloc.predictors.length import LengthPrediction
@@ -45,32 +48,6 @@ __all__ = [
 ]
 
 TokenMode = Literal["uniform"] | float | None
-
-
-def check_token_budget(value: Any) -> float:
-    """A token budget: a finite number of tokens > 0 (a float is fine, e.g. a predicted total). Raises
-    ``ValueError`` naming the value and what is expected."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"token_budget must be a number of tokens, got {value!r}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"token_budget must be a finite number of tokens > 0, got {value!r}")
-    return float(value)
-
-
-def check_rollout_budget(budget: int, m: int, n_min: int, n_max: int, *, cap: bool = False) -> None:
-    """Refuse a rollout budget no plan of ``m`` prompts with ``n_min <= n <= n_max`` can meet: ``budget`` is the
-    step's total rollouts, or with ``cap=True`` the rollout cap next to a token budget (then only its lower end,
-    ``m * n_min``, binds). Raises ``ValueError`` naming the feasible range and the fix."""
-    if not cap and budget > m * n_max:
-        raise ValueError(
-            f"budget {budget} is infeasible for {m} prompts with n_max={n_max}: at most {m * n_max}; raise n_max or "
-            "lower the budget"
-        )
-    if budget < m * n_min:
-        raise ValueError(
-            f"budget {budget} is infeasible for {m} prompts with n in [{n_min}, {n_max}]: feasible budgets lie in "
-            f"[{m * n_min}, {m * n_max}]; change the budget or the bounds"
-        )
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,9 @@ __all__ = [
     "StrategyBase",
     "TokenCounts",
     "balance_ties",
+    "check_budget_range",
     "check_call",
+    "check_token_budget",
     "check_tokens",
     "check_vip_options",
     "equal_classes",
@@ -246,13 +248,36 @@ def check_call(p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> tuple[
         raise ValueError(f"need 2 <= n_min <= n_max (a group needs 2 rollouts for a baseline), got {n_min}, {n_max}")
     if n_max > N_MAX_LIMIT:
         raise ValueError(f"n_max ({n_max}) is above the supported {N_MAX_LIMIT} rollouts per prompt; lower it")
-    m = len(p)
-    if not (m * n_min <= budget <= m * n_max):
-        raise ValueError(
-            f"budget {budget} is infeasible for {m} prompts with n in [{n_min}, {n_max}]: "
-            f"feasible budgets lie in [{m * n_min}, {m * n_max}]; change the budget or the bounds"
-        )
+    check_budget_range(budget, len(p), n_min, n_max)
     return p, budget
+
+
+def check_budget_range(budget: int, m: int, n_min: int, n_max: int, *, cap: bool = False) -> None:
+    """Refuse a rollout budget no plan of ``m`` prompts with ``n_min <= n <= n_max`` can meet: ``budget`` is the
+    step's total rollouts, or with ``cap=True`` the rollout cap next to a token budget (then only its lower end,
+    ``m * n_min``, binds). Raises ``ValueError`` naming the feasible range and the fix. The one place this message
+    is written (the ``Allocator``'s budget policy, the strategies and the two-phase pilot call it)."""
+    if not cap and budget > m * n_max:
+        raise ValueError(
+            f"budget {budget} is infeasible for {m} prompts with n_max={n_max}: at most {m * n_max}; raise n_max or "
+            "lower the budget"
+        )
+    if budget < m * n_min:
+        raise ValueError(
+            f"budget {budget} is infeasible for {m} prompts with n in [{n_min}, {n_max}]: feasible budgets lie in "
+            f"[{m * n_min}, {m * n_max}]; change the budget or the bounds"
+        )
+
+
+def check_token_budget(value: object) -> float:
+    """A token budget: a finite number of tokens > 0 (a float is fine, e.g. a predicted total). Raises
+    ``ValueError`` naming the value and what is expected. The one check of a token budget's value (the
+    ``Allocator``'s budget policy and :func:`check_tokens` call it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"token_budget must be a number of tokens, got {value!r}")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"token_budget must be a finite number of tokens > 0, got {value!r}")
+    return float(value)
 
 
 def check_tokens(
@@ -266,11 +291,9 @@ def check_tokens(
     c = np.asarray(lengths, np.float64)
     if c.shape != (m,) or not np.all(np.isfinite(c)) or np.any(c <= 0):
         raise ValueError(f"expected lengths must be finite token counts > 0, one per prompt ({m}), got {c.shape}")
-    if isinstance(token_budget, bool) or not isinstance(token_budget, (int, float, np.integer, np.floating)):
-        raise ValueError(f"token_budget must be a number of tokens, got {token_budget!r}")
-    t = float(token_budget)
+    t = check_token_budget(token_budget)
     need = float(n_min * c.sum())
-    if not np.isfinite(t) or t < need * (1 - 1e-12):
+    if t < need * (1 - 1e-12):
         raise ValueError(
             f"token budget {t:,.0f} is infeasible for {m} prompts with n_min={n_min}: every prompt at n_min needs "
             f"{need:,.0f} tokens at the predicted lengths; raise the token budget or lower n_min"

@@ -47,6 +47,7 @@ from vipalloc.strategies.base import (
     HARDNESS_BONUS,
     AllocationContext,
     StrategyBase,
+    check_budget_range,
     check_vip_options,
     uniform_counts,
 )
@@ -261,11 +262,7 @@ def check_pilot(m: int, budget: int, n_min: int, n_max: int, pilot_n: int) -> No
             f"pilot_n * M = {pilot_n} x {m} = {pilot_n * m} pilot rollouts exceed the step budget {budget}; the "
             f"pilot is part of the budget: lower pilot_n to <= {budget // m}, use fewer prompts, or raise the budget"
         )
-    if budget > m * n_max:
-        raise ValueError(
-            f"budget {budget} is infeasible for {m} prompts with n_max={n_max}: at most {m * n_max}; "
-            "raise n_max or lower the budget"
-        )
+    check_budget_range(budget, m, 0, n_max)  # a two-phase step may drop prompts: only n_max bounds it
 
 
 def not_single_phase(name: str) -> ValueError:
