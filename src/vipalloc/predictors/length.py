@@ -163,8 +163,12 @@ class LengthModel:
         n = ns + nf
         k0 = self.prior_strength
         if k0 is None:  # empirical Bayes: within-prompt noise over between-prompt spread
-            k0 = _shrinkage(pid, wt, row_ts + row_tf, row_ns * rho + row_nf, seen, n_all, log_len, fitted_seen)
-        k1 = float(self.outcome_strength)
+            # from the raw rows: recency weights below 1 would understate the within-prompt noise
+            raw_n = np.bincount(pid, weights=row_ns + row_nf, minlength=n_prompts)
+            k0 = _shrinkage(
+                pid, np.ones(pid.size), row_ts + row_tf, row_ns * rho + row_nf, seen, raw_n, log_len, fitted_seen
+            )
+        k1 = max(float(self.outcome_strength), float(k0))  # an outcome mean is never trusted more than the scale
         # the prompt's scale: its fail-equivalent length B (mean = B (rho s_i + 1 - s_i)), shrunk toward the prior's
         pc = np.clip(np.asarray(p, np.float64), 0.0, 1.0)
         with np.errstate(invalid="ignore", divide="ignore"):
