@@ -168,7 +168,9 @@ class LengthModel:
             k0 = _shrinkage(
                 pid, np.ones(pid.size), row_ts + row_tf, row_ns * rho + row_nf, seen, raw_n, log_len, fitted_seen
             )
-        k1 = max(float(self.outcome_strength), float(k0))  # an outcome mean is never trusted more than the scale
+        k1 = float(self.outcome_strength)
+        if self.prior_strength is None:  # estimated: an outcome's mean is never trusted more than the scale
+            k1 = max(k1, float(k0))
         # the prompt's scale: its fail-equivalent length B (mean = B (rho s_i + 1 - s_i)), shrunk toward the prior's
         pc = np.clip(np.asarray(p, np.float64), 0.0, 1.0)
         with np.errstate(invalid="ignore", divide="ignore"):
