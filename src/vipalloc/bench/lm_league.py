@@ -125,7 +125,7 @@ def evaluate(
 
     from vipalloc.bench.lm_fast import rewards_of
 
-    gen = torch.Generator().manual_seed(10_000 * seed + step)
+    gen = torch.Generator(device=policy.device).manual_seed(10_000 * seed + step)
     per_prompt: list[float] = []
     passed: list[float] = []
     for k in range(0, len(held), cfg.eval_chunk):
@@ -229,7 +229,7 @@ def run_one(
         args: dict[str, Any] = {"token_budget": tok_budget} if tok_budget is not None else {"budget": budget}
         # the shadows plan n_max each (they only predict), so that any group the run generates can be observed
         preds = {k: a.plan(ids, texts, cfg.batch * cfg.n_max, step=step).p_mean for k, a in shadows.items()}
-        gen = torch.Generator().manual_seed(1_000_000 * seed + 1000 * step + 7)
+        gen = torch.Generator(device=device).manual_seed(1_000_000 * seed + 1000 * step + 7)
 
         answers = [p.answer for p in probs]
 

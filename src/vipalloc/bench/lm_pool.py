@@ -255,7 +255,7 @@ def build_policy_pool(
     from vipalloc.bench.lm_fast import rewards_of
 
     sketch = CountSketch(policy.params, sketch_dim, seed + 1)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
     m = len(problems)
     prior = np.zeros((m, prior_n))
     rewards = np.zeros((m, pool_n))
