@@ -9,7 +9,7 @@ own module, and none of them imports this one:
 | :mod:`~vipalloc.strategies.base` | :class:`Strategy` and its flags, :class:`AllocationContext`, checks, ties |
 | :mod:`~vipalloc.strategies.uniform` | ``uniform``, ``inverse_acc``, ``inverse_var`` |
 | :mod:`~vipalloc.strategies.vip` | ``vip``, ``vip_pure`` |
-| :mod:`~vipalloc.strategies.error` | ``vip_error`` (the gradient error at the best step size; the default) |
+| :mod:`~vipalloc.strategies.error` | ``vip_error`` (the gradient error at the best step size) |
 | :mod:`~vipalloc.strategies.authors` | ``vip_authors`` (the VIP authors' whole procedure) |
 | :mod:`~vipalloc.strategies.peers` | ``knapsack``, ``gvm``, ``dynamo``, ``hora`` |
 | :mod:`~vipalloc.strategies.coba` | ``coba`` (CoBA-RL) |
