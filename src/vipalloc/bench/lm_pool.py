@@ -210,28 +210,8 @@ def build_pool(
         prior[i], rewards[i] = r[:prior_n], r[prior_n:]
         comps.append(ids[prior_n:])
         progress(f"pool: sampled prompt {i + 1}/{m} (pool success {rewards[i].mean():.2f})")
-    t1 = time.perf_counter()
-    sketches = np.zeros((m, pool_n, sketch_dim), np.float32)
     policy.model.train()
-    for i, prob in enumerate(problems):
-        if rewards[i].min() == rewards[i].max():
-            continue  # every advantage of every resample is 0: the score vectors never enter an estimator
-        prompt = policy.prompt_ids(prob.question)
-        for j, c in enumerate(comps[i]):
-            lp = policy.seq_logprobs([prompt], [c])[0]
-            grads = torch.autograd.grad(lp, policy.params, allow_unused=True)
-            sketches[i, j] = sketch(grads)
-        progress(f"pool: score vectors of prompt {i + 1}/{m}")
-    t2 = time.perf_counter()
-    return Pool(
-        [p.prompt_id for p in problems],
-        [p.question for p in problems],
-        np.array([p.level for p in problems]),
-        prior,
-        rewards,
-        sketches,
-        {"sample": t1 - t0, "grad": t2 - t1},
-    )
+    return _sketched_pool(problems, prior, rewards, comps, policy, policy.seq_logprobs, sketch, t0, progress)
 
 
 def build_policy_pool(
@@ -270,14 +250,35 @@ def build_policy_pool(
             prior[k + j], rewards[k + j] = r[:prior_n], r[prior_n:]
             comps.append(g[prior_n:])
         progress(f"pool: sampled {min(k + 8, m)}/{m} prompts (pool success so far {rewards[: k + 8].mean():.2f})")
+    return _sketched_pool(problems, prior, rewards, comps, policy, policy.logprobs, sketch, t0, progress)
+
+
+def _sketched_pool(
+    problems: Sequence[LMProblem],
+    prior: np.ndarray,
+    rewards: np.ndarray,
+    comps: list[list[list[int]]],
+    policy: Any,
+    logprobs: Callable[[list[list[int]], list[list[int]]], Any],
+    sketch: CountSketch,
+    t0: float,
+    progress: Callable[[str], None],
+) -> Pool:
+    """The pool from sampled replies: the sketched score vector of every pool reply of a prompt with mixed pool
+    rewards (``logprobs(prompts, completions)``: the policy's summed log-probabilities, with gradient), both pool
+    builders' second half. ``prior`` / ``rewards``: float ``(M, prior_n)`` / ``(M, pool_n)``; ``t0``: when
+    sampling started (seconds, ``time.perf_counter``)."""
+    import torch
+
     t1 = time.perf_counter()
-    sketches = np.zeros((m, pool_n, sketch_dim), np.float32)
+    m, pool_n = rewards.shape
+    sketches = np.zeros((m, pool_n, sketch.dim), np.float32)
     for i, prob in enumerate(problems):
         if rewards[i].min() == rewards[i].max():
             continue  # every advantage of every resample is 0: the score vectors never enter an estimator
         prompt = policy.prompt_ids(prob.question)
         for j, c in enumerate(comps[i]):
-            lp = policy.logprobs([prompt], [c])[0]
+            lp = logprobs([prompt], [c])[0]
             grads = torch.autograd.grad(lp, policy.params, allow_unused=True)
             sketches[i, j] = sketch(grads)
         progress(f"pool: score vectors of prompt {i + 1}/{m}")
