@@ -35,7 +35,6 @@ __all__ = [
     "check_signal_ratio",
     "gradient_error",
     "lost_signal",
-    "plan_error",
     "scaled_error",
     "signal_terms",
 ]
@@ -159,19 +158,6 @@ def lost_signal(
     rho = check_signal_ratio(signal_ratio)
     mom = beta_moments(p_mean, p_std)
     return rho * (mom[:, 1] - 2 * mom[:, 2] + mom[:, 3])
-
-
-def plan_error(
-    p_mean: ArrayLike,
-    counts: ArrayLike,
-    estimator: str = "drgrpo",
-    *,
-    signal_ratio: float = DEFAULT_SIGNAL_RATIO,
-    p_std: ArrayLike | None = None,
-) -> float:
-    """A plan's modelled gradient error: ``sum_i gradient_error(p_i, counts_i)`` (dropped prompts cost their
-    signal)."""
-    return float(np.sum(gradient_error(p_mean, np.asarray(counts), estimator, signal_ratio=signal_ratio, p_std=p_std)))
 
 
 def signal_terms(

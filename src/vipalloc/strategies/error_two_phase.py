@@ -18,7 +18,7 @@ import numpy as np
 from vipalloc.allocation import minimize_separable
 from vipalloc.allocation_tokens import solve_tokens
 from vipalloc.gradient_error import DEFAULT_SIGNAL_RATIO, check_signal_ratio, signal_terms
-from vipalloc.strategies.commit import beta_mean_std, beta_posterior, beta_prior, commit_domain, group_violations
+from vipalloc.strategies.commit import beta_mean_std, commit_domain, group_violations
 from vipalloc.strategies.error import VIPError, best_plan
 from vipalloc.strategies.two_phase import Commit, VIPTwoPhase
 
@@ -92,8 +92,7 @@ class VIPErrorTwoPhase(VIPTwoPhase):
     ) -> Commit:
         """The commit of ``budget`` extra rollouts over the piloted prompts maximising ``N^2 / D`` of the final
         groups under the posteriors, each ``lam`` solved exactly; skipped prompts get 0."""
-        a0, b0 = beta_prior(prior_mean, prior_std, nu_max=self.prior_nu_max, nu_min=self.prior_nu_min)
-        a, b = beta_posterior(a0, b0, successes, trials)
+        a, b = self.posterior(prior_mean, prior_std, successes, trials)
         live = np.flatnonzero(np.asarray(planned) > 0)
         extra = np.zeros(len(a), np.int64)
         if live.size == 0:
@@ -132,8 +131,7 @@ class VIPErrorTwoPhase(VIPTwoPhase):
     ) -> Commit:
         """Token mode: the same objective under ``sum_i e_i c_i <= token_budget`` (the tokens left after the
         pilot) and ``sum e <= max_rollouts``; the largest certified gap of the programs solved is returned."""
-        a0, b0 = beta_prior(prior_mean, prior_std, nu_max=self.prior_nu_max, nu_min=self.prior_nu_min)
-        a, b = beta_posterior(a0, b0, successes, trials)
+        a, b = self.posterior(prior_mean, prior_std, successes, trials)
         live = np.flatnonzero(np.asarray(planned) > 0)
         extra = np.zeros(len(a), np.int64)
         if live.size == 0:

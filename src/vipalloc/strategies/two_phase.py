@@ -314,6 +314,14 @@ class VIPTwoPhase(StrategyBase):
     ) -> np.ndarray:
         raise not_single_phase(self.name)
 
+    def posterior(
+        self, prior_mean: np.ndarray, prior_std: np.ndarray, successes: np.ndarray, trials: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each prompt's ``Beta(a, b)`` after its pilot (float64 ``(M,)`` each): the predictor's prior mapped by
+        :func:`beta_prior` with this strategy's ``prior_nu_min`` / ``prior_nu_max``, updated by the pilot's counts."""
+        a0, b0 = beta_prior(prior_mean, prior_std, nu_max=self.prior_nu_max, nu_min=self.prior_nu_min)
+        return beta_posterior(a0, b0, successes, trials)
+
     def check_pilot(self, m: int, budget: int, n_min: int, n_max: int, pilot_n: int) -> None:
         """Refuse a pilot request this strategy cannot serve (``ValueError`` naming the fix); needs no prediction,
         so the ``Allocator`` calls it before it touches any state."""
@@ -354,8 +362,7 @@ class VIPTwoPhase(StrategyBase):
     ) -> Commit:
         """Exact commit of ``budget`` extra rollouts over the piloted prompts (``planned > 0``) under their
         posteriors (:func:`solve_commit`); skipped prompts get 0."""
-        a0, b0 = beta_prior(prior_mean, prior_std, nu_max=self.prior_nu_max, nu_min=self.prior_nu_min)
-        a, b = beta_posterior(a0, b0, successes, trials)
+        a, b = self.posterior(prior_mean, prior_std, successes, trials)
         bonus = HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus)
         live = np.flatnonzero(np.asarray(planned) > 0)
         extra = np.zeros(len(a), np.int64)
@@ -425,8 +432,7 @@ class VIPTwoPhase(StrategyBase):
         """Token mode: the same posterior objective over the piloted prompts, under ``sum_i e_i c_i <=
         token_budget`` (the tokens left after the pilot) and ``sum e <= max_rollouts``, by
         :func:`vipalloc.allocation_tokens.solve_tokens` (exact or with a certified gap, in ``Commit.gap``)."""
-        a0, b0 = beta_prior(prior_mean, prior_std, nu_max=self.prior_nu_max, nu_min=self.prior_nu_min)
-        a, b = beta_posterior(a0, b0, successes, trials)
+        a, b = self.posterior(prior_mean, prior_std, successes, trials)
         bonus = HARDNESS_BONUS[self.estimator] if self.hardness_bonus is None else float(self.hardness_bonus)
         live = np.flatnonzero(np.asarray(planned) > 0)
         extra = np.zeros(len(a), np.int64)
