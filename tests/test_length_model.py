@@ -16,8 +16,8 @@ def _rows(pid, tok_s, tok_f, n_s, n_f, step):
         "prompt_index": np.asarray(pid, np.int64),
         "tokens_success": np.asarray(tok_s, float),
         "tokens_fail": np.asarray(tok_f, float),
-        "lengths_success": np.asarray(n_s, np.int64),
-        "lengths_fail": np.asarray(n_f, np.int64),
+        "token_rollouts_success": np.asarray(n_s, np.int64),
+        "token_rollouts_fail": np.asarray(n_f, np.int64),
         "step": np.asarray(step, np.int64),
     }
 

@@ -161,8 +161,8 @@ def _rows(pid, tok_s, tok_f, n_s, n_f, step=None):
         "prompt_index": np.asarray(pid, np.int64),
         "tokens_success": np.asarray(tok_s, float),
         "tokens_fail": np.asarray(tok_f, float),
-        "lengths_success": np.asarray(n_s, np.int64),
-        "lengths_fail": np.asarray(n_f, np.int64),
+        "token_rollouts_success": np.asarray(n_s, np.int64),
+        "token_rollouts_fail": np.asarray(n_f, np.int64),
         "step": np.zeros(n, np.int64) if step is None else np.asarray(step, np.int64),
     }
 
@@ -275,7 +275,7 @@ def test_observe_rejects_misaligned_lengths_and_records_nothing() -> None:
     assert len(alloc.history) == 0 and not alloc.history.has_lengths
     alloc.observe(["a", "b"], [np.ones(4), np.zeros(4)], step=0, lengths=[[1, 2, 3, 4], None])
     rows = alloc.history.rows()
-    assert rows["tokens_success"].tolist() == [10.0, 0.0] and rows["lengths_fail"].tolist() == [0, 0]
+    assert rows["tokens_success"].tolist() == [10.0, 0.0] and rows["token_rollouts_fail"].tolist() == [0, 0]
 
 
 def test_old_state_files_without_lengths_still_load(tmp_path) -> None:
@@ -288,7 +288,7 @@ def test_old_state_files_without_lengths_still_load(tmp_path) -> None:
     alloc.save(path)
     _, body = read_json_checked(path, "vipalloc.allocator", 2)
     body["config"].pop("length_kwargs", None)
-    for k in ("tokens_success", "tokens_fail", "lengths_success", "lengths_fail"):
+    for k in ("tokens_success", "tokens_fail", "token_rollouts_success", "token_rollouts_fail"):
         body["history"].pop(k, None)
     atomic_write_json(path, "vipalloc.allocator", 2, body)
     loaded = Allocator.load(path)
@@ -304,7 +304,7 @@ def test_history_file_keeps_lengths(tmp_path) -> None:
     h.append(0, "b", [0, 0])
     h.save(tmp_path / "h.jsonl")
     back = RolloutHistory.load(tmp_path / "h.jsonl")
-    for k in ("tokens_success", "tokens_fail", "lengths_success", "lengths_fail"):
+    for k in ("tokens_success", "tokens_fail", "token_rollouts_success", "token_rollouts_fail"):
         np.testing.assert_array_equal(back.rows()[k], h.rows()[k])
     assert back.rows()["tokens_success"].tolist() == [40.0, 0.0]
     # a hand-written row with per-rollout lengths, as the CLI's history.jsonl accepts
@@ -314,6 +314,113 @@ def test_history_file_keeps_lengths(tmp_path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"step": 0, "prompt_id": "x", "rewards": [1, 0], "lengths": [5]}\n')
     with pytest.raises(ValueError, match="line 1: prompt 'x' has 2 rewards but 1 lengths"):
         RolloutHistory.load(tmp_path / "bad.jsonl")
+
+
+_TOKEN_COLS = ("tokens_success", "tokens_fail", "token_rollouts_success", "token_rollouts_fail")
+
+
+def _history_with_lengths() -> RolloutHistory:
+    h = RolloutHistory()
+    h.extend(0, ["a", "b"], [[1, 0, 1], [0, 0]], prompts=["A", None], lengths=[[10, 200, 30], None])
+    h.extend(1, ["a", "b"], [[0, 1], [1, 0, 0]], lengths=[[70, 5], [3, 40, 50]])
+    return h
+
+
+def _same_history(a: RolloutHistory, b: RolloutHistory) -> None:
+    assert a.prompt_ids == b.prompt_ids and a.success_threshold == b.success_threshold
+    ra, rb = a.rows(), b.rows()
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        np.testing.assert_array_equal(ra[k], rb[k], err_msg=k)
+        assert ra[k].dtype == rb[k].dtype, k
+    assert [a.prompt_text(p) for p in a.prompt_ids] == [b.prompt_text(p) for p in b.prompt_ids]
+
+
+def _as_version_2(path, out) -> None:
+    """Rewrite a history file as version 2 wrote it: the counts named lengths_*, a version-2 header over them."""
+    import hashlib
+    import json
+
+    lines = path.read_text().splitlines(keepends=True)
+    body = "".join(
+        ln.replace('"token_rollouts_success":', '"lengths_success":').replace(
+            '"token_rollouts_fail":', '"lengths_fail":'
+        )
+        for ln in lines[1:]
+    )
+    header = json.loads(lines[0])
+    header.update(version=2, sha256=hashlib.sha256(body.encode()).hexdigest())
+    out.write_text(json.dumps(header, separators=(",", ":")) + "\n" + body)
+
+
+def test_history_counts_written_under_their_old_names_still_load(tmp_path) -> None:
+    """Version-2 history files, headerless rows and state dicts that name the counts lengths_success / lengths_fail
+    load to the same history as the current names; saving again writes only the new names (version 3)."""
+    import json
+
+    h = _history_with_lengths()
+    h.save(tmp_path / "new.jsonl")
+    text = (tmp_path / "new.jsonl").read_text()
+    assert json.loads(text.splitlines()[0])["version"] == 3
+    assert '"token_rollouts_success":2' in text and "lengths_" not in text
+    _as_version_2(tmp_path / "new.jsonl", tmp_path / "v2.jsonl")
+    assert '"lengths_success":2' in (tmp_path / "v2.jsonl").read_text()
+    old = RolloutHistory.load(tmp_path / "v2.jsonl")
+    _same_history(old, h)
+    assert old.has_lengths and old.rows()["token_rollouts_fail"].tolist() == [1, 0, 1, 2]
+    old.save(tmp_path / "again.jsonl")  # a round trip writes the new names
+    assert (tmp_path / "again.jsonl").read_text() == text
+    # a hand-written row without a header, old names
+    row = {"step": 0, "prompt_id": "x", "trials": 3, "successes": 1, "tokens_success": 9, "tokens_fail": 30}
+    (tmp_path / "hand_old.jsonl").write_text(json.dumps({**row, "lengths_success": 1, "lengths_fail": 2}) + "\n")
+    (tmp_path / "hand_new.jsonl").write_text(
+        json.dumps({**row, "token_rollouts_success": 1, "token_rollouts_fail": 2}) + "\n"
+    )
+    hand = RolloutHistory.load(tmp_path / "hand_old.jsonl")
+    _same_history(hand, RolloutHistory.load(tmp_path / "hand_new.jsonl"))
+    assert hand.rows()["token_rollouts_fail"].tolist() == [2]
+    # both names, disagreeing: refused with the line, nothing guessed
+    (tmp_path / "both.jsonl").write_text(
+        json.dumps({**row, "lengths_success": 1, "token_rollouts_success": 0, "token_rollouts_fail": 2}) + "\n"
+    )
+    with pytest.raises(ValueError, match="line 1: 'token_rollouts_success' and its old name 'lengths_success'"):
+        RolloutHistory.load(tmp_path / "both.jsonl")
+    # a state dict (the allocator checkpoint's history) from before the rename
+    state = h.state_dict()
+    assert "lengths_success" not in state and "token_rollouts_success" in state
+    old_state = {
+        {"token_rollouts_success": "lengths_success", "token_rollouts_fail": "lengths_fail"}.get(k, k): v
+        for k, v in state.items()
+    }
+    _same_history(RolloutHistory.from_state_dict(old_state), h)
+
+
+def test_old_allocator_checkpoint_with_old_count_names_loads(tmp_path) -> None:
+    """An allocator file whose history names the counts lengths_* (before the rename) keeps every length."""
+    alloc = Allocator(strategy="vip", predictor="beta", n_min=2, n_max=8)
+    plan = alloc.plan(["a", "b"], budget=8, step=0)
+    alloc.observe(["a", "b"], [np.ones(n) for n in plan.counts], step=0, lengths=[[5] * n for n in plan.counts])
+    path = tmp_path / "new.json"
+    alloc.save(path)
+    version, body = read_json_checked(path, "vipalloc.allocator", 99)
+    hist = body["history"]
+    hist["lengths_success"] = hist.pop("token_rollouts_success")
+    hist["lengths_fail"] = hist.pop("token_rollouts_fail")
+    atomic_write_json(tmp_path / "old.json", "vipalloc.allocator", version, body)
+    _same_history(Allocator.load(tmp_path / "old.json").history, alloc.history)
+
+
+def test_replay_reads_the_counts_under_either_name(tmp_path) -> None:
+    from vipalloc.replay.cli import run_replay
+
+    h = RolloutHistory()
+    h.extend(0, ["a", "b"], [[1, 0, 1], [0, 0]], lengths=[[10, 200, 30], [8, 9]])
+    h.extend(1, ["a", "b"], [[0, 1], [1, 0, 0]], lengths=[[70, 5], [3, 40, 50]])
+    h.save(tmp_path / "new.jsonl")
+    _as_version_2(tmp_path / "new.jsonl", tmp_path / "v2.jsonl")
+    new = run_replay([tmp_path / "new.jsonl"], tmp_path / "o_new", strategies=[], predictors=["empirical"])
+    old = run_replay([tmp_path / "v2.jsonl"], tmp_path / "o_old", strategies=[], predictors=["empirical"])
+    assert new["tokens"] == old["tokens"] == 10 + 200 + 30 + 8 + 9 + 70 + 5 + 3 + 40 + 50
 
 
 @settings(max_examples=60, deadline=None)

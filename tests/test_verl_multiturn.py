@@ -156,7 +156,7 @@ def test_v1_multi_turn_tool_sessions_follow_the_plan(tq_cluster, tmp_path, monke
     assert len(hook.episode_tokens[(1, "3")]) == 3  # the failed session has no episode
     # ... and the same lengths reached Allocator.observe (the history's token columns): 63 episodes, their tokens
     rows = hook.allocator.history.rows()
-    assert int(rows["lengths_success"].sum() + rows["lengths_fail"].sum()) == episodes - 1
+    assert int(rows["token_rollouts_success"].sum() + rows["token_rollouts_fail"].sum()) == episodes - 1
     recorded = float(rows["tokens_success"].sum() + rows["tokens_fail"].sum())
     assert recorded == sum(int(v.sum()) for v in hook.episode_tokens.values())
     vip_logs = [d for _, d in logged if "vip/budget" in d]

@@ -3,18 +3,19 @@
 A row holds the number of rollouts (``trials``), how many of them succeeded (``successes``: reward >= the
 store's ``success_threshold``), the sum of the raw rewards and, when the caller reported them, the generated tokens
 of the successful and of the failed rollouts (``tokens_success`` / ``tokens_fail``, summed) with how many rollouts
-of each kind had a length (``lengths_success`` / ``lengths_fail``; rollouts reported without a length count in
-neither). Rows are kept in growable numpy columns, so a
-store of millions of rows costs ~40 bytes a row and windowed aggregates are vectorised.
+of each kind had a length (``token_rollouts_success`` / ``token_rollouts_fail``, the denominators of the token sums;
+rollouts reported without a length count in neither). Rows are kept in growable numpy columns, so a store of
+millions of rows costs ~40 bytes a row and windowed aggregates are vectorised.
 
 File format (``save``/``load``): JSON Lines. The first line is a header::
 
     {"format": "vipalloc.history", "version": 1, "rows": N, "success_threshold": 0.5, "sha256": "..."}
 
 followed by one row per line: ``{"step": 3, "prompt_id": "q17", "trials": 8, "successes": 5, "reward_sum": 5.0}``
-(optionally ``"prompt": "<text>"`` the first time a prompt appears, and, in version 2, ``"tokens_success"``,
-``"tokens_fail"``, ``"lengths_success"``, ``"lengths_fail"`` when lengths were recorded; version 1 files load with
-no lengths). The checksum covers every row line, so a
+(optionally ``"prompt": "<text>"`` the first time a prompt appears, and, since version 2, ``"tokens_success"``,
+``"tokens_fail"``, ``"token_rollouts_success"``, ``"token_rollouts_fail"`` when lengths were recorded; version 1
+files load with no lengths, and version 2 files, which named the two counts ``"lengths_success"`` /
+``"lengths_fail"``, load with the old names mapped to the new). The checksum covers every row line, so a
 truncated or edited file is detected. ``load`` also accepts hand-written files without a header whose rows give
 either ``"rewards": [1, 0, 1]`` (optionally with ``"lengths": [212, 80, 130]``, generated tokens per rollout) or
 ``"trials"``/``"successes"``; every problem is reported with its line number.
@@ -38,8 +39,12 @@ from vipalloc._io import StateFileError, atomic_write_text, parse_json_line
 __all__ = ["HistoryAggregates", "RolloutHistory", "aggregate_duplicates", "validate_lengths", "validate_rewards"]
 
 FORMAT = "vipalloc.history"
-VERSION = 2  # 2 adds the token columns; version 1 files still load
-_TOKEN_COLS = ("tokens_success", "tokens_fail", "lengths_success", "lengths_fail")
+# 2 adds the token columns; 3 renames their counts lengths_* -> token_rollouts_* (a version-2 reader would take the
+# new names for absent and silently drop them, so the bump makes it refuse instead). Versions 1 and 2 still load,
+# the old count names (files, state dicts) read as the new ones.
+VERSION = 3
+_TOKEN_COLS = ("tokens_success", "tokens_fail", "token_rollouts_success", "token_rollouts_fail")
+_OLD_TOKEN_COLS = {"token_rollouts_success": "lengths_success", "token_rollouts_fail": "lengths_fail"}
 
 
 def validate_rewards(prompt_id: str, rewards: Any) -> np.ndarray:
@@ -324,8 +329,8 @@ class RolloutHistory:
     def rows(self, window: int | None = None, *, before_step: int | None = None) -> dict[str, np.ndarray]:
         """Raw rows (copies) in the window: ``step``, ``prompt_index`` (into :attr:`prompt_ids`), ``trials``,
         ``successes``, ``reward_sum`` and the token columns ``tokens_success``, ``tokens_fail`` (float64 sums),
-        ``lengths_success``, ``lengths_fail`` (int64 counts). ``window`` counts steps back from the newest step
-        kept (``None``: all)."""
+        ``token_rollouts_success``, ``token_rollouts_fail`` (int64 counts of the rollouts behind those sums).
+        ``window`` counts steps back from the newest step kept (``None``: all)."""
         mask = self._window_mask(window, before_step)
         n = self._n
         return {
@@ -336,8 +341,8 @@ class RolloutHistory:
             "reward_sum": self._rsum[:n][mask].copy(),
             "tokens_success": self._tok_s[:n][mask].copy(),
             "tokens_fail": self._tok_f[:n][mask].copy(),
-            "lengths_success": self._len_s[:n][mask].copy(),
-            "lengths_fail": self._len_f[:n][mask].copy(),
+            "token_rollouts_success": self._len_s[:n][mask].copy(),
+            "token_rollouts_fail": self._len_f[:n][mask].copy(),
         }
 
     def _window_mask(self, window: int | None, before_step: int | None) -> np.ndarray:
@@ -404,8 +409,8 @@ class RolloutHistory:
             "reward_sum": self._rsum[: self._n].copy(),
             "tokens_success": self._tok_s[: self._n].copy(),
             "tokens_fail": self._tok_f[: self._n].copy(),
-            "lengths_success": self._len_s[: self._n].copy(),
-            "lengths_fail": self._len_f[: self._n].copy(),
+            "token_rollouts_success": self._len_s[: self._n].copy(),
+            "token_rollouts_fail": self._len_f[: self._n].copy(),
         }
 
     @classmethod
@@ -416,8 +421,8 @@ class RolloutHistory:
             ids = [str(p) for p in state["prompt_ids"]]
             cols = [np.asarray(state[k]) for k in ("step", "prompt_index", "trials", "successes", "reward_sum")]
             n0 = len(cols[0])
-            # states written before lengths were recorded have no token columns: no lengths known
-            tok = [np.asarray(state[k]) if k in state else np.zeros(n0) for k in _TOKEN_COLS]
+            # no token columns: written before token budgets (no lengths known); lengths_*: before the counts' rename
+            tok = [np.asarray(v) if (v := _token_field(state, k)) is not None else np.zeros(n0) for k in _TOKEN_COLS]
         except (KeyError, TypeError, ValueError) as exc:
             raise StateFileError(f"history state is malformed ({exc})") from None
         n = len(cols[0])
@@ -454,8 +459,8 @@ class RolloutHistory:
             if self._len_s[i] or self._len_f[i]:
                 row["tokens_success"] = float(self._tok_s[i])
                 row["tokens_fail"] = float(self._tok_f[i])
-                row["lengths_success"] = int(self._len_s[i])
-                row["lengths_fail"] = int(self._len_f[i])
+                row["token_rollouts_success"] = int(self._len_s[i])
+                row["token_rollouts_fail"] = int(self._len_f[i])
             if pid in self._texts and pid not in seen_text:
                 row["prompt"] = self._texts[pid]
                 seen_text.add(pid)
@@ -529,6 +534,16 @@ def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
     return parse_json_line(path, lineno, line, StateFileError, "; the file may be truncated")
 
 
+def _token_field(d: dict[str, Any], name: str) -> Any:
+    """``d[name]`` for a token column, else the value under the column's name before version 3, else None."""
+    old = _OLD_TOKEN_COLS.get(name)
+    if name in d:
+        if old is not None and old in d and not np.array_equal(np.asarray(d[old]), np.asarray(d[name])):
+            raise ValueError(f"'{name}' and its old name '{old}' are both given and differ; keep one")
+        return d[name]
+    return d.get(old) if old is not None else None
+
+
 def _ingest_row(h: RolloutHistory, path: Path, lineno: int, row: dict[str, Any]) -> None:
     where = f"{path}: line {lineno}"
     if "step" not in row or "prompt_id" not in row:
@@ -555,7 +570,7 @@ def _ingest_row(h: RolloutHistory, path: Path, lineno: int, row: dict[str, Any])
                     raise ValueError(f"'{name}' must be an integer, got {v!r}")
             if isinstance(rs, bool) or not isinstance(rs, (int, float)) or not math.isfinite(rs):
                 raise ValueError(f"'reward_sum' must be a finite number, got {rs!r}")
-            tok = [row.get(k, 0) for k in _TOKEN_COLS]
+            tok = [0 if (v := _token_field(row, k)) is None else v for k in _TOKEN_COLS]
             for name, v in zip(_TOKEN_COLS, tok):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                     raise ValueError(f"'{name}' must be a finite number >= 0, got {v!r}")

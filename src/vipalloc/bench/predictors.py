@@ -21,7 +21,7 @@ import numpy as np
 
 from vipalloc.bench.length_eval import LengthErrors, length_baselines, realised_mean, step_lengths
 from vipalloc.bench.progress import Progress, noop
-from vipalloc.bench.sim_lengths import LengthConfig, expected_length, prompt_length_factors, sample_lengths
+from vipalloc.bench.sim_lengths import SimLengthModel, expected_length, prompt_length_factors, sample_lengths
 from vipalloc.bench.simulator import PromptStream, SimConfig, Simulator
 from vipalloc.reporting import fmt_ci, git_commit, md_table, provenance
 
@@ -94,7 +94,7 @@ def simulator_trace(
     n_rollouts: int = 8,
     new_frac: float = 0.25,
     pool: int = 512,
-    lengths: LengthConfig | None = None,
+    lengths: SimLengthModel | None = None,
 ) -> Trace:
     """A simulated training run with uniform allocation (``n_rollouts`` each), recorded as a :class:`Trace`.
 
@@ -116,7 +116,7 @@ def simulator_trace(
     rng_r = np.random.default_rng([seed, 11])
     rng_g = np.random.default_rng([seed, 12])
     rng_l = np.random.default_rng([seed, 13])  # length noise: its own stream
-    lcfg = lengths or LengthConfig()
+    lcfg = lengths or SimLengthModel()
     factors = prompt_length_factors(sim, lcfg)
     alloc = Allocator(strategy="uniform", predictor="empirical", n_min=2, n_max=max(2, n_rollouts), seed=seed)
     out = []
@@ -205,7 +205,9 @@ def trainer_trace(
     hist = trainer.alloc.history
     rows = hist.rows()
     order = np.argsort(rows["step"], kind="stable")  # iter_steps' order: by step, insertion order within a step
-    cols = np.stack([rows[k][order] for k in ("tokens_success", "tokens_fail", "lengths_success", "lengths_fail")])
+    cols = np.stack(
+        [rows[k][order] for k in ("tokens_success", "tokens_fail", "token_rollouts_success", "token_rollouts_fail")]
+    )
     out = []
     at = 0
     for step, ids, succ, trials in hist.iter_steps():

@@ -110,8 +110,8 @@ class LengthModel:
         row_step = np.asarray(rows["step"], np.int64)
         row_ts = np.asarray(rows["tokens_success"], np.float64)
         row_tf = np.asarray(rows["tokens_fail"], np.float64)
-        row_ns = np.asarray(rows["lengths_success"], np.float64)
-        row_nf = np.asarray(rows["lengths_fail"], np.float64)
+        row_ns = np.asarray(rows["token_rollouts_success"], np.float64)
+        row_nf = np.asarray(rows["token_rollouts_fail"], np.float64)
         if not (row_ns + row_nf).any():
             return None
         # recency: a row counts 2^(-age / half_life), its age in steps before the prompt's own latest row

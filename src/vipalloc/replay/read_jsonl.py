@@ -257,9 +257,13 @@ def read_history(files: Sequence[Path], opts: ReadOptions, table: GroupTable, st
                 tokens = sum(lens)
                 if vals:  # aligned with the rewards: the successes' share is known
                     tok_s = sum(ln for ln, v in zip(lens, vals) if v >= cut)
-            elif "tokens_success" in row and "tokens_fail" in row:  # a version-2 history row: token columns
+            elif "tokens_success" in row and "tokens_fail" in row:  # a history row (version >= 2): token columns
                 ts, tf = (number(row[c], where, c) for c in ("tokens_success", "tokens_fail"))
-                ls, lf = (int(number(row.get(c, 0), where, c)) for c in ("lengths_success", "lengths_fail"))
+                # how many rollouts those sums cover; history files before version 3 call them lengths_*
+                ls, lf = (
+                    int(number(row.get(c, row.get(o, 0)), where, c if c in row else o))
+                    for c, o in (("token_rollouts_success", "lengths_success"), ("token_rollouts_fail", "lengths_fail"))
+                )
                 if ls + lf == t:  # every rollout had a length (else the group's tokens are unknown)
                     tokens, tok_s = ts + tf, ts
             table.add_group(step, f"r:{k}:{lineno}", key, text or "", t, int(s), tokens, tok_s, vals or None)
