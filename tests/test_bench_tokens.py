@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vipalloc.bench.length_eval import LengthErrors, group_lengths, length_baselines, step_lengths
-from vipalloc.bench.sim_lengths import LengthConfig, expected_length, prompt_length_factors, sample_lengths
+from vipalloc.bench.sim_lengths import SimLengthModel, expected_length, prompt_length_factors, sample_lengths
 from vipalloc.bench.simulator import SimConfig, Simulator
 from vipalloc.bench.token_league import parse_token_rows
 from vipalloc.bench.token_report import cut_curve, level_ratios
@@ -18,7 +18,7 @@ SMALL = SimConfig(n_prompts=64, n_clusters=4, dim=8)
 
 def test_lengths_grow_with_difficulty_failures_longer_and_cap_respected() -> None:
     sim = Simulator(SimConfig(n_prompts=512), seed=3)
-    cfg = LengthConfig(max_length=1500)
+    cfg = SimLengthModel(max_length=1500)
     factors = prompt_length_factors(sim, cfg)
     idx = np.arange(512)
     rewards = sim.rollouts(idx, np.full(512, 16), np.random.default_rng(0), width=16)
@@ -53,7 +53,7 @@ def test_lengths_grow_with_difficulty_failures_longer_and_cap_respected() -> Non
 def test_length_noise_is_common_random_numbers() -> None:
     """The same generator state gives a prompt slot the same lengths whatever the other slots' counts."""
     sim = Simulator(SMALL, seed=0)
-    cfg = LengthConfig()
+    cfg = SimLengthModel()
     f = prompt_length_factors(sim, cfg)
     idx = np.arange(4)
     r_a = [np.ones(3), np.zeros(2), np.ones(1), np.zeros(5)]
@@ -65,17 +65,17 @@ def test_length_noise_is_common_random_numbers() -> None:
     with pytest.raises(ValueError, match="width"):
         sample_lengths(sim, idx, r_b, np.random.default_rng(9), cfg, f, 4)
     with pytest.raises(ValueError, match="max_length"):
-        LengthConfig(max_length=0)
+        SimLengthModel(max_length=0)
 
 
 def test_equal_token_rows_end_at_the_same_tokens() -> None:
     kw = {"steps": 5, "batch": 16, "n_mean": 4, "n_min": 2, "n_max": 8}
-    uni = token_run(TokenRow("uniform", "uniform", "empirical"), SMALL, LengthConfig(), 0, **kw)
+    uni = token_run(TokenRow("uniform", "uniform", "empirical"), SMALL, SimLengthModel(), 0, **kw)
     total = float(uni.cum_tokens[-1])
     assert uni.steps[-1] == 5 and np.all(uni.rollouts == 64)
     assert total == pytest.approx(uni.tokens.sum())
     for row in (TokenRow("v", "vip", "beta", "tokens"), TokenRow("k", "knapsack", "beta", "rollouts")):
-        run = token_run(row, SMALL, LengthConfig(), 0, token_total=total, max_steps=30, **kw)
+        run = token_run(row, SMALL, SimLengthModel(), 0, token_total=total, max_steps=30, **kw)
         # it stops at the first step past the total: overshoot below that last step's tokens
         assert run.cum_tokens[-1] >= total and run.cum_tokens[-2] < total
         assert run.cum_tokens[-1] - total < run.tokens[-1]

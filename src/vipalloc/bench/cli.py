@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
         """Equal-token league on the simulator with response lengths: uniform, vip by rollouts and by tokens,
         knapsack, dynamo; tokens to reach uniform's gain at several levels, with a sigma sweep."""
         _limit_threads()
-        from vipalloc.bench.sim_lengths import LengthConfig
+        from vipalloc.bench.sim_lengths import SimLengthModel
         from vipalloc.bench.token_league import SWEEP_TOKEN_ROWS, parse_token_rows, run_tokens
 
         try:
@@ -162,7 +162,7 @@ def register(app: typer.Typer) -> None:
                     sigma=sigma,
                     sweep=sw,
                     sweep_rows=[r.label for r in row_specs] if rows is not None else SWEEP_TOKEN_ROWS,
-                    lengths=LengthConfig(max_length=max_length),
+                    lengths=SimLengthModel(max_length=max_length),
                     command=_command(),
                     progress=show,
                 )

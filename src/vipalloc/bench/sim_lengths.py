@@ -33,13 +33,14 @@ import numpy as np
 
 from vipalloc.bench.simulator import Simulator
 
-__all__ = ["LengthConfig", "SampledLengths", "prompt_length_factors", "sample_lengths"]
+__all__ = ["SimLengthModel", "SampledLengths", "prompt_length_factors", "sample_lengths"]
 
 
 @dataclass(frozen=True)
-class LengthConfig:
-    """Length model parameters (tokens). Defaults: a 5x spread from easy successes (~256 tokens) to hard failures
-    (~1.5k), a 2,048-token cap that cuts the long tail of hard prompts' failures."""
+class SimLengthModel:
+    """The simulator's model that draws response lengths (its parameters in tokens). Defaults: a 5x spread from
+    easy successes (~256 tokens) to hard failures (~1.5k), a 2,048-token cap that cuts the long tail of hard
+    prompts' failures."""
 
     base: float = 256.0  # L0: tokens of a success on a solved (p = 1) prompt with s_i = 1
     difficulty: float = 3.0  # a: a p = 0 prompt's rollouts are 1 + a times longer than a p = 1 prompt's
@@ -52,15 +53,15 @@ class LengthConfig:
         for name in ("base", "difficulty", "prompt_spread", "noise"):
             val = float(getattr(self, name))
             if not (np.isfinite(val) and val >= 0):
-                raise ValueError(f"LengthConfig.{name} must be a finite number >= 0, got {val!r}")
+                raise ValueError(f"SimLengthModel.{name} must be a finite number >= 0, got {val!r}")
         if not self.base > 0:
-            raise ValueError("LengthConfig.base must be > 0")
+            raise ValueError("SimLengthModel.base must be > 0")
         if not (np.isfinite(self.fail_factor) and self.fail_factor > 0):
-            raise ValueError(f"LengthConfig.fail_factor must be > 0, got {self.fail_factor!r}")
+            raise ValueError(f"SimLengthModel.fail_factor must be > 0, got {self.fail_factor!r}")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, (int, np.integer)):
-            raise ValueError(f"LengthConfig.max_length must be an integer, got {self.max_length!r}")
+            raise ValueError(f"SimLengthModel.max_length must be an integer, got {self.max_length!r}")
         if self.max_length < 1:
-            raise ValueError(f"LengthConfig.max_length must be >= 1, got {self.max_length}")
+            raise ValueError(f"SimLengthModel.max_length must be >= 1, got {self.max_length}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,14 +88,14 @@ class SampledLengths:
         return float(sum(int(x.sum()) for x in self.cut) / n) if n else float("nan")
 
 
-def prompt_length_factors(sim: Simulator, cfg: LengthConfig) -> np.ndarray:
+def prompt_length_factors(sim: Simulator, cfg: SimLengthModel) -> np.ndarray:
     """``s_i`` for every prompt of ``sim``'s pool (float64 ``(N,)``, mean 1), from the seed's own generator."""
     rng = np.random.default_rng([sim.seed, 0x1E57])
     tau = float(cfg.prompt_spread)
     return np.exp(tau * rng.standard_normal(sim.config.n_prompts) - 0.5 * tau * tau)
 
 
-def expected_length(p: np.ndarray, factor: np.ndarray, cfg: LengthConfig) -> np.ndarray:
+def expected_length(p: np.ndarray, factor: np.ndarray, cfg: SimLengthModel) -> np.ndarray:
     """Expected tokens per rollout before the cap, ``L0 s (1 + a (1 - p)) (p + (1 - p) f)``, float64 like ``p``."""
     p = np.asarray(p, np.float64)
     return cfg.base * factor * (1.0 + cfg.difficulty * (1.0 - p)) * (p + (1.0 - p) * cfg.fail_factor)
@@ -105,7 +106,7 @@ def sample_lengths(
     idx: Sequence[int] | np.ndarray,
     rewards: Sequence[np.ndarray],
     rng: np.random.Generator,
-    cfg: LengthConfig,
+    cfg: SimLengthModel,
     factors: np.ndarray,
     width: int,
 ) -> SampledLengths:

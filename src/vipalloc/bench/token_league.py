@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vipalloc.bench.progress import Progress, noop
-from vipalloc.bench.sim_lengths import LengthConfig
+from vipalloc.bench.sim_lengths import SimLengthModel
 from vipalloc.bench.simulator import SimConfig
 from vipalloc.bench.token_sim import TokenRow, TokenRun, token_run
 
@@ -78,7 +78,7 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
 
 
-def _fingerprint(row: TokenRow, cfg: SimConfig, lengths: LengthConfig, seed: int, run_kw: dict[str, Any]) -> str:
+def _fingerprint(row: TokenRow, cfg: SimConfig, lengths: SimLengthModel, seed: int, run_kw: dict[str, Any]) -> str:
     blob = json.dumps(
         {"row": asdict(row), "cfg": cfg.to_dict(), "len": lengths.to_dict(), "seed": seed, "kw": run_kw},
         sort_keys=True,
@@ -91,7 +91,7 @@ def _run_cached(
     runs_dir: Path,
     row: TokenRow,
     cfg: SimConfig,
-    lengths: LengthConfig,
+    lengths: SimLengthModel,
     seed: int,
     run_kw: dict[str, Any],
     progress: Progress,
@@ -140,7 +140,7 @@ def run_tokens(
     sweep_rows: Sequence[str] = SWEEP_TOKEN_ROWS,
     levels: Sequence[float] = (0.5, 0.75, 0.9, 1.0),
     config: SimConfig | None = None,
-    lengths: LengthConfig | None = None,
+    lengths: SimLengthModel | None = None,
     embedder: str = "hashing",
     report: bool = True,
     cached_only: bool = False,
@@ -155,7 +155,7 @@ def run_tokens(
     rows = list(rows) if rows is not None else list(TOKEN_ROWS)
     if not rows or rows[0].label != "uniform" or rows[0].budget != "rollouts":
         raise ValueError("the first row must be uniform under a rollout budget (it sets each seed's token total)")
-    lcfg = lengths or LengthConfig()
+    lcfg = lengths or SimLengthModel()
     base_cfg = (config or SimConfig()).with_(sigma=float(sigma))
     out = Path(out_dir)
     runs_dir = out / "tokens_runs"

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from vipalloc.bench.sim_lengths import LengthConfig, prompt_length_factors, sample_lengths
+from vipalloc.bench.sim_lengths import SimLengthModel, prompt_length_factors, sample_lengths
 from vipalloc.bench.sim_runs import LENGTHS, SimWorld, mean_telemetry
 from vipalloc.bench.simulator import SimConfig
 from vipalloc.budget import BudgetSpec
@@ -112,7 +112,7 @@ class TokenRun:
 def token_run(
     row: TokenRow,
     cfg: SimConfig,
-    lengths: LengthConfig,
+    lengths: SimLengthModel,
     seed: int,
     *,
     steps: int = 100,
