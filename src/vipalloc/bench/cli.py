@@ -37,10 +37,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _command() -> str:
-    return (
-        "vipalloc " + " ".join(sys.argv[1:]) if sys.argv and "vipalloc" in Path(sys.argv[0]).name else "vipalloc bench"
-    )
+def _command(argv: list[str] | None = None) -> str:
+    """The command line that re-runs this benchmark, every argument quoted for a shell: ``vipalloc`` and the
+    arguments after the program, whether it was launched as the ``vipalloc`` script or as
+    ``python -m vipalloc.cli`` (whose ``argv[0]`` is the path of ``vipalloc/cli.py``). Called in-process by another
+    program (a test's runner), whose ``argv`` is not this command's: ``vipalloc bench``."""
+    import shlex
+
+    argv = sys.argv if argv is None else argv
+    if argv:
+        prog = Path(argv[0])
+        if "vipalloc" in prog.name or (prog.name == "cli.py" and prog.parent.name == "vipalloc"):
+            return shlex.join(["vipalloc", *argv[1:]])
+    return "vipalloc bench"
 
 
 def _limit_threads() -> None:
