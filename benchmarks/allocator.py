@@ -78,7 +78,7 @@ def solver_rows(ms: list[int], slsqp_max: int, console: Console) -> Table:
 
 
 def plan_rows(ms: list[int], windows: list[int], console: Console) -> Table:
-    table = Table(title="Allocator(strategy='vip', predictor='gp', embedder='hashing'): time per step")
+    table = Table(title="Allocator(strategy='vip', predictor='gp', n_min=4, embedder='hashing'): time per step")
     for col in ("M", "history rows", "observe ms", "embed ms", "predict ms", "solve ms", "plan() total ms"):
         table.add_column(col, justify="right")
     for m in ms:
@@ -87,7 +87,7 @@ def plan_rows(ms: list[int], windows: list[int], console: Console) -> Table:
             n_pool = max(4 * m, rows // 8)
             pool = [f"p{i}" for i in range(n_pool)]
             texts = [f"problem {i}: {i % 97} + {i % 13} * {i % 7}" for i in range(n_pool)]
-            alloc = Allocator(strategy="vip", predictor="gp", embedder="hashing")
+            alloc = Allocator(strategy="vip", predictor="gp", n_min=4, embedder="hashing")
             steps = max(1, rows // m)
             t_obs = []
             for step in range(steps):

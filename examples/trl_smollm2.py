@@ -30,6 +30,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vipalloc.defaults import DEFAULT_STRATEGY  # noqa: E402
+
 
 @dataclass
 class StepRecord:
@@ -92,7 +94,7 @@ def train(a: argparse.Namespace, allocator: Any = None) -> Result:
         num_generations=a.mean_n,  # the budget: plain GRPO's rollouts per step
         n_max=a.n_max,
         n_min=2,
-        allocation_strategy=a.strategy,
+        strategy=a.strategy,
         predictor=a.predictor,
         embedder="hashing",
         max_completion_length=a.max_completion_length,
@@ -172,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mean-n", type=int, default=4, help="mean rollouts per prompt (= plain GRPO's group size)")
     ap.add_argument("--n-max", type=int, default=8, help="most rollouts of one prompt")
     ap.add_argument("--dataset-size", type=int, default=32, help="chain_sum prompts (they repeat every epoch)")
-    ap.add_argument("--strategy", default="vip")
+    ap.add_argument("--strategy", default=DEFAULT_STRATEGY, help="vipalloc strategy")
     ap.add_argument("--predictor", default="beta", help="beta | empirical | gp (hashing features) | ...")
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ap.add_argument("--lr", type=float, default=None, help="default 5e-4 (LoRA) or 1e-5 (full)")

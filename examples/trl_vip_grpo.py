@@ -21,7 +21,7 @@ On a GPU with a hub model and dataset the trainer code is the same; only the set
     # exactly GRPOConfig(num_generations=8, ...)'s prompts and rollouts per step; a prompt gets 2 to 16 rollouts
     args = VIPGRPOConfig(output_dir="runs/vip", num_generations=8, n_max=16,
                          per_device_train_batch_size=64, gradient_accumulation_steps=4, bf16=True,
-                         allocation_strategy="vip", predictor="gp", max_completion_length=4096)
+                         strategy="vip", predictor="gp", max_completion_length=4096)
     VIPGRPOTrainer(model=model, reward_funcs=math_verify_reward, args=args, train_dataset=ds).train()
 
 (any TRL loss type, one or several processes; vLLM, ``use_vllm=True`` in colocate or server mode, is supported but
@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from datasets import Dataset
+
+from vipalloc.defaults import DEFAULT_STRATEGY
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -163,7 +165,7 @@ def run(kind: str, a: argparse.Namespace) -> Meter:
             num_generations=a.mean_n,
             n_max=a.n_max,
             n_min=2,
-            allocation_strategy=a.strategy,
+            strategy=a.strategy,
             predictor=a.predictor,
             embedder="hashing",
             **common,
@@ -234,7 +236,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8, help="prompts per generation batch")
     ap.add_argument("--mean-n", type=int, default=4, help="VIP's mean rollouts per prompt = uniform GRPO's group size")
     ap.add_argument("--n-max", type=int, default=8, help="VIP's largest count (the TRL group width)")
-    ap.add_argument("--strategy", default="vip", help="vipalloc strategy")
+    ap.add_argument("--strategy", default=DEFAULT_STRATEGY, help="vipalloc strategy")
     ap.add_argument("--predictor", default="beta", help="vipalloc predictor (gp loads MiniLM embeddings)")
     ap.add_argument("--max-completion-length", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-4)

@@ -79,7 +79,7 @@ def run_tokens(out: Path, scenario: str = "tokens") -> None:
         save_strategy="no",
         seed=0,
         dataloader_num_workers=0,
-        allocation_strategy=strategy,
+        strategy=strategy,
         two_phase=two_phase,
         pilot_n=2,
         predictor="oracle",
@@ -195,7 +195,7 @@ def run(out: Path, scenario: str) -> None:
         extra = dict(per_device_train_batch_size=3, num_generations=4, n_max=6)
     if scenario == "two-phase":  # budget 12 over 4 prompts: a pilot of 2 each, then 4 committed rollouts
         extra = dict(per_device_train_batch_size=3, num_generations=3, two_phase=True, pilot_n=2)
-        extra["allocation_strategy"] = "vip_two_phase"
+        extra["strategy"] = "vip_two_phase"
     if vllm:
         install_vllm_standin()
         StandInLLM.instances.clear()

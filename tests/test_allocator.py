@@ -98,7 +98,7 @@ def test_uniform_remainder_is_seeded_not_first_prompts() -> None:
     ("kwargs", "match"),
     [
         ({"estimator": "grpo"}, "not monotone"),
-        ({"n_min": 1}, "n_min must be >= 2"),
+        ({"n_min": 1}, "n_min must be an integer >= 2"),
         ({"n_min": 9, "n_max": 8}, "n_min"),
         ({"strategy": "nope"}, "nope"),
         ({"predictor": "nope"}, "nope"),

@@ -141,7 +141,7 @@ def test_two_phase_token_mode_spends_the_pilot_then_the_rest(tmp_path: Path, war
         ({"strategy": "dapo", "token_budget": "uniform"}, "DAPO"),
         ({"strategy": "vip_authors", "token_budget": "uniform"}, "refuses"),
         ({"strategy": "vip", "token_budget": "half"}, "token_budget"),
-        ({"strategy": "vip", "token_budget": -3.0}, "positive"),
+        ({"strategy": "vip", "token_budget": -3.0}, "number of tokens > 0"),
         ({"task": "chain_sum_steps", "levels": [[4, 1]], "max_new_tokens": 6}, "max_new_tokens"),
     ],
 )

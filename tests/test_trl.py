@@ -76,7 +76,7 @@ def vip_args(out: Path, **kw) -> VIPGRPOConfig:
         loss_type="grpo",  # per-sequence mean: exact only because unused rows are removed, not masked
         beta=0.04,  # exercises the reference-model log-prob pass
         n_min=2,
-        allocation_strategy="vip",  # the authors' rule: may drop prompts it predicts always/never solved
+        strategy="vip",  # the authors' rule: may drop prompts it predicts always/never solved
         predictor="oracle",
         seed=0,
         dataloader_num_workers=0,
@@ -310,18 +310,18 @@ def test_config_rejects_conflicting_or_infeasible_settings(tmp_path) -> None:
     assert "raise n_max" not in str(info.value)
     with pytest.raises(ValueError, match="num_generations"):
         VIPGRPOConfig(num_generations=None, **common)
-    with pytest.raises(ValueError, match="unknown allocation_strategy 'nope'"):
-        VIPGRPOConfig(num_generations=4, allocation_strategy="nope", **common)
-    with pytest.raises(ValueError, match="unknown predictor"):
+    with pytest.raises(ValueError, match="strategy must be one of .*, got 'nope'"):
+        VIPGRPOConfig(num_generations=4, strategy="nope", **common)
+    with pytest.raises(ValueError, match="predictor must be one of"):
         VIPGRPOConfig(num_generations=4, predictor="nope", **common)
-    with pytest.raises(ValueError, match="variance_estimator"):
-        VIPGRPOConfig(num_generations=4, variance_estimator="grpo", **common)
-    with pytest.raises(ValueError, match="two_phase=True and allocation_strategy='vip' disagree"):
-        VIPGRPOConfig(num_generations=4, two_phase=True, **common)
-    with pytest.raises(ValueError, match="two_phase=False and allocation_strategy='vip_two_phase' disagree"):
-        VIPGRPOConfig(num_generations=4, allocation_strategy="vip_two_phase", **common)
+    with pytest.raises(ValueError, match="estimator must be one of drgrpo, rloo, got 'grpo'"):
+        VIPGRPOConfig(num_generations=4, estimator="grpo", **common)
+    with pytest.raises(ValueError, match="two_phase=True and strategy='vip' disagree"):
+        VIPGRPOConfig(num_generations=4, strategy="vip", two_phase=True, **common)
+    with pytest.raises(ValueError, match="two_phase=False and strategy='vip_two_phase' disagree"):
+        VIPGRPOConfig(num_generations=4, strategy="vip_two_phase", **common)
     with pytest.raises(ValueError, match="pilot_n \\(5\\) exceeds num_generations \\(4\\)"):
-        VIPGRPOConfig(num_generations=4, allocation_strategy="vip_two_phase", two_phase=True, pilot_n=5, **common)
+        VIPGRPOConfig(num_generations=4, strategy="vip_two_phase", two_phase=True, pilot_n=5, **common)
     with pytest.raises(ValueError, match="divisible by num_generations"):  # TRL's own check: whole prompts
         VIPGRPOConfig(num_generations=3, **common)
 
@@ -330,8 +330,8 @@ def test_every_registered_strategy_is_selectable(tmp_path) -> None:
     common = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=16, report_to=[])
     for name in STRATEGY_NAMES:  # no whitelist of our own: whatever vipalloc.strategies registers
         two = name in TWO_PHASE_STRATEGIES
-        cfg = VIPGRPOConfig(num_generations=4, allocation_strategy=name, two_phase=two, **common)
-        assert cfg.allocation_strategy == name
+        cfg = VIPGRPOConfig(num_generations=4, strategy=name, two_phase=two, **common)
+        assert cfg.strategy == name
 
 
 def test_trainer_rejects_unsupported_setups(tmp_path) -> None:

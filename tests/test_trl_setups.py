@@ -110,9 +110,7 @@ def test_vllm_colocate_generates_one_completion_per_planned_row(tmp_path, monkey
     trainer = VIPGRPOTrainer(
         model=str(model_dir),
         reward_funcs=reward,
-        args=_args(
-            tmp_path / "run", use_vllm=True, vllm_mode="colocate", allocation_strategy="vip", predictor="oracle"
-        ),
+        args=_args(tmp_path / "run", use_vllm=True, vllm_mode="colocate", strategy="vip", predictor="oracle"),
         train_dataset=sums(),
         processing_class=tok,
     )
@@ -195,7 +193,7 @@ def test_duplicate_prompts_are_grouped_and_success_follows_the_named_reward(tmp_
         max_completion_length=2,
         loss_type="dapo",
         success_reward="accuracy",
-        allocation_strategy="uniform",
+        strategy="uniform",
         predictor="beta",
         embedder="hashing",
         max_steps=3,
@@ -260,7 +258,7 @@ def test_two_phase_pilot_then_commit_inside_one_generation_batch(tmp_path, monke
     args = _args(
         tmp_path / "run",
         two_phase=True,
-        allocation_strategy="vip_two_phase",
+        strategy="vip_two_phase",
         pilot_n=2,
         predictor="beta",
         embedder="hashing",

@@ -53,7 +53,7 @@ def token_args(out: Path, **kw) -> VIPGRPOConfig:
         save_strategy="no",
         loss_type="grpo",
         beta=0.0,
-        allocation_strategy="vip",
+        strategy="vip",
         predictor="oracle",
         token_budget="uniform",
         seed=0,
@@ -110,7 +110,7 @@ def train(tmp_path_factory, strategy: str = "vip", **kw) -> dict:
         return output
 
     two_phase = strategy in ("vip_two_phase", "pilot_commit")
-    args = token_args(out, allocation_strategy=strategy, two_phase=two_phase, **kw)
+    args = token_args(out, strategy=strategy, two_phase=two_phase, **kw)
     allocator = Spy(strategy=strategy, predictor="oracle", n_min=2, n_max=N_MAX, embedder="hashing")
     allocator.predictor.set_true_p([f"q{i}" for i in range(8)], TRUE_P[:8])
     mp = pytest.MonkeyPatch()
@@ -336,9 +336,7 @@ def test_cap_below_the_minimum_plans_the_minimum_with_a_warning(tmp_path) -> Non
         tokens, lengths = trainer._vip_token_budget(ids, ids, PROMPTS * G)
     assert tokens == 2 * PROMPTS * MAX_LEN and lengths is not None
     # a two-phase step: the minimum is the pilot's max(n_min, pilot_n) rollouts per prompt
-    trainer.args = token_args(
-        tmp_path, token_budget=PROMPTS * 3.0, allocation_strategy="vip_two_phase", two_phase=True, pilot_n=3
-    )
+    trainer.args = token_args(tmp_path, token_budget=PROMPTS * 3.0, strategy="vip_two_phase", two_phase=True, pilot_n=3)
     allocator = Allocator(strategy="vip_two_phase", predictor="beta", n_min=2, n_max=N_MAX, embedder="hashing")
     trainer.allocator = allocator
     with pytest.warns(RuntimeWarning, match="pilot_n"):
@@ -350,13 +348,11 @@ def test_cap_below_the_minimum_plans_the_minimum_with_a_warning(tmp_path) -> Non
 
 def test_token_mode_refusals_fire_at_construction(tmp_path) -> None:
     for strategy in ("vip_two_phase", "pilot_commit"):  # two-phase token mode is supported
-        assert token_args(tmp_path, allocation_strategy=strategy, two_phase=True).token_budget == "uniform"
+        assert token_args(tmp_path, strategy=strategy, two_phase=True).token_budget == "uniform"
     with pytest.raises(ValueError, match="pilot_n"):  # the pilot is part of a cap: pilot_n one-token rollouts each
-        token_args(
-            tmp_path, allocation_strategy="vip_two_phase", two_phase=True, pilot_n=3, token_budget=PROMPTS * 3 - 1
-        )
+        token_args(tmp_path, strategy="vip_two_phase", two_phase=True, pilot_n=3, token_budget=PROMPTS * 3 - 1)
     with pytest.raises(ValueError, match="vip_authors"):
-        token_args(tmp_path, allocation_strategy="vip_authors")
+        token_args(tmp_path, strategy="vip_authors")
     for bad in ("banana", -5.0, float("inf"), True):
         with pytest.raises(ValueError, match="token_budget"):
             token_args(tmp_path, token_budget=bad)
@@ -380,7 +376,7 @@ def test_token_mode_refusals_fire_at_construction(tmp_path) -> None:
             VIPGRPOTrainer(
                 model=tiny_llama(len(tok)),
                 reward_funcs=DigitReward(),
-                args=token_args(tmp_path, allocation_strategy="vip"),
+                args=token_args(tmp_path, strategy="vip"),
                 train_dataset=sums(n=8),
                 processing_class=tok,
                 allocator=Allocator(strategy="vip_authors", predictor="beta", n_min=2, n_max=N_MAX),

@@ -26,6 +26,7 @@ import _trl_tools_worker as w  # noqa: E402
 from _trl_helpers import DigitReward, sums, tiny_llama, tiny_tokenizer  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
+from vipalloc.defaults import DEFAULT_PREDICTOR, DEFAULT_STRATEGY  # noqa: E402
 from vipalloc.integrations.trl import VIPGRPOConfig, VIPGRPOTrainer  # noqa: E402
 
 # 6 prompts x n_max 4 = 24 sampled rows, budget 12 = 6 rows x 2 micro-batches (one process); uneven plans, drops
@@ -152,7 +153,7 @@ def test_args_none_builds_the_default_config(tmp_path, monkeypatch) -> None:
     assert isinstance(args, VIPGRPOConfig)
     assert Path(args.output_dir).name == "tiny-llama-GRPO"
     assert args.num_generations == 8 and args.n_max == 16 and trainer.num_generations == 16
-    assert args.allocation_strategy == "vip" and args.predictor == "gp"
+    assert (args.strategy, args.predictor) == (DEFAULT_STRATEGY, DEFAULT_PREDICTOR)
     trl_default = GRPOConfig("tiny-llama-GRPO")  # what GRPOTrainer(args=None) builds: every TRL field agrees
     for f in dataclasses.fields(GRPOConfig):
         mine, theirs = getattr(args, f.name), getattr(trl_default, f.name)
@@ -170,7 +171,7 @@ def test_refused_tool_setups(tmp_path) -> None:
     tok = w.chat_tokenizer()
     model = w.tiny_chat_llama(len(tok))
     base = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=2, report_to=[])
-    two_phase = VIPGRPOConfig(**base, two_phase=True, allocation_strategy="vip_two_phase")
+    two_phase = VIPGRPOConfig(**base, two_phase=True, strategy="vip_two_phase")
     with pytest.raises(NotImplementedError, match="two_phase=True with tools"):
         VIPGRPOTrainer(
             model=model, reward_funcs=w.correct, args=two_phase, train_dataset=w.sum_prompts(), tools=[w.add]

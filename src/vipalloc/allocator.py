@@ -38,11 +38,21 @@ from vipalloc._args import as_ids, check_int
 from vipalloc._io import StateFileError, atomic_write_json, read_json_checked
 from vipalloc.allocator_steps import StepPlanner
 from vipalloc.budget import check_rollout_budget
-from vipalloc.defaults import DEFAULT_ESTIMATOR, DEFAULT_PREDICTOR, DEFAULT_STRATEGY
+from vipalloc.defaults import (
+    DEFAULT_EMBEDDER,
+    DEFAULT_ESTIMATOR,
+    DEFAULT_N_MAX,
+    DEFAULT_N_MIN,
+    DEFAULT_PREDICTOR,
+    DEFAULT_SEED,
+    DEFAULT_STRATEGY,
+    DEFAULT_SUCCESS_THRESHOLD,
+)
 from vipalloc.forecast import Forecaster
 from vipalloc.history import RolloutHistory, aggregate_duplicates, validate_lengths, validate_rewards
 from vipalloc.plan import Plan, plan_variance, step_permutation
 from vipalloc.predictors.length import LengthModel, LengthPrediction
+from vipalloc.settings import validate_settings
 from vipalloc.strategies import AllocationContext, Strategy, get_strategy, uniform_counts
 from vipalloc.strategies.two_phase import (
     PilotState,
@@ -60,6 +70,9 @@ VERSION = 2
 class Allocator(StepPlanner):
     """Decide how many rollouts each prompt of a batch gets, and learn from the outcomes.
 
+    Every parameter but ``history_window`` and ``length_kwargs`` is a shared setting of :mod:`vipalloc.settings`
+    (its default, range and error message are the same on every surface: CLI, TRL, verl, CPU trainer).
+
     Parameters
     ----------
     strategy:
@@ -74,7 +87,7 @@ class Allocator(StepPlanner):
         The policy-gradient estimator whose variance is minimised: ``drgrpo`` or ``rloo``. (Train with GRPO
         if you like; its variance is not a usable allocation target, so allocate with ``drgrpo``.)
     n_min, n_max:
-        Bounds on the rollouts of a kept prompt (``2 <= n_min <= n_max``).
+        Bounds on the rollouts of a kept prompt (``2 <= n_min <= n_max``; defaults 2 and 32).
     seed:
         Seeds the tie-breaking permutation of each step (the plan is a deterministic function of seed, step,
         inputs and state).
@@ -95,12 +108,12 @@ class Allocator(StepPlanner):
         strategy: str = DEFAULT_STRATEGY,
         predictor: str = DEFAULT_PREDICTOR,
         estimator: str = DEFAULT_ESTIMATOR,
-        n_min: int = 4,
-        n_max: int = 32,
-        seed: int = 0,
+        n_min: int = DEFAULT_N_MIN,
+        n_max: int = DEFAULT_N_MAX,
+        seed: int = DEFAULT_SEED,
         *,
-        embedder: str = "auto",
-        success_threshold: float = 0.5,
+        embedder: str = DEFAULT_EMBEDDER,
+        success_threshold: float = DEFAULT_SUCCESS_THRESHOLD,
         predictor_kwargs: dict[str, Any] | None = None,
         strategy_kwargs: dict[str, Any] | None = None,
         history_window: int | None = None,
@@ -108,22 +121,28 @@ class Allocator(StepPlanner):
     ) -> None:
         from vipalloc.predictors import make_predictor
 
-        if estimator not in ("drgrpo", "rloo"):
-            raise ValueError(
-                f"estimator must be 'drgrpo' or 'rloo', got {estimator!r} (for GRPO training allocate with 'drgrpo': "
-                "the std-normalised GRPO variance is not monotone in n and is no allocation target)"
-            )
-        self.n_min = check_int("n_min", n_min, 2)
-        self.n_max = check_int("n_max", n_max, 2)
-        if self.n_min > self.n_max:
-            raise ValueError(f"n_min ({n_min}) must be <= n_max ({n_max})")
-        self.seed = check_int("seed", seed, 0)
+        # the shared settings, checked once by their one schema (vipalloc.settings)
+        checked = validate_settings(
+            {
+                "strategy": strategy,
+                "predictor": predictor,
+                "estimator": estimator,
+                "n_min": n_min,
+                "n_max": n_max,
+                "seed": seed,
+                "embedder": embedder,
+                "success_threshold": success_threshold,
+                "predictor_kwargs": predictor_kwargs,
+                "strategy_kwargs": strategy_kwargs,
+            }
+        )
+        self.n_min, self.n_max, self.seed = checked["n_min"], checked["n_max"], checked["seed"]
         self.estimator = estimator
         self.strategy_name = strategy
         self.predictor_name = predictor
         self.embedder_name = embedder
-        self.predictor_kwargs = dict(predictor_kwargs or {})
-        self.strategy_kwargs = dict(strategy_kwargs or {})
+        self.predictor_kwargs = checked["predictor_kwargs"]
+        self.strategy_kwargs = checked["strategy_kwargs"]
         self.history_window = history_window
         self.length_kwargs = dict(length_kwargs or {})
         try:

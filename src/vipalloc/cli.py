@@ -18,7 +18,7 @@ import typer
 from vipalloc import __version__
 from vipalloc._io import iter_json_lines
 from vipalloc.console import fail
-from vipalloc.defaults import DEFAULT_STRATEGY
+from vipalloc.settings import default, help_text
 
 __all__ = ["app", "fail", "read_batch"]
 
@@ -81,17 +81,13 @@ def allocate(
         None, "--history", help="Rollout history (JSONL written by RolloutHistory.save, or rows with rewards)."
     ),
     state: Path | None = typer.Option(None, "--state", help="Allocator state file (Allocator.save) to start from."),
-    strategy: str = typer.Option(
-        DEFAULT_STRATEGY,
-        help="Any single-phase name in vipalloc.strategies.STRATEGY_NAMES: uniform | vip | vip_error | vip_pure | "
-        "vip_authors | knapsack | coba | gvm | dynamo | hora | inverse_acc | inverse_var.",
-    ),
-    predictor: str = typer.Option("gp", help="gp | beta | empirical | ridge | oracle"),
-    estimator: str = typer.Option("drgrpo", help="drgrpo | rloo"),
-    n_min: int = typer.Option(4, "--n-min", help="Fewest rollouts for a kept prompt (>= 2)."),
-    n_max: int = typer.Option(32, "--n-max", help="Most rollouts for a prompt."),
-    seed: int = typer.Option(0, help="Seed for tie-breaking."),
-    embedder: str = typer.Option("auto", help="auto | minilm | hashing (prompt features for gp/ridge)."),
+    strategy: str = typer.Option(default("strategy"), help=help_text("strategy")),
+    predictor: str = typer.Option(default("predictor"), help=help_text("predictor")),
+    estimator: str = typer.Option(default("estimator"), help=help_text("estimator")),
+    n_min: int = typer.Option(default("n_min"), "--n-min", help=help_text("n_min")),
+    n_max: int = typer.Option(default("n_max"), "--n-max", help=help_text("n_max")),
+    seed: int = typer.Option(default("seed"), help=help_text("seed")),
+    embedder: str = typer.Option(default("embedder"), help=help_text("embedder")),
     step: int | None = typer.Option(None, help="Training step of this batch (default: one past the history)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the summary table."),
 ) -> None:

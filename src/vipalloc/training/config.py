@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from vipalloc.defaults import DEFAULT_STRATEGY
+from vipalloc.settings import check_bounds, default, help_text, validate
 from vipalloc.training.tasks import LEVELS, TaskName, completion_tokens_bound
 
 # The strategies a run may use: the library's (vipalloc.strategies.STRATEGY_NAMES) plus DAPO dynamic sampling,
@@ -81,19 +81,32 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     run_dir: str = "runs/train"
-    strategy: StrategyName = DEFAULT_STRATEGY
-    predictor: Literal["gp", "beta", "empirical", "ridge", "oracle"] = "gp"
-    predictor_kwargs: dict = Field(default_factory=dict)
-    embedder: Literal["auto", "minilm", "hashing"] = "hashing"
-    loss: Literal["drgrpo", "rloo", "grpo"] = "drgrpo"
-    seed: int = 0
+    # the settings shared with every surface: default, help and validator from vipalloc.settings (_shared below)
+    strategy: StrategyName = Field(
+        default=default("strategy"),
+        description=f"{help_text('strategy')} The CPU trainer also runs dapo (DAPO's dynamic sampling loop).",
+    )
+    predictor: Literal["gp", "beta", "empirical", "ridge", "oracle"] = Field(
+        default=default("predictor"), description=help_text("predictor")
+    )
+    predictor_kwargs: dict = Field(default_factory=dict, description=help_text("predictor_kwargs"))
+    embedder: Literal["auto", "minilm", "hashing"] = Field(
+        default="hashing",
+        description=f"{help_text('embedder')} The CPU trainer's own default is hashing (offline and cheap; its "
+        "results were measured with it).",
+    )
+    loss: Literal["drgrpo", "rloo", "grpo"] = Field(
+        default="drgrpo",
+        description="the policy-gradient loss; the allocator's estimator follows it (rloo -> rloo, else drgrpo)",
+    )
+    seed: int = Field(default=default("seed"), description=f"{help_text('seed')} Also the run's seed.")
     steps: int = Field(default=150, ge=1)
     prompts_per_step: int = Field(default=32, ge=1)
     n_mean: int = Field(default=8, ge=2, description="uniform group size; the budget is prompts_per_step * n_mean")
-    n_min: int = Field(default=2, ge=2)
-    n_max: int = Field(default=32, ge=2)
+    n_min: int = Field(default=default("n_min"), description=help_text("n_min"))
+    n_max: int = Field(default=default("n_max"), description=help_text("n_max"))
     dapo_max_batches: int = Field(default=3, ge=1, description="DAPO: generation batches per step at most")
-    pilot_n: int = Field(default=2, ge=1, description="vip_two_phase / pilot_commit: pilot rollouts per prompt")
+    pilot_n: int = Field(default=default("pilot_n"), description=help_text("pilot_n"))
     pool_factor: float | None = Field(
         default=None,
         ge=1.0,
@@ -135,8 +148,8 @@ class TrainConfig(BaseModel):
     )
     token_budget: Literal["uniform"] | float | None = Field(
         default=None,
-        description="tokens a step may generate: None = plan by rollouts (prompts_per_step x n_mean); 'uniform' = "
-        "the tokens uniform's n_mean rollouts a prompt are predicted to take on the step's batch "
+        description=f"{help_text('token_budget')} Here: None = plan by rollouts (prompts_per_step x n_mean); "
+        "'uniform' = the tokens uniform's n_mean rollouts a prompt are predicted to take on the step's batch "
         "(Allocator.uniform_tokens; the first step, with no lengths yet, plans by rollouts); a number = that many "
         "tokens a step (the first step predicts max_new_tokens a rollout). The rollout budget stays a cap "
         "(token_rollout_cap)",
@@ -175,12 +188,31 @@ class TrainConfig(BaseModel):
     warmup_cache: str = "runs/warmup"
     tensorboard: bool = True
 
+    @field_validator(
+        "strategy",
+        "predictor",
+        "predictor_kwargs",
+        "embedder",
+        "seed",
+        "n_min",
+        "n_max",
+        "pilot_n",
+        "token_budget",
+        mode="before",
+    )
+    @classmethod
+    def _shared(cls, value: Any, info: ValidationInfo) -> Any:
+        """The shared settings' one validator each (vipalloc.settings): the same message as on every surface."""
+        name = str(info.field_name)
+        if name == "strategy" and value == "dapo":  # the trainer's own loop, no allocation strategy
+            return value
+        return validate(name, value)
+
     @model_validator(mode="after")
     def _bounds(self) -> TrainConfig:
         if self.momentum > 0 and self.optimizer != "sgd":
             raise ValueError("momentum applies to optimizer='sgd' only; AdamW has its own betas")
-        if self.n_min > self.n_max:
-            raise ValueError(f"n_min ({self.n_min}) must be <= n_max ({self.n_max})")
+        check_bounds(self.n_min, self.n_max)
         if not (self.n_min <= self.n_mean <= self.n_max):
             raise ValueError(f"n_mean ({self.n_mean}) must lie in [n_min, n_max] = [{self.n_min}, {self.n_max}]")
         if self.prompts_per_step > self.pool_size:
@@ -201,10 +233,6 @@ class TrainConfig(BaseModel):
                     f"level ({terms}, {digits}) of {self.task} can need {need} tokens (partial sums, signs, spaces, "
                     f"end-of-sequence), more than max_new_tokens={self.max_new_tokens}; raise max_new_tokens"
                 )
-        if isinstance(self.token_budget, str) and self.token_budget != "uniform":
-            raise ValueError(f"token_budget must be None, 'uniform' or a number of tokens, got {self.token_budget!r}")
-        if isinstance(self.token_budget, float) and not (self.token_budget > 0 and self.token_budget < float("inf")):
-            raise ValueError(f"token_budget must be a positive number of tokens, got {self.token_budget}")
         if self.token_budget is not None and self.strategy in TOKEN_REFUSALS:
             raise ValueError(
                 f"strategy {self.strategy!r} cannot run under a token budget: {TOKEN_REFUSALS[self.strategy]}; "
@@ -325,7 +353,7 @@ PRESETS: dict[str, dict[str, object]] = {
 def run_label(options: Mapping[str, Any]) -> str:
     """:attr:`TrainConfig.label` from a config's options (a saved ``model_dump``; missing token options mean their
     defaults), without validating them."""
-    strategy = str(options.get("strategy", "vip"))
+    strategy = str(options.get("strategy", default("strategy")))
     tokens = options.get("token_budget")
     if tokens is None:
         return strategy

@@ -470,7 +470,7 @@ def build_async_trainer_class() -> type:
             )
         g = int(args.num_generations)
         if allocator is None:
-            allocator = Allocator(strategy="vip", predictor="gp", n_min=2, n_max=2 * g, success_threshold=0.5)
+            allocator = Allocator(n_min=2, n_max=2 * g, success_threshold=0.5)  # strategy, predictor: the defaults
         if not isinstance(allocator, Allocator):
             raise ValueError(f"allocator must be a vipalloc.Allocator, got {type(allocator)}")
         if allocator.strategy_name in TWO_PHASE_STRATEGIES:

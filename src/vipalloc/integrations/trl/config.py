@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from trl import GRPOConfig
 
 from vipalloc import Allocator
 from vipalloc.budget import BudgetSpec
-from vipalloc.defaults import DEFAULT_STRATEGY
-from vipalloc.predictors import PREDICTOR_NAMES
-from vipalloc.strategies import STRATEGY_NAMES, TWO_PHASE_STRATEGIES, get_strategy
+from vipalloc.settings import SETTINGS, check_two_phase, default, help_text, validate
+from vipalloc.strategies import get_strategy
 
 ALLOCATOR_FILE = "vip_allocator.json"  # saved inside each TRL checkpoint folder (and next to save_model's output)
 
@@ -31,6 +30,18 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _setting_field(name: str, *, extra: str = "", **over: Any) -> Any:
+    """A dataclass field for the shared setting ``name`` (:mod:`vipalloc.settings`): its default (or
+    ``default=...`` for a TRL-specific one) and help text (plus ``extra``, what is TRL's own), so that
+    ``HfArgumentParser`` sees a real field."""
+    setting = SETTINGS[name]
+    text = f"{setting.full_help()} {extra}".strip()
+    value = over.get("default", setting.default_value())
+    if isinstance(value, dict):
+        return field(default_factory=dict, metadata={"help": text})
+    return field(default=value, metadata={"help": text})
 
 
 @dataclass
@@ -50,24 +61,24 @@ class VIPGRPOConfig(GRPOConfig):
       plain GRPO's ``num_generations`` rollouts per prompt are predicted to spend; a number: a cap in tokens). The
       rollout budget stays a cap (at most ``generation_batch_size`` rollouts); ``None`` / ``"off"``: rollouts only.
       With ``two_phase`` the pilot's tokens count against the budget and the commit spends the tokens left.
+    * The allocation settings shared with every surface (``strategy``, ``predictor``, ``estimator``, ``embedder``,
+      ``n_min``, ``n_max``, ``success_threshold``, ``two_phase``, ``pilot_n``, ``token_budget``) take their
+      defaults, help and checks from :mod:`vipalloc.settings`. The allocator's seed is ``allocator_seed`` (None:
+      TRL's ``seed``), the one name that differs: ``seed`` is TRL's training seed. The old names
+      ``allocation_strategy`` / ``variance_estimator`` still work with a ``FutureWarning``.
     """
 
-    n_max: int | None = field(
-        default=None, metadata={"help": "Most rollouts of one prompt (TRL's group width); default 2 x num_generations."}
+    n_max: int | None = _setting_field(
+        "n_max",
+        default=None,
+        extra="Default: 2 x num_generations (TRL's group width: each prompt is sampled n_max times).",
     )
-    n_min: int = field(default=2, metadata={"help": "Fewest rollouts of a kept prompt (>= 2)."})
-    allocation_strategy: str = field(
-        default=DEFAULT_STRATEGY,
-        metadata={"help": f"One of vipalloc.strategies.STRATEGY_NAMES: {', '.join(STRATEGY_NAMES)}."},
-    )
-    predictor: str = field(default="gp", metadata={"help": f"One of: {', '.join(PREDICTOR_NAMES)}."})
-    variance_estimator: str = field(
-        default="drgrpo", metadata={"help": "Variance model the allocation minimises: drgrpo | rloo."}
-    )
-    embedder: str = field(default="auto", metadata={"help": "Prompt features: auto | minilm | hashing."})
-    success_threshold: float = field(
-        default=0.5, metadata={"help": "A rollout succeeds when its success reward is >= this."}
-    )
+    n_min: int = _setting_field("n_min")
+    strategy: str = _setting_field("strategy")
+    predictor: str = _setting_field("predictor")
+    estimator: str = _setting_field("estimator", extra="TRL: drgrpo with TRL's grpo / dr_grpo / dapo losses.")
+    embedder: str = _setting_field("embedder")
+    success_threshold: float = _setting_field("success_threshold")
     success_reward: str | None = field(
         default=None,
         metadata={
@@ -75,77 +86,67 @@ class VIPGRPOConfig(GRPOConfig):
             "weighted sum over all reward functions."
         },
     )
-    allocator_seed: int = field(default=0, metadata={"help": "Seed of the allocator's tie-breaking."})
+    allocator_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": f"{help_text('seed')} None: follow TRL's `seed`. The one setting named differently here: "
+            "GRPOConfig's `seed` is TRL's training seed, so the allocator's is `allocator_seed`."
+        },
+    )
     prompt_id_column: str = field(
         default="prompt_id", metadata={"help": "Dataset column with a stable prompt id (else a hash of the prompt)."}
     )
-    two_phase: bool = field(
-        default=False,
-        metadata={
-            "help": "Pilot-then-commit allocation inside each generation batch (needs a two-phase strategy: "
-            f"{', '.join(TWO_PHASE_STRATEGIES)})."
-        },
+    two_phase: bool = _setting_field("two_phase", extra="Inside each generation batch.")
+    pilot_n: int = _setting_field("pilot_n", extra="At most num_generations.")
+    token_budget: float | str | None = _setting_field(
+        "token_budget",
+        extra="Per generation batch (over all processes), at most generation_batch_size rollouts; 'uniform': "
+        "num_generations rollouts per prompt at the lengths predicted from recent steps (the first generation batch, "
+        "before any length is known, is planned by rollouts). With two_phase the pilot's tokens count against the "
+        "budget and the commit spends what is left. Not available with the vip_authors strategy.",
     )
-    pilot_n: int = field(default=2, metadata={"help": "Pilot rollouts per prompt in a two-phase step."})
-    token_budget: float | str | None = field(
-        default=None,
-        metadata={
-            "help": "Budget of generated tokens per generation batch. `None` or `'off'`: plan by rollouts only "
-            "(`generation_batch_size` rollouts). `'uniform'`: spend the tokens plain GRPO would have spent "
-            "(`num_generations` rollouts per prompt at the lengths predicted from recent steps; the first generation "
-            "batch, before any length is known, is planned by rollouts). A number: a cap in tokens per generation "
-            "batch (over all processes). The rollout budget stays a cap in every token mode. With `two_phase` the "
-            "pilot's tokens count against the budget and the commit spends what is left. Not available with the "
-            "`vip_authors` strategy."
-        },
+    allocation_strategy: str | None = field(
+        default=None, metadata={"help": "Deprecated: use `strategy` (the same name on every surface)."}
+    )
+    variance_estimator: str | None = field(
+        default=None, metadata={"help": "Deprecated: use `estimator` (the same name on every surface)."}
     )
 
     def __post_init__(self) -> None:
+        self._take_deprecated_names()
         g = _positive_int("num_generations (the uniform group size VIP replaces)", self.num_generations, 2)
         if self.n_max is None:
             self.n_max = 2 * g
-        n_max = _positive_int("n_max", self.n_max, 2)
-        n_min = _positive_int("n_min", self.n_min, 2)
+        # the shared settings: one validator each (vipalloc.settings); the checks below are TRL's own
+        n_max, n_min = validate("n_max", self.n_max), validate("n_min", self.n_min)
         if not n_min <= g <= n_max:
             raise ValueError(bounds_message(n_min, g, n_max, "VIPGRPOConfig"))
-        if self.allocation_strategy not in STRATEGY_NAMES:
+        self.strategy = validate("strategy", self.strategy)
+        self.two_phase = validate("two_phase", self.two_phase)
+        check_two_phase(self.strategy, self.two_phase)
+        self.pilot_n = validate("pilot_n", self.pilot_n)
+        if self.two_phase and self.pilot_n > g:
             raise ValueError(
-                f"unknown allocation_strategy {self.allocation_strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}"
+                f"pilot_n ({self.pilot_n}) exceeds num_generations ({g}): the pilot is part of the budget of "
+                f"{g} rollouts per prompt; lower pilot_n to at most {g}"
             )
-        two_phase_strategy = self.allocation_strategy in TWO_PHASE_STRATEGIES
-        if bool(self.two_phase) != two_phase_strategy:
-            raise ValueError(
-                f"two_phase={self.two_phase} and allocation_strategy={self.allocation_strategy!r} disagree: the "
-                f"two-phase strategies ({', '.join(TWO_PHASE_STRATEGIES)}) run with two_phase=True, every other "
-                "strategy with two_phase=False"
-            )
-        if self.two_phase:
-            pilot = _positive_int("pilot_n", self.pilot_n, 1)
-            if pilot > g:
-                raise ValueError(
-                    f"pilot_n ({pilot}) exceeds num_generations ({g}): the pilot is part of the budget of "
-                    f"{g} rollouts per prompt; lower pilot_n to at most {g}"
-                )
-        if self.predictor not in PREDICTOR_NAMES:
-            raise ValueError(f"unknown predictor {self.predictor!r}; choose one of: {', '.join(PREDICTOR_NAMES)}")
-        if self.variance_estimator not in ("drgrpo", "rloo"):
-            raise ValueError(
-                f"variance_estimator must be 'drgrpo' or 'rloo', got {self.variance_estimator!r} "
-                "(use 'drgrpo' when training with TRL's grpo/dapo losses)"
-            )
-        if isinstance(self.success_threshold, bool) or not (
-            isinstance(self.success_threshold, (int, float)) and math.isfinite(self.success_threshold)
-        ):
-            raise ValueError(f"success_threshold must be a finite number, got {self.success_threshold!r}")
+        self.predictor = validate("predictor", self.predictor)
+        self.estimator = validate("estimator", self.estimator)
+        self.embedder = validate("embedder", self.embedder)
+        self.success_threshold = validate("success_threshold", self.success_threshold)
+        if self.allocator_seed is not None:
+            try:
+                self.allocator_seed = validate("seed", self.allocator_seed)
+            except ValueError as exc:
+                raise ValueError(f"allocator_seed: {exc}") from None
         if self.success_reward is not None and not (isinstance(self.success_reward, str) and self.success_reward):
             raise ValueError(f"success_reward must be a reward function's name or None, got {self.success_reward!r}")
         self.token_budget = normalise_token_budget(self.token_budget)
         if self.token_budget is not None:
-            refusal = get_strategy(self.allocation_strategy, estimator=self.variance_estimator).token_refusal
+            refusal = get_strategy(self.strategy, estimator=self.estimator).token_refusal
             if refusal is not None:
                 raise ValueError(
-                    f"token_budget={self.token_budget!r} cannot be used with allocation_strategy="
-                    f"{self.allocation_strategy!r}: {refusal}"
+                    f"token_budget={self.token_budget!r} cannot be used with strategy={self.strategy!r}: {refusal}"
                 )
         super().__post_init__()
         # GRPOConfig.__post_init__ has set the generation batch layout (and checked it holds full groups).
@@ -166,6 +167,30 @@ class VIPGRPOConfig(GRPOConfig):
                 f"generation batch {what} rollouts of even one token each; raise it to at least "
                 f"{self.prompts_per_generation * least} (or use token_budget='uniform')"
             )
+
+    def _take_deprecated_names(self) -> None:
+        """``allocation_strategy`` / ``variance_estimator`` (the old names): a ``FutureWarning`` naming the new field,
+        the value moved there (the old field reset to None), a ``ValueError`` when the new field says otherwise."""
+        for old, new in (("allocation_strategy", "strategy"), ("variance_estimator", "estimator")):
+            value = getattr(self, old)
+            if value is None:
+                continue
+            warnings.warn(
+                f"VIPGRPOConfig({old}=...) is deprecated and will be removed: use {new}={value!r} (the same name on "
+                "every vipalloc surface)",
+                FutureWarning,
+                stacklevel=4,
+            )
+            current = getattr(self, new)
+            if current != default(new) and current != value:
+                raise ValueError(f"{old}={value!r} (deprecated) and {new}={current!r} disagree; set only {new}")
+            setattr(self, new, value)
+            setattr(self, old, None)
+
+    @property
+    def allocator_seed_resolved(self) -> int:
+        """The allocator's seed: ``allocator_seed``, or TRL's ``seed`` when it is None."""
+        return int(self.seed if self.allocator_seed is None else self.allocator_seed)
 
     @property
     def prompts_per_generation(self) -> int:
@@ -205,30 +230,10 @@ def bounds_message(n_min: int, mean: float, n_max: int, owner: str) -> str:
 
 
 def normalise_token_budget(value: Any) -> float | str | None:
-    """``VIPGRPOConfig.token_budget`` normalised: None (rollouts only), ``"uniform"``, or a cap in tokens (float).
-
-    Strings come from the command line (TRL's parser reads the field as a string): ``"off"`` / ``"none"``,
-    ``"uniform"``, or a number such as ``"20000"``.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in ("off", "none", "null", ""):
-            return None
-        if word == "uniform":
-            return "uniform"
-        try:
-            value = float(word)
-        except ValueError:
-            raise ValueError(
-                f"token_budget must be None, 'off', 'uniform' or a number of tokens, got {value!r}"
-            ) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"token_budget must be None, 'off', 'uniform' or a number of tokens, got {value!r}")
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"token_budget must be a finite number of tokens > 0, got {value!r}")
-    return float(value)
+    """``VIPGRPOConfig.token_budget`` normalised: None (rollouts only), ``"uniform"``, or a cap in tokens (float);
+    the shared setting's one validator (:func:`vipalloc.settings.check_token_budget`, which also reads the strings
+    TRL's parser gives: ``"off"`` / ``"none"``, ``"uniform"``, or a number such as ``"20000"``)."""
+    return cast("float | str | None", validate("token_budget", value))
 
 
 def step_token_budget(
@@ -269,7 +274,7 @@ def default_config(model: Any) -> VIPGRPOConfig:
 
     TRL 1.16 names the output directory ``<model name>-GRPO`` (the last path part of the model id, or of
     ``model.config``'s ``_name_or_path`` for a model object) and keeps every ``GRPOConfig`` default; VIP's fields keep
-    theirs (``n_max = 2 x num_generations``, strategy ``vip``, predictor ``gp``).
+    theirs (``n_max = 2 x num_generations``, the strategy and predictor of :mod:`vipalloc.settings`).
     """
     from trl.trainer.utils import get_config_model_id
 

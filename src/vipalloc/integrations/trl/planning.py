@@ -21,6 +21,7 @@ from accelerate.utils import gather_object
 from vipalloc import Allocator, Plan
 from vipalloc.integrations.trl.config import VIPGRPOConfig, _prompt_key, _prompt_text, bounds_message
 from vipalloc.integrations.trl.environments import ResetTasks, check_group_tasks, group_keys
+from vipalloc.settings import SURFACE_NAMES
 from vipalloc.strategies import TWO_PHASE_STRATEGIES
 
 __all__ = [
@@ -92,8 +93,10 @@ def check_allocator(cfg: VIPGRPOConfig, allocator: Allocator | None) -> Allocato
     if allocator is None:
         return Allocator.from_settings(
             cfg,
-            # TRL's own names for three of them (GRPOConfig.seed is the training seed, not the allocator's)
-            names={"strategy": "allocation_strategy", "estimator": "variance_estimator", "seed": "allocator_seed"},
+            # the one name TRL's plug-in spells differently: GRPOConfig.seed is TRL's training seed, not the
+            # allocator's (allocator_seed None: follow it)
+            names=SURFACE_NAMES["trl"],
+            seed=cfg.allocator_seed_resolved,
             # The trainer binarises rewards with cfg.success_threshold itself and reports 0/1 values.
             success_threshold=0.5,
         )

@@ -13,7 +13,16 @@ from typing import Any
 import numpy as np
 from verl import DataProto
 
-from vipalloc.defaults import DEFAULT_STRATEGY
+from vipalloc.settings import (
+    AUTO,
+    SETTINGS,
+    check_bounds,
+    check_estimator,
+    check_two_phase,
+    default,
+    help_text,
+    validate,
+)
 
 __all__ = [
     "ADV_ESTIMATOR_TARGETS",
@@ -40,6 +49,19 @@ ADV_ESTIMATOR_TARGETS: dict[str, str] = {
 }
 
 
+# the shared settings (vipalloc.settings) that VIPConfig has, checked by the schema; estimator also takes "auto" here
+_SHARED = tuple(name for name in SETTINGS if name != "estimator")
+
+
+def _setting(name: str, **over: Any) -> Any:
+    """A dataclass field with the shared setting's default (or ``default=...``, verl's own) and help text."""
+    value = over.get("default", default(name))
+    meta = {"help": help_text(name)}
+    if isinstance(value, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=value, metadata=meta)
+
+
 @dataclass
 class VIPConfig:
     """The ``vip:`` config group (``verl_config/vip/default.yaml`` mirrors these fields).
@@ -63,27 +85,28 @@ class VIPConfig:
 
     enable: bool = True
     budget: int | None = None
-    n_min: int = 4
-    n_max: int = 32
-    strategy: str = DEFAULT_STRATEGY
-    predictor: str = "gp"
-    estimator: str = "auto"
-    embedder: str = "auto"
-    seed: int = 0
-    success_threshold: float = 0.5
+    n_min: int = _setting("n_min")
+    n_max: int = _setting("n_max")
+    strategy: str = _setting("strategy")
+    predictor: str = _setting("predictor")
+    estimator: str = _setting("estimator", default=AUTO)  # verl's own default: derived from adv_estimator
+    embedder: str = _setting("embedder")
+    seed: int = _setting("seed")
+    success_threshold: float = _setting("success_threshold")
     success_key: str | None = "acc"
     prompt_id_key: str | None = "index"
     prompt_text_key: str | None = "raw_prompt"
     save_allocator: bool = True
-    two_phase: bool = False
-    pilot_n: int = 2
-    token_budget: str | float | None = None
-    predictor_kwargs: dict[str, Any] = field(default_factory=dict)
-    strategy_kwargs: dict[str, Any] = field(default_factory=dict)
+    two_phase: bool = _setting("two_phase")
+    pilot_n: int = _setting("pilot_n")
+    token_budget: str | float | None = _setting("token_budget")
+    predictor_kwargs: dict[str, Any] = _setting("predictor_kwargs")
+    strategy_kwargs: dict[str, Any] = _setting("strategy_kwargs")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> VIPConfig:
-        """Build from a dict / OmegaConf node, rejecting unknown keys with the list of valid ones."""
+        """Build from a dict / OmegaConf node, rejecting unknown keys with the list of valid ones. A ``strategy`` of
+        None (``default.yaml``'s) is the library default, :data:`vipalloc.defaults.DEFAULT_STRATEGY`."""
         data = dict(raw or {})
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
@@ -91,57 +114,34 @@ class VIPConfig:
             raise ValueError(f"unknown vip config key(s) {unknown}; valid keys: {sorted(names)}")
         for key in ("predictor_kwargs", "strategy_kwargs"):
             data[key] = dict(data.get(key) or {})
+        if data.get("strategy", "") is None:
+            del data["strategy"]
         cfg = cls(**data)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and the fix for values verl cannot run with."""
-        from vipalloc.predictors import PREDICTOR_NAMES
-        from vipalloc.strategies import STRATEGY_NAMES
+        """Raise ``ValueError`` naming the field and the fix for values verl cannot run with; normalise the rest.
 
-        if isinstance(self.n_min, bool) or not isinstance(self.n_min, int) or self.n_min < 2:
-            raise ValueError(
-                f"vip.n_min must be an integer >= 2, got {self.n_min!r}: verl gives a group of size 1 its raw reward "
-                "as advantage (mean 0, std 1), so a kept prompt needs at least 2 rollouts"
-            )
-        if isinstance(self.n_max, bool) or not isinstance(self.n_max, int) or self.n_max < self.n_min:
-            raise ValueError(f"vip.n_max must be an integer >= vip.n_min ({self.n_min}), got {self.n_max!r}")
+        The shared settings are checked by their one schema (:mod:`vipalloc.settings`, the message prefixed with
+        ``vip.``); ``budget`` and ``pilot_n >= 2`` are verl's own checks."""
+        try:
+            for name in _SHARED:
+                setattr(self, name, validate(name, getattr(self, name)))
+            self.estimator = check_estimator(self.estimator, auto=True)
+            check_bounds(self.n_min, self.n_max)
+            check_two_phase(self.strategy, self.two_phase)
+        except ValueError as exc:
+            raise ValueError(f"vip.{exc}") from None
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)):
             raise ValueError(f"vip.budget must be an integer number of rollouts or null, got {self.budget!r}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"vip.budget must be >= 1 (or null for batch size x rollout.n), got {self.budget}")
-        if self.strategy not in STRATEGY_NAMES:
-            raise ValueError(f"vip.strategy={self.strategy!r} is unknown; choose one of {list(STRATEGY_NAMES)}")
-        if self.predictor not in PREDICTOR_NAMES:
-            raise ValueError(f"vip.predictor={self.predictor!r} is unknown; choose one of {list(PREDICTOR_NAMES)}")
-        if self.estimator not in ("auto", "drgrpo", "rloo"):
-            raise ValueError(f"vip.estimator must be 'auto', 'drgrpo' or 'rloo', got {self.estimator!r}")
-        if not math.isfinite(float(self.success_threshold)):
-            raise ValueError(f"vip.success_threshold must be finite, got {self.success_threshold!r}")
-        if not isinstance(self.two_phase, bool):
-            raise ValueError(f"vip.two_phase must be true or false, got {self.two_phase!r}")
-        from vipalloc.strategies import TWO_PHASE_STRATEGIES
-
-        if self.two_phase and self.strategy not in TWO_PHASE_STRATEGIES:
+        if self.pilot_n < 2:
             raise ValueError(
-                f"vip.two_phase=true needs a two-phase strategy {list(TWO_PHASE_STRATEGIES)}, got "
-                f"vip.strategy={self.strategy!r}"
+                f"vip.pilot_n must be >= 2 in verl, got {self.pilot_n} (verl gives a pilot group of 1 its raw reward "
+                "as advantage: no baseline)"
             )
-        if not self.two_phase and self.strategy in TWO_PHASE_STRATEGIES:
-            raise ValueError(f"vip.strategy={self.strategy!r} plans in two phases: set vip.two_phase=true")
-        if isinstance(self.pilot_n, bool) or not isinstance(self.pilot_n, int) or self.pilot_n < 2:
-            raise ValueError(
-                f"vip.pilot_n must be an integer >= 2, got {self.pilot_n!r} (a pilot group of 1 has no baseline)"
-            )
-        tb = self.token_budget
-        if tb is not None and tb != "uniform":
-            number = isinstance(tb, (int, float)) and not isinstance(tb, bool)
-            if not number or not math.isfinite(float(tb)) or float(tb) <= 0:
-                raise ValueError(
-                    f"vip.token_budget must be null (plan rollouts), 'uniform' (the tokens uniform rollout.n would "
-                    f"spend) or a number of generated tokens per training batch > 0, got {tb!r}"
-                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
