@@ -97,6 +97,7 @@ def train(a: argparse.Namespace, allocator: Any = None) -> Result:
         strategy=a.strategy,
         predictor=a.predictor,
         embedder="hashing",
+        allocator_seed=0,  # the seed its reported runs used (None: follow TRL's seed)
         max_completion_length=a.max_completion_length,
         max_steps=a.steps,
         learning_rate=a.lr,

@@ -168,6 +168,7 @@ def run(kind: str, a: argparse.Namespace) -> Meter:
             strategy=a.strategy,
             predictor=a.predictor,
             embedder="hashing",
+            allocator_seed=0,  # the seed its reported runs used (None: follow TRL's seed)
             **common,
         )
         cls = VIPGRPOTrainer
