@@ -286,7 +286,7 @@ def test_old_state_files_without_lengths_still_load(tmp_path) -> None:
     alloc.observe(["a", "b", "c"], [np.ones(n) for n in plan.counts], step=0)
     path = tmp_path / "old.json"
     alloc.save(path)
-    _, body = read_json_checked(path, "vipalloc.allocator", 2)
+    _, body = read_json_checked(path, "vipalloc.allocator", 3)
     body["config"].pop("length_kwargs", None)
     for k in ("tokens_success", "tokens_fail", "token_rollouts_success", "token_rollouts_fail"):
         body["history"].pop(k, None)
@@ -403,10 +403,11 @@ def test_old_allocator_checkpoint_with_old_count_names_loads(tmp_path) -> None:
     path = tmp_path / "new.json"
     alloc.save(path)
     version, body = read_json_checked(path, "vipalloc.allocator", 99)
+    assert version == 3  # new files say so: a version-2 reader would drop every length
     hist = body["history"]
     hist["lengths_success"] = hist.pop("token_rollouts_success")
     hist["lengths_fail"] = hist.pop("token_rollouts_fail")
-    atomic_write_json(tmp_path / "old.json", "vipalloc.allocator", version, body)
+    atomic_write_json(tmp_path / "old.json", "vipalloc.allocator", 2, body)
     _same_history(Allocator.load(tmp_path / "old.json").history, alloc.history)
 
 
@@ -565,8 +566,9 @@ def test_loosening_a_token_budget_that_does_not_bind_never_changes_the_plan(
         if name == "vip_error":  # it need not spend the cap under tokens (parking is never forced): never worse
             assert _own_objective(name, arr, tight.counts) <= _own_objective(name, arr, rollouts) + 1e-12
             return
-        # (rel 1e-6: the rollout mode's even split of equal prompts is not always optimal below n = 4, where the
-        # Dr.GRPO variance is not convex; it costs at most ~1e-8 here, on p ~ 0 prompts)
-        assert _own_objective(name, arr, tight.counts) == pytest.approx(
-            _own_objective(name, arr, rollouts), rel=1e-6, abs=1e-9
-        )
+        # The rollout-mode plan is feasible here, so the token plan is never worse. It can be slightly better: the
+        # rollout mode's even split of equal prompts is not always optimal below n = 4, where the Dr.GRPO variance
+        # is not convex (found by hypothesis: 1.1e-6 relative on p = [0, 0, 0, 0.94]); hence rel 1e-5.
+        own_tight, own_rollouts = _own_objective(name, arr, tight.counts), _own_objective(name, arr, rollouts)
+        assert own_tight <= own_rollouts + 1e-12
+        assert own_tight == pytest.approx(own_rollouts, rel=1e-5, abs=1e-9)

@@ -63,8 +63,10 @@ from vipalloc.telemetry import outcome_metrics
 __all__ = ["Allocator", "Plan"]
 
 FORMAT = "vipalloc.allocator"
-# Version 2 adds outstanding two-phase pilots ("pilots"); version 1 files (no pilots) still load.
-VERSION = 2
+# Version 2 adds outstanding two-phase pilots ("pilots"); version 3 stores the history's counts behind its token
+# sums as token_rollouts_* (were lengths_*: an older reader would drop every length, so it must refuse the file).
+# Versions 1 and 2 still load.
+VERSION = 3
 
 
 class Allocator(StepPlanner):
