@@ -250,12 +250,14 @@ def test_coba_matches_heap_greedy_on_explored_prompts() -> None:
     tau = 3 + 9 * min(np.var(p) / 0.1667, 1)
     a, b = coba_shape(1 - p.mean())
     greedy = _coba_heap(p, 80 + spend, 2, tau, a, b, 32)
-    # the rest (240 - 80 - spend) is spread by weight 1 - p (floored), then evenly in order
+    # the rest (240 - 80 - spend) is spread by weight 1 - p (floored), then evenly, the extras to the fewest first
     left = 240 - 80 - spend
     w = 1 - p
     extra = np.floor(left * w / w.sum()).astype(int)
     rem = left - extra.sum()
-    extra += rem // len(p) + (np.arange(len(p)) < rem % len(p))
+    fewest_first = np.argsort(greedy + extra, kind="stable")
+    extra += rem // len(p)
+    extra[fewest_first[: rem % len(p)]] += 1
     assert np.array_equal(counts, greedy + extra)
 
 

@@ -51,7 +51,7 @@ def coba_value(p: np.ndarray, n: np.ndarray, tau: float, a: float, b: float) -> 
 
 def _leftover(counts: np.ndarray, group: np.ndarray, p: np.ndarray, left: int, n_max: int) -> int:
     """CoBA-RL's fallback: ``left`` rollouts to ``group`` weighted by ``1 - p`` (floored shares, capped at
-    ``n_max``), then evenly in order over those still below ``n_max``. Returns what is still left."""
+    ``n_max``), then evenly over those still below ``n_max``, extras to the fewest first. Returns what is still left."""
     open_ = group[counts[group] < n_max]
     if left <= 0 or open_.size == 0:
         return left
@@ -62,6 +62,8 @@ def _leftover(counts: np.ndarray, group: np.ndarray, p: np.ndarray, left: int, n
         counts[open_] += add
         left -= int(add.sum())
     open_ = open_[counts[open_] < n_max]
+    # the extras go to the members with the fewest rollouts first (stable), so equal predictions stay within one
+    open_ = open_[np.argsort(counts[open_], kind="stable")]
     if left > 0 and open_.size:
         per, extra = divmod(left, open_.size)
         add = np.minimum(per + (np.arange(open_.size) < extra), n_max - counts[open_])
