@@ -33,7 +33,7 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("warmup")
 
 
-@pytest.mark.parametrize("strategy", ["vip_two_phase", "pilot_commit"])
+@pytest.mark.parametrize("strategy", ["vip_two_phase", "pilot_commit", "vip_error_two_phase"])
 def test_two_rounds_spend_the_budget_exactly(tmp_path, cache, strategy) -> None:
     cfg = tiny(tmp_path / "run", cache, strategy=strategy)
     res = train(cfg)

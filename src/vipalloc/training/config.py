@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from vipalloc.settings import check_bounds, default, help_text, validate
+from vipalloc.strategies import TWO_PHASE_STRATEGIES
 from vipalloc.training.tasks import LEVELS, TaskName, completion_tokens_bound
 
 # The strategies a run may use: the library's (vipalloc.strategies.STRATEGY_NAMES) plus DAPO dynamic sampling,
@@ -288,7 +289,7 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _two_phase_bounds(self) -> TrainConfig:
-        if self.strategy not in ("vip_two_phase", "pilot_commit"):
+        if self.strategy not in TWO_PHASE_STRATEGIES:
             return self
         m = self.candidate_prompts
         if self.pilot_n > self.n_max:

@@ -42,6 +42,7 @@ import torch
 from vipalloc import Allocator, Plan
 from vipalloc._io import atomic_write_text
 from vipalloc.budget import BudgetSpec, StepBudget
+from vipalloc.strategies import TWO_PHASE_STRATEGIES
 from vipalloc.telemetry import COUNTS_TAG
 from vipalloc.training.checkpoint import CKPT_NAME, CheckpointError, read_checkpoint, write_checkpoint
 from vipalloc.training.config import TrainConfig
@@ -70,7 +71,7 @@ __all__ = [  # the generation and warm-up helpers keep their old import path
     "warmup_policy",
 ]
 
-TWO_PHASE = ("vip_two_phase", "pilot_commit")  # strategies with two generation rounds a step
+TWO_PHASE = tuple(TWO_PHASE_STRATEGIES)  # strategies with two generation rounds a step (the registry's)
 METRICS_NAME = "metrics.jsonl"
 #: options that may differ between a killed run and its resumption (they do not change what is computed)
 RESUME_FREE = frozenset({"steps", "threads", "tensorboard", "ckpt_every", "run_dir"})
