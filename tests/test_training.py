@@ -325,31 +325,33 @@ def test_parallel_runs_match_sequential(tmp_path, cache) -> None:
 
 
 def test_cli_demo_quick_end_to_end(tmp_path) -> None:
-    """`vipalloc demo --quick` (the README's smoke run) writes the report, summary and plots, two runs at a time."""
+    """`vipalloc demo --quick` (the README's smoke run) writes the report, summary and plots, two runs at a time:
+    uniform against the library default (DEFAULT_STRATEGY)."""
     from typer.testing import CliRunner
 
     from vipalloc.cli import app
+    from vipalloc.defaults import DEFAULT_STRATEGY as D
 
     out = tmp_path / "demo"
     args = ["demo", "--quick", "--jobs", "2", "--out", str(out), "--set", f'warmup_cache="{tmp_path / "warm"}"']
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     report = (out / "report.md").read_text()
-    assert "| uniform |" in report and "| vip |" in report and "Runs: 2 at a time" in report
+    assert "| uniform |" in report and f"| {D} |" in report and "Runs: 2 at a time" in report
     summary = json.loads((out / "summary.json").read_text())
-    assert {"uniform", "vip"} <= set(summary)
+    assert {"uniform", D} <= set(summary)
     for png in ("eval_vs_rollouts.png", "allocations.png", "predicted_vs_realised.png", "groups.png"):
         assert (out / png).stat().st_size > 1000
-    for run in ("uniform-seed0", "vip-seed0"):
+    for run in ("uniform-seed0", f"{D}-seed0"):
         lines = (out / run / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 12 + 1  # the initial evaluation, then one record per step
-    before = (out / "vip-seed0" / "metrics.jsonl").read_text()
+    before = (out / f"{D}-seed0" / "metrics.jsonl").read_text()
     again = CliRunner().invoke(app, args)  # same configuration: the finished runs are reused, not redone
     assert again.exit_code == 0, again.output
-    assert (out / "vip-seed0" / "metrics.jsonl").read_text() == before
-    changed = CliRunner().invoke(app, [*args, "--set", "lr=0.0003", "--strategies", "vip"])  # stale runs restart
+    assert (out / f"{D}-seed0" / "metrics.jsonl").read_text() == before
+    changed = CliRunner().invoke(app, [*args, "--set", "lr=0.0003", "--strategies", D])  # stale runs restart
     assert changed.exit_code == 0, changed.output
-    assert (out / "vip-seed0" / "metrics.jsonl").read_text() != before
+    assert (out / f"{D}-seed0" / "metrics.jsonl").read_text() != before
     bad = CliRunner().invoke(app, ["demo", "--quick", "--strategies", "uniform,nope", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown strategies" in bad.output
 

@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 #: the allocation strategy an :class:`~vipalloc.allocator.Allocator` uses unless told otherwise
-DEFAULT_STRATEGY: Final = "vip"
+DEFAULT_STRATEGY: Final = "vip_error"
 #: the success-probability predictor (:mod:`vipalloc.predictors`)
 DEFAULT_PREDICTOR = "gp"
 #: the policy-gradient estimator whose variance is minimised

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from vipalloc.console import ProgressConsole, format_eval, format_run
+from vipalloc.defaults import DEFAULT_STRATEGY
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
@@ -95,7 +96,9 @@ def register(app: typer.Typer) -> None:
             min=1,
             help="Seeds (0..N-1) per strategy (default 6: paired differences of ~0.005 need several; quick 1).",
         ),
-        strategies: str = typer.Option("uniform,vip", help="Comma-separated strategies (any of train's, or dapo)."),
+        strategies: str = typer.Option(
+            f"uniform,{DEFAULT_STRATEGY}", help="Comma-separated strategies (any of train's, or dapo)."
+        ),
         steps: int | None = typer.Option(None, help="RL steps per run (default: 150, quick: 12)."),
         out: Path = typer.Option(Path("runs/demo"), help="Output folder (report.md, plots, runs)."),
         predictor: str | None = typer.Option(None, help="Predictor for allocating strategies (gp, beta, ...)."),
@@ -107,7 +110,7 @@ def register(app: typer.Typer) -> None:
             [], "--set", help="Override any training option, KEY=VALUE (JSON value), e.g. --set n_mean=4."
         ),
     ) -> None:
-        """Warm-up (cached), then train uniform vs VIP at the same rollout budget and write a report."""
+        """Warm-up (cached), then train uniform vs the default strategy at the same rollout budget; write a report."""
         from vipalloc.training.demo import run_demo
 
         names = [s.strip() for s in strategies.split(",") if s.strip()]

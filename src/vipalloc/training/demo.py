@@ -1,4 +1,5 @@
-"""``vipalloc demo``: warm-up (cached), then strategies compared at the same rollout budget on real training.
+"""``vipalloc demo``: warm-up (cached), then strategies compared at the same rollout budget on real training
+(by default uniform and the library default, :data:`vipalloc.defaults.DEFAULT_STRATEGY`).
 
 Every run of a seed uses the same warm-up model, prompt pool, evaluation set and per-step prompt sampling seed;
 only the allocation strategy differs. Writes ``<out>/report.md`` and PNG plots.
@@ -12,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vipalloc.defaults import DEFAULT_STRATEGY
 from vipalloc.training.config import STRATEGIES, TrainConfig
 
 
@@ -43,7 +45,7 @@ def run_demo(
     out: str | Path = "runs/demo",
     quick: bool = False,
     seeds: Sequence[int] = (0,),
-    strategies: Sequence[str] = ("uniform", "vip"),
+    strategies: Sequence[str] = ("uniform", DEFAULT_STRATEGY),
     steps: int | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
     jobs: int | None = None,
