@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Regenerates every figure the README quotes, at the commit of this checkout (resumable: finished runs are reused).
-#   bash benchmarks/readme_figures.sh [OUT]      (default OUT=reports/readme)
+#   bash benchmarks/readme_figures.sh [OUT]      (default OUT=reports/readme; SKIP_LM=1 skips step 3)
 # 1. The CPU trainer league: uniform, vip and vip_error at equal rollouts, 16 seeds (about a minute a run on an idle
 #    2-core machine, two at a time; docs/results.md, "uniform, vip and vip_error on the CPU trainer").
 # 2. Where each strategy puts a realistic batch's rollouts, and its modelled error ratio (3 s; docs/strategies.md).
+# 3. The real-LM gradient error (SmolLM2-135M): two uniform league runs for the policy snapshots (about 20 minutes),
+#    then the variance part at three snapshots x two settings (about 70 minutes), then its summary
+#    (docs/results.md, "Gradient error at three policy snapshots").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-reports/readme}
@@ -15,3 +18,11 @@ echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || ech
     --out "$OUT/league"
 "$BIN/python" benchmarks/objective_table.py | tee "$OUT/objective_table.md"
 echo "league report: $OUT/league/train.md"
+if [ -z "${SKIP_LM:-}" ]; then
+    SNAP="$OUT/lm/lm/league-cpu-40/snapshots"
+    "$BIN/vipalloc" bench lm --parts league --seeds 2 --strategies uniform --modes rollouts --jobs 2 --out "$OUT/lm"
+    "$BIN/vipalloc" bench lm --parts variance --settings 2x1,3x1 --out "$OUT/lm" \
+        --snapshots "pretrained,$SNAP/uniform-seed1-step10.pt,$SNAP/uniform-seed1-step40.pt" \
+        --variance-strategies uniform,vip,vip_pure,vip_authors,knapsack,coba,vip_error,vip_two_phase,vip_error_two_phase
+    "$BIN/python" benchmarks/variance_summary.py "$OUT/lm/lm_variance.json" | tee "$OUT/lm_variance_summary.md"
+fi
