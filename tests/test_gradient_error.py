@@ -181,14 +181,24 @@ def _realistic(rng: np.random.Generator, m: int = 256) -> np.ndarray:
 
 @pytest.mark.parametrize("estimator", ["drgrpo", "rloo"])
 @pytest.mark.parametrize("per", [4, 8])
-def test_default_never_parks_rollouts_on_exact_hopeless_prompts(estimator: str, per: int) -> None:
-    """The objective issue's 'done when', on realistic batches."""
+@pytest.mark.parametrize("n_min", [2, 4])  # the library default, and the issue's
+def test_default_never_parks_rollouts_on_exact_hopeless_prompts(estimator: str, per: int, n_min: int) -> None:
+    """The objective issue's 'done when', on realistic batches, for the library's default as users get it (an
+    ``Allocator`` with no strategy named, exact p)."""
+    from vipalloc.allocator import Allocator
+    from vipalloc.defaults import DEFAULT_STRATEGY
+
+    assert DEFAULT_STRATEGY == "vip_error"  # the strategy these properties were required of (issue 26)
     rng = np.random.default_rng(per)
-    strat = get_strategy("vip_error", estimator=estimator)
     for _ in range(3):
         p = _realistic(rng)
+        ids = [f"q{i}" for i in range(len(p))]
+        alloc = Allocator(
+            predictor="oracle", estimator=estimator, n_min=n_min, predictor_kwargs={"true_p": dict(zip(ids, p))}
+        )
+        assert alloc.strategy_name == DEFAULT_STRATEGY
         budget = per * len(p)
-        counts = strat.allocate(p, budget, 4, 32)
+        counts = alloc.plan(ids, budget=budget, step=0).counts
         exact = (p == 0) | (p == 1)
         mid = (p >= 0.2) & (p <= 0.8)
         assert counts[exact].max() <= counts[mid].min() or counts[exact].max() == 0
