@@ -215,7 +215,9 @@ def _plot_levels(
     for i, (label, (x, r, lo, hi)) in enumerate(series.items()):
         xs = x + (i - (len(series) - 1) / 2) * 0.6  # small offsets so the interval bars do not overlap
         rr, ll, hh = (np.where(np.isfinite(v), v, top) for v in (r, lo, hi))
-        ax.errorbar(xs, rr, yerr=[rr - ll, hh - rr], label=label, marker="o", ms=4, capsize=3, lw=1.4)
+        # a percentile interval need not contain the point ratio (nor a finite point an infinite bound): clip at 0
+        err = [np.clip(rr - ll, 0, None), np.clip(hh - rr, 0, None)]
+        ax.errorbar(xs, rr, yerr=err, label=label, marker="o", ms=4, capsize=3, lw=1.4)
     ax.axhline(1.0, color="grey", ls=":", lw=1)
     ax.set_xlabel(f"target: % of {baseline}'s gain (first evaluation to final mean@k)")
     ax.set_ylabel(f"cost ratio vs {baseline} (below 1 = cheaper)")
