@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ __all__ = [
     "check_bounds",
     "check_estimator",
     "check_two_phase",
+    "dataclass_field",
     "default",
     "help_text",
     "validate",
@@ -334,6 +335,18 @@ SURFACE_NAMES: dict[str, dict[str, str]] = {"trl": {"seed": "allocator_seed"}}
 def default(name: str) -> Any:
     """The default of setting ``name``."""
     return SETTINGS[name].default_value()
+
+
+def dataclass_field(name: str, *, extra: str = "", list_choices: bool = False, **over: Any) -> Any:
+    """A ``dataclasses.field`` for setting ``name`` on a surface's config dataclass: its default (or
+    ``default=...``, the surface's own), its help text (with the current choices when ``list_choices``; plus
+    ``extra``, what is the surface's own). A real field, so that parsers such as ``HfArgumentParser`` see it."""
+    setting = SETTINGS[name]
+    text = f"{setting.full_help() if list_choices else setting.help} {extra}".strip()
+    value = over.get("default", setting.default_value())
+    if isinstance(value, dict):
+        return field(default_factory=dict, metadata={"help": text})
+    return field(default=value, metadata={"help": text})
 
 
 def help_text(name: str) -> str:

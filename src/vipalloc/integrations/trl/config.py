@@ -20,7 +20,7 @@ from trl import GRPOConfig
 
 from vipalloc import Allocator
 from vipalloc.budget import BudgetSpec
-from vipalloc.settings import SETTINGS, check_two_phase, default, help_text, validate
+from vipalloc.settings import check_two_phase, dataclass_field, default, help_text, validate
 from vipalloc.strategies import get_strategy
 
 ALLOCATOR_FILE = "vip_allocator.json"  # saved inside each TRL checkpoint folder (and next to save_model's output)
@@ -32,16 +32,9 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
-def _setting_field(name: str, *, extra: str = "", **over: Any) -> Any:
-    """A dataclass field for the shared setting ``name`` (:mod:`vipalloc.settings`): its default (or
-    ``default=...`` for a TRL-specific one) and help text (plus ``extra``, what is TRL's own), so that
-    ``HfArgumentParser`` sees a real field."""
-    setting = SETTINGS[name]
-    text = f"{setting.full_help()} {extra}".strip()
-    value = over.get("default", setting.default_value())
-    if isinstance(value, dict):
-        return field(default_factory=dict, metadata={"help": text})
-    return field(default=value, metadata={"help": text})
+def _setting_field(name: str, **over: Any) -> Any:
+    """The shared setting's field (:func:`vipalloc.settings.dataclass_field`), its help listing the choices."""
+    return dataclass_field(name, list_choices=True, **over)
 
 
 @dataclass

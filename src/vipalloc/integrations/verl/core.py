@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,7 @@ from vipalloc.settings import (
     check_bounds,
     check_estimator,
     check_two_phase,
-    default,
-    help_text,
+    dataclass_field,
     validate,
 )
 
@@ -53,15 +52,6 @@ ADV_ESTIMATOR_TARGETS: dict[str, str] = {
 _SHARED = tuple(name for name in SETTINGS if name != "estimator")
 
 
-def _setting(name: str, **over: Any) -> Any:
-    """A dataclass field with the shared setting's default (or ``default=...``, verl's own) and help text."""
-    value = over.get("default", default(name))
-    meta = {"help": help_text(name)}
-    if isinstance(value, dict):
-        return field(default_factory=dict, metadata=meta)
-    return field(default=value, metadata=meta)
-
-
 @dataclass
 class VIPConfig:
     """The ``vip:`` config group (``verl_config/vip/default.yaml`` mirrors these fields).
@@ -85,23 +75,23 @@ class VIPConfig:
 
     enable: bool = True
     budget: int | None = None
-    n_min: int = _setting("n_min")
-    n_max: int = _setting("n_max")
-    strategy: str = _setting("strategy")
-    predictor: str = _setting("predictor")
-    estimator: str = _setting("estimator", default=AUTO)  # verl's own default: derived from adv_estimator
-    embedder: str = _setting("embedder")
-    seed: int = _setting("seed")
-    success_threshold: float = _setting("success_threshold")
+    n_min: int = dataclass_field("n_min")
+    n_max: int = dataclass_field("n_max")
+    strategy: str = dataclass_field("strategy")
+    predictor: str = dataclass_field("predictor")
+    estimator: str = dataclass_field("estimator", default=AUTO)  # verl's own default: derived from adv_estimator
+    embedder: str = dataclass_field("embedder")
+    seed: int = dataclass_field("seed")
+    success_threshold: float = dataclass_field("success_threshold")
     success_key: str | None = "acc"
     prompt_id_key: str | None = "index"
     prompt_text_key: str | None = "raw_prompt"
     save_allocator: bool = True
-    two_phase: bool = _setting("two_phase")
-    pilot_n: int = _setting("pilot_n")
-    token_budget: str | float | None = _setting("token_budget")
-    predictor_kwargs: dict[str, Any] = _setting("predictor_kwargs")
-    strategy_kwargs: dict[str, Any] = _setting("strategy_kwargs")
+    two_phase: bool = dataclass_field("two_phase")
+    pilot_n: int = dataclass_field("pilot_n")
+    token_budget: str | float | None = dataclass_field("token_budget")
+    predictor_kwargs: dict[str, Any] = dataclass_field("predictor_kwargs")
+    strategy_kwargs: dict[str, Any] = dataclass_field("strategy_kwargs")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> VIPConfig:
