@@ -44,7 +44,7 @@ FORMAT = "vipalloc.history"
 # the old count names (files, state dicts) read as the new ones.
 VERSION = 3
 _TOKEN_COLS = ("tokens_success", "tokens_fail", "token_rollouts_success", "token_rollouts_fail")
-_OLD_TOKEN_COLS = {"token_rollouts_success": "lengths_success", "token_rollouts_fail": "lengths_fail"}
+OLD_TOKEN_COLUMNS = {"token_rollouts_success": "lengths_success", "token_rollouts_fail": "lengths_fail"}
 
 
 def validate_rewards(prompt_id: str, rewards: Any) -> np.ndarray:
@@ -536,7 +536,7 @@ def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
 
 def _token_field(d: dict[str, Any], name: str) -> Any:
     """``d[name]`` for a token column, else the value under the column's name before version 3, else None."""
-    old = _OLD_TOKEN_COLS.get(name)
+    old = OLD_TOKEN_COLUMNS.get(name)
     if name in d:
         if old is not None and old in d and not np.array_equal(np.asarray(d[old]), np.asarray(d[name])):
             raise ValueError(f"'{name}' and its old name '{old}' are both given and differ; keep one")

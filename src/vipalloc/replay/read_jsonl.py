@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from vipalloc._io import iter_json_lines
+from vipalloc.history import OLD_TOKEN_COLUMNS
 from vipalloc.replay.table import (
     GroupTable,
     ReadOptions,
@@ -262,7 +263,7 @@ def read_history(files: Sequence[Path], opts: ReadOptions, table: GroupTable, st
                 # how many rollouts those sums cover; history files before version 3 call them lengths_*
                 ls, lf = (
                     int(number(row.get(c, row.get(o, 0)), where, c if c in row else o))
-                    for c, o in (("token_rollouts_success", "lengths_success"), ("token_rollouts_fail", "lengths_fail"))
+                    for c, o in OLD_TOKEN_COLUMNS.items()
                 )
                 if ls + lf == t:  # every rollout had a length (else the group's tokens are unknown)
                     tokens, tok_s = ts + tf, ts

@@ -71,7 +71,6 @@ __all__ = [  # the generation and warm-up helpers keep their old import path
     "warmup_policy",
 ]
 
-TWO_PHASE = tuple(TWO_PHASE_STRATEGIES)  # strategies with two generation rounds a step (the registry's)
 METRICS_NAME = "metrics.jsonl"
 #: options that may differ between a killed run and its resumption (they do not change what is computed)
 RESUME_FREE = frozenset({"steps", "threads", "tensorboard", "ckpt_every", "run_dir"})
@@ -98,7 +97,7 @@ def budget_spec(cfg: TrainConfig) -> BudgetSpec:
     rollouts; in token mode ``token_budget`` ("uniform" or tokens a step) with the rollouts capped at
     ``token_rollout_cap`` x that (two-phase strategies: the rollout budget itself, their pilot is sized from it),
     a first step priced at ``max_new_tokens`` a rollout."""
-    two_phase = cfg.strategy in TWO_PHASE
+    two_phase = cfg.strategy in TWO_PHASE_STRATEGIES  # two generation rounds a step
     factor = 1.0 if two_phase else cfg.token_rollout_cap
     return BudgetSpec(
         rollouts=cfg.budget,
@@ -267,7 +266,11 @@ class Trainer:
             group["lr"] = self.cfg.lr * min(1.0, (self.step + 1) / max(self.cfg.lr_warmup_steps, 1))
         idx = self.rng.choice(len(self.pool), size=self.cfg.candidate_prompts, replace=False)
         problems = [self.pool[i] for i in idx]
-        gen = self._two_phase_rollouts(problems) if self.cfg.strategy in TWO_PHASE else self._plan_rollouts(problems)
+        gen = (
+            self._two_phase_rollouts(problems)
+            if self.cfg.strategy in TWO_PHASE_STRATEGIES
+            else self._plan_rollouts(problems)
+        )
         if self.cfg.strategy == "dapo":
             self._dapo_fill(gen)
         upd = self._update(gen)
