@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Regenerates every figure the README quotes, at the commit of this checkout (resumable: finished runs are reused).
-#   bash benchmarks/readme_figures.sh [OUT]      (default OUT=reports/readme; SKIP_LM=1 skips step 3)
+#   bash benchmarks/readme_figures.sh [OUT]      (default OUT=reports/readme; SKIP_LM=1 skips steps 3 and 4)
 # 1. The CPU trainer league: uniform, vip and vip_error at equal rollouts, 16 seeds (about a minute a run on an idle
 #    2-core machine, two at a time; docs/results.md, "uniform, vip and vip_error on the CPU trainer").
 # 2. Where each strategy puts a realistic batch's rollouts, and its modelled error ratio (3 s; docs/strategies.md).
 # 3. The real-LM gradient error (SmolLM2-135M): two uniform league runs for the policy snapshots (about 20 minutes),
 #    then the variance part at three snapshots x two settings (about 70 minutes), then its summary
 #    (docs/results.md, "Gradient error at three policy snapshots").
+# 4. The real-LM learning league (SmolLM2-135M, 8 seeds): uniform, vip and vip_error at equal rollouts and vip_error
+#    at equal tokens; it reuses step 3's two uniform runs (about 8 minutes a run, two at a time: about 2 hours on an
+#    idle 2-core machine; docs/results.md, "The league at scale").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-reports/readme}
@@ -25,4 +28,7 @@ if [ -z "${SKIP_LM:-}" ]; then
         --snapshots "pretrained,$SNAP/uniform-seed1-step10.pt,$SNAP/uniform-seed1-step40.pt" \
         --variance-strategies uniform,vip,vip_pure,vip_authors,knapsack,coba,vip_error,vip_two_phase,vip_error_two_phase
     "$BIN/python" benchmarks/variance_summary.py "$OUT/lm/lm_variance.json" | tee "$OUT/lm_variance_summary.md"
+    "$BIN/vipalloc" bench lm --parts league --seeds 8 --jobs 2 --out "$OUT/lm" \
+        --strategies uniform,vip,vip_error --token-strategies vip_error
+    echo "real-LM league report: $OUT/lm/lm_league.md"
 fi

@@ -141,8 +141,14 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     assert "Ratio vs uniform at several target levels" in text
     for axis in ("rollouts", "tokens", "wall-clock"):
         assert f"| {axis} | vip |" in text
-    power = power_lines(runs, effect=0.03)[0]
-    assert "seeds" in power and "se 0.020" in power
+    power = power_lines(runs, effect=0.03)
+    assert "seeds" in power[0] and "se 0.020" in power[0]
+    # the paired lines: vip's final differences 0.05, 0.08, 0.01 -> sd 0.0351; ((1.96 + 0.8416) 0.0351 / 0.03)^2
+    sd = float(np.std([0.05, 0.08, 0.01], ddof=1))
+    need = int(np.ceil((2.8016 * sd / 0.03) ** 2))
+    assert f"`vip` paired with uniform over 3 seeds: sd of the final mean@k difference {sd:.3f}" in power[1]
+    assert f"needs about {need} seeds" in power[1] and need == 11
+    assert power[2].startswith("- power, `vip@tokens` paired")  # 0.02, 0.02, 0.03
 
 
 def test_error_ratio_is_measured_beside_the_model(tmp_path):

@@ -216,7 +216,8 @@ def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequ
 def power_lines(results: Sequence[RunResult], effect: float = 0.03) -> list[str]:
     """Seeds needed to resolve a final mean@k difference of ``effect`` (paired, two-sided 5%, 80% power), from
     the runs at hand: the between-seed sd of a paired difference is estimated as ``sqrt(2) x`` the sd of uniform's
-    gain over seeds (no correlation credited) and, when pairs exist, from the pairs themselves."""
+    gain over seeds (no correlation credited) and, for every row with 2 or more seeds paired with uniform, from
+    those pairs themselves (one line a row). Normal approximation: ``n = ((z_0.975 + z_0.8) sd / effect)^2``."""
     from scipy.stats import norm
 
     uni = [r for r in results if r.strategy == "uniform" and r.mode == "rollouts"]
@@ -227,8 +228,25 @@ def power_lines(results: Sequence[RunResult], effect: float = 0.03) -> list[str]
     z = float(norm.ppf(0.975) + norm.ppf(0.8))
     need = int(np.ceil((z * sd / effect) ** 2))
     se = float(np.mean([r.eval_se[-1] for r in uni if r.eval_se])) if uni[0].eval_se else float("nan")
-    return [
+    lines = [
         f"- power: uniform's gain over {len(uni)} seeds {gains.mean():+.3f} (sd {gains.std(ddof=1):.3f}); one "
         f"evaluation's se {se:.3f}; a paired difference of {effect:.2f} in final mean@k needs about {need} seeds "
-        f"(sd of a difference taken as {sd:.3f})."
+        f"(sd of a difference taken as {sd:.3f}, unpaired)."
     ]
+    base = {r.seed: r.eval_mean_at_k[-1] for r in uni}
+    rows: dict[str, dict[int, float]] = {}
+    for r in results:
+        if not (r.strategy == "uniform" and r.mode == "rollouts") and r.seed in base:
+            rows.setdefault(label(r.strategy, r.mode), {})[r.seed] = r.eval_mean_at_k[-1] - base[r.seed]
+    for name, diffs in rows.items():
+        if len(diffs) < 2:
+            continue
+        d = np.array(list(diffs.values()))
+        sd_pair = float(d.std(ddof=1))
+        need_pair = int(np.ceil((z * sd_pair / effect) ** 2))
+        lines.append(
+            f"- power, `{name}` paired with uniform over {d.size} seeds: sd of the final mean@k difference "
+            f"{sd_pair:.3f}; a difference of {effect:.2f} needs about {need_pair} seeds; the smallest resolvable "
+            f"with these {d.size} seeds is about {z * sd_pair / np.sqrt(d.size):.3f}."
+        )
+    return lines
