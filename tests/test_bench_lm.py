@@ -206,3 +206,20 @@ def test_common_random_numbers_an_allocation_equal_to_uniforms_measures_exactly_
     assert knap.counts == [2.0, 2.0, 2.0, 2.0]
     assert knap.ratio == pytest.approx(1.0, abs=1e-12) and knap.error_ratio == pytest.approx(1.0, abs=1e-12)
     assert knap.ratio_ci == pytest.approx((1.0, 1.0))
+
+
+def test_league_folder_names_every_setting_that_differs_from_the_preset():
+    """Runs made with another lr, held-out size or LoRA depth land in their own folder: `--reuse` never mixes them
+    with the preset's (a run file does not carry its settings)."""
+    import dataclasses
+    from pathlib import Path
+
+    from vipalloc.bench.lm import PRESETS, league_folder, run_lm
+
+    lc = PRESETS["cpu"]["league"]
+    assert league_folder("cpu", lc) == f"league-cpu-{lc.steps}"  # the preset's own folder is unchanged
+    other = dataclasses.replace(lc, lr=lc.lr / 2, eval_prompts=128, top_layers=None)
+    assert league_folder("cpu", other) == f"league-cpu-{lc.steps}-lr{lc.lr / 2:g}-eval128-topall"
+    assert league_folder("cpu", dataclasses.replace(lc, lr=0.004)) == f"league-cpu-{lc.steps}-lr0.004"
+    with pytest.raises(ValueError, match="lr must be > 0, got 0"):
+        run_lm(Path("unused"), parts=["league"], lr=0.0)

@@ -400,6 +400,7 @@ def register(app: typer.Typer) -> None:
         settings: str | None = typer.Option(None, help="Variance task settings as TERMSxDIGITS, e.g. 2x1,3x1."),
         budgets: str | None = typer.Option(None, help="Variance budgets, rollouts a prompt (default 2,4,8)."),
         top_layers: int | None = typer.Option(None, min=1, help="LoRA layers from the top (default: the preset's)."),
+        lr: float | None = typer.Option(None, help="League: Adam's learning rate, > 0 (default: the preset's)."),
         out: Path = typer.Option(Path("reports"), help="Report folder (work files under <out>/lm, resumable)."),
         threads: int = typer.Option(1, min=1, help="torch CPU threads per process."),
     ) -> None:
@@ -442,6 +443,7 @@ def register(app: typer.Typer) -> None:
                 settings=[(p[0], p[1]) for p in pairs] or None,
                 budgets=[int(b) for b in split(budgets)],
                 top_layers="preset" if top_layers is None else top_layers,
+                lr=lr,
                 command=_command(),
                 progress=lambda msg: typer.echo(f"[bench lm] {msg}"),
             )

@@ -28,7 +28,7 @@ from vipalloc.bench.lm_league import MODES, LeagueConfig, label, load_runs, run_
 from vipalloc.bench.lm_report import league_section, power_lines, variance_section
 from vipalloc.reporting import git_commit, provenance
 
-__all__ = ["PRESETS", "run_lm"]
+__all__ = ["PRESETS", "league_folder", "run_lm"]
 
 PARTS = ("variance", "league")
 _TITLE = "# `vipalloc bench lm`: SmolLM2-135M-Instruct (LoRA) in the loop\n"
@@ -157,6 +157,21 @@ def _run_variance(
     return blocks
 
 
+def league_folder(preset: str, lc: LeagueConfig) -> str:
+    """The league's run folder: ``league-<preset>-<steps>``, plus a tag for each setting that differs from the
+    preset's (``-lr0.004``, ``-eval128``, ``-top8`` / ``-topall``), so runs made with other settings are never
+    reused."""
+    base: LeagueConfig = PRESETS[preset]["league"]
+    name = f"league-{preset}-{lc.steps}"
+    if lc.lr != base.lr:
+        name += f"-lr{lc.lr:g}"
+    if lc.eval_prompts != base.eval_prompts:
+        name += f"-eval{lc.eval_prompts}"
+    if lc.top_layers != base.top_layers:
+        name += f"-top{lc.top_layers or 'all'}"
+    return name
+
+
 def run_lm(
     out: Path,
     *,
@@ -179,13 +194,16 @@ def run_lm(
     settings: Sequence[tuple[int, int]] | None = None,
     budgets: Sequence[int] = (),
     top_layers: int | None | str = "preset",
+    lr: float | None = None,
     command: str = "vipalloc bench lm",
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Run the requested parts (resuming from ``<out>/lm``); each writes ``<out>/lm_<part>.md`` and ``.json``.
     Returns the last report written. ``strategies``: the league's, any registered names (``uniform`` is the
     baseline and runs whatever the list says); ``variance_strategies``: the variance part's; ``token_strategies``:
-    those also run at equal tokens (default: all but uniform); ``modes``: ``rollouts`` and/or ``tokens``."""
+    those also run at equal tokens (default: all but uniform); ``modes``: ``rollouts`` and/or ``tokens``; ``lr``:
+    the league's Adam step (None: the preset's). A league whose settings differ from the preset's runs in its own
+    folder (:func:`league_folder`), so a rerun never reuses runs made with other settings."""
     import torch
 
     from vipalloc.strategies import STRATEGY_NAMES
@@ -198,6 +216,8 @@ def run_lm(
     unknown = [s for s in [*strategies, *variance_strategies, *(token_strategies or ())] if s not in STRATEGY_NAMES]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}: choose from {', '.join(STRATEGY_NAMES)}")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes or not modes:
         raise ValueError(f"modes must be among {', '.join(MODES)}, got {list(modes)}")
@@ -250,8 +270,10 @@ def run_lm(
             )
         if eval_prompts is not None:
             lc = dataclasses.replace(lc, eval_prompts=eval_prompts)
+        if lr is not None:
+            lc = dataclasses.replace(lc, lr=lr)
         n_seeds = cfg["seeds"] if seeds is None else seeds
-        folder = work / f"league-{preset}-{lc.steps}"
+        folder = work / league_folder(preset, lc)
         run_league(
             folder,
             strategies,
