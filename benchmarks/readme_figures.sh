@@ -7,9 +7,9 @@
 # 3. The real-LM gradient error (SmolLM2-135M): two uniform league runs for the policy snapshots (about 20 minutes),
 #    then the variance part at three snapshots x two settings (about 70 minutes), then its summary
 #    (docs/results.md, "Gradient error at three policy snapshots").
-# 4. The real-LM learning league (SmolLM2-135M, 8 seeds): uniform, vip and vip_error at equal rollouts and vip_error
-#    at equal tokens; it reuses step 3's two uniform runs (about 8 minutes a run, two at a time: about 2 hours on an
-#    idle 2-core machine; docs/results.md, "The league at scale").
+# 4. The real-LM learning league (SmolLM2-135M, 8 seeds): uniform and vip_error at equal rollouts, vip_error at equal
+#    tokens; it reuses step 3's two uniform runs (about 8 CPU minutes a run, two at a time: about 1.5 hours on an idle
+#    2-core machine; docs/results.md, "The league at scale").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-reports/readme}
@@ -29,6 +29,6 @@ if [ -z "${SKIP_LM:-}" ]; then
         --variance-strategies uniform,vip,vip_pure,vip_authors,knapsack,coba,vip_error,vip_two_phase,vip_error_two_phase
     "$BIN/python" benchmarks/variance_summary.py "$OUT/lm/lm_variance.json" | tee "$OUT/lm_variance_summary.md"
     "$BIN/vipalloc" bench lm --parts league --seeds 8 --jobs 2 --out "$OUT/lm" \
-        --strategies uniform,vip,vip_error --token-strategies vip_error
+        --strategies uniform,vip_error --token-strategies vip_error
     echo "real-LM league report: $OUT/lm/lm_league.md"
 fi

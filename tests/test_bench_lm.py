@@ -106,6 +106,7 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     from vipalloc.bench.lm import PRESETS
     from vipalloc.bench.lm_league import RunResult, load_runs
     from vipalloc.bench.lm_report import league_section, power_lines
+    from vipalloc.reporting import paired_verdict
 
     cfg = PRESETS["cpu"]["league"]
     for seed, (u, v, vt) in enumerate([(0.20, 0.25, 0.22), (0.10, 0.18, 0.12), (0.30, 0.31, 0.33)]):
@@ -135,6 +136,9 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     assert "`vip` - `uniform`, paired over seeds [0, 1, 2]" in text
     assert "`vip@tokens` - `uniform`" in text
     assert "3/3 seeds ahead" in text  # vip's final mean@4 is above uniform's on every seed
+    # curve mean after the start: ((0.1 + v) / 2 + v) / 2 - same for u = 0.75 (v - u); the peak is the final here
+    avg = [0.75 * (v - u) for u, v in [(0.20, 0.25), (0.10, 0.18), (0.30, 0.31)]]
+    assert f"averaged over the evaluations after the start {paired_verdict(avg)}; peak mean@4 " in text
     assert "| gp | 9 | 0.1000" in text and "| empirical | 0 | —" in text
     assert "Brier of `beta` minus `gp`, paired by run (positive: `gp` better): +0.1000" in text
     # the level table of bench train: rollouts, tokens and wall-clock ratios at 50-100% of uniform's gain

@@ -175,9 +175,18 @@ def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequ
             for s in common
             if by[name][s].eval_pass_at_k and base[s].eval_pass_at_k
         ]
+        # the curve's mean after the start and its peak: less swayed than the last evaluation by a late collapse
+        d_mean = [
+            float(np.mean(by[name][s].eval_mean_at_k[1:]) - np.mean(base[s].eval_mean_at_k[1:]))
+            for s in common
+            if len(by[name][s].eval_mean_at_k) > 1 and len(base[s].eval_mean_at_k) > 1
+        ]
+        d_peak = [max(by[name][s].eval_mean_at_k) - max(base[s].eval_mean_at_k) for s in common]
         lines.append(
             f"- `{name}` - `uniform`, paired over seeds {common}: final mean@{k} {paired_verdict(d_end)}"
             + (f"; final pass@{k} {paired_verdict(d_pass)}" if d_pass else "")
+            + (f"; mean@{k} averaged over the evaluations after the start {paired_verdict(d_mean)}" if d_mean else "")
+            + f"; peak mean@{k} {paired_verdict(d_peak)}"
         )
     lines.append("")
     train_runs = _as_train_runs([r for r in results if label(r.strategy, r.mode) in labels])
