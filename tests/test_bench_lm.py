@@ -135,6 +135,11 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     text = league_section(runs, cfg, labels, None)
     assert "`vip` - `uniform`, paired over seeds [0, 1, 2]" in text
     assert "`vip@tokens` - `uniform`" in text
+    assert "Runs: 9, all made at commit `unknown`." in text
+    # uniform's gain, start (0.1) to end: 0.10, 0.00, 0.20; its peak is its end here
+    gains = [0.10, 0.00, 0.20]
+    gain = paired_verdict(gains)
+    assert f"own gain in mean@4, start to end: {gain}; start to its peak: {gain}" in text
     assert "3/3 seeds ahead" in text  # vip's final mean@4 is above uniform's on every seed
     # curve mean after the start: ((0.1 + v) / 2 + v) / 2 - same for u = 0.75 (v - u); the peak is the final here
     avg = [0.75 * (v - u) for u, v in [(0.20, 0.25), (0.10, 0.18), (0.30, 0.31)]]
@@ -145,6 +150,11 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     assert "Ratio vs uniform at several target levels" in text
     for axis in ("rollouts", "tokens", "wall-clock"):
         assert f"| {axis} | vip |" in text
+    # a run resumed at another commit: the report names both and says not to quote it
+    mixed = [dataclasses.replace(r, commit="abc1234") if r.seed == 2 else r for r in runs]
+    warned = league_section(mixed, cfg, labels, None)
+    assert "**Runs from 2 commits: `abc1234` (3 runs), `unknown` (6 runs).** Do not quote this table" in warned
+    assert "all made at commit" not in warned
     power = power_lines(runs, effect=0.03)
     assert "seeds" in power[0] and "se 0.020" in power[0]
     # the paired lines: vip's final differences 0.05, 0.08, 0.01 -> sd 0.0351; ((1.96 + 0.8416) 0.0351 / 0.03)^2

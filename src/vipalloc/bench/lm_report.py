@@ -123,6 +123,7 @@ def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequ
         f"({cfg.max_new_tokens} new tokens at most), predictor `{cfg.predictor}`; held-out mean@{k} and pass@{k} "
         f"on {cfg.eval_prompts} prompts (the same prompts and sampling seeds for every row of a seed).\n",
     ]
+    lines.append(_commit_line(results))
     table = []
     for name in labels:
         runs = list(by.get(name, {}).values())
@@ -163,6 +164,14 @@ def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequ
     )
     lines.append("")
     base = by.get("uniform", {})
+    if base:
+        # the gain the cost-to-reach levels are shares of; a league whose uniform barely learns says little
+        gains = [r.eval_mean_at_k[-1] - r.eval_mean_at_k[0] for r in base.values()]
+        peaks = [max(r.eval_mean_at_k) - r.eval_mean_at_k[0] for r in base.values()]
+        lines.append(
+            f"- `uniform`'s own gain in mean@{k}, start to end: {paired_verdict(gains)}; "
+            f"start to its peak: {paired_verdict(peaks)}"
+        )
     for name in labels:
         if name == "uniform" or name not in by:
             continue
@@ -220,6 +229,20 @@ def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequ
                 f"`{BRIER_PREDICTORS[0]}` better): {paired_verdict(diff)}"
             )
     return "\n".join(lines)
+
+
+def _commit_line(results: Sequence[RunResult]) -> str:
+    """Which commit made the runs: one table must never mix commits, so a mix is said in bold, naming each."""
+    commits: dict[str, int] = {}
+    for r in results:
+        commits[r.commit] = commits.get(r.commit, 0) + 1
+    if len(commits) <= 1:
+        return f"Runs: {len(results)}, all made at commit `{next(iter(commits), 'unknown')}`.\n"
+    listed = ", ".join(f"`{c}` ({n} runs)" for c, n in sorted(commits.items()))
+    return (
+        f"**Runs from {len(commits)} commits: {listed}.** Do not quote this table: rerun the league at one commit "
+        "(a new `--out`, or delete the other commits' run files).\n"
+    )
 
 
 def power_lines(results: Sequence[RunResult], effect: float = 0.03) -> list[str]:
