@@ -135,7 +135,7 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     text = league_section(runs, cfg, labels, None)
     assert "`vip` - `uniform`, paired over seeds [0, 1, 2]" in text
     assert "`vip@tokens` - `uniform`" in text
-    assert "Runs: 9, all made at commit `unknown`." in text
+    assert "Runs: 9, all made at commit `unknown`; environment: not recorded." in text
     # uniform's gain, start (0.1) to end: 0.10, 0.00, 0.20; its peak is its end here
     gains = [0.10, 0.00, 0.20]
     gain = paired_verdict(gains)
@@ -155,6 +155,15 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     warned = league_section(mixed, cfg, labels, None)
     assert "**Runs from 2 commits: `abc1234` (3 runs), `unknown` (6 runs).** Do not quote this table" in warned
     assert "all made at commit" not in warned
+    # runs from two machines: both environments are named, with their counts
+    envs = [dataclasses.replace(r, env={"cpu": "A" if r.seed else "B", "torch": "2.13.0"}) for r in runs]
+    named = league_section(envs, cfg, labels, None)
+    assert "Runs from 2 environments (each replays bit for bit only on its own): " in named
+    assert "cpu A, torch 2.13.0 (6 runs); cpu B, torch 2.13.0 (3 runs)" in named
+    from vipalloc.bench.lm_league import run_env
+
+    env = run_env()
+    assert set(env) == {"torch", "transformers", "cpu", "cpu_capability"} and all(env.values())
     power = power_lines(runs, effect=0.03)
     assert "seeds" in power[0] and "se 0.020" in power[0]
     # the paired lines: vip's final differences 0.05, 0.08, 0.01 -> sd 0.0351; ((1.96 + 0.8416) 0.0351 / 0.03)^2

@@ -33,7 +33,7 @@ import numpy as np
 
 from vipalloc.bench.lm_model import LMProblem, chain_sum_problems
 
-__all__ = ["MODES", "LeagueConfig", "RunResult", "label", "load_runs", "run_league", "run_one"]
+__all__ = ["MODES", "LeagueConfig", "RunResult", "label", "load_runs", "run_env", "run_league", "run_one"]
 
 BRIER_PREDICTORS = ("gp", "beta", "empirical")
 MODES = ("rollouts", "tokens")
@@ -91,12 +91,37 @@ class RunResult:
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # CPU time of the run's process (evaluations included); wall-clock swings with load
     commit: str = "unknown"
+    # torch / transformers versions and the CPU's model and vector unit: sampled runs replay bit for bit only on the
+    # same ones (floating-point kernels differ across them, and one flipped token changes the trajectory)
+    env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
         """From a saved run (fields a file lacks keep their defaults; unknown keys are ignored)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def run_env() -> dict[str, str]:
+    """What a run's floating-point results depend on besides the commit: ``torch``, ``transformers``, the CPU model
+    (from /proc/cpuinfo where there is one) and the vector unit torch's kernels use (``cpu_capability``)."""
+    import platform
+
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass  # not Linux: the platform's name stands
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": cpu,
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+    }
 
 
 def label(strategy: str, mode: str) -> str:
@@ -206,7 +231,7 @@ def run_one(
         for name in BRIER_PREDICTORS
     }
     two_phase = alloc.strategy.two_phase
-    res = RunResult(strategy, seed, mode, brier={k: [] for k in BRIER_PREDICTORS}, commit=commit)
+    res = RunResult(strategy, seed, mode, brier={k: [] for k in BRIER_PREDICTORS}, commit=commit, env=run_env())
     seen: set[str] = set()
     total_r = total_t = 0
     train_s = 0.0

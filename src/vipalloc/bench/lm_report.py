@@ -232,17 +232,27 @@ def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequ
 
 
 def _commit_line(results: Sequence[RunResult]) -> str:
-    """Which commit made the runs: one table must never mix commits, so a mix is said in bold, naming each."""
+    """Which commit and environment made the runs. One table must never mix commits, so a mix is said in bold,
+    naming each; a mix of environments (library versions, CPU) is named too: such runs are equally valid draws, but
+    only runs of one environment replay bit for bit."""
     commits: dict[str, int] = {}
+    envs: dict[str, int] = {}
     for r in results:
         commits[r.commit] = commits.get(r.commit, 0) + 1
+        env = ", ".join(f"{k} {v}" for k, v in sorted(r.env.items())) or "not recorded"
+        envs[env] = envs.get(env, 0) + 1
     if len(commits) <= 1:
-        return f"Runs: {len(results)}, all made at commit `{next(iter(commits), 'unknown')}`.\n"
-    listed = ", ".join(f"`{c}` ({n} runs)" for c, n in sorted(commits.items()))
-    return (
-        f"**Runs from {len(commits)} commits: {listed}.** Do not quote this table: rerun the league at one commit "
-        "(a new `--out`, or delete the other commits' run files).\n"
-    )
+        line = f"Runs: {len(results)}, all made at commit `{next(iter(commits), 'unknown')}`"
+    else:
+        listed = ", ".join(f"`{c}` ({n} runs)" for c, n in sorted(commits.items()))
+        line = (
+            f"**Runs from {len(commits)} commits: {listed}.** Do not quote this table: rerun the league at one "
+            "commit (a new `--out`, or delete the other commits' run files)"
+        )
+    if len(envs) <= 1:
+        return line + f"; environment: {next(iter(envs), 'not recorded')}.\n"
+    listed = "; ".join(f"{e} ({n} runs)" for e, n in sorted(envs.items()))
+    return line + f". Runs from {len(envs)} environments (each replays bit for bit only on its own): {listed}.\n"
 
 
 def power_lines(results: Sequence[RunResult], effect: float = 0.03) -> list[str]:
