@@ -144,6 +144,10 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     # curve mean after the start: ((0.1 + v) / 2 + v) / 2 - same for u = 0.75 (v - u); the peak is the final here
     avg = [0.75 * (v - u) for u, v in [(0.20, 0.25), (0.10, 0.18), (0.30, 0.31)]]
     assert f"averaged over the evaluations after the start {paired_verdict(avg)}; peak mean@4 " in text
+    # each evaluation after the start: at step 1 the curve is halfway, (v - u) / 2; at step 2 the final v - u
+    half = paired_verdict([(v - u) / 2 for u, v in [(0.20, 0.25), (0.10, 0.18), (0.30, 0.31)]])
+    full = paired_verdict([v - u for u, v in [(0.20, 0.25), (0.10, 0.18), (0.30, 0.31)]])
+    assert f"mean@4 at each evaluation: step 1 {half}, step 2 {full}" in text
     assert "| gp | 9 | 0.1000" in text and "| empirical | 0 | —" in text
     assert "Brier of `beta` minus `gp`, paired by run (positive: `gp` better): +0.1000" in text
     # the level table of bench train: rollouts, tokens and wall-clock ratios at 50-100% of uniform's gain

@@ -191,11 +191,19 @@ def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequ
             if len(by[name][s].eval_mean_at_k) > 1 and len(base[s].eval_mean_at_k) > 1
         ]
         d_peak = [max(by[name][s].eval_mean_at_k) - max(base[s].eval_mean_at_k) for s in common]
+        # at each evaluation after the start: where along the run a lead opens or fades
+        steps = base[common[0]].eval_steps
+        at_step = [
+            f"step {st} {paired_verdict([by[name][s].eval_mean_at_k[j] - base[s].eval_mean_at_k[j] for s in common])}"
+            for j, st in enumerate(steps)
+            if j > 0 and all(len(by[name][s].eval_mean_at_k) > j and len(base[s].eval_mean_at_k) > j for s in common)
+        ]
         lines.append(
             f"- `{name}` - `uniform`, paired over seeds {common}: final mean@{k} {paired_verdict(d_end)}"
             + (f"; final pass@{k} {paired_verdict(d_pass)}" if d_pass else "")
             + (f"; mean@{k} averaged over the evaluations after the start {paired_verdict(d_mean)}" if d_mean else "")
             + f"; peak mean@{k} {paired_verdict(d_peak)}"
+            + (f"; mean@{k} at each evaluation: " + ", ".join(at_step) if at_step else "")
         )
     lines.append("")
     train_runs = _as_train_runs([r for r in results if label(r.strategy, r.mode) in labels])
