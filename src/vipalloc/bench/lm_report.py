@@ -8,6 +8,7 @@ The level ratios, their bootstrap and the AUC come from :mod:`vipalloc.bench.tra
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -243,12 +244,8 @@ def _commit_line(results: Sequence[RunResult]) -> str:
     """Which commit and environment made the runs. One table must never mix commits, so a mix is said in bold,
     naming each; a mix of environments (library versions, CPU) is named too: such runs are equally valid draws, but
     only runs of one environment replay bit for bit."""
-    commits: dict[str, int] = {}
-    envs: dict[str, int] = {}
-    for r in results:
-        commits[r.commit] = commits.get(r.commit, 0) + 1
-        env = ", ".join(f"{k} {v}" for k, v in sorted(r.env.items())) or "not recorded"
-        envs[env] = envs.get(env, 0) + 1
+    commits = Counter(r.commit for r in results)
+    envs = Counter(", ".join(f"{k} {v}" for k, v in sorted(r.env.items())) or "not recorded" for r in results)
     if len(commits) <= 1:
         line = f"Runs: {len(results)}, all made at commit `{next(iter(commits), 'unknown')}`"
     else:
