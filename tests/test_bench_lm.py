@@ -154,6 +154,13 @@ def test_league_report_pairs_seeds_and_reads_every_finished_run(tmp_path):
     assert "Ratio vs uniform at several target levels" in text
     for axis in ("rollouts", "tokens", "wall-clock"):
         assert f"| {axis} | vip |" in text
+    assert "Not in the cost tables" not in text
+    # a row that lacks one of uniform's seeds (a league run in pieces) is named, not silently left out
+    partial = [r for r in runs if not (r.mode == "tokens" and r.seed == 1)]
+    short = league_section(partial, cfg, labels, None)
+    assert "| rollouts | vip@tokens |" not in short and "| rollouts | vip |" in short
+    note = "Not in the cost tables (each needs all of uniform's 3 seeds, [0, 1, 2]): `vip@tokens` (seeds [0, 2])"
+    assert note in short
     # a run resumed at another commit: the report names both and says not to quote it
     mixed = [dataclasses.replace(r, commit="abc1234") if r.seed == 2 else r for r in runs]
     warned = league_section(mixed, cfg, labels, None)

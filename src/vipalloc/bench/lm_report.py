@@ -213,6 +213,15 @@ def league_section(results: Sequence[RunResult], cfg: LeagueConfig, labels: Sequ
         paired = {n: rs for n, rs in train_runs.items() if seeds <= {r["seed"] for r in rs}}
         paired = {n: [r for r in rs if r["seed"] in seeds] for n, rs in paired.items()}
         lines += levels_lines({"runs": paired}, out)
+        # a league run in pieces has rows that lack some of uniform's seeds: say so rather than drop them silently
+        short = {n: sorted(r["seed"] for r in rs) for n, rs in train_runs.items() if n not in paired}
+        if short:
+            listed = "; ".join(f"`{n}` (seeds {s})" for n, s in short.items())
+            lines += [
+                f"- Not in the cost tables (each needs all of uniform's {len(seeds)} seeds, {sorted(seeds)}): "
+                f"{listed}. Finish their runs (the same command resumes them) before reading their ratios.",
+                "",
+            ]
     lines.append("## (b) Next-step Brier along the league runs\n")
     lines.append(
         "Rollout-weighted Brier of each predictor's prediction made before the step, on prompts seen at an earlier "
